@@ -1,0 +1,49 @@
+//! The `pgbranch` command line: one binary for the operator, the storage
+//! service, CRD generation and local mode.
+
+pub mod crd;
+pub mod operator;
+pub mod storage;
+
+use clap::{Parser, Subcommand};
+
+/// PostgreSQL branches, snapshots and restores as Kubernetes resources.
+#[derive(Debug, Parser)]
+#[command(name = "pgbranch", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Kubernetes operator.
+    Operator(operator::OperatorArgs),
+    /// The storage layer: `serve` runs the engine as an HTTP service.
+    #[command(subcommand)]
+    Storage(storage::StorageCommand),
+    /// Print the CustomResourceDefinitions (YAML), or write one file per kind.
+    Crd(crd::CrdArgs),
+}
+
+/// Errors that end the program with a message.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Operator(args) => operator::run(args).await,
+        Command::Storage(cmd) => storage::run(cmd).await,
+        Command::Crd(args) => crd::run(args),
+    }
+}

@@ -1,0 +1,1 @@
+//! The Kubernetes objects a branch owns, built as pure functions.

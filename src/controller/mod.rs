@@ -1,0 +1,1 @@
+//! The operator: one controller per kind.

@@ -1,0 +1,17 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = pgbranch::cli::Cli::parse();
+    if let Err(e) = pgbranch::cli::run(cli).await {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

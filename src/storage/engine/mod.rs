@@ -1,0 +1,1 @@
+//! The embedded copy-on-write storage engine.

@@ -1,0 +1,1 @@
+//! The storage trait over HTTP: an axum server and a reqwest client.

@@ -1,0 +1,56 @@
+//! The storage layer: everything that touches PostgreSQL data.
+//!
+//! The rest of the project reaches data only through the [`Storage`] trait.
+//! Implementations:
+//! * [`engine`]: the embedded copy-on-write engine (in-process);
+//! * [`http`]: the same trait served over HTTP (`pgbranch storage serve`) and
+//!   a client that implements it, so the operator can reach a remote engine.
+
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod types;
+
+pub use error::StorageError;
+pub use types::*;
+
+use async_trait::async_trait;
+
+/// The contract between the operator (and local mode) and the storage layer.
+///
+/// Every mutating call is idempotent and keyed by the caller (`key`, the
+/// operator passes the object's UID): the same key twice returns the same
+/// object and never makes a second copy. Long calls return at once with a
+/// `Creating` state and `progress`; callers poll `get_*` until `Ready` or
+/// `Failed`.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// What this storage layer is: driver, PostgreSQL version, limits.
+    async fn info(&self) -> Result<StorageInfo, StorageError>;
+
+    /// Start (or find, by `req.key`) the creation of a timeline.
+    async fn create_timeline(&self, req: CreateTimeline) -> Result<Timeline, StorageError>;
+    /// One timeline, re-read from the store (state, LSN, sizes, window).
+    async fn get_timeline(&self, id: &TimelineId) -> Result<Timeline, StorageError>;
+    /// All timelines (any state).
+    async fn list_timelines(&self) -> Result<Vec<Timeline>, StorageError>;
+    /// Delete a timeline and give its space back. Deleting a missing
+    /// timeline is not an error (idempotent). A timeline whose compute is
+    /// still running is refused with `Busy`.
+    async fn delete_timeline(&self, id: &TimelineId) -> Result<(), StorageError>;
+
+    /// Start (or find, by `req.key`) a snapshot of a timeline at a point.
+    async fn create_snapshot(&self, req: CreateSnapshot) -> Result<Snapshot, StorageError>;
+    async fn get_snapshot(&self, id: &SnapshotId) -> Result<Snapshot, StorageError>;
+    async fn list_snapshots(&self) -> Result<Vec<Snapshot>, StorageError>;
+    /// Delete a snapshot; deleting a missing one is not an error.
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError>;
+
+    /// The LSN a timestamp resolves to on a timeline (the end of the last
+    /// transaction committed at or before it), refused outside the window.
+    async fn resolve_point(
+        &self,
+        timeline: &TimelineId,
+        timestamp: jiff::Timestamp,
+    ) -> Result<Lsn, StorageError>;
+}

@@ -1,1 +1,854 @@
 //! The Kubernetes objects a branch owns, built as pure functions.
+//!
+//! Nothing here talks to the API server: the Branch controller reads what it
+//! needs (the Branch, its timeline, the passwords already stored), calls these
+//! builders for the desired objects and applies them with one field manager.
+//!
+//! A branch owns:
+//! * one compute `Deployment` per live timeline, `<branch>-<timeline prefix>`,
+//!   running stock `postgres` on the timeline's data directory;
+//! * the `Service` `<branch>`, selecting the primary of the branch's current
+//!   timeline (a restore retargets this selector);
+//! * the `Secret` `<branch>-app` with the connection keys CloudNativePG and
+//!   Crunchy users expect plus the Service Binding `type`/`provider` keys;
+//! * the `Secret` `<branch>-superuser` with the `postgres` role's password;
+//! * a `Secret` `<branch>-<role>` for every further declared role.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, ExecAction, HostPathVolumeSource,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, Secret, SecurityContext, Service, ServicePort,
+    ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{Branch, LABEL_BRANCH, LABEL_ROLE, LABEL_TIMELINE};
+
+/// The port every compute listens on and every Service exposes.
+pub const PG_PORT: i32 = 5432;
+/// Default compute image (stock PostgreSQL; its major must match the data).
+pub const DEFAULT_IMAGE: &str = "postgres:15";
+/// Label naming the component of an object (`compute`, `credentials`).
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+/// Label naming who manages an object.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Annotation holding a hash of what the operator last applied, so an
+/// unchanged object is never re-applied (no write in steady state).
+pub const ANNOTATION_APPLIED_HASH: &str = "pgbranch.dev/applied-hash";
+/// Annotation on the app Secret: the `<timeline>/<generation>` on which the
+/// declarative roles, databases and passwords were last applied over SQL.
+pub const ANNOTATION_SQL_APPLIED: &str = "pgbranch.dev/sql-applied";
+/// Labels a Branch may carry that must never be copied onto its children
+/// (Argo CD and Helm tracking: a copy would make the tool prune or claim them).
+const TRACKING_LABELS: &[&str] = &[
+    "app.kubernetes.io/instance",
+    "argocd.argoproj.io/instance",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+];
+
+/// Where compute pods find the storage volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSource {
+    /// A directory on the node (single-node storage, kind, tests).
+    HostPath(String),
+    /// A PersistentVolumeClaim (ReadWriteMany when computes run on several
+    /// nodes).
+    Pvc(String),
+}
+
+/// Operator-wide settings of the computes it creates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComputeConfig {
+    /// Image when the Branch does not name one.
+    pub default_image: String,
+    /// The storage volume.
+    pub volume: VolumeSource,
+    /// Where the volume is mounted in the pod (the engine's `compute_root`):
+    /// a timeline's data directory is `<mount_path>/<timeline data_path>`.
+    pub mount_path: String,
+    /// The uid (and gid) postgres runs as; it owns the data directories.
+    pub run_as_uid: i64,
+    /// Cluster DNS domain for the `fqdn-*` keys.
+    pub cluster_domain: String,
+    /// Resources when the Branch gives none.
+    pub default_resources: Option<ResourceRequirements>,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        Self {
+            default_image: DEFAULT_IMAGE.into(),
+            volume: VolumeSource::Pvc("pgbranch-storage".into()),
+            mount_path: "/var/lib/pgbranch".into(),
+            run_as_uid: 999,
+            cluster_domain: "cluster.local".into(),
+            default_resources: None,
+        }
+    }
+}
+
+/// Errors of the builders: a Branch that lacks what a child object needs.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ComputeError {
+    #[error("the Branch has no {0} yet (not stored by the API server)")]
+    MissingMeta(&'static str),
+}
+
+/// Name of the compute Deployment of a branch's timeline.
+pub fn deployment_name(branch: &str, timeline_id: &str) -> String {
+    let prefix: String = timeline_id.chars().take(8).collect();
+    format!("{branch}-{prefix}")
+}
+
+/// Name of the Service of a branch (its stable address).
+pub fn service_name(branch: &str) -> String {
+    branch.to_string()
+}
+
+/// Name of the Secret with the application connection.
+pub fn app_secret_name(branch: &str) -> String {
+    format!("{branch}-app")
+}
+
+/// Name of the Secret with the `postgres` superuser's password.
+pub fn superuser_secret_name(branch: &str) -> String {
+    format!("{branch}-superuser")
+}
+
+/// Name of the Secret of a declared role that is not the app role.
+pub fn role_secret_name(branch: &str, role: &str) -> String {
+    format!("{branch}-{role}")
+}
+
+/// The in-cluster DNS name of a branch's Service (`<svc>.<ns>.svc`).
+pub fn service_host(branch: &str, namespace: &str) -> String {
+    format!("{}.{namespace}.svc", service_name(branch))
+}
+
+/// Labels every object of a branch carries (and selects by).
+pub fn branch_labels(branch: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_BRANCH.to_string(), branch.to_string()),
+        (LABEL_MANAGED_BY.to_string(), "pgbranch".to_string()),
+    ])
+}
+
+/// The selector of the primary compute of a timeline.
+pub fn primary_selector(branch: &str, timeline_id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_BRANCH.to_string(), branch.to_string()),
+        (LABEL_TIMELINE.to_string(), timeline_id.to_string()),
+        (LABEL_ROLE.to_string(), "primary".to_string()),
+    ])
+}
+
+/// The Branch's own labels that may be propagated (everything but the GitOps
+/// tracking labels), merged under ours.
+fn propagated_labels(branch: &Branch) -> BTreeMap<String, String> {
+    branch
+        .labels()
+        .iter()
+        .filter(|(k, _)| !TRACKING_LABELS.contains(&k.as_str()))
+        .filter(|(k, _)| !k.starts_with("pgbranch.dev/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn owner_ref(branch: &Branch) -> Result<OwnerReference, ComputeError> {
+    branch
+        .controller_owner_ref(&())
+        .ok_or(ComputeError::MissingMeta("uid"))
+}
+
+fn meta(
+    branch: &Branch,
+    name: String,
+    extra_labels: BTreeMap<String, String>,
+) -> Result<ObjectMeta, ComputeError> {
+    let mut labels = propagated_labels(branch);
+    labels.extend(branch_labels(&branch.name_any()));
+    labels.extend(extra_labels);
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: branch.namespace(),
+        labels: Some(labels),
+        owner_references: Some(vec![owner_ref(branch)?]),
+        ..Default::default()
+    })
+}
+
+/// What a compute Deployment runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComputeTarget<'a> {
+    /// The timeline served.
+    pub timeline_id: &'a str,
+    /// The timeline's data directory relative to the volume root
+    /// (`timelines/<id>/pgdata`).
+    pub data_path: &'a str,
+}
+
+/// The compute Deployment of a branch's timeline: stock postgres on the
+/// timeline's data directory; one replica (0 when suspended); `Recreate`, so
+/// two servers never share a data directory.
+pub fn build_deployment(
+    branch: &Branch,
+    target: &ComputeTarget<'_>,
+    cfg: &ComputeConfig,
+) -> Result<Deployment, ComputeError> {
+    let name = branch.name_any();
+    let selector = primary_selector(&name, target.timeline_id);
+    let mut labels = selector.clone();
+    labels.insert(LABEL_COMPONENT.into(), "compute".into());
+    let metadata = meta(
+        branch,
+        deployment_name(&name, target.timeline_id),
+        labels.clone(),
+    )?;
+    let mut pod_labels = metadata.labels.clone().unwrap_or_default();
+    pod_labels.extend(labels);
+
+    let mount = cfg.mount_path.trim_end_matches('/');
+    let pgdata = format!("{mount}/{}", target.data_path.trim_start_matches('/'));
+    let mut args = vec![
+        "-D".to_string(),
+        pgdata.clone(),
+        "-c".to_string(),
+        "listen_addresses=*".to_string(),
+        "-c".to_string(),
+        format!("port={PG_PORT}"),
+    ];
+    for (k, v) in &branch.spec.compute.postgres_parameters {
+        args.push("-c".into());
+        args.push(format!("{k}={v}"));
+    }
+    let image = branch
+        .spec
+        .compute
+        .image
+        .clone()
+        .unwrap_or_else(|| cfg.default_image.clone());
+    let resources = branch
+        .spec
+        .compute
+        .resources
+        .clone()
+        .or_else(|| cfg.default_resources.clone())
+        .or_else(|| Some(default_resources()));
+    let replicas = if branch.spec.compute.suspended || !branch.spec.compute.enabled {
+        0
+    } else {
+        1
+    };
+
+    let volume = match &cfg.volume {
+        VolumeSource::HostPath(path) => Volume {
+            name: "storage".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: path.clone(),
+                type_: Some("Directory".into()),
+            }),
+            ..Default::default()
+        },
+        VolumeSource::Pvc(claim) => Volume {
+            name: "storage".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(false),
+            }),
+            ..Default::default()
+        },
+    };
+    let isready = |initial: i32, period: i32, failures: i32| Probe {
+        exec: Some(ExecAction {
+            command: Some(vec![
+                "pg_isready".into(),
+                "-h".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                PG_PORT.to_string(),
+            ]),
+        }),
+        initial_delay_seconds: Some(initial),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "postgres".into(),
+        image: Some(image),
+        command: Some(vec!["postgres".into()]),
+        args: Some(args),
+        env: Some(vec![EnvVar {
+            name: "PGDATA".into(),
+            value: Some(pgdata),
+            ..Default::default()
+        }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("postgres".into()),
+            container_port: PG_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(isready(2, 5, 3)),
+        // Crash recovery after a hard stop can take a while: liveness only
+        // checks the port and gives postgres time before restarting it.
+        liveness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(PG_PORT),
+                ..Default::default()
+            }),
+            initial_delay_seconds: Some(30),
+            period_seconds: Some(10),
+            timeout_seconds: Some(5),
+            failure_threshold: Some(6),
+            ..Default::default()
+        }),
+        resources,
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(cfg.run_as_uid),
+            run_as_group: Some(cfg.run_as_uid),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "storage".into(),
+            mount_path: mount.to_string(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    Ok(Deployment {
+        metadata,
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(vec![volume]),
+                    // Fast shutdown: postgres' smart shutdown could wait for
+                    // clients forever.
+                    termination_grace_period_seconds: Some(30),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(cfg.run_as_uid),
+                        run_as_group: Some(cfg.run_as_uid),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("100m".into())),
+            ("memory".to_string(), Quantity("256Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity("1Gi".into()),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// The Service `<branch>`: the stable address, selecting the primary of the
+/// branch's current timeline.
+pub fn build_service(branch: &Branch, timeline_id: &str) -> Result<Service, ComputeError> {
+    let name = branch.name_any();
+    let metadata = meta(
+        branch,
+        service_name(&name),
+        BTreeMap::from([(LABEL_COMPONENT.to_string(), "compute".to_string())]),
+    )?;
+    Ok(Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(primary_selector(&name, timeline_id)),
+            ports: Some(vec![ServicePort {
+                name: Some("postgres".into()),
+                port: PG_PORT,
+                target_port: Some(IntOrString::String("postgres".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Credentials of one role, as stored in a Secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RoleCredentials {
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+impl std::fmt::Debug for RoleCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoleCredentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+/// Percent-encodes a URI userinfo or path component (RFC 3986 unreserved
+/// characters stay as they are).
+fn uri_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Escapes a `.pgpass` field (`:` and `\`).
+fn pgpass_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+/// The connection keys of a credentials Secret for `host` (the Service's DNS
+/// name) and its fully qualified form.
+pub fn connection_data(
+    creds: &RoleCredentials,
+    host: &str,
+    fqdn_host: &str,
+) -> BTreeMap<String, String> {
+    let port = PG_PORT.to_string();
+    let user = uri_escape(&creds.user);
+    let pass = uri_escape(&creds.password);
+    let db = uri_escape(&creds.database);
+    let uri = |h: &str| format!("postgresql://{user}:{pass}@{h}:{port}/{db}");
+    let jdbc = |h: &str| format!("jdbc:postgresql://{h}:{port}/{db}?password={pass}&user={user}");
+    BTreeMap::from([
+        ("host".into(), host.to_string()),
+        ("port".into(), port.clone()),
+        ("dbname".into(), creds.database.clone()),
+        ("database".into(), creds.database.clone()),
+        ("user".into(), creds.user.clone()),
+        ("username".into(), creds.user.clone()),
+        ("password".into(), creds.password.clone()),
+        ("uri".into(), uri(host)),
+        ("jdbc-uri".into(), jdbc(host)),
+        ("fqdn-uri".into(), uri(fqdn_host)),
+        ("fqdn-jdbc-uri".into(), jdbc(fqdn_host)),
+        (
+            "pgpass".into(),
+            format!(
+                "{}:{port}:{}:{}:{}\n",
+                pgpass_escape(host),
+                pgpass_escape(&creds.database),
+                pgpass_escape(&creds.user),
+                pgpass_escape(&creds.password)
+            ),
+        ),
+        // Service Binding for Kubernetes (servicebinding.io) well-known keys.
+        ("type".into(), "postgresql".into()),
+        ("provider".into(), "pgbranch".into()),
+    ])
+}
+
+/// A credentials Secret of a branch: `name` holds `creds` with every
+/// connection key. `annotations` are extra (e.g. the SQL-applied marker).
+pub fn build_credentials_secret(
+    branch: &Branch,
+    name: String,
+    creds: &RoleCredentials,
+    cfg: &ComputeConfig,
+    annotations: BTreeMap<String, String>,
+) -> Result<Secret, ComputeError> {
+    let branch_name = branch.name_any();
+    let namespace = branch
+        .namespace()
+        .ok_or(ComputeError::MissingMeta("namespace"))?;
+    let host = service_host(&branch_name, &namespace);
+    let fqdn = format!("{host}.{}", cfg.cluster_domain);
+    let mut metadata = meta(
+        branch,
+        name,
+        BTreeMap::from([(LABEL_COMPONENT.to_string(), "credentials".to_string())]),
+    )?;
+    if !annotations.is_empty() {
+        metadata.annotations = Some(annotations);
+    }
+    let data = connection_data(creds, &host, &fqdn)
+        .into_iter()
+        .map(|(k, v)| (k, ByteString(v.into_bytes())))
+        .collect();
+    Ok(Secret {
+        metadata,
+        type_: Some("servicebinding.io/postgresql".into()),
+        data: Some(data),
+        ..Default::default()
+    })
+}
+
+/// Reads a key of a Secret as UTF-8.
+pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key).cloned())
+        })
+}
+
+/// A stable hash of an object's desired content (FNV-1a over its JSON), put
+/// in [`ANNOTATION_APPLIED_HASH`] so unchanged objects are not re-applied.
+pub fn content_hash<T: serde::Serialize>(obj: &T) -> String {
+    let bytes = serde_json::to_vec(obj).unwrap_or_default();
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Sets [`ANNOTATION_APPLIED_HASH`] on an object to the hash of its content.
+pub fn stamp_hash<K: Resource + serde::Serialize>(mut obj: K) -> K {
+    let hash = content_hash(&obj);
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ANNOTATION_APPLIED_HASH.into(), hash);
+    obj
+}
+
+/// Whether an existing object already carries the desired object's hash.
+pub fn is_up_to_date<K: Resource>(existing: &K, desired: &K) -> bool {
+    let get = |k: &K| {
+        k.meta()
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_APPLIED_HASH))
+            .cloned()
+    };
+    matches!((get(existing), get(desired)), (Some(a), Some(b)) if a == b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BranchSpec, ComputeSpec};
+
+    fn branch(name: &str) -> Branch {
+        let mut b = Branch::new(name, BranchSpec::default());
+        b.metadata.namespace = Some("team-a".into());
+        b.metadata.uid = Some("0f3c6a8e-1111-2222-3333-444455556666".into());
+        b.metadata.labels = Some(BTreeMap::from([
+            ("app.kubernetes.io/instance".into(), "argo-app".into()),
+            ("argocd.argoproj.io/instance".into(), "argo-app".into()),
+            ("team".into(), "payments".into()),
+        ]));
+        b
+    }
+
+    fn cfg() -> ComputeConfig {
+        ComputeConfig {
+            volume: VolumeSource::HostPath("/srv/pgbranch".into()),
+            mount_path: "/var/lib/pgbranch/".into(),
+            ..Default::default()
+        }
+    }
+
+    fn target() -> ComputeTarget<'static> {
+        ComputeTarget {
+            timeline_id: "a1b2c3d4e5f60718",
+            data_path: "timelines/a1b2c3d4e5f60718/pgdata",
+        }
+    }
+
+    #[test]
+    fn deployment_runs_postgres_on_the_timeline_data_dir() {
+        let d = build_deployment(&branch("dev"), &target(), &cfg()).unwrap();
+        assert_eq!(d.metadata.name.as_deref(), Some("dev-a1b2c3d4"));
+        assert_eq!(d.metadata.namespace.as_deref(), Some("team-a"));
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("postgres:15"));
+        assert_eq!(c.command.as_ref().unwrap(), &vec!["postgres".to_string()]);
+        let args = c.args.as_ref().unwrap();
+        assert_eq!(args[0], "-D");
+        assert_eq!(
+            args[1],
+            "/var/lib/pgbranch/timelines/a1b2c3d4e5f60718/pgdata"
+        );
+        assert!(args.contains(&"listen_addresses=*".to_string()));
+        assert_eq!(
+            c.volume_mounts.as_ref().unwrap()[0].mount_path,
+            "/var/lib/pgbranch"
+        );
+        assert_eq!(
+            pod.volumes.as_ref().unwrap()[0]
+                .host_path
+                .as_ref()
+                .unwrap()
+                .path,
+            "/srv/pgbranch"
+        );
+        let probe = c.readiness_probe.as_ref().unwrap();
+        assert_eq!(
+            probe.exec.as_ref().unwrap().command.as_ref().unwrap()[0],
+            "pg_isready"
+        );
+        assert!(c.liveness_probe.is_some());
+        assert!(c.resources.as_ref().unwrap().requests.is_some());
+    }
+
+    #[test]
+    fn deployment_selector_and_pod_labels_match_the_service() {
+        let b = branch("dev");
+        let d = build_deployment(&b, &target(), &cfg()).unwrap();
+        let s = build_service(&b, target().timeline_id).unwrap();
+        let svc_sel = s.spec.unwrap().selector.unwrap();
+        let pod_labels = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap();
+        for (k, v) in &svc_sel {
+            assert_eq!(pod_labels.get(k), Some(v), "pod lacks {k}");
+        }
+        assert_eq!(svc_sel.get(LABEL_ROLE).map(String::as_str), Some("primary"));
+        assert_eq!(
+            svc_sel.get(LABEL_TIMELINE).map(String::as_str),
+            Some("a1b2c3d4e5f60718")
+        );
+        let dsel = d.spec.unwrap().selector.match_labels.unwrap();
+        assert_eq!(dsel, svc_sel);
+    }
+
+    #[test]
+    fn deployment_security_context_is_restricted() {
+        let d = build_deployment(&branch("dev"), &target(), &cfg()).unwrap();
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let sc = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.run_as_user, Some(999));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.unwrap().drop.unwrap(),
+            vec!["ALL".to_string()]
+        );
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    }
+
+    #[test]
+    fn suspended_or_disabled_compute_has_no_replicas() {
+        let mut b = branch("dev");
+        b.spec.compute.suspended = true;
+        let d = build_deployment(&b, &target(), &cfg()).unwrap();
+        assert_eq!(d.spec.unwrap().replicas, Some(0));
+        b.spec.compute = ComputeSpec {
+            enabled: false,
+            ..Default::default()
+        };
+        let d = build_deployment(&b, &target(), &cfg()).unwrap();
+        assert_eq!(d.spec.unwrap().replicas, Some(0));
+    }
+
+    #[test]
+    fn branch_image_parameters_and_pvc_are_used() {
+        let mut b = branch("dev");
+        b.spec.compute.image = Some("postgres:16.4".into());
+        b.spec.compute.postgres_parameters =
+            BTreeMap::from([("work_mem".to_string(), "64MB".to_string())]);
+        let c = ComputeConfig {
+            volume: VolumeSource::Pvc("pgdata".into()),
+            ..cfg()
+        };
+        let d = build_deployment(&b, &target(), &c).unwrap();
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.containers[0].image.as_deref(), Some("postgres:16.4"));
+        assert!(pod.containers[0]
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"work_mem=64MB".to_string()));
+        assert_eq!(
+            pod.volumes.unwrap()[0]
+                .persistent_volume_claim
+                .as_ref()
+                .unwrap()
+                .claim_name,
+            "pgdata"
+        );
+    }
+
+    #[test]
+    fn children_are_owned_and_do_not_copy_tracking_labels() {
+        let b = branch("dev");
+        let d = build_deployment(&b, &target(), &cfg()).unwrap();
+        let s = build_service(&b, "a1b2c3d4e5f60718").unwrap();
+        let creds = RoleCredentials {
+            user: "app".into(),
+            password: "pw".into(),
+            database: "app".into(),
+        };
+        let sec =
+            build_credentials_secret(&b, app_secret_name("dev"), &creds, &cfg(), BTreeMap::new())
+                .unwrap();
+        for m in [&d.metadata, &s.metadata, &sec.metadata] {
+            let labels = m.labels.as_ref().unwrap();
+            assert!(!labels.contains_key("app.kubernetes.io/instance"));
+            assert!(!labels.contains_key("argocd.argoproj.io/instance"));
+            assert_eq!(labels.get("team").map(String::as_str), Some("payments"));
+            assert_eq!(labels.get(LABEL_BRANCH).map(String::as_str), Some("dev"));
+            let owner = &m.owner_references.as_ref().unwrap()[0];
+            assert_eq!(owner.kind, "Branch");
+            assert_eq!(owner.name, "dev");
+            assert_eq!(owner.uid, "0f3c6a8e-1111-2222-3333-444455556666");
+            assert_eq!(owner.controller, Some(true));
+        }
+        let pod_labels = d.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        assert!(!pod_labels.contains_key("app.kubernetes.io/instance"));
+    }
+
+    #[test]
+    fn builders_refuse_a_branch_without_uid() {
+        let mut b = branch("dev");
+        b.metadata.uid = None;
+        assert_eq!(
+            build_service(&b, "x").unwrap_err(),
+            ComputeError::MissingMeta("uid")
+        );
+    }
+
+    #[test]
+    fn service_is_named_after_the_branch() {
+        let s = build_service(&branch("dev"), "a1b2c3d4e5f60718").unwrap();
+        assert_eq!(s.metadata.name.as_deref(), Some("dev"));
+        let ports = s.spec.unwrap().ports.unwrap();
+        assert_eq!(ports[0].port, 5432);
+    }
+
+    #[test]
+    fn app_secret_has_every_connection_key() {
+        let creds = RoleCredentials {
+            user: "app".into(),
+            password: "p@ss:w/rd".into(),
+            database: "shop".into(),
+        };
+        let sec = build_credentials_secret(
+            &branch("dev"),
+            app_secret_name("dev"),
+            &creds,
+            &cfg(),
+            BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(sec.metadata.name.as_deref(), Some("dev-app"));
+        let get = |k: &str| secret_value(&sec, k).unwrap_or_else(|| panic!("missing {k}"));
+        assert_eq!(get("host"), "dev.team-a.svc");
+        assert_eq!(get("port"), "5432");
+        assert_eq!(get("dbname"), "shop");
+        assert_eq!(get("user"), "app");
+        assert_eq!(get("username"), "app");
+        assert_eq!(get("password"), "p@ss:w/rd");
+        assert_eq!(
+            get("uri"),
+            "postgresql://app:p%40ss%3Aw%2Frd@dev.team-a.svc:5432/shop"
+        );
+        assert_eq!(
+            get("fqdn-uri"),
+            "postgresql://app:p%40ss%3Aw%2Frd@dev.team-a.svc.cluster.local:5432/shop"
+        );
+        assert_eq!(
+            get("jdbc-uri"),
+            "jdbc:postgresql://dev.team-a.svc:5432/shop?password=p%40ss%3Aw%2Frd&user=app"
+        );
+        assert!(get("fqdn-jdbc-uri")
+            .starts_with("jdbc:postgresql://dev.team-a.svc.cluster.local:5432/"));
+        assert_eq!(get("pgpass"), "dev.team-a.svc:5432:shop:app:p@ss\\:w/rd\n");
+        assert_eq!(get("type"), "postgresql");
+        assert_eq!(get("provider"), "pgbranch");
+    }
+
+    #[test]
+    fn hash_stamp_detects_changes() {
+        let b = branch("dev");
+        let a = stamp_hash(build_service(&b, "aaaa").unwrap());
+        let same = stamp_hash(build_service(&b, "aaaa").unwrap());
+        let other = stamp_hash(build_service(&b, "bbbb").unwrap());
+        assert!(is_up_to_date(&a, &same));
+        assert!(!is_up_to_date(&a, &other));
+        let unstamped = build_service(&b, "aaaa").unwrap();
+        assert!(!is_up_to_date(&unstamped, &a));
+    }
+
+    #[test]
+    fn names_follow_the_convention() {
+        assert_eq!(deployment_name("dev", "0123456789abcdef"), "dev-01234567");
+        assert_eq!(superuser_secret_name("dev"), "dev-superuser");
+        assert_eq!(role_secret_name("dev", "reporter"), "dev-reporter");
+    }
+}

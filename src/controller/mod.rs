@@ -1,1 +1,300 @@
-//! The operator: one controller per kind.
+//! The operator: one `kube_runtime::Controller` per kind.
+//!
+//! Every controller is a pipeline: observe (read the object, its relations
+//! and the storage layer) → validate → desired (pure builders in
+//! [`crate::compute`]) → apply (server-side apply, one field manager, skipped
+//! when unchanged) → status ([`status::write_status`], only when changed).
+//! Errors say whether a retry can help ([`Error::is_retryable`]); failures
+//! that will not fix themselves are reported as a `Stalled` condition.
+
+pub mod apply;
+pub mod branch;
+pub mod metrics;
+pub mod status;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+
+use crate::compute::{ComputeConfig, PG_PORT};
+use crate::storage::{Storage, StorageError};
+
+pub use metrics::Metrics;
+
+/// Operator settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Watch only this namespace (all namespaces when `None`).
+    pub namespace: Option<String>,
+    /// How computes are built.
+    pub compute: ComputeConfig,
+    /// How often a Ready object is looked at again (status is a cache).
+    pub ready_requeue: Duration,
+    /// Reconcile every object this often in addition to watch events
+    /// (`None`: only on events and requeues).
+    pub resync_interval: Option<Duration>,
+    /// Deadline of each external step (storage call, SQL session).
+    pub step_timeout: Duration,
+    /// How long to wait between polls of something under way.
+    pub poll_interval: Duration,
+    /// Name reported in Events.
+    pub reporter: String,
+    /// Instance reported in Events (the pod name).
+    pub instance: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            compute: ComputeConfig::default(),
+            ready_requeue: Duration::from_secs(300),
+            resync_interval: None,
+            step_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(2),
+            reporter: "pgbranch-operator".into(),
+            instance: None,
+        }
+    }
+}
+
+/// Turns a branch's Service into an address the operator can connect to.
+#[async_trait]
+pub trait ComputeResolver: Send + Sync + 'static {
+    /// `(host, port)` of the compute the Service `service` in `namespace`
+    /// selects.
+    async fn resolve(&self, namespace: &str, service: &str) -> Result<(String, u16), Error>;
+}
+
+/// In a cluster: the Service's DNS name on the PostgreSQL port.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterDns;
+
+#[async_trait]
+impl ComputeResolver for ClusterDns {
+    async fn resolve(&self, namespace: &str, service: &str) -> Result<(String, u16), Error> {
+        Ok((format!("{service}.{namespace}.svc"), PG_PORT as u16))
+    }
+}
+
+/// What every reconcile gets.
+pub struct Context {
+    pub client: Client,
+    pub storage: Arc<dyn Storage>,
+    pub config: Config,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    pub resolver: Arc<dyn ComputeResolver>,
+    /// Consecutive failures per object, for the error policy's backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        storage: Arc<dyn Storage>,
+        config: Config,
+        metrics: Metrics,
+        resolver: Arc<dyn ComputeResolver>,
+    ) -> Arc<Self> {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: config.reporter.clone(),
+                instance: config.instance.clone(),
+            },
+        );
+        Arc::new(Self {
+            client,
+            storage,
+            config,
+            metrics,
+            recorder,
+            resolver,
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn failures_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+        ObjectRef::from_obj(obj).to_string()
+    }
+
+    /// Records a failure of an object and returns how many in a row.
+    fn record_failure<K: Resource<DynamicType = ()>>(&self, obj: &K) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(Self::failures_key(obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// Forgets the failures of an object after a successful reconcile.
+    fn record_success<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        f.remove(&Self::failures_key(obj));
+    }
+}
+
+/// Errors of a reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("building child objects: {0}")]
+    Compute(#[from] crate::compute::ComputeError),
+    #[error("serializing: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("postgres: {0}")]
+    Sql(String),
+    #[error("{step} did not finish within {secs}s")]
+    Timeout { step: &'static str, secs: u64 },
+    /// Something under way; look again shortly (not a failure).
+    #[error("waiting: {0}")]
+    Waiting(String),
+    /// A failure that will not fix itself; already reported as Stalled.
+    #[error("{reason}: {message}")]
+    Stalled { reason: String, message: String },
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Whether the same reconcile may succeed when retried.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Kube(e) => kube_retryable(e),
+            Error::Storage(e) => e.is_retryable(),
+            Error::Compute(_) | Error::Json(_) | Error::Stalled { .. } => false,
+            Error::Sql(_) | Error::Timeout { .. } | Error::Waiting(_) => true,
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_retryable(),
+                kube::runtime::finalizer::Error::AddFinalizer(e)
+                | kube::runtime::finalizer::Error::RemoveFinalizer(e) => kube_retryable(e),
+                _ => false,
+            },
+        }
+    }
+
+    /// A CamelCase reason for conditions and metrics.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict".into(),
+            Error::Kube(_) => "KubernetesApiError".into(),
+            Error::Storage(e) => e.reason().into(),
+            Error::Compute(_) => "InvalidObject".into(),
+            Error::Json(_) => "SerializationError".into(),
+            Error::Sql(_) => "PostgresError".into(),
+            Error::Timeout { .. } => "Timeout".into(),
+            Error::Waiting(_) => "Waiting".into(),
+            Error::Stalled { reason, .. } => reason.clone(),
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
+                _ => "FinalizerError".into(),
+            },
+        }
+    }
+
+    pub fn stalled(reason: &str, message: impl Into<String>) -> Self {
+        Error::Stalled {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+fn kube_retryable(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
+        // Transport, TLS, timeouts: the API server may be back soon.
+        _ => true,
+    }
+}
+
+/// Runs `fut` with the configured deadline of an external step.
+pub async fn with_deadline<T, E>(
+    ctx: &Context,
+    step: &'static str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, Error>
+where
+    Error: From<E>,
+{
+    match tokio::time::timeout(ctx.config.step_timeout, fut).await {
+        Ok(r) => r.map_err(Error::from),
+        Err(_) => Err(Error::Timeout {
+            step,
+            secs: ctx.config.step_timeout.as_secs(),
+        }),
+    }
+}
+
+/// Backoff after `n` consecutive failures: 1 s doubling to 5 min.
+pub fn backoff(n: u32) -> Duration {
+    let secs = 1u64 << n.saturating_sub(1).min(9);
+    Duration::from_secs(secs.min(300))
+}
+
+/// The error policy shared by the controllers: short fixed polls while
+/// waiting, exponential backoff for retryable errors, a long requeue for
+/// terminal ones (they are reported as Stalled and re-checked on change).
+pub fn error_policy<K>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = ()>,
+{
+    let kind = K::kind(&()).to_string();
+    if let Error::Waiting(what) = err {
+        tracing::debug!(object = %obj.name_any(), %what, "waiting");
+        return Action::requeue(ctx.config.poll_interval);
+    }
+    ctx.metrics.error(&kind, &err.reason());
+    let n = ctx.record_failure(obj.as_ref());
+    if err.is_retryable() {
+        tracing::warn!(kind, object = %obj.name_any(), error = %err, attempt = n, "reconcile failed, retrying");
+        Action::requeue(backoff(n))
+    } else {
+        tracing::error!(kind, object = %obj.name_any(), error = %err, "reconcile failed");
+        Action::requeue(Duration::from_secs(300).max(backoff(n)))
+    }
+}
+
+/// Starts every controller and runs until `shutdown` resolves (then lets
+/// reconciles in flight finish).
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    branch::run(ctx, shutdown).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(40), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn storage_errors_map_to_retry_or_terminal() {
+        let busy = Error::Storage(StorageError::Busy {
+            message: "x".into(),
+        });
+        assert!(busy.is_retryable());
+        assert_eq!(busy.reason(), "Busy");
+        let bad = Error::Storage(StorageError::invalid("bad"));
+        assert!(!bad.is_retryable());
+        assert!(!Error::stalled("ParentNotFound", "x").is_retryable());
+        assert!(Error::Timeout { step: "s", secs: 1 }.is_retryable());
+    }
+}

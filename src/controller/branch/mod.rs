@@ -1,0 +1,1001 @@
+//! The Branch controller.
+//!
+//! Apply: validate → parent → credentials Secrets (before any data exists,
+//! so a password is never lost) → timeline (idempotent by the Branch UID,
+//! polled until Ready, never waited on) → compute Deployment and Service →
+//! once the compute is ready, credentials and declarative roles/databases
+//! over SQL → Ready.
+//!
+//! The branch's current timeline is `status.timelineId`. When it changes (a
+//! restore moves the branch to a new timeline), the controller brings up the
+//! new timeline's compute, switches the Service selector only once that
+//! compute is ready, then removes the old timeline's compute, and re-applies
+//! the branch's passwords to the new data. A restore therefore only has to
+//! write `status.timelineId`.
+//!
+//! Cleanup (finalizer): refused while `spec.protected` (Stalled
+//! BranchProtected) or while other Branches name this one as parent (Stalled
+//! HasChildren); otherwise the compute is removed, then the timeline, then
+//! the Service and Secrets, then the finalizer.
+
+pub mod sql;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::ListParams;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, ResourceExt};
+
+use super::apply::{apply_owned, delete_owned, holder, Holder};
+use super::status::{apply_outcome, write_status, Outcome};
+use super::{error_policy, with_deadline, Context, Error};
+use crate::api::{
+    Branch, BranchStatus, ConnectionStatus, CredentialsPolicy, InitSource, LABEL_BRANCH,
+    LABEL_TIMELINE,
+};
+use crate::compute::{
+    app_secret_name, build_credentials_secret, build_deployment, build_service, content_hash,
+    role_secret_name, secret_value, service_host, service_name, superuser_secret_name,
+    ComputeTarget, RoleCredentials, ANNOTATION_SQL_APPLIED, PG_PORT,
+};
+use crate::storage::{
+    ConnInfo, CreateTimeline, OpKey, Password, Source, State, StorageError, Timeline, TimelineId,
+};
+use validate::{app_identity, generate_password, parse_expires, parse_point, secret_suffix};
+
+/// The finalizer the Branch controller puts on every Branch.
+pub const FINALIZER: &str = "pgbranch.dev/branch-cleanup";
+const KIND: &str = "Branch";
+
+/// Runs the Branch controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (branches, deployments, services, secrets): (
+        Api<Branch>,
+        Api<Deployment>,
+        Api<Service>,
+        Api<Secret>,
+    ) = match &ctx.config.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let owned = watcher::Config::default().labels(LABEL_BRANCH);
+    let mut controller = Controller::new(branches.clone(), watcher::Config::default())
+        .owns(deployments, owned.clone())
+        .owns(services, owned.clone())
+        .owns(secrets, owned)
+        // A child's changes (e.g. its deletion) wake its parent, which may
+        // be waiting for its children to go.
+        .watches(branches, watcher::Config::default(), |child: Branch| {
+            let ns = child.namespace();
+            child
+                .spec
+                .parent
+                .and_then(|p| ns.map(|ns| ObjectRef::<Branch>::new(&p.branch).within(&ns)))
+        })
+        .graceful_shutdown_on(shutdown);
+    if let Some(every) = ctx.config.resync_interval {
+        let ticks = futures::stream::unfold((), move |()| async move {
+            tokio::time::sleep(every).await;
+            Some(((), ()))
+        });
+        controller = controller.reconcile_all_on(ticks);
+    }
+    controller
+        .run(reconcile, error_policy::<Branch>, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
+            }
+        })
+        .await;
+}
+
+async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = branch.namespace().unwrap_or_default();
+    let api: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let res = finalizer(&api, FINALIZER, branch.clone(), |ev| async {
+        match ev {
+            FinalizerEvent::Apply(b) => reconcile_apply(b, &ctx).await,
+            FinalizerEvent::Cleanup(b) => reconcile_cleanup(b, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(KIND, started.elapsed());
+    if res.is_ok() {
+        ctx.record_success(branch.as_ref());
+    }
+    res
+}
+
+/// The end of one pass: what to report and when to look again.
+struct Done {
+    outcome: Outcome,
+    phase: &'static str,
+    requeue: Action,
+}
+
+fn progressing(reason: &str, message: impl Into<String>, after: Duration) -> Done {
+    Done {
+        outcome: Outcome::progressing(reason, message),
+        phase: "Creating",
+        requeue: Action::requeue(after),
+    }
+}
+
+/// Writes the status of a pass (Stalled for terminal errors, the error as
+/// Reconciling for retryable ones) and returns the requeue.
+async fn finish(
+    ctx: &Context,
+    branch: &Branch,
+    mut status: BranchStatus,
+    result: Result<Done, Error>,
+) -> Result<Action, Error> {
+    let (done, err) = match result {
+        Ok(d) => (d, None),
+        Err(Error::Stalled { reason, message }) => {
+            tracing::warn!(branch = %branch.name_any(), %reason, %message, "stalled");
+            (
+                Done {
+                    outcome: Outcome::Stalled { reason, message },
+                    phase: "Failed",
+                    requeue: Action::requeue(ctx.config.ready_requeue),
+                },
+                None,
+            )
+        }
+        // Our own status write raced with another writer: re-read first.
+        Err(e @ Error::Kube(kube::Error::Api(_))) if e.reason() == "Conflict" => return Err(e),
+        Err(Error::Waiting(what)) => (progressing("Waiting", what, ctx.config.poll_interval), None),
+        Err(e) => (
+            Done {
+                outcome: Outcome::progressing(&e.reason(), e.to_string()),
+                phase: status.phase.clone().map_or("Creating", |p| {
+                    if p == "Deleting" {
+                        "Deleting"
+                    } else {
+                        "Creating"
+                    }
+                }),
+                requeue: Action::await_change(),
+            },
+            Some(e),
+        ),
+    };
+    let generation = branch.metadata.generation;
+    status.observed_generation = generation;
+    status.phase = Some(done.phase.to_string());
+    apply_outcome(
+        &mut status.conditions,
+        &done.outcome,
+        generation,
+        jiff::Timestamp::now(),
+    );
+    write_status(ctx, branch, branch.status.as_ref(), &status, &done.outcome).await?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(done.requeue),
+    }
+}
+
+async fn reconcile_apply(branch: Arc<Branch>, ctx: &Context) -> Result<Action, Error> {
+    let mut status = branch.status.clone().unwrap_or_default();
+    let result = apply_steps(&branch, ctx, &mut status).await;
+    finish(ctx, &branch, status, result).await
+}
+
+/// Passwords the branch's Secrets hold (read or newly generated).
+struct Credentials {
+    superuser: String,
+    app: RoleCredentials,
+    extra_roles: Vec<RoleCredentials>,
+    /// The SQL-applied marker currently on the app Secret.
+    sql_marker: Option<String>,
+}
+
+async fn get_secret(ctx: &Context, ns: &str, name: &str) -> Result<Option<Secret>, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    with_deadline(ctx, "read secret", api.get_opt(name)).await
+}
+
+async fn secret_password(ctx: &Context, ns: &str, name: &str) -> Result<Option<String>, Error> {
+    Ok(get_secret(ctx, ns, name)
+        .await?
+        .and_then(|s| secret_value(&s, "password")))
+}
+
+/// A role's password: the branch's Secret's (when it is for that user),
+/// else (inherit) the parent's for the same role, else a new one.
+async fn role_password(
+    ctx: &Context,
+    ns: &str,
+    inherit: bool,
+    secret: String,
+    parent_secret: Option<String>,
+    user: &str,
+) -> Result<String, Error> {
+    let candidates = std::iter::once(Some(secret))
+        .chain(std::iter::once(parent_secret.filter(|_| inherit)))
+        .flatten();
+    for name in candidates {
+        if let Some(s) = get_secret(ctx, ns, &name).await? {
+            if secret_value(&s, "user").as_deref() == Some(user) {
+                if let Some(pw) = secret_value(&s, "password") {
+                    return Ok(pw);
+                }
+            }
+        }
+    }
+    Ok(generate_password())
+}
+
+/// Reads or creates the branch's credential Secrets. Each password is
+/// stored before any database holds it.
+async fn ensure_credentials(
+    ctx: &Context,
+    branch: &Branch,
+    parent: Option<&Branch>,
+    uid: &str,
+) -> Result<Credentials, Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let inherit = parent.is_some() && branch.spec.credentials == Some(CredentialsPolicy::Inherit);
+    let parent_name = parent.map(|p| p.name_any());
+    let cfg = &ctx.config.compute;
+
+    // The superuser.
+    let su_name = superuser_secret_name(&name);
+    let superuser = match secret_password(ctx, &ns, &su_name).await? {
+        Some(pw) => pw,
+        None if inherit => {
+            let pname = parent_name.clone().unwrap_or_default();
+            secret_password(ctx, &ns, &superuser_secret_name(&pname))
+                .await?
+                .ok_or_else(|| {
+                    Error::Waiting(format!(
+                        "the parent's Secret {} is not there yet",
+                        superuser_secret_name(&pname)
+                    ))
+                })?
+        }
+        None => generate_password(),
+    };
+    let su_creds = RoleCredentials {
+        user: "postgres".into(),
+        password: superuser.clone(),
+        database: "postgres".into(),
+    };
+    apply_owned(
+        ctx,
+        build_credentials_secret(branch, su_name, &su_creds, cfg, Default::default())?,
+        uid,
+    )
+    .await?;
+
+    // A role's password: the branch's Secret's, else (inherit) the parent's
+    // for the same role, else a new one.
+    // The app role (the superuser itself when no role is declared anywhere).
+    let (app_user, app_db) = app_identity(branch, parent);
+    let app_password = if app_user == "postgres" {
+        superuser.clone()
+    } else {
+        role_password(
+            ctx,
+            &ns,
+            inherit,
+            app_secret_name(&name),
+            parent_name.as_deref().map(app_secret_name),
+            &app_user,
+        )
+        .await?
+    };
+    let app = RoleCredentials {
+        user: app_user,
+        password: app_password,
+        database: app_db.clone(),
+    };
+    let existing_app = get_secret(ctx, &ns, &app_secret_name(&name)).await?;
+    let sql_marker = existing_app
+        .as_ref()
+        .filter(|s| holder(*s, uid) == Holder::Owner)
+        .and_then(|s| s.metadata.annotations.as_ref())
+        .and_then(|a| a.get(ANNOTATION_SQL_APPLIED))
+        .cloned();
+    let mut annotations = std::collections::BTreeMap::new();
+    if let Some(m) = &sql_marker {
+        annotations.insert(ANNOTATION_SQL_APPLIED.to_string(), m.clone());
+    }
+    apply_owned(
+        ctx,
+        build_credentials_secret(branch, app_secret_name(&name), &app, cfg, annotations)?,
+        uid,
+    )
+    .await?;
+
+    let mut extra_roles = vec![];
+    for role in branch.spec.roles.iter().skip(1) {
+        let secret = role_secret_name(&name, &secret_suffix(&role.name));
+        let parent_secret = parent_name
+            .as_deref()
+            .map(|p| role_secret_name(p, &secret_suffix(&role.name)));
+        let password =
+            role_password(ctx, &ns, inherit, secret.clone(), parent_secret, &role.name).await?;
+        let creds = RoleCredentials {
+            user: role.name.clone(),
+            password,
+            database: app_db.clone(),
+        };
+        apply_owned(
+            ctx,
+            build_credentials_secret(branch, secret, &creds, cfg, Default::default())?,
+            uid,
+        )
+        .await?;
+        extra_roles.push(creds);
+    }
+    Ok(Credentials {
+        superuser,
+        app,
+        extra_roles,
+        sql_marker,
+    })
+}
+
+fn storage_stalled(e: StorageError) -> Error {
+    match &e {
+        StorageError::InvalidPoint { .. } => Error::stalled(
+            "PointOutsideRestoreWindow",
+            format!("the parent cannot be branched at that point: {e}"),
+        ),
+        StorageError::InvalidArgument { .. } => Error::stalled("InvalidPoint", e.to_string()),
+        StorageError::NotFound { .. } => Error::stalled(
+            "ParentTimelineNotFound",
+            format!("the parent's timeline is gone from storage: {e}"),
+        ),
+        StorageError::Conflict { .. } => Error::stalled("TimelineConflict", e.to_string()),
+        StorageError::Unauthorized { .. } => Error::stalled("StorageUnauthorized", e.to_string()),
+        _ => Error::Storage(e),
+    }
+}
+
+/// How to reach a running compute of `branch` as its superuser, to let the
+/// storage layer CHECKPOINT it before copying. None when it is not running.
+async fn compute_conn(ctx: &Context, branch: &Branch) -> Result<Option<ConnInfo>, Error> {
+    if !branch.spec.compute.enabled || branch.spec.compute.suspended {
+        return Ok(None);
+    }
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let Some(password) = secret_password(ctx, &ns, &superuser_secret_name(&name)).await? else {
+        return Ok(None);
+    };
+    let (host, port) = ctx.resolver.resolve(&ns, &service_name(&name)).await?;
+    Ok(Some(ConnInfo {
+        host,
+        port,
+        user: "postgres".into(),
+        password: Some(Password(password)),
+        dbname: "postgres".into(),
+    }))
+}
+
+/// Finds or creates the branch's timeline and records it in status.
+async fn ensure_timeline(
+    ctx: &Context,
+    branch: &Branch,
+    parent: Option<&Branch>,
+    creds: &Credentials,
+    uid: &str,
+    status: &mut BranchStatus,
+) -> Result<Result<Timeline, Done>, Error> {
+    if let Some(id) = &status.timeline_id {
+        let id = TimelineId::new(id.clone()).map_err(|e| {
+            Error::stalled(
+                "TimelineNotFound",
+                format!("status.timelineId is invalid: {e}"),
+            )
+        })?;
+        return match with_deadline(ctx, "get timeline", ctx.storage.get_timeline(&id)).await {
+            Ok(tl) => Ok(Ok(tl)),
+            Err(Error::Storage(StorageError::NotFound { .. })) => Err(Error::stalled(
+                "TimelineNotFound",
+                format!(
+                    "timeline {id} of this branch no longer exists in storage; the data is gone"
+                ),
+            )),
+            Err(e) => Err(e),
+        };
+    }
+    let key = OpKey::new(uid.to_string()).map_err(|e| {
+        Error::stalled(
+            "InvalidUid",
+            format!("the Branch UID is not usable as a key: {e}"),
+        )
+    })?;
+    let (source, source_connection) = match parent {
+        None => (
+            Source::Empty {
+                superuser_password: Some(Password(creds.superuser.clone())),
+            },
+            None,
+        ),
+        Some(p) => {
+            let ready = p
+                .status
+                .as_ref()
+                .is_some_and(|s| super::status::is_ready(&s.conditions));
+            let ptl = p.status.as_ref().and_then(|s| s.timeline_id.clone());
+            let Some(ptl) = ptl.filter(|_| ready) else {
+                return Ok(Err(progressing(
+                    "WaitingForParent",
+                    format!("waiting for the parent branch {} to be Ready", p.name_any()),
+                    ctx.config.poll_interval,
+                )));
+            };
+            let ptl = TimelineId::new(ptl).map_err(storage_stalled)?;
+            let source = if branch.spec.init_source == Some(InitSource::SchemaOnly) {
+                Source::SchemaOnly { timeline: ptl }
+            } else {
+                let point = branch
+                    .spec
+                    .parent
+                    .as_ref()
+                    .map(parse_point)
+                    .transpose()
+                    .map_err(|i| Error::stalled(i.reason, i.message))?
+                    .unwrap_or(crate::storage::Point::Head);
+                Source::Timeline {
+                    timeline: ptl,
+                    point,
+                }
+            };
+            (source, compute_conn(ctx, p).await?)
+        }
+    };
+    let req = CreateTimeline {
+        key,
+        source,
+        source_connection,
+        label: Some(format!(
+            "{}/{}",
+            branch.namespace().unwrap_or_default(),
+            branch.name_any()
+        )),
+    };
+    tracing::info!(branch = %branch.name_any(), "creating timeline");
+    let tl = with_deadline(ctx, "create timeline", ctx.storage.create_timeline(req))
+        .await
+        .map_err(|e| match e {
+            Error::Storage(s) => storage_stalled(s),
+            e => e,
+        })?;
+    status.timeline_id = Some(tl.id.to_string());
+    Ok(Ok(tl))
+}
+
+/// Copies what storage says about the timeline into status (sizes only when
+/// they moved by 1 % or more, so an idle branch causes no writes).
+fn record_timeline(status: &mut BranchStatus, tl: &Timeline) {
+    status.timeline_id = Some(tl.id.to_string());
+    status.parent_lsn = tl.lineage.parent_lsn.map(|l| l.to_string());
+    let lsn = tl.lsn.map(|l| l.to_string());
+    let size = i64::try_from(tl.logical_size_bytes).unwrap_or(i64::MAX);
+    let significant = match status.logical_size_bytes {
+        None => true,
+        Some(old) => (size - old).unsigned_abs().saturating_mul(100) >= old.unsigned_abs(),
+    };
+    if significant || lsn != status.lsn {
+        status.logical_size_bytes = Some(size);
+    }
+    status.lsn = lsn;
+    status.created_at = Some(tl.created_at.to_string());
+    status.pg_major = Some(i64::from(tl.pg_major));
+}
+
+fn deployment_ready(d: &Deployment) -> bool {
+    let gen = d.metadata.generation.unwrap_or(0);
+    d.status.as_ref().is_some_and(|s| {
+        s.ready_replicas.unwrap_or(0) >= 1 && s.observed_generation.unwrap_or(0) >= gen
+    })
+}
+
+async fn apply_steps(
+    branch: &Branch,
+    ctx: &Context,
+    status: &mut BranchStatus,
+) -> Result<Done, Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let uid = branch
+        .uid()
+        .ok_or_else(|| Error::stalled("InvalidObject", "the Branch has no UID"))?;
+    let now = jiff::Timestamp::now();
+    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+
+    // Validate (pure).
+    validate::validate_spec(branch).map_err(|i| Error::stalled(i.reason, i.message))?;
+    let mut requeue = ctx.config.ready_requeue;
+    if let Some(expires) = parse_expires(branch).map_err(|i| Error::stalled(i.reason, i.message))? {
+        if now >= expires {
+            if branch.spec.protected {
+                return Err(Error::stalled(
+                    "BranchProtected",
+                    format!("the branch expired at {expires} but is protected; unprotect it to let it be deleted"),
+                ));
+            }
+            tracing::info!(branch = %name, %expires, "branch expired, deleting it");
+            with_deadline(
+                ctx,
+                "delete expired branch",
+                branches.delete(&name, &Default::default()),
+            )
+            .await?;
+            return Ok(Done {
+                outcome: Outcome::progressing("Expired", format!("expired at {expires}; deleting")),
+                phase: "Deleting",
+                requeue: Action::await_change(),
+            });
+        }
+        let until = expires.duration_since(now).unsigned_abs();
+        requeue = requeue.min(until + Duration::from_secs(1));
+    }
+
+    // Parent.
+    let parent = match &branch.spec.parent {
+        None => None,
+        Some(p) => match with_deadline(ctx, "read parent", branches.get_opt(&p.branch)).await? {
+            Some(pb) => Some(pb),
+            None => {
+                return Err(Error::stalled(
+                    "ParentNotFound",
+                    format!("parent branch {:?} not found in namespace {ns}", p.branch),
+                ))
+            }
+        },
+    };
+
+    // Credentials first: nothing that holds a password exists before its Secret.
+    let creds = ensure_credentials(ctx, branch, parent.as_ref(), &uid).await?;
+
+    // Timeline.
+    let tl = match ensure_timeline(ctx, branch, parent.as_ref(), &creds, &uid, status).await? {
+        Ok(tl) => tl,
+        Err(done) => return Ok(done),
+    };
+    record_timeline(status, &tl);
+    match tl.state {
+        State::Ready => {}
+        State::Creating => {
+            let what = tl
+                .progress
+                .as_ref()
+                .map(|p| match p.percent {
+                    Some(pc) => format!("{} ({pc}%)", p.step),
+                    None => p.step.clone(),
+                })
+                .unwrap_or_else(|| "creating".into());
+            return Ok(progressing(
+                "CreatingTimeline",
+                format!("storage is preparing timeline {}: {what}", tl.id),
+                ctx.config.poll_interval,
+            ));
+        }
+        State::Failed => {
+            return Err(Error::stalled(
+                "TimelineFailed",
+                format!(
+                    "storage could not create timeline {}: {}",
+                    tl.id,
+                    tl.error.clone().unwrap_or_else(|| "no reason given".into())
+                ),
+            ))
+        }
+        State::Deleting => {
+            return Err(Error::stalled(
+                "TimelineDeleting",
+                format!("timeline {} is being deleted from storage", tl.id),
+            ))
+        }
+    }
+
+    // Compute.
+    let compute = &branch.spec.compute;
+    let running = compute.enabled && !compute.suspended;
+    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let current = if compute.enabled {
+        let target = ComputeTarget {
+            timeline_id: tl.id.as_str(),
+            data_path: &tl.data_path,
+        };
+        Some(
+            apply_owned(
+                ctx,
+                build_deployment(branch, &target, &ctx.config.compute)?,
+                &uid,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let compute_ready = current.as_ref().is_some_and(deployment_ready);
+
+    // The Service moves to a new timeline only once its compute is ready.
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let live_svc =
+        with_deadline(ctx, "read service", services.get_opt(&service_name(&name))).await?;
+    let selected = live_svc
+        .as_ref()
+        .filter(|s| holder(*s, &uid) == Holder::Owner)
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.selector.as_ref())
+        .and_then(|s| s.get(LABEL_TIMELINE))
+        .cloned();
+    let svc_timeline = match selected {
+        Some(old) if old != tl.id.as_str() && running && !compute_ready => old,
+        _ => tl.id.to_string(),
+    };
+    apply_owned(ctx, build_service(branch, &svc_timeline)?, &uid).await?;
+
+    // Computes of other timelines (after a swap) go once the Service moved.
+    if svc_timeline == tl.id.as_str() {
+        let others = with_deadline(
+            ctx,
+            "list computes",
+            deploys.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name}"))),
+        )
+        .await?;
+        for d in others.items {
+            let tl_label = d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default();
+            let keep = current.is_some() && tl_label == tl.id.as_str();
+            if !keep && holder(&d, &uid) == Holder::Owner {
+                delete_owned::<Deployment>(ctx, &ns, &d.name_any(), &uid).await?;
+            }
+        }
+    }
+
+    let (app_user, app_db) = (creds.app.user.clone(), creds.app.database.clone());
+    status.service = Some(service_name(&name));
+    status.secret_name = Some(app_secret_name(&name));
+    status.connection = Some(ConnectionStatus {
+        host: service_host(&name, &ns),
+        port: PG_PORT,
+        database: app_db.clone(),
+        user: app_user.clone(),
+    });
+
+    if !running {
+        let (reason, phase) = if compute.enabled {
+            ("Suspended", "Suspended")
+        } else {
+            ("ComputeDisabled", "Ready")
+        };
+        return Ok(Done {
+            outcome: Outcome::ready(
+                reason,
+                "storage is ready; no compute runs (credentials and declared roles/databases are applied when it runs)",
+            ),
+            phase,
+            requeue: Action::requeue(requeue),
+        });
+    }
+    if !compute_ready || svc_timeline != tl.id.as_str() {
+        return Ok(progressing(
+            "StartingCompute",
+            format!("waiting for the compute of timeline {} to be ready", tl.id),
+            ctx.config.poll_interval,
+        ));
+    }
+
+    // SQL: own passwords, declared roles and databases; once per change.
+    let marker = content_hash(&(
+        tl.id.as_str(),
+        branch.metadata.generation,
+        &creds.superuser,
+        &creds.app.user,
+        &creds.app.password,
+        creds
+            .extra_roles
+            .iter()
+            .map(|r| (&r.user, &r.password))
+            .collect::<Vec<_>>(),
+    ));
+    if creds.sql_marker.as_deref() != Some(marker.as_str()) {
+        let (host, port) = ctx.resolver.resolve(&ns, &service_name(&name)).await?;
+        let mut fallback = vec![];
+        if let Some(p) = &parent {
+            if let Some(pw) =
+                secret_password(ctx, &ns, &superuser_secret_name(&p.name_any())).await?
+            {
+                fallback.push(pw);
+            }
+        }
+        let mut roles = vec![];
+        if creds.app.user != "postgres" {
+            roles.push((creds.app.user.clone(), creds.app.password.clone()));
+        }
+        roles.extend(
+            creds
+                .extra_roles
+                .iter()
+                .map(|r| (r.user.clone(), r.password.clone())),
+        );
+        let plan = sql::SqlPlan {
+            host,
+            port,
+            superuser_password: creds.superuser.clone(),
+            fallback_passwords: fallback,
+            roles,
+            databases: branch
+                .spec
+                .databases
+                .iter()
+                .map(|d| (d.name.clone(), d.owner.clone()))
+                .collect(),
+        };
+        let timeout = ctx.config.step_timeout;
+        let report = match tokio::time::timeout(timeout, sql::apply(&plan, timeout)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Timeout {
+                    step: "apply roles and databases",
+                    secs: timeout.as_secs(),
+                })
+            }
+        };
+        tracing::info!(
+            branch = %name,
+            rotated_superuser = report.rotated_superuser,
+            roles_created = ?report.roles_created,
+            databases_created = ?report.databases_created,
+            "applied credentials, roles and databases"
+        );
+        let annotations =
+            std::collections::BTreeMap::from([(ANNOTATION_SQL_APPLIED.to_string(), marker)]);
+        apply_owned(
+            ctx,
+            build_credentials_secret(
+                branch,
+                app_secret_name(&name),
+                &creds.app,
+                &ctx.config.compute,
+                annotations,
+            )?,
+            &uid,
+        )
+        .await?;
+    }
+
+    Ok(Done {
+        outcome: Outcome::ready(
+            "Ready",
+            format!(
+                "branch is ready at {}:{PG_PORT} (timeline {})",
+                service_host(&name, &ns),
+                tl.id
+            ),
+        ),
+        phase: "Ready",
+        requeue: Action::requeue(requeue),
+    })
+}
+
+async fn reconcile_cleanup(branch: Arc<Branch>, ctx: &Context) -> Result<Action, Error> {
+    let mut status = branch.status.clone().unwrap_or_default();
+    let result = cleanup_steps(&branch, ctx, &mut status).await;
+    let finished = matches!(result, Ok(None));
+    let result = result.map(|o| {
+        o.unwrap_or(Done {
+            outcome: Outcome::progressing("Deleting", "compute and timeline removed"),
+            phase: "Deleting",
+            requeue: Action::await_change(),
+        })
+    });
+    let stalled = matches!(result, Err(Error::Stalled { .. }));
+    let waiting = matches!(result, Err(Error::Waiting(_)));
+    let stalled_err = match &result {
+        Err(Error::Stalled { reason, message }) => Some(Error::stalled(reason, message.clone())),
+        Err(Error::Waiting(w)) => Some(Error::Waiting(w.clone())),
+        _ => None,
+    };
+    if finished {
+        // Everything is gone: the finalizer is removed next; no status write
+        // (the object is about to disappear).
+        return Ok(Action::await_change());
+    }
+    let action = finish(ctx, &branch, status, result).await?;
+    // The finalizer must stay while deletion is refused or under way.
+    if stalled || waiting {
+        return Err(stalled_err.unwrap_or_else(|| Error::Waiting("deleting".into())));
+    }
+    Ok(action)
+}
+
+/// Deletion. `Ok(None)`: everything is gone, the finalizer may go.
+async fn cleanup_steps(
+    branch: &Branch,
+    ctx: &Context,
+    status: &mut BranchStatus,
+) -> Result<Option<Done>, Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let uid = branch.uid().unwrap_or_default();
+    if branch.spec.protected {
+        return Err(Error::stalled(
+            "BranchProtected",
+            "the branch is protected: set spec.protected to false to delete it",
+        ));
+    }
+    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    let mut children: Vec<String> = all
+        .items
+        .iter()
+        .filter(|b| b.spec.parent.as_ref().is_some_and(|p| p.branch == name))
+        .map(|b| b.name_any())
+        .collect();
+    children.sort();
+    if !children.is_empty() {
+        return Err(Error::stalled(
+            "HasChildren",
+            format!(
+                "the branch has child branches ({}); delete them first",
+                children.join(", ")
+            ),
+        ));
+    }
+
+    // Compute first: storage refuses to delete a timeline that still runs.
+    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let list = with_deadline(
+        ctx,
+        "list computes",
+        deploys.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name}"))),
+    )
+    .await?;
+    let mut remaining = 0;
+    for d in list
+        .items
+        .iter()
+        .filter(|d| holder(*d, &uid) == Holder::Owner)
+    {
+        if !delete_owned::<Deployment>(ctx, &ns, &d.name_any(), &uid).await? {
+            remaining += 1;
+        }
+    }
+    if remaining > 0 {
+        status.phase = Some("Deleting".into());
+        return Ok(Some(Done {
+            outcome: Outcome::progressing("Deleting", "stopping the compute"),
+            phase: "Deleting",
+            requeue: Action::requeue(ctx.config.poll_interval),
+        }));
+    }
+
+    // The timeline: the one in status; if status was lost, the one created
+    // with this Branch's UID as key unless another Branch now uses it
+    // (a restore may have handed it to a backup branch).
+    let mut timelines = vec![];
+    if let Some(id) = &status.timeline_id {
+        if let Ok(id) = TimelineId::new(id.clone()) {
+            timelines.push(id);
+        }
+    } else {
+        let used: Vec<String> = all
+            .items
+            .iter()
+            .filter(|b| b.uid().as_deref() != Some(uid.as_str()))
+            .filter_map(|b| b.status.as_ref().and_then(|s| s.timeline_id.clone()))
+            .collect();
+        let stored = with_deadline(ctx, "list timelines", ctx.storage.list_timelines()).await?;
+        timelines.extend(
+            stored
+                .into_iter()
+                .filter(|t| t.key.as_str() == uid && !used.contains(&t.id.to_string()))
+                .map(|t| t.id),
+        );
+    }
+    for id in timelines {
+        tracing::info!(branch = %name, timeline = %id, "deleting timeline");
+        match with_deadline(ctx, "delete timeline", ctx.storage.delete_timeline(&id)).await {
+            Ok(()) => {}
+            Err(Error::Storage(StorageError::Busy { message })) => {
+                return Err(Error::Waiting(format!(
+                    "timeline {id} is still in use: {message}"
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+
+    delete_owned::<Service>(ctx, &ns, &service_name(&name), &uid).await?;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let owned = with_deadline(
+        ctx,
+        "list secrets",
+        secrets.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name}"))),
+    )
+    .await?;
+    for s in owned.items {
+        delete_owned::<Secret>(ctx, &ns, &s.name_any(), &uid).await?;
+    }
+    tracing::info!(branch = %name, "branch deleted");
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Lineage, Lsn};
+
+    fn timeline(size: u64, lsn: u64) -> Timeline {
+        Timeline {
+            id: TimelineId::new("abcdef0123456789").unwrap(),
+            key: OpKey::new("k").unwrap(),
+            label: None,
+            state: State::Ready,
+            error: None,
+            progress: None,
+            lineage: Lineage {
+                parent: None,
+                snapshot: None,
+                point: None,
+                parent_lsn: Some(Lsn(0x1_0000_0010)),
+                schema_only: false,
+            },
+            created_at: jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+            data_path: "timelines/abcdef0123456789/pgdata".into(),
+            wal_archive_path: "wal/abcdef0123456789".into(),
+            pg_major: 15,
+            lsn: Some(Lsn(lsn)),
+            logical_size_bytes: size,
+            exclusive_bytes: None,
+            restore_window: None,
+        }
+    }
+
+    #[test]
+    fn status_records_timeline_and_ignores_size_jitter() {
+        let mut st = BranchStatus::default();
+        record_timeline(&mut st, &timeline(1_000_000, 100));
+        assert_eq!(st.timeline_id.as_deref(), Some("abcdef0123456789"));
+        assert_eq!(st.parent_lsn.as_deref(), Some("1/10"));
+        assert_eq!(st.pg_major, Some(15));
+        assert_eq!(st.logical_size_bytes, Some(1_000_000));
+        record_timeline(&mut st, &timeline(1_004_000, 100));
+        assert_eq!(st.logical_size_bytes, Some(1_000_000), "0.4% is jitter");
+        record_timeline(&mut st, &timeline(1_020_000, 100));
+        assert_eq!(st.logical_size_bytes, Some(1_020_000));
+        record_timeline(&mut st, &timeline(1_021_000, 200));
+        assert_eq!(
+            st.logical_size_bytes,
+            Some(1_021_000),
+            "new LSN refreshes size"
+        );
+        assert_eq!(st.lsn.as_deref(), Some("0/C8"));
+    }
+}

@@ -1,0 +1,347 @@
+//! The status contract (DESIGN §3): `Ready`, `Reconciling` and `Stalled`
+//! conditions with `observedGeneration`, `lastTransitionTime` moved only when
+//! a condition's status flips, and one helper that writes status only when it
+//! changed, with an Event on every transition.
+
+use std::fmt::Debug;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use super::{Context, Error};
+use crate::api::{FIELD_MANAGER, READY, RECONCILING, STALLED};
+
+/// What a reconcile concluded about an object, turned into the three
+/// standard conditions by [`apply_outcome`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Work under way: Ready=False, Reconciling=True, Stalled=False.
+    Progressing { reason: String, message: String },
+    /// Done: Ready=True, Reconciling=False, Stalled=False.
+    Ready { reason: String, message: String },
+    /// A failure that will not fix itself: Ready=False, Reconciling=False,
+    /// Stalled=True.
+    Stalled { reason: String, message: String },
+}
+
+impl Outcome {
+    pub fn progressing(reason: &str, message: impl Into<String>) -> Self {
+        Outcome::Progressing {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+    pub fn ready(reason: &str, message: impl Into<String>) -> Self {
+        Outcome::Ready {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+    pub fn stalled(reason: &str, message: impl Into<String>) -> Self {
+        Outcome::Stalled {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+    pub fn reason(&self) -> &str {
+        match self {
+            Outcome::Progressing { reason, .. }
+            | Outcome::Ready { reason, .. }
+            | Outcome::Stalled { reason, .. } => reason,
+        }
+    }
+    pub fn message(&self) -> &str {
+        match self {
+            Outcome::Progressing { message, .. }
+            | Outcome::Ready { message, .. }
+            | Outcome::Stalled { message, .. } => message,
+        }
+    }
+}
+
+/// Sets one condition: a new entry, or an update that keeps
+/// `lastTransitionTime` unless the status flips.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) {
+    let status = if status { "True" } else { "False" }.to_string();
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.status = status;
+                c.last_transition_time = Time(now);
+            }
+            c.reason = reason.to_string();
+            c.message = message.to_string();
+            c.observed_generation = generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            observed_generation: generation,
+            last_transition_time: Time(now),
+        }),
+    }
+}
+
+/// Sets Ready, Reconciling and Stalled from an outcome. The two conditions
+/// that are not the "active" one get the same reason, so `kubectl describe`
+/// tells one story.
+pub fn apply_outcome(
+    conditions: &mut Vec<Condition>,
+    outcome: &Outcome,
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) {
+    let (ready, reconciling, stalled) = match outcome {
+        Outcome::Progressing { .. } => (false, true, false),
+        Outcome::Ready { .. } => (true, false, false),
+        Outcome::Stalled { .. } => (false, false, true),
+    };
+    let (reason, message) = (outcome.reason(), outcome.message());
+    set_condition(conditions, READY, ready, reason, message, generation, now);
+    set_condition(
+        conditions,
+        RECONCILING,
+        reconciling,
+        reason,
+        message,
+        generation,
+        now,
+    );
+    set_condition(
+        conditions, STALLED, stalled, reason, message, generation, now,
+    );
+}
+
+/// The status of a condition type, if present.
+pub fn condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Whether `Ready` is `True`.
+pub fn is_ready(conditions: &[Condition]) -> bool {
+    condition(conditions, READY).is_some_and(|c| c.status == "True")
+}
+
+/// A JSON merge patch turning `old` into `new` (objects recursed, everything
+/// else replaced, removed keys set to null). `None` when equal.
+pub fn merge_diff(old: &Value, new: &Value) -> Option<Value> {
+    if old == new {
+        return None;
+    }
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut out = Map::new();
+            for (k, nv) in n {
+                match o.get(k) {
+                    Some(ov) => {
+                        if let Some(d) = merge_diff(ov, nv) {
+                            out.insert(k.clone(), d);
+                        }
+                    }
+                    None => {
+                        out.insert(k.clone(), nv.clone());
+                    }
+                }
+            }
+            for k in o.keys() {
+                if !n.contains_key(k) {
+                    out.insert(k.clone(), Value::Null);
+                }
+            }
+            Some(Value::Object(out))
+        }
+        _ => Some(new.clone()),
+    }
+}
+
+/// Writes `new` as the object's status when it differs from `old`: a merge
+/// patch of only the changed fields, guarded by the object's
+/// resourceVersion (a concurrent writer, e.g. a restore moving the branch to
+/// a new timeline, makes this fail with 409 and the reconcile re-reads).
+/// Publishes an Event when the outcome's condition set flips. Returns
+/// whether a write happened.
+pub async fn write_status<K, S>(
+    ctx: &Context,
+    obj: &K,
+    old: Option<&S>,
+    new: &S,
+    outcome: &Outcome,
+) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + Debug,
+    S: Serialize,
+{
+    let old_v = match old {
+        Some(s) => serde_json::to_value(s)?,
+        None => Value::Object(Map::new()),
+    };
+    let new_v = serde_json::to_value(new)?;
+    let Some(diff) = merge_diff(&old_v, &new_v) else {
+        return Ok(false);
+    };
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({
+        "metadata": { "resourceVersion": obj.resource_version() },
+        "status": diff,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    ctx.metrics.status_write(K::kind(&()).as_ref());
+    let old_conds = conditions_of(&old_v);
+    let transition = outcome_changed(&old_conds, outcome);
+    if transition {
+        let type_ = match outcome {
+            Outcome::Stalled { .. } => EventType::Warning,
+            _ => EventType::Normal,
+        };
+        let ev = Event {
+            type_,
+            reason: outcome.reason().to_string(),
+            note: Some(truncate(outcome.message(), 1000)),
+            action: match outcome {
+                Outcome::Progressing { .. } => "Reconciling",
+                Outcome::Ready { .. } => "Ready",
+                Outcome::Stalled { .. } => "Stalled",
+            }
+            .to_string(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish event");
+        }
+    }
+    Ok(true)
+}
+
+fn conditions_of(status: &Value) -> Vec<Condition> {
+    status
+        .get("conditions")
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// Whether the outcome is a transition from what the old conditions said
+/// (a different active condition or a different reason).
+pub fn outcome_changed(old: &[Condition], outcome: &Outcome) -> bool {
+    let active = match outcome {
+        Outcome::Progressing { .. } => RECONCILING,
+        Outcome::Ready { .. } => READY,
+        Outcome::Stalled { .. } => STALLED,
+    };
+    match condition(old, active) {
+        Some(c) => c.status != "True" || c.reason != outcome.reason(),
+        None => true,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_flips() {
+        let mut c = vec![];
+        apply_outcome(
+            &mut c,
+            &Outcome::progressing("Creating", "a"),
+            Some(1),
+            t(10),
+        );
+        assert!(!is_ready(&c));
+        let ready = condition(&c, READY).unwrap().clone();
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.observed_generation, Some(1));
+        apply_outcome(
+            &mut c,
+            &Outcome::progressing("StartingCompute", "b"),
+            Some(1),
+            t(20),
+        );
+        assert_eq!(
+            condition(&c, READY).unwrap().last_transition_time,
+            Time(t(10))
+        );
+        assert_eq!(condition(&c, READY).unwrap().reason, "StartingCompute");
+        apply_outcome(&mut c, &Outcome::ready("Ready", "ok"), Some(2), t(30));
+        let ready = condition(&c, READY).unwrap();
+        assert_eq!(ready.status, "True");
+        assert_eq!(ready.last_transition_time, Time(t(30)));
+        assert_eq!(ready.observed_generation, Some(2));
+        assert_eq!(condition(&c, RECONCILING).unwrap().status, "False");
+        assert_eq!(c.len(), 3);
+    }
+
+    #[test]
+    fn stalled_sets_only_stalled_true() {
+        let mut c = vec![];
+        apply_outcome(
+            &mut c,
+            &Outcome::stalled("ParentNotFound", "x"),
+            Some(1),
+            t(1),
+        );
+        assert_eq!(condition(&c, STALLED).unwrap().status, "True");
+        assert_eq!(condition(&c, READY).unwrap().status, "False");
+        assert_eq!(condition(&c, RECONCILING).unwrap().status, "False");
+        assert!(outcome_changed(&c, &Outcome::stalled("InvalidPoint", "y")));
+        assert!(!outcome_changed(
+            &c,
+            &Outcome::stalled("ParentNotFound", "z")
+        ));
+        assert!(outcome_changed(&c, &Outcome::ready("Ready", "")));
+    }
+
+    #[test]
+    fn merge_diff_only_carries_changes() {
+        let old = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": [1]});
+        let new = json!({"a": 1, "b": {"c": 2, "d": 4}, "e": [1, 2], "f": "x"});
+        assert_eq!(
+            merge_diff(&old, &new).unwrap(),
+            json!({"b": {"d": 4}, "e": [1, 2], "f": "x"})
+        );
+        assert_eq!(merge_diff(&new, &new), None);
+        assert_eq!(
+            merge_diff(&json!({"a": 1, "g": 2}), &json!({"a": 1})).unwrap(),
+            json!({"g": null})
+        );
+    }
+}

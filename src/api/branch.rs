@@ -2,14 +2,16 @@
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+use super::common::*;
+
 /// A writable copy of a database: at its parent's head, an LSN or a
 /// timestamp, or a fresh (root) database when `parent` is absent.
-#[derive(CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "pgbranch.dev",
     version = "v1alpha1",
@@ -17,23 +19,48 @@ use std::collections::BTreeMap;
     namespaced,
     status = "BranchStatus",
     shortname = "br",
-    category = "pgbranch"
+    shortname = "pgbranch",
+    category = "pgbranch",
+    cel,
+    doc = "A writable copy of a PostgreSQL database: a root database, or a copy of a parent Branch at its head, an LSN or a timestamp. Its Service `<name>` and Secret `<name>-app` are the stable way to connect. The name is a DNS label of at most 44 characters (room for the suffixes the operator adds).",
+    validation = Rule::new("self.metadata.name.size() <= 44").message("Branch names are at most 44 characters (room for the -old-<yyyymmddhhmmss> and -<timeline> suffixes)").reason(Reason::FieldValueInvalid),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("Branch names must consist of lowercase letters, digits and '-', start with a letter and end with a letter or digit (they become Service names)"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Parent", type_ = "string", json_path = ".spec.parent.branch"),
+    printcolumn(name = "Point", type_ = "string", description = "The parent's LSN or timestamp this branch was copied at; empty: the parent's head", json_path = ".spec.parent['lsn','timestamp']"),
+    printcolumn(name = "Parent LSN", type_ = "string", priority = 1, description = "The parent's LSN this branch was copied at", json_path = ".status.parentLsn"),
+    printcolumn(name = "Timeline", type_ = "string", json_path = ".status.timelineId"),
+    printcolumn(name = "Size", type_ = "integer", description = "Logical size in bytes", json_path = ".status.logicalSizeBytes"),
+    printcolumn(name = "Protected", type_ = "boolean", priority = 1, json_path = ".spec.protected"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.parent) == has(oldSelf.parent) && (!has(self.parent) || self.parent == oldSelf.parent)").message("spec.parent is immutable: create a new Branch to copy from another parent or point").field_path(".parent").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("(has(self.initSource) ? self.initSource : 'parent-data') == (has(oldSelf.initSource) ? oldSelf.initSource : 'parent-data')").message("spec.initSource is immutable").field_path(".initSource").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!has(self.initSource) || self.initSource != 'schema-only' || has(self.parent)").message("initSource schema-only needs a parent to copy the schema from").field_path(".initSource").reason(Reason::FieldValueRequired),
+    validation = Rule::new("!has(self.refresh) || has(self.parent)").message("refresh needs a parent to refresh from").field_path(".refresh").reason(Reason::FieldValueRequired)
+)]
 pub struct BranchSpec {
     /// The branch this one is copied from, and where in its history. Absent:
-    /// a root branch (a fresh `initdb`). Immutable.
+    /// a root branch (a fresh `initdb`). Immutable: it can be neither added,
+    /// changed nor removed after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
     /// What to copy from the parent: all data (`parent-data`, default) or
-    /// only the schema, roles and databases (`schema-only`). Immutable.
+    /// only the schema, roles and databases (`schema-only`, needs a parent).
+    /// Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_source: Option<InitSource>,
-    /// A protected branch cannot be deleted.
+    /// A protected branch cannot be deleted: set `protected: false` first.
     #[serde(default)]
     pub protected: bool,
-    /// When set, the branch is deleted at this time (RFC 3339).
+    /// When set, the branch is deleted at this time (RFC 3339, such as
+    /// `2026-01-02T15:04:05Z`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = TIMESTAMP_MAX_LEN))]
+    #[x_kube(validation = Rule::new(RULE_RFC3339).message(MSG_RFC3339))]
     pub expires_at: Option<String>,
     /// The PostgreSQL compute serving this branch.
     #[serde(default)]
@@ -44,35 +71,49 @@ pub struct BranchSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsPolicy>,
     /// Databases that must exist on the branch, created over SQL once the
-    /// compute is ready.
+    /// compute is ready. Names are unique.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub databases: Vec<DatabaseSpec>,
     /// Roles that must exist on the branch, with passwords in Secrets
-    /// `<branch>-<role>`.
+    /// `<branch>-<role>`. Names are unique.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub roles: Vec<RoleSpec>,
-    /// Periodic refresh of this branch from its parent's head.
+    /// Periodic refresh of this branch from its parent's head (needs a
+    /// parent). The connection string and credentials do not change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<RefreshSpec>,
 }
 
 /// The parent of a branch and the point of its history to copy.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(RULE_POINT_EXCLUSIVE).message(MSG_POINT_EXCLUSIVE))]
 pub struct ParentRef {
     /// Name of the parent Branch in the same namespace.
+    #[schemars(length(min = 1, max = REF_NAME_MAX_LEN))]
     pub branch: String,
     /// Copy the parent as of this WAL position (`16/B3733C50`). Exclusive
     /// with `timestamp`; both absent means the parent's head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = LSN_MAX_LEN))]
+    #[x_kube(validation = Rule::new(RULE_LSN).message(MSG_LSN))]
     pub lsn: Option<String>,
-    /// Copy the parent as of this time (RFC 3339): every transaction
-    /// committed at or before it. Exclusive with `lsn`.
+    /// Copy the parent as of this time (RFC 3339, such as
+    /// `2026-01-02T15:04:05Z`): every transaction committed at or before it.
+    /// Exclusive with `lsn`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = TIMESTAMP_MAX_LEN))]
+    #[x_kube(validation = Rule::new(RULE_RFC3339).message(MSG_RFC3339))]
     pub timestamp: Option<String>,
 }
 
-/// What a child branch copies from its parent.
+/// What a child branch copies from its parent: `parent-data` (all data,
+/// the default) or `schema-only` (roles, databases and schema, no rows;
+/// needs a parent). Immutable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum InitSource {
     /// All data.
@@ -84,7 +125,10 @@ pub enum InitSource {
     SchemaOnly,
 }
 
-/// Whether a branch keeps its parent's passwords.
+/// Passwords of a child branch: `new` (default) gives the branch its own
+/// random passwords before it is Ready, so a copy of production never holds
+/// production's password; `inherit` keeps the passwords copied from the
+/// parent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CredentialsPolicy {
@@ -96,25 +140,28 @@ pub enum CredentialsPolicy {
 }
 
 /// The compute (PostgreSQL pods) of a branch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ComputeSpec {
     /// Run a compute for this branch. False: storage only, no pods.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// PostgreSQL image; its major version must match the data.
+    /// PostgreSQL image; its major version must match the data. Default: the
+    /// operator's configured image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
     pub image: Option<String>,
     /// CPU and memory of the postgres container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Read-only replicas beside the primary.
+    /// Read-only replicas beside the primary, 0 to 5.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 5").message("readReplicas must be between 0 and 5"))]
     pub read_replicas: i32,
     /// Scale the compute to zero while keeping the branch.
     #[serde(default)]
     pub suspended: bool,
-    /// Extra `postgresql.conf` settings.
+    /// Extra `postgresql.conf` settings (name: value).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub postgres_parameters: BTreeMap<String, String>,
 }
@@ -141,9 +188,11 @@ fn default_true() -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
     /// Database name.
+    #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Owning role (must exist or be declared in `roles`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub owner: Option<String>,
 }
 
@@ -152,17 +201,22 @@ pub struct DatabaseSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RoleSpec {
     /// Role name.
+    #[schemars(length(min = 1, max = 63))]
     pub name: String,
 }
 
 /// Scheduled reset of a branch to its parent's head.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RefreshSpec {
-    /// Cron expression (5 fields).
+    /// Cron expression (5 fields, such as `0 2 * * *`).
+    #[schemars(length(max = 128))]
+    #[x_kube(validation = Rule::new(RULE_CRON).message(MSG_CRON))]
     pub schedule: String,
-    /// IANA time zone of the schedule; UTC when absent.
+    /// IANA time zone of the schedule (such as `Europe/Berlin`); UTC when
+    /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
     pub time_zone: Option<String>,
     /// Stop refreshing without removing the schedule.
     #[serde(default)]
@@ -173,7 +227,7 @@ pub struct RefreshSpec {
 }
 
 /// Observed state of a Branch.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BranchStatus {
     /// The generation of the spec this status describes.
@@ -181,6 +235,7 @@ pub struct BranchStatus {
     pub observed_generation: Option<i64>,
     /// `Ready`, `Reconciling` and `Stalled` conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
     /// A one-word summary: Pending, Creating, Ready, Suspended, Failed, Deleting.
     #[serde(default, skip_serializing_if = "Option::is_none")]

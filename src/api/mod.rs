@@ -3,16 +3,24 @@
 //! Doc comments on every field become `kubectl explain`. CRD YAML in `crds/`
 //! is generated from these types by `pgbranch crd`.
 
+// `#[kube(printcolumn(..), printcolumn(..))]` repeats keys such as `type_`
+// inside separate columns, which clippy mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 pub mod branch;
 pub mod common;
 pub mod conditions;
+pub mod names;
+#[allow(clippy::duplicated_attributes)]
 pub mod restore;
+#[allow(clippy::duplicated_attributes)]
 pub mod schedule;
+#[allow(clippy::duplicated_attributes)]
 pub mod snapshot;
 
 pub use branch::*;
 pub use common::*;
 pub use conditions::*;
+pub use names::*;
 pub use restore::*;
 pub use schedule::*;
 pub use snapshot::*;

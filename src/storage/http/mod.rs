@@ -1,1 +1,89 @@
 //! The storage trait over HTTP: an axum server and a reqwest client.
+//!
+//! The API is the [`Storage`](super::Storage) trait as JSON, under `/v1`:
+//!
+//! | method and path | trait call |
+//! | --- | --- |
+//! | `GET /healthz` (no auth) | liveness |
+//! | `GET /v1/info` | `info` |
+//! | `POST /v1/timelines` (body `CreateTimeline`) | `create_timeline` |
+//! | `GET /v1/timelines` | `list_timelines` |
+//! | `GET /v1/timelines/{id}` | `get_timeline` |
+//! | `DELETE /v1/timelines/{id}` (204) | `delete_timeline` |
+//! | `GET /v1/timelines/{id}/resolve?timestamp=RFC3339` | `resolve_point` |
+//! | `POST /v1/snapshots` (body `CreateSnapshot`) | `create_snapshot` |
+//! | `GET /v1/snapshots` | `list_snapshots` |
+//! | `GET /v1/snapshots/{id}` | `get_snapshot` |
+//! | `DELETE /v1/snapshots/{id}` (204) | `delete_snapshot` |
+//!
+//! Every `/v1` call needs `Authorization: Bearer <token>` when the server has
+//! a token. Errors are [`ErrorBody`] JSON with the status of
+//! [`status_of`]: the client turns them back into the same
+//! [`StorageError`] variant.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+use super::StorageError;
+
+pub use client::HttpStorage;
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    /// The [`StorageError`] variant (`NotFound`, `InvalidArgument`, ...).
+    pub code: String,
+    /// A sentence a person can act on.
+    pub message: String,
+    /// The full error, so a client can rebuild it exactly (e.g. the restore
+    /// window of an `InvalidPoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StorageError>,
+}
+
+impl ErrorBody {
+    pub fn from_error(e: &StorageError) -> Self {
+        ErrorBody {
+            code: e.reason_code().to_string(),
+            message: e.to_string(),
+            error: Some(e.clone()),
+        }
+    }
+}
+
+/// The HTTP status an error is answered with.
+pub fn status_of(e: &StorageError) -> ::http::StatusCode {
+    use ::http::StatusCode as S;
+    match e {
+        StorageError::NotFound { .. } => S::NOT_FOUND,
+        StorageError::InvalidArgument { .. } => S::BAD_REQUEST,
+        StorageError::InvalidPoint { .. } => S::UNPROCESSABLE_ENTITY,
+        StorageError::Conflict { .. } => S::CONFLICT,
+        StorageError::Busy { .. } => S::LOCKED,
+        StorageError::Unavailable { .. } => S::SERVICE_UNAVAILABLE,
+        StorageError::Unauthorized { .. } => S::UNAUTHORIZED,
+        StorageError::Internal { .. } => S::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The variant name of an error, as its JSON `code` tag spells it.
+trait ReasonCode {
+    fn reason_code(&self) -> &'static str;
+}
+
+impl ReasonCode for StorageError {
+    fn reason_code(&self) -> &'static str {
+        match self {
+            StorageError::NotFound { .. } => "NotFound",
+            StorageError::InvalidArgument { .. } => "InvalidArgument",
+            StorageError::InvalidPoint { .. } => "InvalidPoint",
+            StorageError::Conflict { .. } => "Conflict",
+            StorageError::Busy { .. } => "Busy",
+            StorageError::Unavailable { .. } => "Unavailable",
+            StorageError::Unauthorized { .. } => "Unauthorized",
+            StorageError::Internal { .. } => "Internal",
+        }
+    }
+}

@@ -1,10 +1,406 @@
 //! `pgbranch operator`: runs the controllers.
+//!
+//! One process per replica; the replicas elect a leader through a `Lease` in
+//! the operator's namespace and only the leader reconciles. `/healthz`,
+//! `/readyz` and Prometheus `/metrics` are served on `--metrics-addr`.
+//! SIGTERM/SIGINT stop the controllers gracefully (reconciles in flight
+//! finish) and release the Lease.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio_util::sync::CancellationToken;
 
 use super::CliError;
+use crate::compute::{ComputeConfig, VolumeSource, DEFAULT_IMAGE};
+use crate::controller::{self, ClusterDns, Config, Context, Metrics};
+use crate::storage::http::HttpStorage;
+use crate::storage::{Storage, StorageError};
 
 #[derive(Debug, clap::Args)]
-pub struct OperatorArgs {}
+pub struct OperatorArgs {
+    /// The storage layer: `embedded:/path` (in-process engine on a local
+    /// volume) or `http://host:port` (a `pgbranch storage serve`).
+    #[arg(long, env = "PGBRANCH_STORAGE")]
+    pub storage: String,
+    /// File holding the bearer token of the storage service.
+    #[arg(long, env = "PGBRANCH_STORAGE_TOKEN_FILE")]
+    pub storage_token_file: Option<std::path::PathBuf>,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "PGBRANCH_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// How computes are built.
+    #[command(flatten)]
+    pub compute: Box<ComputeFlags>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "PGBRANCH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease (turn off for a single local process).
+    #[arg(long, env = "PGBRANCH_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "PGBRANCH_LEASE_NAME", default_value = "pgbranch-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// This replica's identity (default: the pod name / host name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Seconds between full resyncs of every object (0: off).
+    #[arg(long, env = "PGBRANCH_RESYNC_SECONDS", default_value_t = 0)]
+    pub resync_seconds: u64,
+}
 
-pub async fn run(_args: OperatorArgs) -> Result<(), CliError> {
-    Err(CliError::Other("not implemented yet".into()))
+/// Flags of the computes the operator creates.
+#[derive(Debug, clap::Args)]
+pub struct ComputeFlags {
+    /// PostgreSQL image of computes whose Branch names none.
+    #[arg(long, env = "PGBRANCH_COMPUTE_IMAGE", default_value = DEFAULT_IMAGE)]
+    pub compute_image: String,
+    /// The storage volume as a PersistentVolumeClaim (in each branch's
+    /// namespace). Exclusive with --volume-host-path.
+    #[arg(long, env = "PGBRANCH_VOLUME_PVC", conflicts_with = "volume_host_path")]
+    pub volume_pvc: Option<String>,
+    /// The storage volume as a directory on the node.
+    #[arg(long, env = "PGBRANCH_VOLUME_HOST_PATH")]
+    pub volume_host_path: Option<String>,
+    /// Where computes mount the storage volume (the engine's compute root).
+    #[arg(
+        long,
+        env = "PGBRANCH_VOLUME_MOUNT_PATH",
+        default_value = "/var/lib/pgbranch"
+    )]
+    pub volume_mount_path: String,
+    /// uid (and gid) postgres runs as in computes; owns the data directories.
+    #[arg(long, env = "PGBRANCH_COMPUTE_UID", default_value_t = 999)]
+    pub compute_uid: i64,
+    /// Cluster DNS domain used in the `fqdn-*` Secret keys.
+    #[arg(long, env = "PGBRANCH_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
+impl OperatorArgs {
+    /// The controllers' configuration from the flags.
+    pub fn config(&self) -> Result<Config, CliError> {
+        let volume = match (&self.compute.volume_pvc, &self.compute.volume_host_path) {
+            (Some(pvc), None) => VolumeSource::Pvc(pvc.clone()),
+            (None, Some(path)) => VolumeSource::HostPath(path.clone()),
+            (None, None) => {
+                return Err(CliError::Usage(
+                    "give the storage volume computes mount: --volume-pvc NAME or --volume-host-path PATH".into(),
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(CliError::Usage(
+                    "--volume-pvc and --volume-host-path are exclusive".into(),
+                ))
+            }
+        };
+        if !self.compute.volume_mount_path.starts_with('/') {
+            return Err(CliError::Usage(format!(
+                "--volume-mount-path {:?} must be absolute",
+                self.compute.volume_mount_path
+            )));
+        }
+        Ok(Config {
+            namespace: self.namespace.clone(),
+            compute: ComputeConfig {
+                default_image: self.compute.compute_image.clone(),
+                volume,
+                mount_path: self.compute.volume_mount_path.clone(),
+                run_as_uid: self.compute.compute_uid,
+                cluster_domain: self.compute.cluster_domain.clone(),
+                default_resources: None,
+            },
+            resync_interval: (self.resync_seconds > 0)
+                .then(|| Duration::from_secs(self.resync_seconds)),
+            instance: Some(self.identity()),
+            ..Config::default()
+        })
+    }
+
+    fn identity(&self) -> String {
+        self.pod_name.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "pgbranch-operator".into())
+        })
+    }
+
+    fn lease_namespace(&self) -> String {
+        self.lease_namespace.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "default".into())
+        })
+    }
+}
+
+#[derive(Clone)]
+struct HealthState {
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(s): State<HealthState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics(State(s): State<HealthState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+/// The health and metrics router.
+pub fn health_router(metrics_: Metrics, ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(HealthState {
+            metrics: metrics_,
+            ready,
+        })
+}
+
+/// The storage layer named by `--storage`.
+// TODO(storage-http): switch to storage::http::connect_storage once merged.
+async fn connect_storage(
+    spec: &str,
+    token: Option<String>,
+) -> Result<Arc<dyn Storage>, StorageError> {
+    if spec.starts_with("http://") || spec.starts_with("https://") {
+        return Ok(Arc::new(HttpStorage::new(spec, token)?));
+    }
+    Err(StorageError::invalid(format!(
+        "storage {spec:?}: only http(s)://host:port is supported by this build"
+    )))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn termination() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
+    let config = args.config()?;
+    let token = match &args.storage_token_file {
+        Some(p) => Some(std::fs::read_to_string(p)?.trim().to_string()),
+        None => None,
+    };
+    let storage = connect_storage(&args.storage, token).await?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| CliError::Other(format!("cannot reach the Kubernetes API: {e}")))?;
+    let metrics_ = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr).await?;
+    tracing::info!(addr = %args.metrics_addr, "serving /healthz, /readyz, /metrics");
+    let router = health_router(metrics_.clone(), ready.clone());
+    let http_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            termination().await;
+            tracing::info!("termination signal received, shutting down");
+            stop.cancel();
+        });
+    }
+
+    // Leader election: reconcile only while holding the Lease.
+    let mut lease = None;
+    if args.leader_election {
+        let identity = args.identity();
+        let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+            .with_namespace(args.lease_namespace())
+            .with_identity(identity.clone())
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .map_err(|e| CliError::Other(format!("leader election: {e}")))?;
+        let (mut leader, task) = manager.watch().await;
+        tracing::info!(%identity, lease = %args.lease_name, "waiting to become the leader");
+        // Ready (for the Service/rollout) as soon as we take part in the election.
+        ready.store(true, Ordering::Relaxed);
+        loop {
+            if *leader.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                r = leader.changed() => if r.is_err() {
+                    return Err(CliError::Other("leader election stopped".into()));
+                },
+                _ = stop.cancelled() => {
+                    drop(leader);
+                    let _ = task.await;
+                    let _ = http.await;
+                    return Ok(());
+                }
+            }
+        }
+        tracing::info!(%identity, "became the leader");
+        lease = Some((leader, task));
+    } else {
+        ready.store(true, Ordering::Relaxed);
+    }
+
+    // Stop on a signal, or when the Lease is lost (another replica takes
+    // over; this process exits and restarts as a follower).
+    let lost = CancellationToken::new();
+    if let Some((leader, _)) = &mut lease {
+        let mut leader = leader.clone();
+        let lost = lost.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = leader.changed() => {
+                        if r.is_err() || !*leader.borrow_and_update() {
+                            tracing::error!("lost the leader Lease, stopping");
+                            lost.cancel();
+                            stop.cancel();
+                            return;
+                        }
+                    }
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+    let ctx = Context::new(client, storage, config, metrics_, Arc::new(ClusterDns));
+    let shutdown = {
+        let stop = stop.clone();
+        async move { stop.cancelled().await }
+    };
+    controller::run(ctx, shutdown).await;
+    tracing::info!("controllers stopped");
+    stop.cancel();
+    if let Some((leader, task)) = lease {
+        drop(leader);
+        match task.await {
+            Ok(Ok(_)) => tracing::info!("released the leader Lease"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the Lease"),
+            Err(e) => tracing::warn!(error = %e, "lease task failed"),
+        }
+    }
+    let _ = http.await;
+    if lost.is_cancelled() {
+        return Err(CliError::Other("lost leadership".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        args: OperatorArgs,
+    }
+
+    #[test]
+    fn flags_build_the_config() {
+        let t = T::try_parse_from([
+            "x",
+            "--storage",
+            "http://storage:7432",
+            "--volume-pvc",
+            "pgdata",
+            "--namespace",
+            "dev",
+            "--compute-image",
+            "postgres:16",
+        ])
+        .unwrap();
+        let c = t.args.config().unwrap();
+        assert_eq!(c.namespace.as_deref(), Some("dev"));
+        assert_eq!(c.compute.default_image, "postgres:16");
+        assert_eq!(c.compute.volume, VolumeSource::Pvc("pgdata".into()));
+        assert!(c.resync_interval.is_none());
+    }
+
+    #[test]
+    fn a_volume_is_required() {
+        let t = T::try_parse_from(["x", "--storage", "http://s:1"]).unwrap();
+        assert!(matches!(t.args.config(), Err(CliError::Usage(_))));
+    }
+
+    #[tokio::test]
+    async fn health_endpoints_answer() {
+        let m = Metrics::new();
+        m.reconciled("Branch", Duration::from_millis(3));
+        let ready = Arc::new(AtomicBool::new(false));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, health_router(m, ready.clone()))
+                .await
+                .unwrap()
+        });
+        let base = format!("http://{addr}");
+        let c = reqwest::Client::new();
+        let r = c.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let r = c.get(format!("{base}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        let body = c
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            body.contains("pgbranch_reconciles_total{kind=\"Branch\"} 1"),
+            "{body}"
+        );
+        server.abort();
+    }
 }

@@ -1,0 +1,500 @@
+//! An in-process Kubernetes API server for tests.
+//!
+//! The real [`kube::Client`] talks to it through its tower service (no
+//! sockets), so controllers built on `kube_runtime::Controller`, the
+//! finalizer helper, server-side apply, the event `Recorder` and
+//! `kube-lease-manager` run unchanged against it.
+//!
+//! # Use
+//!
+//! ```ignore
+//! mod support;
+//! use support::apiserver::{ApiServer, Failure};
+//!
+//! let server = ApiServer::new();                 // namespaces default, kube-system, ... exist
+//! server.install_crd(&pgbranch::api::Branch::crd()); // or create the CRD through the API
+//! server.create_namespace("team-a");
+//! let client: kube::Client = server.client();    // default namespace "default"
+//! // ... run controllers / make requests with `client` ...
+//! server.reset_counts();
+//! tokio::time::sleep(Duration::from_secs(2)).await;
+//! assert_eq!(server.write_count(), 0, "{:?}", server.writes());
+//! server.fail(Failure::new("patch", "branches").times(2).code(500));
+//! let mut changes = server.subscribe();          // every stored change, in order
+//! let served = server.serve().await;             // optional: 127.0.0.1:<port>, plain HTTP
+//! let config: kube::Config = served.config();    // or served.kubeconfig_yaml() for a binary
+//! ```
+//!
+//! Everything is in memory; an `ApiServer` is cheap, make one per test.
+//! `ApiServer` is `Clone` (all clones share one store). Request handling
+//! needs a tokio runtime (watches use timers); construction does not.
+//!
+//! # What it does
+//!
+//! * Kinds: core/v1 pods, services, secrets, configmaps, events,
+//!   namespaces, serviceaccounts, endpoints, persistentvolumeclaims;
+//!   apps/v1 deployments, statefulsets, replicasets; coordination.k8s.io/v1
+//!   leases; events.k8s.io/v1 events; apiextensions.k8s.io/v1
+//!   customresourcedefinitions. Creating a CRD (through the API or
+//!   [`ApiServer::install_crd`]) registers its kind: group, served versions,
+//!   scope, short names and the status subresource come from the CRD. The
+//!   CRD reports `Established` at once.
+//! * Metadata: `uid`, `creationTimestamp`, `resourceVersion` (one global
+//!   counter), `generation` (1 on create, +1 when anything outside
+//!   `metadata` — and outside `status` for kinds with a status subresource —
+//!   changes), `generateName`, `deletionTimestamp`.
+//! * Verbs: get; list (all namespaces too) with `labelSelector` (`=`, `==`,
+//!   `!=`, `in`, `notin`, exists, `!`) and `fieldSelector` (`=`, `==`, `!=`
+//!   on any dotted path, e.g. `metadata.name`, `metadata.namespace`);
+//!   create (409 AlreadyExists, 404 when the namespace is missing, 403 when
+//!   it is terminating, 422 on a missing/invalid name); update/PUT (409
+//!   Conflict on a stale `resourceVersion` or a different `uid`; without a
+//!   `resourceVersion` it is unconditional); delete with
+//!   `preconditions`, finalizers (sets `deletionTimestamp`, the object goes
+//!   once the last finalizer is removed; no new finalizers may be added
+//!   meanwhile: 422), `propagationPolicy` and owner-reference cascade;
+//!   deletecollection; `dryRun=All` on writes.
+//! * Patches: JSON patch (all six ops, `test` failures → 422 Invalid),
+//!   merge patch, strategic merge patch (treated as a merge patch: lists
+//!   are replaced, never merged by key; `$patch` directives are not
+//!   understood), server-side apply (below).
+//! * Status subresource: `/status` PUT/PATCH/apply change only `status`
+//!   (other changes in the body are ignored) and never bump `generation`;
+//!   the main endpoint ignores changes to `status`; `status` is dropped on
+//!   create.
+//! * Writes that change nothing are no-ops: no new `resourceVersion`, no
+//!   watch event (as on a real apiserver). They still count as write
+//!   *requests* in [`ApiServer::writes`]; [`ApiServer::mutation_count`]
+//!   counts real changes.
+//! * Watch: `?watch=true` streams JSON lines `ADDED`/`MODIFIED`/`DELETED`
+//!   filtered by namespace and selectors (an object that stops matching a
+//!   selector arrives as `DELETED`, one that starts matching as `ADDED`).
+//!   `resourceVersion` absent or `0` → synthetic `ADDED` for the current
+//!   state, then live; `resourceVersion=N` → replay of the history after N,
+//!   then live; N older than the retained history (see
+//!   [`ApiServer::compact_history`], [`ApiServer::set_history_limit`],
+//!   default 5000 changes) → an `ERROR` event carrying a 410 `Expired`
+//!   Status (as a real apiserver sends it), and the stream ends.
+//!   `allowWatchBookmarks=true` → a `BOOKMARK` every
+//!   [`ApiServer::set_bookmark_interval`] (default 1 s).
+//!   `sendInitialEvents=true` → `ADDED` for the current state then a
+//!   `BOOKMARK` annotated `k8s.io/initial-events-end`. `timeoutSeconds`
+//!   ends the stream.
+//! * Errors are `metav1.Status` JSON with code and reason: 400 BadRequest,
+//!   403 Forbidden, 404 NotFound, 409 AlreadyExists / Conflict, 410
+//!   Expired, 415 UnsupportedMediaType, 422 Invalid.
+//! * Discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/{g}`,
+//!   `/apis/{g}/{v}` (the legacy, non-aggregated form).
+//!
+//! # Server-side apply
+//!
+//! Each object keeps, out of band, which field manager owns which field
+//! (objects are walked; lists and scalars are whole fields) and what each
+//! manager applied last. An apply: creates the object when missing (201);
+//! 409 Conflict (reason `Conflict`, one `FieldManagerConflict` cause per
+//! field) when it would change a field another manager owns, unless
+//! `force=true`, which takes the fields over; removes fields this manager
+//! applied before and no longer applies, when no other manager owns them;
+//! merges the rest in. Creates, updates and patches make their manager
+//! (`fieldManager`, else the User-Agent's product) the sole owner of the
+//! fields they change. A `fieldManager` is required (422 without).
+//!
+//! # Where it differs from a real kube-apiserver
+//!
+//! * No authentication, authorization, admission (no webhooks, no
+//!   ValidatingAdmissionPolicy), no quotas, no rate limits.
+//! * No schema: CRD `openAPIV3Schema` is not validated, unknown fields are
+//!   not pruned, defaults are not applied, CEL `x-kubernetes-validations`
+//!   are not evaluated, built-in kinds are not validated either (any JSON
+//!   object with a valid name is accepted). No conversion between versions:
+//!   an object is stored once per group/resource and served at any version
+//!   of its kind with `apiVersion` rewritten. core/v1 and events.k8s.io/v1
+//!   events are separate stores (a real apiserver serves one store in
+//!   both shapes).
+//! * No `metadata.managedFields` in objects (ownership is kept out of
+//!   band); lists are atomic for apply (no `listType=map` merging by key, so
+//!   two managers cannot share one list, e.g. `status.conditions`); apply
+//!   conflicts are reported against managers by name only, not by
+//!   API version/operation.
+//! * Strategic merge patch = JSON merge patch.
+//! * Garbage collection runs synchronously inside the request that removes
+//!   an owner (a real one is asynchronous); dependents go when all their
+//!   owners are gone. `Foreground` is treated as `Background` (no
+//!   `foregroundDeletion` finalizer); `Orphan` strips the owner reference
+//!   from dependents right away. Namespace deletion deletes the contents and
+//!   removes the namespace once empty (no `kubernetes` spec finalizer).
+//! * No controllers: Deployments get no pods or status, Services no
+//!   endpoints, pods never run; tests play those parts themselves.
+//! * When the last finalizer is removed from a deleting object, watchers see
+//!   `DELETED` with the final object (finalizers empty).
+//! * list: `limit`/`continue` are ignored (everything in one page);
+//!   `resourceVersion`/`resourceVersionMatch` on list are ignored (always
+//!   the current state); `watch` history is bounded by count, not time.
+//! * Timestamps have second precision; `deletionGracePeriodSeconds` is
+//!   always 0; pods are removed at once (no graceful termination).
+//! * No protobuf, no table output (`kubectl get` printer columns), no
+//!   `/openapi`, no aggregated discovery, no `exec`/`logs`/`portforward`/
+//!   `scale`/`eviction`/`binding` subresources.
+
+mod patch;
+mod selector;
+mod server;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use server::Inner;
+
+/// What happened to a stored object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Created.
+    Added,
+    /// Changed (including getting a `deletionTimestamp`).
+    Modified,
+    /// Removed from the store.
+    Deleted,
+}
+
+/// One stored change, in `resourceVersion` order (see [`ApiServer::subscribe`]).
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The resourceVersion of this change.
+    pub resource_version: u64,
+    /// API group ("" for core).
+    pub group: String,
+    /// Resource plural, e.g. `configmaps`.
+    pub resource: String,
+    /// Namespace, `None` for cluster-scoped objects.
+    pub namespace: Option<String>,
+    /// Object name.
+    pub name: String,
+    /// The object after the change (the last state for `Deleted`).
+    pub object: Value,
+    /// The object before the change.
+    pub old: Option<Value>,
+}
+
+/// One request the server answered (see [`ApiServer::requests`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, `deletecollection`.
+    pub verb: String,
+    /// API group ("" for core).
+    pub group: String,
+    /// Resource plural.
+    pub resource: String,
+    /// `Some("status")` for the status subresource.
+    pub subresource: Option<String>,
+    /// Namespace in the path.
+    pub namespace: Option<String>,
+    /// Name in the path.
+    pub name: Option<String>,
+    /// HTTP status code answered.
+    pub code: u16,
+    /// Whether the answer was an injected failure.
+    pub injected: bool,
+}
+
+impl RequestRecord {
+    /// Whether the verb writes.
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self.verb.as_str(),
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        )
+    }
+}
+
+/// A failure to inject: the next `times` requests matching `verb` and
+/// `resource` (`"*"` matches anything) are answered with `code` and a
+/// `metav1.Status` (reason from the code: 409 Conflict, 500 InternalError,
+/// 503 ServiceUnavailable, ...) without touching the store.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    verb: String,
+    resource: String,
+    name: Option<String>,
+    pub(crate) remaining: usize,
+    pub(crate) code: u16,
+}
+
+impl Failure {
+    /// Fails the next matching request once with 500.
+    pub fn new(verb: &str, resource: &str) -> Self {
+        Self {
+            verb: verb.into(),
+            resource: resource.into(),
+            name: None,
+            remaining: 1,
+            code: 500,
+        }
+    }
+    /// How many matching requests fail.
+    pub fn times(mut self, n: usize) -> Self {
+        self.remaining = n;
+        self
+    }
+    /// The HTTP status code answered.
+    pub fn code(mut self, code: u16) -> Self {
+        self.code = code;
+        self
+    }
+    /// Only requests naming this object.
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+    pub(crate) fn matches(&self, r: &RequestRecord) -> bool {
+        self.remaining > 0
+            && (self.verb == "*" || self.verb == r.verb)
+            && (self.resource == "*" || self.resource == r.resource)
+            && (self.name.is_none() || self.name == r.name)
+    }
+}
+
+/// The in-process API server. Cheap to clone; clones share one store.
+#[derive(Clone)]
+pub struct ApiServer {
+    inner: Arc<Inner>,
+}
+
+impl Default for ApiServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiServer {
+    /// An empty server with the built-in kinds and the namespaces
+    /// `default`, `kube-system`, `kube-public` and `kube-node-lease`.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner::new()),
+        }
+    }
+
+    /// The HTTP service (an axum `Router`) answering the Kubernetes API.
+    pub fn router(&self) -> axum::Router {
+        axum::Router::new()
+            .fallback(server::handle)
+            .with_state(self.inner.clone())
+    }
+
+    /// A real `kube::Client` talking to this server in-process, default
+    /// namespace `default`.
+    pub fn client(&self) -> kube::Client {
+        self.client_in("default")
+    }
+
+    /// A real `kube::Client` whose default namespace is `namespace`.
+    pub fn client_in(&self, namespace: &str) -> kube::Client {
+        kube::Client::new(self.router(), namespace)
+    }
+
+    /// Registers a CRD (as `kubectl apply` of the CRD would). Installing
+    /// a CRD whose name already exists replaces the registration.
+    ///
+    /// # Panics
+    /// When the CRD is malformed (this is test support).
+    pub fn install_crd(&self, crd: &CustomResourceDefinition) {
+        let value = serde_json::to_value(crd).expect("a CRD serializes");
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        if self
+            .inner
+            .get_direct(
+                "apiextensions.k8s.io",
+                "customresourcedefinitions",
+                None,
+                &name,
+            )
+            .is_some()
+        {
+            let mut st = self.inner.lock();
+            st.delete_crd_direct(&self.inner.tx, &name);
+        }
+        self.inner
+            .create_direct(
+                "apiextensions.k8s.io",
+                "v1",
+                "customresourcedefinitions",
+                None,
+                value,
+            )
+            .expect("the CRD is valid");
+    }
+
+    /// Creates a namespace (no-op when it exists).
+    pub fn create_namespace(&self, name: &str) {
+        if self
+            .inner
+            .get_direct("", "namespaces", None, name)
+            .is_none()
+        {
+            self.inner
+                .create_direct(
+                    "",
+                    "v1",
+                    "namespaces",
+                    None,
+                    json!({"metadata": {"name": name}}),
+                )
+                .expect("a valid namespace name");
+        }
+    }
+
+    /// The stored object, read without a request (not counted).
+    pub fn object(
+        &self,
+        group: &str,
+        resource: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<Value> {
+        self.inner.get_direct(group, resource, namespace, name)
+    }
+
+    /// Every stored object of a resource, all namespaces (not counted).
+    pub fn objects(&self, group: &str, resource: &str) -> Vec<Value> {
+        self.inner.list_direct(group, resource)
+    }
+
+    /// The current (global) resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.inner.lock().current_rv()
+    }
+
+    /// Every request answered since the start or [`ApiServer::reset_counts`].
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.inner.lock().requests.clone()
+    }
+
+    /// The write requests (create, update, patch, delete, deletecollection)
+    /// since the start or [`ApiServer::reset_counts`], including no-op
+    /// writes and failed ones, excluding injected failures.
+    pub fn writes(&self) -> Vec<RequestRecord> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.is_write() && !r.injected)
+            .collect()
+    }
+
+    /// `writes().len()`.
+    pub fn write_count(&self) -> usize {
+        self.writes().len()
+    }
+
+    /// Write requests counted by (verb, resource), e.g.
+    /// `("patch", "branches/status")` — a subresource is appended to the
+    /// resource with a slash.
+    pub fn writes_by_verb(&self) -> BTreeMap<(String, String), usize> {
+        let mut out = BTreeMap::new();
+        for r in self.writes() {
+            let res = match &r.subresource {
+                Some(s) => format!("{}/{s}", r.resource),
+                None => r.resource.clone(),
+            };
+            *out.entry((r.verb, res)).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Stored changes (new resourceVersions) since the start or
+    /// [`ApiServer::reset_counts`]; no-op writes do not count.
+    pub fn mutation_count(&self) -> u64 {
+        self.inner.lock().mutations
+    }
+
+    /// Clears the request log and the mutation counter.
+    pub fn reset_counts(&self) {
+        let mut st = self.inner.lock();
+        st.requests.clear();
+        st.mutations = 0;
+    }
+
+    /// Every stored change from now on, in order. A receiver that falls
+    /// more than 16384 changes behind gets `Lagged`.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.inner.tx.subscribe()
+    }
+
+    /// Injects a failure (see [`Failure`]). Rules are checked in the order
+    /// they were added; a rule is dropped once used up.
+    pub fn fail(&self, failure: Failure) {
+        self.inner.lock().failures.push(failure);
+    }
+
+    /// Drops the watch history: a watch from any older resourceVersion
+    /// now gets 410 Expired.
+    pub fn compact_history(&self) {
+        self.inner.lock().compact();
+    }
+
+    /// How many changes the watch history keeps (default 5000).
+    pub fn set_history_limit(&self, n: usize) {
+        self.inner.lock().history_limit = n.max(1);
+    }
+
+    /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK
+    /// (default 1 s; applies to watches started afterwards).
+    pub fn set_bookmark_interval(&self, every: Duration) {
+        self.inner.lock().bookmark_interval = every;
+    }
+
+    /// Serves the API over plain HTTP on `127.0.0.1:<free port>` until the
+    /// returned [`Served`] is dropped — for running a real binary against
+    /// this server.
+    pub async fn serve(&self) -> Served {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("a bound address");
+        let router = self.router();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Served { addr, task }
+    }
+}
+
+/// The API served on a local port; stops serving when dropped.
+pub struct Served {
+    /// The bound address.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A client configuration for this server (namespace `default`).
+    pub fn config(&self) -> kube::Config {
+        kube::Config::new(self.url().parse().expect("a valid URL"))
+    }
+
+    /// A kubeconfig file's contents pointing at this server, for a binary
+    /// started with `KUBECONFIG=<file>`.
+    pub fn kubeconfig_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: pgbranch-test\n  cluster:\n    server: {}\nusers:\n- name: pgbranch-test\n  user: {{}}\ncontexts:\n- name: pgbranch-test\n  context:\n    cluster: pgbranch-test\n    user: pgbranch-test\n    namespace: default\ncurrent-context: pgbranch-test\n",
+            self.url()
+        )
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -252,6 +252,14 @@ pub struct BranchStatus {
     /// The parent's LSN this branch was copied at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_lsn: Option<String>,
+    /// The Branch that now holds the data this branch was copied from.
+    /// `spec.parent.branch` at first; after a restore replaced the parent's
+    /// data, the parent's backup branch (the spec itself never changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_branch: Option<String>,
+    /// The storage timeline this branch was copied from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_timeline_id: Option<String>,
     /// The current LSN, as last seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lsn: Option<String>,

@@ -166,7 +166,11 @@ pub fn json_patch(doc: &Value, patch: &Value) -> Result<Value, PatchError> {
             }
             "test" => {
                 let expected = value()?;
-                if get(&out, &tokens) != Some(&expected) {
+                // As in the apiserver's JSON patch library, a missing
+                // field tests equal to null (kube's finalizer helper
+                // relies on it).
+                let actual = get(&out, &tokens).unwrap_or(&Value::Null);
+                if *actual != expected {
                     return Err(PatchError::Apply(format!(
                         "testing value {path} failed: the value is not {expected}"
                     )));

@@ -5,7 +5,7 @@
 
 use std::fmt::Debug;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -14,117 +14,40 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::{Context, Error};
+use crate::api::conditions::set_health;
 use crate::api::{FIELD_MANAGER, READY, RECONCILING, STALLED};
 
-/// What a reconcile concluded about an object, turned into the three
-/// standard conditions by [`apply_outcome`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Work under way: Ready=False, Reconciling=True, Stalled=False.
-    Progressing { reason: String, message: String },
-    /// Done: Ready=True, Reconciling=False, Stalled=False.
-    Ready { reason: String, message: String },
-    /// A failure that will not fix itself: Ready=False, Reconciling=False,
-    /// Stalled=True.
-    Stalled { reason: String, message: String },
-}
+/// What a reconcile concluded about an object: the shared
+/// Ready/Reconciling/Stalled triple of [`crate::api::conditions`].
+pub use crate::api::conditions::Health as Outcome;
 
-impl Outcome {
-    pub fn progressing(reason: &str, message: impl Into<String>) -> Self {
-        Outcome::Progressing {
-            reason: reason.into(),
-            message: message.into(),
-        }
-    }
-    pub fn ready(reason: &str, message: impl Into<String>) -> Self {
-        Outcome::Ready {
-            reason: reason.into(),
-            message: message.into(),
-        }
-    }
-    pub fn stalled(reason: &str, message: impl Into<String>) -> Self {
-        Outcome::Stalled {
-            reason: reason.into(),
-            message: message.into(),
-        }
-    }
-    pub fn reason(&self) -> &str {
-        match self {
-            Outcome::Progressing { reason, .. }
-            | Outcome::Ready { reason, .. }
-            | Outcome::Stalled { reason, .. } => reason,
-        }
-    }
-    pub fn message(&self) -> &str {
-        match self {
-            Outcome::Progressing { message, .. }
-            | Outcome::Ready { message, .. }
-            | Outcome::Stalled { message, .. } => message,
-        }
+/// The reason of an outcome.
+pub fn reason_of(o: &Outcome) -> &str {
+    match o {
+        Outcome::Progressing { reason, .. }
+        | Outcome::Ready { reason, .. }
+        | Outcome::Stalled { reason, .. } => reason,
     }
 }
 
-/// Sets one condition: a new entry, or an update that keeps
-/// `lastTransitionTime` unless the status flips.
-pub fn set_condition(
-    conditions: &mut Vec<Condition>,
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: jiff::Timestamp,
-) {
-    let status = if status { "True" } else { "False" }.to_string();
-    match conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) => {
-            if c.status != status {
-                c.status = status;
-                c.last_transition_time = Time(now);
-            }
-            c.reason = reason.to_string();
-            c.message = message.to_string();
-            c.observed_generation = generation;
-        }
-        None => conditions.push(Condition {
-            type_: type_.to_string(),
-            status,
-            reason: reason.to_string(),
-            message: message.to_string(),
-            observed_generation: generation,
-            last_transition_time: Time(now),
-        }),
+/// The message of an outcome.
+pub fn message_of(o: &Outcome) -> &str {
+    match o {
+        Outcome::Progressing { message, .. }
+        | Outcome::Ready { message, .. }
+        | Outcome::Stalled { message, .. } => message,
     }
 }
 
-/// Sets Ready, Reconciling and Stalled from an outcome. The two conditions
-/// that are not the "active" one get the same reason, so `kubectl describe`
-/// tells one story.
+/// Sets Ready, Reconciling and Stalled from an outcome
+/// (`lastTransitionTime` moves only on flips).
 pub fn apply_outcome(
     conditions: &mut Vec<Condition>,
     outcome: &Outcome,
     generation: Option<i64>,
     now: jiff::Timestamp,
 ) {
-    let (ready, reconciling, stalled) = match outcome {
-        Outcome::Progressing { .. } => (false, true, false),
-        Outcome::Ready { .. } => (true, false, false),
-        Outcome::Stalled { .. } => (false, false, true),
-    };
-    let (reason, message) = (outcome.reason(), outcome.message());
-    set_condition(conditions, READY, ready, reason, message, generation, now);
-    set_condition(
-        conditions,
-        RECONCILING,
-        reconciling,
-        reason,
-        message,
-        generation,
-        now,
-    );
-    set_condition(
-        conditions, STALLED, stalled, reason, message, generation, now,
-    );
+    set_health(conditions, outcome, generation, now);
 }
 
 /// The status of a condition type, if present.
@@ -220,8 +143,8 @@ where
         };
         let ev = Event {
             type_,
-            reason: outcome.reason().to_string(),
-            note: Some(truncate(outcome.message(), 1000)),
+            reason: reason_of(outcome).to_string(),
+            note: Some(truncate(message_of(outcome), 1000)),
             action: match outcome {
                 Outcome::Progressing { .. } => "Reconciling",
                 Outcome::Ready { .. } => "Ready",
@@ -253,7 +176,7 @@ pub fn outcome_changed(old: &[Condition], outcome: &Outcome) -> bool {
         Outcome::Stalled { .. } => STALLED,
     };
     match condition(old, active) {
-        Some(c) => c.status != "True" || c.reason != outcome.reason(),
+        Some(c) => c.status != "True" || c.reason != reason_of(outcome),
         None => true,
     }
 }
@@ -296,15 +219,12 @@ mod tests {
             Some(1),
             t(20),
         );
-        assert_eq!(
-            condition(&c, READY).unwrap().last_transition_time,
-            Time(t(10))
-        );
+        assert_eq!(condition(&c, READY).unwrap().last_transition_time.0, t(10));
         assert_eq!(condition(&c, READY).unwrap().reason, "StartingCompute");
         apply_outcome(&mut c, &Outcome::ready("Ready", "ok"), Some(2), t(30));
         let ready = condition(&c, READY).unwrap();
         assert_eq!(ready.status, "True");
-        assert_eq!(ready.last_transition_time, Time(t(30)));
+        assert_eq!(ready.last_transition_time.0, t(30));
         assert_eq!(ready.observed_generation, Some(2));
         assert_eq!(condition(&c, RECONCILING).unwrap().status, "False");
         assert_eq!(c.len(), 3);

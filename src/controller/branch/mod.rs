@@ -173,7 +173,7 @@ async fn finish(
         Err(Error::Waiting(what)) => (progressing("Waiting", what, ctx.config.poll_interval), None),
         Err(e) => (
             Done {
-                outcome: Outcome::progressing(&e.reason(), e.to_string()),
+                outcome: Outcome::progressing(e.reason(), e.to_string()),
                 phase: status.phase.clone().map_or("Creating", |p| {
                     if p == "Deleting" {
                         "Deleting"

@@ -10,6 +10,8 @@
 pub mod apply;
 pub mod branch;
 pub mod metrics;
+pub mod restore;
+pub mod snapshot;
 pub mod status;
 
 use std::collections::HashMap;
@@ -48,6 +50,12 @@ pub struct Config {
     pub reporter: String,
     /// Instance reported in Events (the pod name).
     pub instance: Option<String>,
+    /// Most Snapshot objects holding a stored snapshot per namespace; one
+    /// more is Stalled `SnapshotQuotaExceeded` (default 10).
+    pub snapshot_quota: u32,
+    /// Test hook: stop the operator right after a restore records this
+    /// finalize step (see [`restore::FailPoint`]).
+    pub restore_fail_point: Option<restore::FailPoint>,
 }
 
 impl Default for Config {
@@ -61,6 +69,8 @@ impl Default for Config {
             poll_interval: Duration::from_secs(2),
             reporter: "pgbranch-operator".into(),
             instance: None,
+            snapshot_quota: 10,
+            restore_fail_point: None,
         }
     }
 }
@@ -270,7 +280,12 @@ where
 /// Starts every controller and runs until `shutdown` resolves (then lets
 /// reconciles in flight finish).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    branch::run(ctx, shutdown).await;
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    tokio::join!(
+        branch::run(ctx.clone(), shutdown.clone()),
+        snapshot::run(ctx.clone(), shutdown.clone()),
+        restore::run(ctx, shutdown),
+    );
 }
 
 #[cfg(test)]

@@ -123,7 +123,7 @@ pub fn branches(client: &Client) -> Api<Branch> {
     Api::namespaced(client.clone(), NS)
 }
 
-fn branch(name: &str, spec: BranchSpec) -> Branch {
+pub fn branch(name: &str, spec: BranchSpec) -> Branch {
     let mut b = Branch::new(name, spec);
     b.metadata.namespace = Some(NS.into());
     b
@@ -143,7 +143,7 @@ fn child(name: &str, parent: &str, lsn: Option<String>, timestamp: Option<String
     )
 }
 
-fn condition(b: &Branch, type_: &str) -> Option<(String, String, String)> {
+pub fn condition(b: &Branch, type_: &str) -> Option<(String, String, String)> {
     b.status
         .as_ref()?
         .conditions
@@ -193,7 +193,7 @@ pub async fn wait_stalled(client: &Client, name: &str, reason: &str) -> Branch {
     .await
 }
 
-async fn wait_gone(client: &Client, name: &str) {
+pub async fn wait_gone(client: &Client, name: &str) {
     let api = branches(client);
     let start = Instant::now();
     while api.get_opt(name).await.expect("get").is_some() {
@@ -202,7 +202,7 @@ async fn wait_gone(client: &Client, name: &str) {
     }
 }
 
-async fn secret_field(client: &Client, name: &str, key: &str) -> String {
+pub async fn secret_field(client: &Client, name: &str, key: &str) -> String {
     let api: Api<Secret> = Api::namespaced(client.clone(), NS);
     let s = api
         .get(name)
@@ -218,7 +218,7 @@ async fn secret_field(client: &Client, name: &str, key: &str) -> String {
 
 /// Connects to a branch "through its Service" with a Secret's credentials
 /// (or an explicit password).
-async fn connect(
+pub async fn connect(
     h: &Harness,
     service: &str,
     user: &str,
@@ -244,7 +244,7 @@ async fn connect(
     Ok(c)
 }
 
-async fn connect_app(h: &Harness, branch: &str) -> tokio_postgres::Client {
+pub async fn connect_app(h: &Harness, branch: &str) -> tokio_postgres::Client {
     let secret = format!("{branch}-app");
     let user = secret_field(&h.client, &secret, "user").await;
     let pw = secret_field(&h.client, &secret, "password").await;
@@ -254,7 +254,7 @@ async fn connect_app(h: &Harness, branch: &str) -> tokio_postgres::Client {
         .unwrap_or_else(|e| panic!("connect to {branch} as {user}: {e}"))
 }
 
-async fn ids(c: &tokio_postgres::Client) -> Vec<i32> {
+pub async fn ids(c: &tokio_postgres::Client) -> Vec<i32> {
     c.query("SELECT id FROM items ORDER BY id", &[])
         .await
         .expect("select")
@@ -263,7 +263,7 @@ async fn ids(c: &tokio_postgres::Client) -> Vec<i32> {
         .collect()
 }
 
-async fn assert_auth_fails(h: &Harness, service: &str, user: &str, password: &str, db: &str) {
+pub async fn assert_auth_fails(h: &Harness, service: &str, user: &str, password: &str, db: &str) {
     match connect(h, service, user, password, db).await {
         Ok(_) => panic!("{user} logged in to {service} with a password it must not accept"),
         Err(e) => assert_eq!(

@@ -2,9 +2,9 @@
 //! from the main reconcile so its call sites stay few.
 //!
 //! * **`spec.fromSnapshot`**: a branch whose data is a copy of a Snapshot
-//!   ([`snapshot_source`]); its SQL step may log in with the superuser
-//!   password of the snapshot's branch ([`snapshot_passwords`]), the one the
-//!   copied data holds.
+//!   ([`snapshot_source`]); its SQL step logs in with the superuser password
+//!   of the snapshot's branch (the one the copied data holds) and sets its
+//!   own.
 //! * **Adopting a timeline** (`pgbranch.dev/adopt-timeline: <id>`): a
 //!   restore's backup branch takes over the target's old timeline instead of
 //!   creating one ([`adopted_timeline`]). Honoured only on a Branch the
@@ -91,29 +91,6 @@ pub(super) async fn snapshot_source(
         )
     })?;
     Ok(Some(Ok(Source::Snapshot { snapshot })))
-}
-
-/// Passwords a `fromSnapshot` branch's data may still hold: the superuser
-/// password of the snapshot's branch.
-pub(super) async fn snapshot_passwords(
-    ctx: &Context,
-    branch: &Branch,
-) -> Result<Vec<String>, Error> {
-    let Some(name) = &branch.spec.from_snapshot else {
-        return Ok(vec![]);
-    };
-    let ns = branch.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(snap) = with_deadline(ctx, "read snapshot", api.get_opt(name)).await? else {
-        return Ok(vec![]);
-    };
-    let secret = crate::compute::superuser_secret_name(&snap.spec.branch);
-    Ok(
-        crate::controller::snapshot::secret_password(ctx, &ns, &secret)
-            .await?
-            .into_iter()
-            .collect(),
-    )
 }
 
 /// The timeline a restore's backup branch adopts, after checking that the

@@ -229,11 +229,13 @@ async fn reconcile_apply(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action, E
         Ok(d) => (d, None),
         Err(Error::Stalled { reason, message }) => {
             tracing::warn!(snapshot = %snap.name_any(), %reason, %message, "stalled");
-            let requeue = Action::requeue(if reason == "BranchNotFound" {
-                Duration::from_secs(30)
-            } else {
-                ctx.config.ready_requeue
-            });
+            let requeue = Action::requeue(
+                if reason == "BranchNotFound" || reason == "SnapshotQuotaExceeded" {
+                    Duration::from_secs(30)
+                } else {
+                    ctx.config.ready_requeue
+                },
+            );
             (
                 Done {
                     outcome: Outcome::stalled(reason, message),

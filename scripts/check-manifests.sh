@@ -145,9 +145,31 @@ if [ -n "$(ls crds/*.yaml 2>/dev/null)" ]; then
     offline "$PY" scripts/check_crd_objects.py crds argo/resource_customizations
 fi
 
+# --- image -----------------------------------------------------------------------
+# The storage engine's initdb (the image's PostgreSQL) and the computes'
+# default image must be the same major version, or computes cannot start on
+# the data directories.
+pg_major_consistent() {
+  local img chart kust
+  img="$(sed -n 's/^ARG PG_MAJOR=//p' Dockerfile)"
+  chart="$(sed -n 's/^  image: postgres:\([0-9]*\).*/\1/p' charts/pgbranch/values.yaml)"
+  kust="$(sed -n 's/.*--compute-image=postgres:\([0-9]*\).*/\1/p' config/manager/manager.yaml)"
+  echo "Dockerfile PG_MAJOR=$img, chart compute.image major=$chart, config/manager major=$kust"
+  [ -n "$img" ] && [ "$img" = "$chart" ] && [ "$img" = "$kust" ]
+}
+check "PostgreSQL major of the image matches the default compute image" pg_major_consistent
+image_runs_pgbranch() {
+  grep -q -- '--bin pgbranch' Dockerfile && grep -q '^ENTRYPOINT \["pgbranch"\]' Dockerfile &&
+    grep -q 'name = "pgbranch"' Cargo.toml
+}
+check "Dockerfile builds and runs the pgbranch binary" image_runs_pgbranch
+
 # --- Argo CD health checks ------------------------------------------------------
 check "Argo CD health.lua pass their test data (lua5.1)" \
   offline "$PY" scripts/check_argo_health.py argo/resource_customizations
+
+check "docs/argocd.md argocd-cm snippet matches the health.lua files" \
+  offline "$PY" scripts/argocd_cm_snippet.py --check docs/argocd.md
 
 echo "check-manifests: $passed passed, $failed failed"
 if [ "$failed" -ne 0 ]; then

@@ -179,14 +179,18 @@ fn refresh_rules() {
 fn branch_names_leave_room_for_suffixes() {
     let max = "a".repeat(MAX_BRANCH_NAME_LEN);
     let over = "a".repeat(MAX_BRANCH_NAME_LEN + 1);
+    // Names the apiserver lets through to the rules: DNS-1123 subdomains
+    // (it rejects uppercase, '_', and a leading or trailing '-' itself).
     let cases = [
         ("prod", true),
         ("dev-2", true),
+        ("a", true),
         (max.as_str(), true),
         (over.as_str(), false),
         ("2dev", false),
-        ("dev-", false),
+        ("0", false),
         ("dev.preview", false),
+        ("dev.2", false),
     ];
     for (name, ok) in cases {
         let b: Branch = obj("Branch", name, json!({}));
@@ -202,7 +206,9 @@ fn branch_names_leave_room_for_suffixes() {
     let b: Branch = obj("Branch", &over, json!({}));
     assert_rejected(b.validate_cel(), "at most 44 characters");
     let b: Branch = obj("Branch", "dev.preview", json!({}));
-    assert_rejected(b.validate_cel(), "lowercase letters, digits and '-'");
+    assert_rejected(b.validate_cel(), "cannot contain '.'");
+    let b: Branch = obj("Branch", "2dev", json!({}));
+    assert_rejected(b.validate_cel(), "must start with a letter");
 }
 
 #[test]

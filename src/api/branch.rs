@@ -23,8 +23,14 @@ use super::common::*;
     category = "pgbranch",
     cel,
     doc = "A writable copy of a PostgreSQL database: a root database, or a copy of a parent Branch at its head, an LSN or a timestamp. Its Service `<name>` and Secret `<name>-app` are the stable way to connect. The name is a DNS label of at most 44 characters (room for the suffixes the operator adds).",
-    validation = Rule::new("self.metadata.name.size() <= 44").message("Branch names are at most 44 characters (room for the -old-<yyyymmddhhmmss> and -<timeline> suffixes)").reason(Reason::FieldValueInvalid),
-    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("Branch names must consist of lowercase letters, digits and '-', start with a letter and end with a letter or digit (they become Service names)"),
+    // metadata.name is already a DNS-1123 subdomain (lowercase letters,
+    // digits, '-' and '.', starting and ending with a letter or digit); these
+    // make it a DNS-1035 label (a Service name) that leaves room for the
+    // suffixes. The apiserver does not bound metadata.name for its CEL cost
+    // estimate, so these stay cheap: no long regex.
+    validation = Rule::new("self.metadata.name.size() <= 44").message("Branch names are at most 44 characters (room for the -old-<yyyymmddhhmmss> and -<timeline> suffixes)"),
+    validation = Rule::new("!self.metadata.name.contains('.')").message("Branch names cannot contain '.': they become Service names (DNS labels)"),
+    validation = Rule::new("!self.metadata.name.matches('^[0-9]')").message("Branch names must start with a letter: they become Service names (DNS labels)"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Parent", type_ = "string", json_path = ".spec.parent.branch"),

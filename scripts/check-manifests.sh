@@ -45,6 +45,23 @@ check() {
   rm -f "$log"
 }
 offline() { "${OFFLINE[@]}" "$@"; }
+# check_or_skip NAME COMMAND...: like check, but exit code 77 prints SKIP.
+check_or_skip() {
+  local name="$1" rc
+  shift
+  local log
+  log="$(mktemp)"
+  "$@" >"$log" 2>&1
+  rc=$?
+  if [ $rc -eq 77 ]; then
+    echo "SKIP $name"
+    sed 's/^/    /' "$log"
+    rm -f "$log"
+    return 0
+  fi
+  rm -f "$log"
+  check "$name" "$@"
+}
 
 tools_present() {
   local ok=0
@@ -137,6 +154,16 @@ if [ -s "$OUT/chart-defaults.yaml" ] && [ -s "$OUT/kustomize-default.yaml" ]; th
     offline "$PY" scripts/manifest_checks.py rbac-match "$OUT/chart-defaults.yaml" "$OUT/kustomize-default.yaml"
 fi
 
+# The flags the manifests pass exist in the binary they run (built by
+# `cargo test` / `cargo build`; skipped when there is no binary yet).
+BIN=target/debug/pgbranch
+if [ -x "$BIN" ]; then
+  check_or_skip "chart and config/ pass only flags that pgbranch accepts ($BIN)" \
+    offline "$PY" scripts/manifest_checks.py flags-exist "$BIN" "$OUT"/chart-*.yaml "$OUT/kustomize-default.yaml"
+else
+  echo "SKIP flags check: $BIN not built (cargo build)"
+fi
+
 # --- custom resources against our CRDs ------------------------------------------
 if [ -n "$(ls crds/*.yaml 2>/dev/null)" ]; then
   check "config/samples validate against the CRDs' openAPIV3Schema (strict)" \
@@ -144,6 +171,22 @@ if [ -n "$(ls crds/*.yaml 2>/dev/null)" ]; then
   check "Argo CD health test data validate against the CRDs' openAPIV3Schema" \
     offline "$PY" scripts/check_crd_objects.py crds argo/resource_customizations
 fi
+
+# --- the checkers themselves refuse known-bad input ---------------------------------
+fixtures_refused() {
+  local rc=0 f=tests/manifest-fixtures
+  if offline "$PY" scripts/check_crd_objects.py crds "$f/bad-sample.yaml" >/dev/null 2>&1; then
+    echo "check_crd_objects.py accepted $f/bad-sample.yaml"; rc=1
+  fi
+  if offline "$PY" scripts/manifest_checks.py pod-security "$f/insecure-deployment.yaml" >/dev/null 2>&1; then
+    echo "pod-security accepted $f/insecure-deployment.yaml"; rc=1
+  fi
+  if offline .venv/bin/kubernetes-validate --strict --quiet -k 1.36.0 "$f/insecure-deployment.yaml" >/dev/null 2>&1; then
+    echo "kubernetes-validate --strict accepted $f/insecure-deployment.yaml"; rc=1
+  fi
+  return $rc
+}
+check "checkers refuse the known-bad fixtures (tests/manifest-fixtures)" fixtures_refused
 
 # --- image -----------------------------------------------------------------------
 # The storage engine's initdb (the image's PostgreSQL) and the computes'

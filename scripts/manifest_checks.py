@@ -10,6 +10,10 @@
   manifest_checks.py rbac-match RENDERED_A RENDERED_B
       The operator's ClusterRole/Role rules are the same in both (the chart
       and the kustomize config grant the same permissions).
+  manifest_checks.py flags-exist BINARY RENDERED...
+      Every `--flag` the manifests pass to `pgbranch <subcommand>` is a flag
+      that subcommand of BINARY accepts (from its --help). Exit 77 (skip)
+      when a subcommand is not implemented in BINARY yet.
   manifest_checks.py pod-security RENDERED...
       Every pod template meets PodSecurity `restricted` (hostPath volumes are
       reported: only the single-node hostPath mode uses them, and it needs a
@@ -133,8 +137,59 @@ def pod_security(paths):
     return errors
 
 
+SKIP = 77
+
+
+def flags_exist(binary, paths):
+    import re
+    import subprocess
+    errors, skipped, checked = [], [], 0
+    helps = {}
+    for path in paths:
+        for d in load(path):
+            if d.get("kind") not in POD_KINDS:
+                continue
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                if c.get("command") != ["pgbranch"]:
+                    continue
+                args = c.get("args") or []
+                sub = []
+                for a in args:
+                    if a.startswith("-"):
+                        break
+                    sub.append(a)
+                key = " ".join(sub)
+                if key not in helps:
+                    p = subprocess.run([binary, *sub, "--help"], capture_output=True, text=True, check=False)
+                    flags = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", p.stdout)) - {"--help", "--version"}
+                    helps[key] = flags if p.returncode == 0 and flags else None
+                if helps[key] is None:
+                    skipped.append("`pgbranch %s` defines no flags in %s yet" % (key, binary))
+                    continue
+                for a in args[len(sub):]:
+                    if not a.startswith("--"):
+                        continue
+                    flag = a.split("=", 1)[0]
+                    checked += 1
+                    if flag not in helps[key]:
+                        errors.append("%s %s/%s: `pgbranch %s` has no flag %s"
+                                      % (path, d["kind"], d["metadata"]["name"], key, flag))
+    for s_ in sorted(set(skipped)):
+        print("  skip: " + s_)
+    if not errors:
+        print("  %d flags checked against %s" % (checked, binary))
+    if skipped and not errors and checked == 0:
+        return errors, SKIP
+    return errors, 0
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "flags-exist":
+        errors, code = flags_exist(args[0], args[1:])
+        for e in errors:
+            print("  " + e)
+        return 1 if errors else code
     errors = {
         "crds-match": lambda: crds_match(*args),
         "no-crds": lambda: no_crds(*args),

@@ -22,6 +22,7 @@ use super::common::*;
     shortname = "pgbranch",
     category = "pgbranch",
     cel,
+    selectable = ".spec.parent.branch",
     doc = "A writable copy of a PostgreSQL database: a root database, or a copy of a parent Branch at its head, an LSN or a timestamp. Its Service `<name>` and Secret `<name>-app` are the stable way to connect. The name is a DNS label of at most 44 characters (room for the suffixes the operator adds).",
     // metadata.name is already a DNS-1123 subdomain (lowercase letters,
     // digits, '-' and '.', starting and ending with a letter or digit); these

@@ -14,6 +14,7 @@ pub mod names;
 pub mod restore;
 #[allow(clippy::duplicated_attributes)]
 pub mod schedule;
+pub mod schema;
 #[allow(clippy::duplicated_attributes)]
 pub mod snapshot;
 
@@ -23,6 +24,7 @@ pub use conditions::*;
 pub use names::*;
 pub use restore::*;
 pub use schedule::*;
+pub use schema::{admit, crd_schema, crds, AdmitError};
 pub use snapshot::*;
 
 /// The API group.

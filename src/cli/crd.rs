@@ -10,10 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 
 use super::CliError;
-use crate::api::{Branch, Snapshot, SnapshotRestore, SnapshotSchedule};
 
 /// The command that regenerates the checked-in CRDs.
 pub const REGENERATE_COMMAND: &str = "cargo run -- crd --out-dir crds";
@@ -34,15 +32,7 @@ pub struct CrdArgs {
     pub check: Option<PathBuf>,
 }
 
-/// Every CRD of the operator, in a fixed order.
-pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![
-        Branch::crd(),
-        Snapshot::crd(),
-        SnapshotRestore::crd(),
-        SnapshotSchedule::crd(),
-    ]
-}
+pub use crate::api::crds;
 
 /// One CRD as a YAML document (with the generated-file header).
 pub fn render(crd: &CustomResourceDefinition) -> Result<String, CliError> {

@@ -55,7 +55,7 @@ end
 local observed = obj.status.observedGeneration
 if generation ~= nil and (observed == nil or observed < generation) then
   hs.status = "Progressing"
-  hs.message = string.format("Waiting for the operator to observe generation %d", generation)
+  hs.message = "Waiting for the operator to observe generation " .. tostring(generation)
   return hs
 end
 
@@ -71,7 +71,7 @@ local reconciling = condition("Reconciling")
 -- A condition written for an older generation says nothing about this one.
 if ready ~= nil and generation ~= nil and ready.observedGeneration ~= nil and ready.observedGeneration < generation then
   hs.status = "Progressing"
-  hs.message = string.format("Waiting for the operator to observe generation %d", generation)
+  hs.message = "Waiting for the operator to observe generation " .. tostring(generation)
   return hs
 end
 

@@ -643,3 +643,77 @@ async fn injected_failures_and_write_counts() {
     );
     assert_eq!(server.requests().len(), 4);
 }
+
+#[tokio::test]
+async fn custom_resources_need_a_resource_version_to_replace_and_go_with_their_crd() {
+    let server = ApiServer::new();
+    server.install_crd(&Widget::crd());
+    let client = server.client();
+    let widgets: Api<Widget> = Api::namespaced(client.clone(), "default");
+    widgets
+        .create(&PostParams::default(), &widget("w", 1))
+        .await
+        .unwrap();
+
+    // unconditional update: refused for custom resources (allowed for configmaps)
+    let blind = widget("w", 2);
+    let err = widgets
+        .replace("w", &PostParams::default(), &blind)
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(err), (422, "Invalid".into()));
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("c", &[]))
+        .await
+        .unwrap();
+    cms.replace("c", &PostParams::default(), &cm("c", &[("blind", "ok")]))
+        .await
+        .unwrap();
+
+    // deleting the CRD deletes its objects and the kind
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    let crd = crds.get("widgets.test.pgbranch.dev").await.unwrap();
+    let established = crd.status.unwrap().conditions.unwrap_or_default();
+    assert!(established
+        .iter()
+        .any(|c| c.type_ == "Established" && c.status == "True"));
+    crds.delete("widgets.test.pgbranch.dev", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(server.objects("test.pgbranch.dev", "widgets").is_empty());
+    assert_eq!(
+        api_code(widgets.list(&ListParams::default()).await.unwrap_err()).0,
+        404
+    );
+}
+
+#[tokio::test]
+async fn metadata_only_get_list_and_watch() {
+    use futures::StreamExt;
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    cms.create(&PostParams::default(), &cm("m", &[("app", "x")]))
+        .await
+        .unwrap();
+    let meta = cms.get_metadata("m").await.unwrap();
+    assert_eq!(meta.labels().get("app").map(String::as_str), Some("x"));
+    let list = cms.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    let metas: Api<kube::core::PartialObjectMeta<ConfigMap>> =
+        Api::namespaced(server.client(), "default");
+    let stream = kube::runtime::watcher(metas, kube::runtime::watcher::Config::default());
+    let mut stream = Box::pin(stream);
+    let mut names = Vec::new();
+    while let Some(ev) = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+    {
+        if let kube::runtime::watcher::Event::InitApply(o) = ev.unwrap() {
+            names.push(o.name_any());
+        } else if !names.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(names, ["m"]);
+}

@@ -301,3 +301,36 @@ async fn subscribe_sees_every_stored_change() {
     assert_eq!(d.kind, ChangeKind::Deleted);
     assert!(d.resource_version > a.resource_version);
 }
+
+#[tokio::test]
+async fn runtime_watcher_with_streaming_lists() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    cms.create(&PostParams::default(), &cm("streamed", &[]))
+        .await
+        .unwrap();
+    let mut events = watcher(cms.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut seen = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .expect("watcher event")
+            .expect("no watcher error")
+            .expect("stream open");
+        match ev {
+            watcher::Event::InitApply(o) => seen.push(o.name_any()),
+            watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(seen, ["streamed"]);
+    cms.create(&PostParams::default(), &cm("later", &[]))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev, watcher::Event::Apply(o) if o.name_any() == "later"));
+}

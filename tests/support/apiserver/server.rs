@@ -27,6 +27,8 @@ pub(crate) struct ResourceType {
     pub namespaced: bool,
     pub status: bool,
     pub short_names: Vec<String>,
+    /// Registered from a CRD (custom resources refuse unconditional PUTs).
+    pub crd: bool,
 }
 
 impl ResourceType {
@@ -48,6 +50,7 @@ impl ResourceType {
             namespaced,
             status,
             short_names: short.iter().map(|s| s.to_string()).collect(),
+            crd: false,
         }
     }
 
@@ -636,6 +639,7 @@ impl State {
             namespaced,
             status,
             short_names,
+            crd: true,
         };
         self.types
             .retain(|t| !(t.group == rt.group && t.plural == rt.plural));
@@ -1205,6 +1209,33 @@ impl State {
             return Ok((false, marked));
         }
         self.remove_object(tx, key, obj.clone());
+        if rt.is_crd() {
+            // Deleting a CRD deletes every object of its kind, then the kind.
+            let group = obj
+                .pointer("/spec/group")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let plural = obj
+                .pointer("/spec/names/plural")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let instances: Vec<Key> = self
+                .objects
+                .keys()
+                .filter(|k| k.group == group && k.plural == plural)
+                .cloned()
+                .collect();
+            for k in instances {
+                if let Some(s) = self.objects.get(&k) {
+                    let last = s.obj.clone();
+                    self.remove_object(tx, &k, last);
+                }
+            }
+            self.types
+                .retain(|t| !(t.group == group && t.plural == plural));
+        }
         Ok((true, obj))
     }
 
@@ -1385,6 +1416,24 @@ fn check_type_meta(obj: &Value, rt: &ResourceType) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// The `meta.k8s.io/v1` PartialObjectMetadata(List) form of an object or
+/// list, as served for `Accept: ...;as=PartialObjectMetadata...`.
+fn partial_metadata(body: Value) -> Value {
+    let one = |o: &Value| {
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": o.get("metadata").cloned().unwrap_or(json!({}))})
+    };
+    match body.get("kind").and_then(Value::as_str) {
+        Some("Status") => body,
+        Some(k) if k.ends_with("List") && body.get("items").is_some() => json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+            "metadata": body.get("metadata").cloned().unwrap_or(json!({})),
+            "items": body["items"].as_array().map(|a| a.iter().map(one).collect::<Vec<_>>()).unwrap_or_default(),
+        }),
+        _ => one(&body),
+    }
 }
 
 fn with_version(mut obj: Value, rt: &ResourceType, version: &str) -> Value {
@@ -1682,6 +1731,13 @@ pub(crate) async fn handle(
         .unwrap_or("unknown")
         .to_string();
 
+    let accept = parts
+        .headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let meta_only = accept.contains("as=PartialObjectMetadata");
     let mut st = inner.lock();
     // Failure injection and the request log.
     let mut record = RequestRecord {
@@ -1782,7 +1838,7 @@ pub(crate) async fn handle(
                 }
             };
             st.requests.push(record);
-            return start_watch(&inner, st, rt, t.version.clone(), filter, &q);
+            return start_watch(&inner, st, rt, t.version.clone(), filter, &q, meta_only);
         }
         "create" => parse_body().and_then(|b| {
             st.create(&tx, &rt, &t.version, t.ns.as_deref(), b, &manager, dry_run)
@@ -1790,6 +1846,13 @@ pub(crate) async fn handle(
         }),
         "update" => parse_body().and_then(|b| {
             let name = t.name.clone().unwrap_or_default();
+            if rt.crd && meta_str(&b, "resourceVersion").is_none_or(str::is_empty) {
+                return Err(ApiError::invalid(
+                    &rt,
+                    &name,
+                    "metadata.resourceVersion: Invalid value: 0: must be specified for an update",
+                ));
+            }
             st.write_existing(
                 &tx,
                 &rt,
@@ -1905,7 +1968,11 @@ pub(crate) async fn handle(
         Ok((code, body)) => {
             record.code = code;
             st.requests.push(record);
-            respond(code, &body)
+            if meta_only {
+                respond(code, &partial_metadata(body))
+            } else {
+                respond(code, &body)
+            }
         }
         Err(e) => {
             record.code = e.code;
@@ -1916,6 +1983,7 @@ pub(crate) async fn handle(
 }
 
 struct WatchState {
+    meta_only: bool,
     initial: VecDeque<Bytes>,
     rx: broadcast::Receiver<Arc<Change>>,
     filter: Filter,
@@ -1925,6 +1993,14 @@ struct WatchState {
     bookmarks: Option<tokio::time::Interval>,
     deadline: tokio::time::Instant,
     done: bool,
+}
+
+fn shape(obj: Value, meta_only: bool) -> Value {
+    if meta_only {
+        partial_metadata(obj)
+    } else {
+        obj
+    }
 }
 
 fn bookmark(rt: &ResourceType, version: &str, rv: u64, initial_end: bool) -> Bytes {
@@ -1945,6 +2021,7 @@ fn start_watch(
     version: String,
     filter: Filter,
     q: &HashMap<String, String>,
+    meta_only: bool,
 ) -> Response {
     let rv_param = q.get("resourceVersion").cloned().unwrap_or_default();
     let send_initial = q.get("sendInitialEvents").is_some_and(|s| s == "true");
@@ -1959,7 +2036,10 @@ fn start_watch(
     if send_initial || rv_param.is_empty() || rv_param == "0" {
         for (k, s) in st.objects.iter() {
             if filter.key_matches(&k.group, &k.plural, Some(&k.ns)) && filter.matches(&s.obj) {
-                initial.push_back(line("ADDED", &with_version(s.obj.clone(), &rt, &version)));
+                initial.push_back(line(
+                    "ADDED",
+                    &shape(with_version(s.obj.clone(), &rt, &version), meta_only),
+                ));
             }
         }
         if send_initial && allow_bookmarks {
@@ -1984,8 +2064,10 @@ fn start_watch(
             Ok(n) => {
                 for c in st.history.iter().filter(|c| c.resource_version > n) {
                     if let Some(kind) = filter.translate(c) {
-                        initial
-                            .push_back(line(kind, &with_version(c.object.clone(), &rt, &version)));
+                        initial.push_back(line(
+                            kind,
+                            &shape(with_version(c.object.clone(), &rt, &version), meta_only),
+                        ));
                     }
                 }
             }
@@ -1993,6 +2075,7 @@ fn start_watch(
     }
     let interval = st.bookmark_interval;
     let state = WatchState {
+        meta_only,
         initial,
         rx: inner.tx.subscribe(),
         filter,
@@ -2031,7 +2114,7 @@ fn start_watch(
                     Ok(c) => {
                         s.last_rv = c.resource_version;
                         if let Some(kind) = s.filter.translate(&c) {
-                            let b = line(kind, &with_version(c.object.clone(), &s.rt, &s.version));
+                            let b = line(kind, &shape(with_version(c.object.clone(), &s.rt, &s.version), s.meta_only));
                             return Some((Ok(b), s));
                         }
                     }

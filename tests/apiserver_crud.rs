@@ -717,3 +717,53 @@ async fn metadata_only_get_list_and_watch() {
     }
     assert_eq!(names, ["m"]);
 }
+
+#[tokio::test]
+async fn foreground_deletion_waits_for_dependents() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let pp = PostParams::default();
+    let owner = cms.create(&pp, &cm("fg-owner", &[])).await.unwrap();
+    let mut dep = Secret::default();
+    dep.metadata.name = Some("fg-dep".into());
+    dep.metadata.owner_references = Some(vec![owner.controller_owner_ref(&()).unwrap()]);
+    dep.metadata.finalizers = Some(vec!["test/hold".into()]);
+    secrets.create(&pp, &dep).await.unwrap();
+
+    cms.delete("fg-owner", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let waiting = cms.get("fg-owner").await.unwrap();
+    assert!(waiting.metadata.deletion_timestamp.is_some());
+    assert!(waiting
+        .finalizers()
+        .contains(&"foregroundDeletion".to_string()));
+    assert!(secrets
+        .get("fg-dep")
+        .await
+        .unwrap()
+        .metadata
+        .deletion_timestamp
+        .is_some());
+
+    // releasing the dependent lets the owner go
+    secrets
+        .patch(
+            "fg-dep",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(api_code(secrets.get("fg-dep").await.unwrap_err()).0, 404);
+    assert_eq!(api_code(cms.get("fg-owner").await.unwrap_err()).0, 404);
+
+    // without dependents, foreground deletion is immediate
+    cms.create(&pp, &cm("alone", &[])).await.unwrap();
+    cms.delete("alone", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    assert_eq!(api_code(cms.get("alone").await.unwrap_err()).0, 404);
+}

@@ -49,7 +49,8 @@
 //!   create (409 AlreadyExists, 404 when the namespace is missing, 403 when
 //!   it is terminating, 422 on a missing/invalid name); update/PUT (409
 //!   Conflict on a stale `resourceVersion` or a different `uid`; without a
-//!   `resourceVersion` it is unconditional); delete with
+//!   `resourceVersion` it is unconditional for built-in kinds and 422 for
+//!   custom resources, as on a real apiserver); delete with
 //!   `preconditions`, finalizers (sets `deletionTimestamp`, the object goes
 //!   once the last finalizer is removed; no new finalizers may be added
 //!   meanwhile: 422), `propagationPolicy` and owner-reference cascade;
@@ -83,6 +84,10 @@
 //! * Errors are `metav1.Status` JSON with code and reason: 400 BadRequest,
 //!   403 Forbidden, 404 NotFound, 409 AlreadyExists / Conflict, 410
 //!   Expired, 415 UnsupportedMediaType, 422 Invalid.
+//! * Deleting a CRD deletes every object of its kind, then the kind.
+//! * Metadata-only requests (`Accept: ...;as=PartialObjectMetadata[List]`,
+//!   i.e. `Api<PartialObjectMeta<K>>`, `get_metadata`, `list_metadata`,
+//!   metadata watches) answer `meta.k8s.io/v1` PartialObjectMetadata.
 //! * Discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/{g}`,
 //!   `/apis/{g}/{v}` (the legacy, non-aggregated form).
 //!
@@ -118,11 +123,18 @@
 //!   API version/operation.
 //! * Strategic merge patch = JSON merge patch.
 //! * Garbage collection runs synchronously inside the request that removes
-//!   an owner (a real one is asynchronous); dependents go when all their
-//!   owners are gone. `Foreground` is treated as `Background` (no
-//!   `foregroundDeletion` finalizer); `Orphan` strips the owner reference
-//!   from dependents right away. Namespace deletion deletes the contents and
-//!   removes the namespace once empty (no `kubernetes` spec finalizer).
+//!   an owner (a real one is asynchronous, so a test sees dependents gone
+//!   sooner than on a cluster); dependents go when all their owners are
+//!   gone. It only reacts to removals: a dependent created with an owner
+//!   reference to a UID that never existed stays (a real GC deletes it).
+//!   `Foreground` marks the owner with the `foregroundDeletion` finalizer,
+//!   deletes the dependents and removes the owner once none is left — every
+//!   dependent blocks, `blockOwnerDeletion` is not consulted. `Orphan`
+//!   strips the owner reference from dependents right away (no `orphan`
+//!   finalizer). Namespace deletion deletes the contents and removes the
+//!   namespace once empty (no `kubernetes` spec finalizer).
+//! * `metadata.generation` is kept on every kind (a real apiserver keeps
+//!   it only where the kind's strategy does, e.g. not on ConfigMaps).
 //! * No controllers: Deployments get no pods or status, Services no
 //!   endpoints, pods never run; tests play those parts themselves.
 //! * When the last finalizer is removed from a deleting object, watchers see

@@ -279,6 +279,8 @@ fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
     }
 }
 
+const FOREGROUND: &str = "foregroundDeletion";
+
 fn finalizers(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/finalizers")
         .and_then(Value::as_array)
@@ -1082,6 +1084,7 @@ impl State {
                 let _ = self.delete_object(tx, &dep, "Background", None, false);
             }
         }
+        self.finish_foreground(tx);
         // A terminating namespace goes away once it is empty.
         if !key.ns.is_empty()
             && self.namespace_state(&key.ns) == Some(true)
@@ -1097,6 +1100,46 @@ impl State {
                 let last = s.obj.clone();
                 self.remove_object(tx, &ns_key, last);
             }
+        }
+    }
+
+    /// Drops the `foregroundDeletion` finalizer of owners whose
+    /// dependents are all gone (which removes them if nothing else holds).
+    fn finish_foreground(&mut self, tx: &broadcast::Sender<Arc<Change>>) {
+        let live_owner_refs: BTreeSet<String> = self
+            .objects
+            .values()
+            .flat_map(|s| owner_uids(&s.obj))
+            .collect();
+        let done: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, s)| {
+                s.obj.pointer("/metadata/deletionTimestamp").is_some()
+                    && finalizers(&s.obj).iter().any(|f| f == FOREGROUND)
+                    && !meta_str(&s.obj, "uid").is_some_and(|u| live_owner_refs.contains(u))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in done {
+            let (Some(rt), Some(s)) = (self.type_of(&k), self.objects.get(&k)) else {
+                continue;
+            };
+            let mut n = s.obj.clone();
+            let fins: Vec<String> = finalizers(&n)
+                .into_iter()
+                .filter(|f| f != FOREGROUND)
+                .collect();
+            n["metadata"]["finalizers"] = json!(fins);
+            let _ = self.write_existing(
+                tx,
+                &rt,
+                &k,
+                n,
+                None,
+                Ownership::Update("garbage-collector".into()),
+                false,
+            );
         }
     }
 
@@ -1192,6 +1235,54 @@ impl State {
                 return Ok((true, marked));
             }
             return Ok((false, marked));
+        }
+        let has_dependents = self
+            .objects
+            .values()
+            .any(|s| owner_uids(&s.obj).contains(&uid));
+        if policy == "Foreground" && has_dependents {
+            // The owner waits, marked and held by `foregroundDeletion`,
+            // until its dependents are gone.
+            let mut marked = obj.clone();
+            let mut fins = finalizers(&obj);
+            if !fins.iter().any(|f| f == FOREGROUND) {
+                fins.push(FOREGROUND.into());
+            }
+            marked["metadata"]["finalizers"] = json!(fins);
+            if marked.pointer("/metadata/deletionTimestamp").is_none() {
+                marked["metadata"]["deletionTimestamp"] = json!(now_ts());
+                marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+            }
+            if marked != obj {
+                let rv = self.next_rv();
+                marked["metadata"]["resourceVersion"] = json!(rv.to_string());
+                if let Some(s) = self.objects.get_mut(key) {
+                    s.obj = marked.clone();
+                }
+                self.emit(
+                    tx,
+                    ChangeKind::Modified,
+                    key,
+                    Some(obj.clone()),
+                    marked.clone(),
+                    rv,
+                );
+            }
+            let deps: Vec<Key> = self
+                .objects
+                .iter()
+                .filter(|(_, s)| owner_uids(&s.obj).contains(&uid))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for dep in deps {
+                let _ = self.delete_object(tx, &dep, "Foreground", None, false);
+            }
+            self.finish_foreground(tx);
+            let current = self.objects.get(key).map(|s| s.obj.clone());
+            return Ok(match current {
+                Some(o) => (false, o),
+                None => (true, marked),
+            });
         }
         if !finalizers(&obj).is_empty() {
             if obj.pointer("/metadata/deletionTimestamp").is_some() {

@@ -334,3 +334,36 @@ async fn runtime_watcher_with_streaming_lists() {
         .unwrap();
     assert!(matches!(ev, watcher::Event::Apply(o) if o.name_any() == "later"));
 }
+
+#[tokio::test]
+async fn wait_for_wakes_on_changes() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let waiter = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .wait_for(
+                    "",
+                    "configmaps",
+                    Some("default"),
+                    "awaited",
+                    Duration::from_secs(5),
+                    |o| o.is_some_and(|o| o["data"]["k"] == "ready"),
+                )
+                .await
+        })
+    };
+    cms.create(&PostParams::default(), &cm("awaited", &[]))
+        .await
+        .unwrap();
+    cms.patch(
+        "awaited",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"k": "ready"}})),
+    )
+    .await
+    .unwrap();
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!(got["data"]["k"], "ready");
+}

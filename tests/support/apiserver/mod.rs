@@ -21,9 +21,17 @@
 //! assert_eq!(server.write_count(), 0, "{:?}", server.writes());
 //! server.fail(Failure::new("patch", "branches").times(2).code(500));
 //! let mut changes = server.subscribe();          // every stored change, in order
+//! let cm = server.wait_for("", "configmaps", Some("default"), "x",
+//!     Duration::from_secs(10), |o| o.is_some()).await;  // poll-free waiting
 //! let served = server.serve().await;             // optional: 127.0.0.1:<port>, plain HTTP
 //! let config: kube::Config = served.config();    // or served.kubeconfig_yaml() for a binary
 //! ```
+//!
+//! `kube::Client::try_from(served.config())` builds kube's TLS stack, and
+//! this crate compiles two rustls crypto providers (ring via kube,
+//! aws-lc-rs via reqwest): a process must install one
+//! (`CryptoProvider::install_default`) before that, or it panics. The
+//! in-process [`ApiServer::client`] needs none.
 //!
 //! Everything is in memory; an `ApiServer` is cheap, make one per test.
 //! `ApiServer` is `Clone` (all clones share one store). Request handling
@@ -377,6 +385,37 @@ impl ApiServer {
     /// Every stored object of a resource, all namespaces (not counted).
     pub fn objects(&self, group: &str, resource: &str) -> Vec<Value> {
         self.inner.list_direct(group, resource)
+    }
+
+    /// Waits until the stored object (`None` when absent) satisfies
+    /// `pred`, checking now and after every stored change; returns the
+    /// object, or panics after `timeout` (this is test support).
+    pub async fn wait_for(
+        &self,
+        group: &str,
+        resource: &str,
+        namespace: Option<&str>,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(Option<&Value>) -> bool,
+    ) -> Option<Value> {
+        let mut changes = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = self.object(group, resource, namespace, name);
+            if pred(current.as_ref()) {
+                return current;
+            }
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    panic!("the API server went away while waiting for {resource}/{name}")
+                }
+                Err(_) => panic!(
+                    "timed out after {timeout:?} waiting for {resource} {namespace:?}/{name}; last state: {current:?}"
+                ),
+            }
+        }
     }
 
     /// The current (global) resourceVersion.

@@ -767,3 +767,57 @@ async fn foreground_deletion_waits_for_dependents() {
         .unwrap();
     assert_eq!(api_code(cms.get("alone").await.unwrap_err()).0, 404);
 }
+
+#[tokio::test]
+async fn dry_run_delete_collection_and_racing_writers() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let would = cms.create(&dry, &cm("dry", &[])).await.unwrap();
+    assert_eq!(would.name_any(), "dry");
+    assert!(
+        cms.get_opt("dry").await.unwrap().is_none(),
+        "dry run stores nothing"
+    );
+
+    let pp = PostParams::default();
+    for n in ["r1", "r2", "keep"] {
+        let labels: &[(&str, &str)] = if n == "keep" { &[] } else { &[("race", "yes")] };
+        cms.create(&pp, &cm(n, labels)).await.unwrap();
+    }
+
+    // two writers race on one resourceVersion: exactly one wins
+    let base = cms.get("r1").await.unwrap();
+    let mut results = Vec::new();
+    let mut handles = Vec::new();
+    for v in ["a", "b"] {
+        let cms = cms.clone();
+        let mut mine = base.clone();
+        mine.data = Some(BTreeMap::from([("k".to_string(), v.to_string())]));
+        handles.push(tokio::spawn(async move {
+            cms.replace("r1", &PostParams::default(), &mine).await
+        }));
+    }
+    for h in handles {
+        results.push(h.await.unwrap());
+    }
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    let loser = results.into_iter().find_map(Result::err).unwrap();
+    assert_eq!(api_code(loser), (409, "Conflict".into()));
+
+    let gone = cms
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("race=yes"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&gone.left().unwrap().items), ["r1", "r2"]);
+    assert_eq!(
+        names(&cms.list(&ListParams::default()).await.unwrap().items),
+        ["keep"]
+    );
+}

@@ -116,14 +116,26 @@
 //!
 //! * No authentication, authorization, admission (no webhooks, no
 //!   ValidatingAdmissionPolicy), no quotas, no rate limits.
-//! * No schema: CRD `openAPIV3Schema` is not validated, unknown fields are
-//!   not pruned, defaults are not applied, CEL `x-kubernetes-validations`
-//!   are not evaluated, built-in kinds are not validated either (any JSON
-//!   object with a valid name is accepted). No conversion between versions:
-//!   an object is stored once per group/resource and served at any version
-//!   of its kind with `apiVersion` rewritten. core/v1 and events.k8s.io/v1
-//!   events are separate stores (a real apiserver serves one store in
-//!   both shapes).
+//! * CRD schemas: covered are dropping nulls of non-nullable fields,
+//!   pruning unknown fields (`x-kubernetes-preserve-unknown-fields` and
+//!   embedded resources respected), `default`s, `type`, `required`,
+//!   `enum`, `minimum`/`maximum`, `minLength`/`maxLength`,
+//!   `minItems`/`maxItems`, `maxProperties`, `nullable`,
+//!   `x-kubernetes-int-or-string`, and the CEL `x-kubernetes-validations`
+//!   (transition rules with `oldSelf` included) through kube's client-side
+//!   CEL engine (which refuses, fail-closed, the few CEL functions it lacks;
+//!   it does not estimate rule cost, so a CRD a real apiserver refuses for
+//!   cost is accepted here). Not covered: `pattern`, `format`,
+//!   `oneOf`/`anyOf`/`allOf`/`not`, `uniqueItems`, `x-kubernetes-list-type`
+//!   uniqueness, `messageExpression` evaluation details, validation
+//!   ratcheting of unchanged fields, and metadata validation beyond the
+//!   name. Built-in kinds are not validated at all (any JSON object with a
+//!   valid name is accepted). [`ApiServer::set_schema_validation`] turns the
+//!   pass off.
+//! * No conversion between versions: an object is stored once per
+//!   group/resource and served at any version of its kind with
+//!   `apiVersion` rewritten. core/v1 and events.k8s.io/v1 events are
+//!   separate stores (a real apiserver serves one store in both shapes).
 //! * No `metadata.managedFields` in objects (ownership is kept out of
 //!   band); lists are atomic for apply (no `listType=map` merging by key, so
 //!   two managers cannot share one list, e.g. `status.conditions`); apply
@@ -157,6 +169,7 @@
 //!   `scale`/`eviction`/`binding` subresources.
 
 mod patch;
+mod schema;
 mod selector;
 mod server;
 
@@ -492,6 +505,12 @@ impl ApiServer {
     /// How many changes the watch history keeps (default 5000).
     pub fn set_history_limit(&self, n: usize) {
         self.inner.lock().history_limit = n.max(1);
+    }
+
+    /// Turns the CRD schema pass (pruning, defaulting, structural checks,
+    /// CEL rules) on writes of custom resources on or off (default on).
+    pub fn set_schema_validation(&self, on: bool) {
+        self.inner.lock().validate_schemas = on;
     }
 
     /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK

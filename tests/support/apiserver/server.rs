@@ -29,6 +29,8 @@ pub(crate) struct ResourceType {
     pub short_names: Vec<String>,
     /// Registered from a CRD (custom resources refuse unconditional PUTs).
     pub crd: bool,
+    /// The CRD's `openAPIV3Schema` per version.
+    pub schemas: Map<String, Value>,
 }
 
 impl ResourceType {
@@ -51,6 +53,7 @@ impl ResourceType {
             status,
             short_names: short.iter().map(|s| s.to_string()).collect(),
             crd: false,
+            schemas: Map::new(),
         }
     }
 
@@ -425,6 +428,7 @@ pub(crate) struct State {
     pub(crate) failures: Vec<Failure>,
     pub(crate) mutations: u64,
     pub(crate) bookmark_interval: Duration,
+    pub(crate) validate_schemas: bool,
 }
 
 pub(crate) struct Inner {
@@ -447,6 +451,7 @@ impl Inner {
                 failures: Vec::new(),
                 mutations: 0,
                 bookmark_interval: Duration::from_secs(1),
+                validate_schemas: true,
             }),
             tx,
         };
@@ -546,6 +551,45 @@ impl State {
         }
     }
 
+    /// Schema pruning, defaulting and validation (CEL included) of a
+    /// custom resource, as the apiserver does on every write.
+    fn admit_obj(
+        &self,
+        rt: &ResourceType,
+        obj: Value,
+        old: Option<&Value>,
+    ) -> Result<Value, ApiError> {
+        if !rt.crd || !self.validate_schemas {
+            return Ok(obj);
+        }
+        let version = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .and_then(|av| av.rsplit('/').next())
+            .unwrap_or("")
+            .to_string();
+        let Some(schema) = rt
+            .schemas
+            .get(&version)
+            .or_else(|| rt.schemas.values().next())
+        else {
+            return Ok(obj);
+        };
+        super::schema::admit(schema, &obj, old).map_err(|causes| {
+            let name = meta_str(&obj, "name").unwrap_or("").to_string();
+            let list: Vec<String> = causes.iter().map(|c| c.message.clone()).collect();
+            ApiError {
+                code: 422,
+                reason: "Invalid",
+                message: format!("{}.{} {name:?} is invalid: [{}]", rt.kind, rt.group, list.join(", ")),
+                details: Some(json!({
+                    "name": name, "group": rt.group, "kind": rt.kind,
+                    "causes": causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect::<Vec<_>>(),
+                })),
+            }
+        })
+    }
+
     fn find_type(&self, group: &str, version: &str, plural: &str) -> Option<ResourceType> {
         self.types
             .iter()
@@ -642,6 +686,7 @@ impl State {
             status,
             short_names,
             crd: true,
+            schemas: super::schema::schemas_of(crd),
         };
         self.types
             .retain(|t| !(t.group == rt.group && t.plural == rt.plural));
@@ -809,6 +854,7 @@ impl State {
                         .filter_map(|v| v.get("name").cloned()).collect::<Vec<_>>()).unwrap_or_default(),
             });
         }
+        *obj = self.admit_obj(rt, obj.clone(), None)?;
         if dry_run {
             return Ok(obj.clone());
         }
@@ -981,6 +1027,7 @@ impl State {
                 }
             }
         }
+        let mut new = self.admit_obj(rt, new, Some(&old))?;
         let cur = self.objects.get(key).cloned().unwrap_or_default();
         let (owners, applied) = match ownership {
             Ownership::Update(manager) => {

@@ -144,6 +144,24 @@ pub(crate) fn builtin_types() -> Vec<ResourceType> {
             &["ev"],
         ),
         b(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicies",
+            "ValidatingAdmissionPolicy",
+            false,
+            true,
+            &[],
+        ),
+        b(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicybindings",
+            "ValidatingAdmissionPolicyBinding",
+            false,
+            false,
+            &[],
+        ),
+        b(
             "apiextensions.k8s.io",
             "v1",
             "customresourcedefinitions",
@@ -590,6 +608,79 @@ impl State {
         })
     }
 
+    /// ValidatingAdmissionPolicies with a `Deny` binding, for one request.
+    #[allow(clippy::too_many_arguments)]
+    fn vap_check(
+        &self,
+        rt: &ResourceType,
+        operation: &str,
+        key: &Key,
+        sub: Option<&str>,
+        object: Option<&Value>,
+        old_object: Option<&Value>,
+        dry_run: bool,
+    ) -> Result<(), ApiError> {
+        const GROUP: &str = "admissionregistration.k8s.io";
+        let bindings: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| k.group == GROUP && k.plural == "validatingadmissionpolicybindings")
+            .map(|(_, s)| s.obj.clone())
+            .collect();
+        if bindings.is_empty() {
+            return Ok(());
+        }
+        let version = object
+            .or(old_object)
+            .and_then(|o| o.get("apiVersion"))
+            .and_then(Value::as_str)
+            .and_then(|av| av.rsplit('/').next())
+            .map(String::from)
+            .unwrap_or_else(|| rt.versions[0].clone());
+        let resource = match sub {
+            Some(sub) => format!("{}/{sub}", rt.plural),
+            None => rt.plural.clone(),
+        };
+        let ns_obj = (!key.ns.is_empty())
+            .then(|| {
+                self.objects.get(&Key {
+                    group: String::new(),
+                    plural: "namespaces".into(),
+                    ns: String::new(),
+                    name: key.ns.clone(),
+                })
+            })
+            .flatten()
+            .map(|s| s.obj.clone());
+        let attrs = super::admission::Attributes {
+            operation,
+            group: &rt.group,
+            version: &version,
+            kind: &rt.kind,
+            resource: &resource,
+            namespace: &key.ns,
+            name: &key.name,
+            object,
+            old_object,
+            namespace_object: ns_obj.as_ref(),
+            dry_run,
+        };
+        let lookup = |name: &str| {
+            self.objects
+                .get(&Key {
+                    group: GROUP.into(),
+                    plural: "validatingadmissionpolicies".into(),
+                    ns: String::new(),
+                    name: name.into(),
+                })
+                .map(|s| s.obj.clone())
+        };
+        super::admission::check(&bindings, lookup, &attrs).map_err(|d| ApiError {
+            details: Some(json!({"name": key.name, "group": rt.group, "kind": rt.plural})),
+            ..ApiError::new(d.code, d.reason, d.message)
+        })
+    }
+
     fn find_type(&self, group: &str, version: &str, plural: &str) -> Option<ResourceType> {
         self.types
             .iter()
@@ -855,6 +946,7 @@ impl State {
             });
         }
         *obj = self.admit_obj(rt, obj.clone(), None)?;
+        self.vap_check(rt, "CREATE", &key, None, Some(obj), None, dry_run)?;
         if dry_run {
             return Ok(obj.clone());
         }
@@ -1028,6 +1120,7 @@ impl State {
             }
         }
         let mut new = self.admit_obj(rt, new, Some(&old))?;
+        self.vap_check(rt, "UPDATE", key, sub, Some(&new), Some(&old), dry_run)?;
         let cur = self.objects.get(key).cloned().unwrap_or_default();
         let (owners, applied) = match ownership {
             Ownership::Update(manager) => {
@@ -1218,6 +1311,7 @@ impl State {
                 }
             }
         }
+        self.vap_check(&rt, "DELETE", key, None, None, Some(&obj), dry_run)?;
         if dry_run {
             return Ok((finalizers(&obj).is_empty(), obj));
         }

@@ -198,3 +198,73 @@ async fn create_update_policy_with_match_conditions_selectors_and_actions() {
     assert_eq!(status_of(err).0, 422);
     assert_eq!(policed.get("small").await.unwrap().data.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn manifests_create_crds_and_policies_from_yaml() {
+    let server = ApiServer::new();
+    let manifest = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: from-yaml
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: first
+  namespace: from-yaml
+data:
+  k: v
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: no-deletes
+spec:
+  matchConstraints:
+    resourceRules:
+      - apiGroups: [""]
+        apiVersions: ["*"]
+        operations: ["DELETE"]
+        resources: ["configmaps"]
+  validations:
+    - expression: "false"
+      message: "nothing is deleted here"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: no-deletes
+spec:
+  policyName: no-deletes
+  validationActions: ["Deny"]
+"#;
+    let created = server.create_manifests(manifest).unwrap();
+    assert_eq!(created.len(), 4);
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "from-yaml");
+    assert_eq!(cms.get("first").await.unwrap().data.unwrap()["k"], "v");
+    let (code, _, message) = status_of(
+        cms.delete("first", &DeleteParams::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert!(message.contains("nothing is deleted here"));
+
+    let err = server
+        .create_manifests("apiVersion: v1\nkind: Nonsense\nmetadata: {name: x}\n")
+        .unwrap_err();
+    assert!(err.contains("unknown kind"), "{err}");
+    // the CRDs of the crate install from their YAML form too
+    let crd_yaml =
+        serde_yaml::to_string(&<pgbranch::api::Branch as kube::CustomResourceExt>::crd()).unwrap();
+    server.create_manifests(&crd_yaml).unwrap();
+    assert!(server
+        .object(
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            None,
+            "branches.pgbranch.dev"
+        )
+        .is_some());
+}

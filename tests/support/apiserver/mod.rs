@@ -14,6 +14,7 @@
 //! let server = ApiServer::new();                 // namespaces default, kube-system, ... exist
 //! server.install_crd(&pgbranch::api::Branch::crd()); // or create the CRD through the API
 //! server.create_namespace("team-a");
+//! server.create_manifests(include_str!("../../config/admission/protected-branch.yaml"))?;
 //! let client: kube::Client = server.client();    // default namespace "default"
 //! // ... run controllers / make requests with `client` ...
 //! server.reset_counts();
@@ -384,6 +385,27 @@ impl ApiServer {
                 value,
             )
             .expect("the CRD is valid");
+    }
+
+    /// Creates every object of a (multi-document) YAML or JSON manifest, in
+    /// order, as `kubectl create -f` would: CRDs, policies, namespaces,
+    /// anything of a known kind. Namespaced objects without a namespace go
+    /// to `default`. Not counted as requests. Returns the stored objects.
+    ///
+    /// # Errors
+    /// The first document that does not parse or is refused (with the
+    /// Status message), after the earlier ones were created.
+    pub fn create_manifests(&self, yaml: &str) -> Result<Vec<Value>, String> {
+        use serde::Deserialize;
+        let mut out = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let v = Value::deserialize(doc).map_err(|e| format!("parsing the manifest: {e}"))?;
+            if v.is_null() {
+                continue;
+            }
+            out.push(self.inner.create_by_kind(v, "default")?);
+        }
+        Ok(out)
     }
 
     /// Creates a namespace (no-op when it exists).

@@ -492,6 +492,46 @@ impl Inner {
         }
     }
 
+    /// Creates an object named by its own apiVersion/kind (namespace from
+    /// its metadata, else `default_ns` for namespaced kinds), without going
+    /// through HTTP (not counted as a request).
+    pub(crate) fn create_by_kind(&self, obj: Value, default_ns: &str) -> Result<Value, String> {
+        let api_version = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .ok_or("apiVersion is required")?;
+        let kind = obj
+            .get("kind")
+            .and_then(Value::as_str)
+            .ok_or("kind is required")?;
+        let (group, version) = match api_version.split_once('/') {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (String::new(), api_version.to_string()),
+        };
+        let mut st = self.lock();
+        let rt = st
+            .types
+            .iter()
+            .find(|t| t.group == group && t.kind == kind && t.versions.contains(&version))
+            .cloned()
+            .ok_or_else(|| format!("unknown kind {kind} in {api_version}"))?;
+        let ns = rt.namespaced.then(|| {
+            meta_str(&obj, "namespace")
+                .unwrap_or(default_ns)
+                .to_string()
+        });
+        st.create(
+            &self.tx,
+            &rt,
+            &version,
+            ns.as_deref(),
+            obj,
+            "pgbranch-test-support",
+            false,
+        )
+        .map_err(|e| e.message)
+    }
+
     /// Creates an object without going through HTTP (not counted as a request).
     pub(crate) fn create_direct(
         &self,

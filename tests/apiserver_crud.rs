@@ -821,3 +821,72 @@ async fn dry_run_delete_collection_and_racing_writers() {
         ["keep"]
     );
 }
+
+#[tokio::test]
+async fn secrets_fold_string_data_and_services_get_cluster_ips() {
+    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+    use k8s_openapi::ByteString;
+    let server = ApiServer::new();
+    let client = server.client();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let mut s = Secret::default();
+    s.metadata.name = Some("creds".into());
+    s.string_data = Some(BTreeMap::from([(
+        "password".to_string(),
+        "hunter2".to_string(),
+    )]));
+    let created = secrets.create(&PostParams::default(), &s).await.unwrap();
+    assert!(created.string_data.is_none());
+    assert_eq!(
+        created.data.unwrap()["password"],
+        ByteString(b"hunter2".to_vec())
+    );
+    assert_eq!(created.type_.as_deref(), Some("Opaque"));
+    // applying the same stringData again changes nothing
+    let cfg = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"password": "hunter2"}});
+    let rv = secrets.get("creds").await.unwrap().resource_version();
+    let again = secrets
+        .patch(
+            "creds",
+            &PatchParams::apply("op").force(),
+            &Patch::Apply(&cfg),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.resource_version(), rv);
+
+    let services: Api<Service> = Api::namespaced(client, "default");
+    let svc = Service {
+        metadata: kube::api::ObjectMeta {
+            name: Some("db".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([("app".to_string(), "db".to_string())])),
+            ports: Some(vec![ServicePort {
+                port: 5432,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let created = services.create(&PostParams::default(), &svc).await.unwrap();
+    let spec = created.spec.unwrap();
+    let ip = spec.cluster_ip.clone().unwrap();
+    assert!(ip.starts_with("10.96."), "{ip}");
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    let port = &spec.ports.unwrap()[0];
+    assert_eq!(port.protocol.as_deref(), Some("TCP"));
+    assert!(port.target_port.is_some());
+    // an update without clusterIP keeps it
+    let updated = services
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"clusterIP": null, "selector": {"app": "db2"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.spec.unwrap().cluster_ip, Some(ip));
+}

@@ -176,6 +176,15 @@
 //!   namespace once empty (no `kubernetes` spec finalizer).
 //! * `metadata.generation` is kept on every kind (a real apiserver keeps
 //!   it only where the kind's strategy does, e.g. not on ConfigMaps).
+//! * Built-in defaulting is limited to Secrets (`stringData` folded into
+//!   base64 `data`, `type: Opaque`) and Services (`type: ClusterIP`, an
+//!   allocated `clusterIP` kept across updates, port `protocol: TCP`,
+//!   `targetPort` = `port`). Deployments, StatefulSets, Pods and the rest
+//!   get none of the defaults a real apiserver fills in (strategy,
+//!   `revisionHistoryLimit`, `restartPolicy`, `terminationMessagePath`,
+//!   ...): a controller that compares such objects field by field with its
+//!   desired state looks calm here and churns on a cluster — use
+//!   server-side apply, or compare only the fields you set.
 //! * No controllers: Deployments get no pods or status, Services no
 //!   endpoints, pods never run; tests play those parts themselves.
 //! * When the last finalizer is removed from a deleting object, watchers see

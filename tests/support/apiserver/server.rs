@@ -617,6 +617,11 @@ impl State {
         obj: Value,
         old: Option<&Value>,
     ) -> Result<Value, ApiError> {
+        let obj = if rt.group.is_empty() {
+            builtin_defaults(&rt.plural, obj, old, self.rv + 1)
+        } else {
+            obj
+        };
         if !rt.crd || !self.validate_schemas {
             return Ok(obj);
         }
@@ -1659,6 +1664,68 @@ impl State {
         )?;
         Ok((200, obj))
     }
+}
+
+/// The few built-in defaults and conversions a real apiserver applies that
+/// controllers notice: Secret `stringData` folded into base64 `data` and
+/// `type: Opaque`; Service `type: ClusterIP`, an allocated (or kept)
+/// `clusterIP`, port `protocol: TCP` and `targetPort` = `port`.
+fn builtin_defaults(plural: &str, mut obj: Value, old: Option<&Value>, serial: u64) -> Value {
+    use base64::Engine;
+    match plural {
+        "secrets" => {
+            let string_data = obj.as_object_mut().and_then(|m| m.remove("stringData"));
+            if let Some(Value::Object(sd)) = string_data {
+                if !obj.get("data").is_some_and(Value::is_object) {
+                    obj["data"] = json!({});
+                }
+                for (k, v) in sd {
+                    let text = v.as_str().unwrap_or_default().to_string();
+                    obj["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+                }
+            }
+            if obj.get("type").is_none_or(Value::is_null) {
+                obj["type"] = json!("Opaque");
+            }
+        }
+        "services" => {
+            if !obj.get("spec").is_some_and(Value::is_object) {
+                obj["spec"] = json!({});
+            }
+            let spec = &mut obj["spec"];
+            if spec.get("type").is_none_or(Value::is_null) {
+                spec["type"] = json!("ClusterIP");
+            }
+            if spec.get("clusterIP").is_none_or(|v| v.is_null() || v == "") {
+                let ip = old
+                    .and_then(|o| o.pointer("/spec/clusterIP"))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        json!(format!(
+                            "10.96.{}.{}",
+                            (serial / 250) % 250,
+                            serial % 250 + 1
+                        ))
+                    });
+                spec["clusterIP"] = ip.clone();
+                spec["clusterIPs"] = json!([ip]);
+            }
+            if let Some(Value::Array(ports)) = spec.get_mut("ports") {
+                for p in ports {
+                    if p.get("protocol").is_none_or(Value::is_null) {
+                        p["protocol"] = json!("TCP");
+                    }
+                    if p.get("targetPort").is_none_or(Value::is_null) {
+                        if let Some(port) = p.get("port").cloned() {
+                            p["targetPort"] = port;
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    obj
 }
 
 fn check_type_meta(obj: &Value, rt: &ResourceType) -> Result<(), ApiError> {

@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, WatchEvent, W
 use kube::runtime::watcher;
 use kube::ResourceExt;
 use serde_json::json;
-use support::apiserver::{ApiServer, ChangeKind};
+use support::apiserver::{ApiServer, ChangeKind, Delay};
 
 fn cm(name: &str, labels: &[(&str, &str)]) -> ConfigMap {
     let mut cm = ConfigMap::default();
@@ -366,4 +366,69 @@ async fn wait_for_wakes_on_changes() {
     .unwrap();
     let got = waiter.await.unwrap().unwrap();
     assert_eq!(got["data"]["k"], "ready");
+}
+
+#[tokio::test]
+async fn broken_watches_resume_without_losing_events_and_delays_apply() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let mut events = watcher(cms.clone(), watcher::Config::default()).boxed();
+    // initial list
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if matches!(ev, watcher::Event::InitDone) {
+            break;
+        }
+    }
+    // the stream is lazy: once an event arrived, the watch is open
+    cms.create(&PostParams::default(), &cm("before-break", &[]))
+        .await
+        .unwrap();
+    let mut applied = Vec::new();
+    while applied.is_empty() {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let watcher::Event::Apply(o) = ev {
+            applied.push(o.name_any());
+        }
+    }
+    server.break_watches();
+    cms.create(&PostParams::default(), &cm("after-break", &[]))
+        .await
+        .unwrap();
+    while applied.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.try_next())
+            .await
+            .expect("the watcher resumes")
+            .unwrap()
+            .unwrap();
+        if let watcher::Event::Apply(o) = ev {
+            applied.push(o.name_any());
+        }
+    }
+    assert_eq!(applied, ["before-break", "after-break"]);
+    let watches = server
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "watch")
+        .count();
+    assert!(
+        watches >= 2,
+        "the watcher reconnected ({watches} watch requests)"
+    );
+
+    server.delay(Delay::new("get", "configmaps").by(Duration::from_millis(300)));
+    let started = std::time::Instant::now();
+    cms.get("after-break").await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    cms.get("after-break").await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(300), "only once");
 }

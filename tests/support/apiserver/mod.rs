@@ -21,6 +21,8 @@
 //! tokio::time::sleep(Duration::from_secs(2)).await;
 //! assert_eq!(server.write_count(), 0, "{:?}", server.writes());
 //! server.fail(Failure::new("patch", "branches").times(2).code(500));
+//! server.delay(Delay::new("create", "deployments").by(Duration::from_secs(3)));
+//! server.break_watches();                        // every watch stream ends; watchers resume
 //! let mut changes = server.subscribe();          // every stored change, in order
 //! let cm = server.wait_for("", "configmaps", Some("default"), "x",
 //!     Duration::from_secs(10), |o| o.is_some()).await;  // poll-free waiting
@@ -325,6 +327,43 @@ impl Failure {
     }
 }
 
+/// A delay to inject: the next `times` requests matching `verb` and
+/// `resource` (`"*"` matches anything) wait `by` before being handled.
+#[derive(Debug, Clone)]
+pub struct Delay {
+    verb: String,
+    resource: String,
+    pub(crate) remaining: usize,
+    pub(crate) by: Duration,
+}
+
+impl Delay {
+    /// Delays the next matching request once by one second.
+    pub fn new(verb: &str, resource: &str) -> Self {
+        Self {
+            verb: verb.into(),
+            resource: resource.into(),
+            remaining: 1,
+            by: Duration::from_secs(1),
+        }
+    }
+    /// How long each matching request waits.
+    pub fn by(mut self, by: Duration) -> Self {
+        self.by = by;
+        self
+    }
+    /// How many matching requests wait.
+    pub fn times(mut self, n: usize) -> Self {
+        self.remaining = n;
+        self
+    }
+    pub(crate) fn matches(&self, verb: &str, resource: &str) -> bool {
+        self.remaining > 0
+            && (self.verb == "*" || self.verb == verb)
+            && (self.resource == "*" || self.resource == resource)
+    }
+}
+
 /// The in-process API server. Cheap to clone; clones share one store.
 #[derive(Clone)]
 pub struct ApiServer {
@@ -546,6 +585,20 @@ impl ApiServer {
     /// they were added; a rule is dropped once used up.
     pub fn fail(&self, failure: Failure) {
         self.inner.lock().failures.push(failure);
+    }
+
+    /// Delays matching requests (see [`Delay`]), e.g. to run into a
+    /// controller's deadlines. A delayed request holds no lock while it
+    /// waits.
+    pub fn delay(&self, delay: Delay) {
+        self.inner.lock().delays.push(delay);
+    }
+
+    /// Ends every open watch stream at once (as an apiserver restart or a
+    /// dropped connection would); watchers reconnect from their last
+    /// resourceVersion.
+    pub fn break_watches(&self) {
+        let _ = self.inner.disconnect.send(());
     }
 
     /// Drops the watch history: a watch from any older resourceVersion

@@ -447,11 +447,14 @@ pub(crate) struct State {
     pub(crate) mutations: u64,
     pub(crate) bookmark_interval: Duration,
     pub(crate) validate_schemas: bool,
+    pub(crate) delays: Vec<super::Delay>,
 }
 
 pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     pub(crate) tx: broadcast::Sender<Arc<Change>>,
+    /// A message here ends every open watch stream.
+    pub(crate) disconnect: broadcast::Sender<()>,
 }
 
 impl Inner {
@@ -470,8 +473,10 @@ impl Inner {
                 mutations: 0,
                 bookmark_interval: Duration::from_secs(1),
                 validate_schemas: true,
+                delays: Vec::new(),
             }),
             tx,
+            disconnect: broadcast::channel(16).0,
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let _ = inner.create_direct(
@@ -2077,6 +2082,22 @@ pub(crate) async fn handle(
         .unwrap_or("")
         .to_string();
     let meta_only = accept.contains("as=PartialObjectMetadata");
+    let delay = {
+        let mut st = inner.lock();
+        let idx = st.delays.iter().position(|d| d.matches(verb, &t.plural));
+        idx.map(|i| {
+            let d = &mut st.delays[i];
+            d.remaining = d.remaining.saturating_sub(1);
+            let by = d.by;
+            if d.remaining == 0 {
+                st.delays.remove(i);
+            }
+            by
+        })
+    };
+    if let Some(by) = delay {
+        tokio::time::sleep(by).await;
+    }
     let mut st = inner.lock();
     // Failure injection and the request log.
     let mut record = RequestRecord {
@@ -2322,6 +2343,7 @@ pub(crate) async fn handle(
 }
 
 struct WatchState {
+    disconnect: broadcast::Receiver<()>,
     meta_only: bool,
     initial: VecDeque<Bytes>,
     rx: broadcast::Receiver<Arc<Change>>,
@@ -2414,6 +2436,7 @@ fn start_watch(
     }
     let interval = st.bookmark_interval;
     let state = WatchState {
+        disconnect: inner.disconnect.subscribe(),
         meta_only,
         initial,
         rx: inner.tx.subscribe(),
@@ -2444,6 +2467,9 @@ fn start_watch(
                 }
             };
             tokio::select! {
+                // A broken connection or the deadline wins over pending events.
+                biased;
+                _ = s.disconnect.recv() => return None,
                 _ = tokio::time::sleep_until(s.deadline) => return None,
                 _ = tick => {
                     let b = bookmark(&s.rt, &s.version, s.last_rv, false);

@@ -30,10 +30,10 @@
 //! let config: kube::Config = served.config();    // or served.kubeconfig_yaml() for a binary
 //! ```
 //!
-//! `kube::Client::try_from(served.config())` builds kube's TLS stack, and
-//! this crate compiles two rustls crypto providers (ring via kube,
-//! aws-lc-rs via reqwest): a process must install one
-//! (`CryptoProvider::install_default`) before that, or it panics. The
+//! `kube::Client::try_from(config)` builds kube's TLS stack, and this crate
+//! compiles two rustls crypto providers (ring via kube, aws-lc-rs via
+//! reqwest): a process must install one before that, or rustls panics.
+//! [`install_crypto_provider`] does (and [`Served::client`] calls it); the
 //! in-process [`ApiServer::client`] needs none.
 //!
 //! Everything is in memory; an `ApiServer` is cheap, make one per test.
@@ -216,6 +216,12 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use server::Inner;
+
+/// Installs ring as the process-wide rustls crypto provider (idempotent).
+/// Needed before `kube::Client::try_from(config)` in this crate.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 
 /// What happened to a stored object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -656,6 +662,13 @@ impl Served {
     /// A client configuration for this server (namespace `default`).
     pub fn config(&self) -> kube::Config {
         kube::Config::new(self.url().parse().expect("a valid URL"))
+    }
+
+    /// A real `kube::Client` for this server over TCP (default namespace
+    /// `default`).
+    pub fn client(&self) -> kube::Client {
+        install_crypto_provider();
+        kube::Client::try_from(self.config()).expect("a client for a local URL")
     }
 
     /// A kubeconfig file's contents pointing at this server, for a binary

@@ -201,6 +201,7 @@
 //!   `scale`/`eviction`/`binding` subresources.
 
 mod admission;
+pub mod envtest;
 mod patch;
 mod schema;
 mod selector;

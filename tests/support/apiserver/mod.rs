@@ -28,7 +28,14 @@
 //!     Duration::from_secs(10), |o| o.is_some()).await;  // poll-free waiting
 //! let served = server.serve().await;             // optional: 127.0.0.1:<port>, plain HTTP
 //! let config: kube::Config = served.config();    // or served.kubeconfig_yaml() for a binary
+//! let tcp_client = served.client();              // kube::Client over TCP
 //! ```
+//!
+//! To run one scenario on this server and also on a real kube-apiserver
+//! where envtest binaries exist (`KUBEBUILDER_ASSETS`), use
+//! [`envtest::TestCluster`] (`TestCluster::all().await`, `.client()`,
+//! `.install_crds(..)`, `.create_namespace(..)`, `.server()` for the hooks
+//! above); tests/apiserver_parity.rs does so.
 //!
 //! `kube::Client::try_from(config)` builds kube's TLS stack, and this crate
 //! compiles two rustls crypto providers (ring via kube, aws-lc-rs via
@@ -47,8 +54,9 @@
 //!   apps/v1 deployments, statefulsets, replicasets; coordination.k8s.io/v1
 //!   leases; events.k8s.io/v1 events; apiextensions.k8s.io/v1
 //!   customresourcedefinitions; admissionregistration.k8s.io/v1
-//!   validatingadmissionpolicies and validatingadmissionpolicybindings. Creating a CRD (through the API or
-//!   [`ApiServer::install_crd`]) registers its kind: group, served versions,
+//!   validatingadmissionpolicies and validatingadmissionpolicybindings.
+//!   Creating a CRD (through the API or [`ApiServer::install_crd`])
+//!   registers its kind: group, served versions,
 //!   scope, short names and the status subresource come from the CRD. The
 //!   CRD reports `Established` at once.
 //! * Metadata: `uid`, `creationTimestamp`, `resourceVersion` (one global

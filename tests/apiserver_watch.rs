@@ -9,10 +9,10 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use serde_json::json;
-use support::apiserver::{ApiServer, ChangeKind, Delay};
+use support::apiserver::{ApiServer, ChangeKind, Delay, Failure};
 
 fn cm(name: &str, labels: &[(&str, &str)]) -> ConfigMap {
     let mut cm = ConfigMap::default();
@@ -431,4 +431,51 @@ async fn broken_watches_resume_without_losing_events_and_delays_apply() {
     let started = std::time::Instant::now();
     cms.get("after-break").await.unwrap();
     assert!(started.elapsed() < Duration::from_millis(300), "only once");
+}
+
+#[tokio::test]
+async fn runtime_watcher_retries_injected_list_and_watch_failures() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    cms.create(&PostParams::default(), &cm("x", &[]))
+        .await
+        .unwrap();
+    server.fail(Failure::new("list", "configmaps").code(503));
+    server.fail(Failure::new("watch", "configmaps").code(500));
+    let mut events = watcher(cms.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut seen = Vec::new();
+    let mut errors = 0;
+    while !seen.contains(&"apply y".to_string()) {
+        let ev = tokio::time::timeout(Duration::from_secs(15), events.next())
+            .await
+            .expect("the watcher recovers")
+            .expect("stream open");
+        match ev {
+            Ok(watcher::Event::InitApply(o)) => {
+                seen.push(format!("init {}", o.name_any()));
+                if seen.len() == 1 {
+                    cms.create(&PostParams::default(), &cm("y", &[]))
+                        .await
+                        .unwrap();
+                }
+            }
+            Ok(watcher::Event::Apply(o)) => seen.push(format!("apply {}", o.name_any())),
+            Ok(_) => {}
+            Err(_) => errors += 1,
+        }
+    }
+    assert_eq!(errors, 2, "one failed list, one failed watch");
+    assert_eq!(seen, ["init x", "apply y"]);
+    let injected: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.injected)
+        .map(|r| (r.verb, r.code))
+        .collect();
+    assert_eq!(
+        injected,
+        [("list".to_string(), 503), ("watch".to_string(), 500)]
+    );
 }

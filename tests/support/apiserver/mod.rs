@@ -17,9 +17,9 @@
 //! server.create_manifests(include_str!("../../config/admission/protected-branch.yaml"))?;
 //! let client: kube::Client = server.client();    // default namespace "default"
 //! // ... run controllers / make requests with `client` ...
-//! server.reset_counts();
-//! tokio::time::sleep(Duration::from_secs(2)).await;
-//! assert_eq!(server.write_count(), 0, "{:?}", server.writes());
+//! let writes = server.writes_during(Duration::from_secs(60)).await; // steady state:
+//! assert!(writes.is_empty(), "{writes:?}");      // no writes at all
+//! server.reset_counts();                         // or count from here: write_count(), writes_by_verb()
 //! server.fail(Failure::new("patch", "branches").times(2).code(500));
 //! server.delay(Delay::new("create", "deployments").by(Duration::from_secs(3)));
 //! server.break_watches();                        // every watch stream ends; watchers resume
@@ -575,6 +575,22 @@ impl ApiServer {
             *out.entry((r.verb, res)).or_insert(0) += 1;
         }
         out
+    }
+
+    /// The write requests made while waiting `window` (for "a steady state
+    /// makes no writes": `assert!(server.writes_during(d).await.is_empty())`).
+    /// Does not reset any counter.
+    pub async fn writes_during(&self, window: Duration) -> Vec<RequestRecord> {
+        let start = self.inner.lock().requests.len();
+        tokio::time::sleep(window).await;
+        let st = self.inner.lock();
+        st.requests
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.is_write() && !r.injected)
+            .cloned()
+            .collect()
     }
 
     /// Stored changes (new resourceVersions) since the start or

@@ -198,3 +198,36 @@ async fn cel_rules_and_transition_rules() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn updating_a_crd_updates_what_is_served() {
+    let server = ApiServer::new();
+    server.install_crd(&gadget_crd());
+    let crds: Api<CustomResourceDefinition> = Api::all(server.client());
+    // add a v2 version and a new enum value, as `kubectl apply` of a new CRD would
+    let mut crd = crds.get("gadgets.test.pgbranch.dev").await.unwrap();
+    let mut v2 = crd.spec.versions[0].clone();
+    v2.name = "v2".into();
+    v2.storage = false;
+    crd.spec.versions.push(v2);
+    let mut schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+    schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["mode"]["enum"] =
+        json!(["fast", "slow", "medium"]);
+    crd.spec.versions[0].schema = Some(serde_json::from_value(schema).unwrap());
+    crds.replace("gadgets.test.pgbranch.dev", &PostParams::default(), &crd)
+        .await
+        .unwrap();
+
+    gadgets(&server)
+        .create(
+            &PostParams::default(),
+            &gadget("m", json!({"mode": "medium"})),
+        )
+        .await
+        .unwrap();
+    let gvk = GroupVersionKind::gvk("test.pgbranch.dev", "v2", "Gadget");
+    let v2api: Api<DynamicObject> =
+        Api::namespaced_with(server.client(), "default", &ApiResource::from_gvk(&gvk));
+    let got = v2api.get("m").await.unwrap();
+    assert_eq!(got.types.unwrap().api_version, "test.pgbranch.dev/v2");
+}

@@ -1226,6 +1226,11 @@ impl State {
             self.remove_object(tx, key, new.clone());
             return Ok(new);
         }
+        if rt.is_crd() && sub.is_none() {
+            // An updated CRD (new version, schema, scope) serves at once.
+            self.register_crd(&new)
+                .map_err(|m| ApiError::invalid(rt, &key.name, m))?;
+        }
         self.rv = rv;
         self.objects.insert(
             key.clone(),

@@ -455,6 +455,7 @@ impl Engine {
             for e in rd.flatten() {
                 let p = e.path();
                 if p.is_dir() {
+                    pg::kill_leftover(&p);
                     let _ = driver.delete_dir(&p);
                 } else {
                     let _ = fs::remove_file(&p);
@@ -550,11 +551,14 @@ impl Engine {
             .pg
             .start(
                 &data,
-                port,
-                "127.0.0.1",
-                &self.local_settings(Some(id)),
-                &log,
-                Duration::from_secs(600),
+                pg::StartOpts {
+                    port,
+                    listen: "127.0.0.1",
+                    settings: &self.local_settings(Some(id)),
+                    log: &log,
+                    timeout: Duration::from_secs(600),
+                    tied: false,
+                },
             )
             .await
     }
@@ -569,13 +573,17 @@ impl Engine {
             .pg
             .start(
                 data,
-                5432,
-                "",
-                &self.local_settings(archive),
-                log,
-                Duration::from_secs(3600),
+                pg::StartOpts {
+                    port: 5432,
+                    listen: "",
+                    settings: &self.local_settings(archive),
+                    log,
+                    timeout: Duration::from_secs(3600),
+                    tied: true,
+                },
             )
             .await
+            .inspect(|_| crash_point("private server running"))
     }
 
     async fn blocking<T: Send + 'static>(
@@ -1277,6 +1285,7 @@ impl Engine {
     }
 
     fn progress_t(&self, id: &TimelineId, step: &str) {
+        crash_point(step);
         let _ = self.inner.meta.set_timeline_progress(
             id,
             Some(Progress {
@@ -1289,6 +1298,7 @@ impl Engine {
     async fn remove_timeline_dirs(&self, id: &TimelineId) {
         let dir = self.tl_dir(id);
         for sub in ["pgdata", "base"] {
+            pg::kill_leftover(&dir.join(sub));
             if let Err(e) = self.delete_dir(&dir.join(sub)).await {
                 tracing::warn!(timeline = %id, error = %e, "removing a data directory failed");
             }
@@ -1592,6 +1602,7 @@ impl Engine {
             .map_err(|e| io_err("chmod", e))?;
         let data = dir.join("pgdata");
         let progress = |s: &str| {
+            crash_point(s);
             let _ = self.inner.meta.set_snapshot_progress(
                 id,
                 Some(Progress {
@@ -1775,6 +1786,16 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// Fault injection for crash tests: when `PGBRANCH_ENGINE_CRASH_AT` names
+/// the step an operation is entering (its progress text), the engine
+/// process kills itself with SIGKILL there, as a crash would.
+fn crash_point(step: &str) {
+    if std::env::var("PGBRANCH_ENGINE_CRASH_AT").as_deref() == Ok(step) {
+        tracing::error!(step, "PGBRANCH_ENGINE_CRASH_AT: killing the engine process");
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
     }
 }
 

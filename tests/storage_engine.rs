@@ -249,6 +249,7 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
             let info = e.get_timeline(&b).await.unwrap();
             assert_eq!(info.lineage.parent_lsn, Some(lsns[k]));
         }
+        let mut pitr_branch = None;
         for k in [1usize, 3] {
             let b = branch(
                 &e,
@@ -266,10 +267,37 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
                 "at {}",
                 times[k]
             );
-            // A PITR branch is writable and archives on its own.
+            // A PITR branch is writable and has its own history to branch
+            // from (a PostgreSQL timeline > 1, its own archive).
             sql(&s, "INSERT INTO t VALUES (9999)").await;
+            let mid: Lsn = one_str(&s, "SELECT pg_current_wal_lsn()::text")
+                .await
+                .parse()
+                .unwrap();
+            sql(&s, "INSERT INTO t VALUES (10000)").await;
             s.stop(StopMode::Fast).await.unwrap();
+            pitr_branch = Some((b, mid, k));
         }
+        let (b, mid, k) = pitr_branch.unwrap();
+        let bb = branch(&e, "pitr-of-pitr", &b, Point::Lsn(mid), None)
+            .await
+            .unwrap();
+        let s = e.start_postgres(&bb, free_port()).await.unwrap();
+        let mut want: Vec<i32> = (1..=(k as i32 + 1) * 10).collect();
+        want.push(9999);
+        assert_eq!(ids(&s).await, want);
+        s.stop(StopMode::Fast).await.unwrap();
+        // The volume belongs to one engine at a time.
+        let second = Engine::open(EngineConfig {
+            root: v.root.clone(),
+            driver: Some(v.kind),
+            ..Default::default()
+        })
+        .await;
+        assert!(
+            matches!(second, Err(StorageError::Busy { .. })),
+            "{second:?}"
+        );
         // resolve_point agrees with the branches.
         let l1 = e.resolve_point(&root, times[1]).await.unwrap();
         assert!(

@@ -100,6 +100,9 @@
 //! finished. A failed create stays `Failed` (same key, same result) until it
 //! is deleted.
 //!
+//! One engine process owns a volume at a time (`engine.lock`, flock);
+//! a second [`Engine::open`] on it fails with `Busy`.
+//!
 //! # Users
 //! PostgreSQL programs run as `run_as` (default: the current user, or
 //! `postgres` when root); data directories and archives belong to it.
@@ -169,6 +172,8 @@ struct Inner {
     meta: Meta,
     in_use: Mutex<HashMap<String, usize>>,
     index_lock: tokio::sync::Mutex<()>,
+    /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
+    _volume_lock: nix::fcntl::Flock<fs::File>,
 }
 
 /// Holds objects in use by a running operation; released on drop.
@@ -441,6 +446,21 @@ impl Engine {
             .unwrap_or(0);
 
         make_traversable(&root)?;
+        let lockf = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("engine.lock"))
+            .map_err(|e| io_err("opening engine.lock", e))?;
+        let volume_lock =
+            nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+                |(_, e)| StorageError::Busy {
+                    message: format!(
+                        "another engine has the volume {} open ({e})",
+                        root.display()
+                    ),
+                },
+            )?;
         for d in ["timelines", "snapshots", "wal", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(|e| io_err("creating the volume layout", e))?;
@@ -472,6 +492,7 @@ impl Engine {
                 meta,
                 in_use: Mutex::new(HashMap::new()),
                 index_lock: tokio::sync::Mutex::new(()),
+                _volume_lock: volume_lock,
             }),
         };
         tracing::info!(root = %engine.inner.root.display(), driver = %kind, pg_major = engine.inner.pg.major, "storage engine open");
@@ -1835,6 +1856,7 @@ fn make_traversable(root: &Path) -> Result<(), StorageError> {
     while let Some(dir) = p {
         if let Ok(m) = fs::metadata(dir) {
             if m.uid() == me && m.mode() & 0o001 == 0 {
+                tracing::warn!(dir = %dir.display(), "adding o+x so the run_as user can reach the volume");
                 fs::set_permissions(dir, fs::Permissions::from_mode((m.mode() & 0o7777) | 0o011))
                     .map_err(|e| io_err(&format!("making {} traversable", dir.display()), e))?;
             }

@@ -495,27 +495,14 @@ async fn a_branch_restored_to_its_own_past_keeps_its_newer_rows_in_the_backup() 
         finalize: true,
         preserve_under_name: preserve.map(String::from),
     };
-    // Without preserveUnderName it is refused (by CEL in a real apiserver;
-    // the in-process one does not run CEL, so this is the controller's own
-    // check): Stalled, nothing created.
-    create_restore(&client, "no-backup-name", own_past(None)).await;
-    let r = wait_restore(&client, "no-backup-name", "Stalled", |r| {
-        r.status.as_ref().is_some_and(|s| {
-            cond(&s.conditions, "Stalled")
-                .is_some_and(|c| c.0 == "True" && c.1 == "PreserveUnderNameRequired")
-        })
-    })
-    .await;
-    assert!(r.status.unwrap().restored_branch.is_none());
-    assert!(branches(&client)
-        .get_opt("no-backup-name")
+    // Without preserveUnderName the API refuses it (CEL).
+    let mut bad = SnapshotRestore::new("no-backup-name", own_past(None));
+    bad.metadata.namespace = Some(NS.into());
+    let err = restores(&client)
+        .create(&Default::default(), &bad)
         .await
-        .unwrap()
-        .is_none());
-    restores(&client)
-        .delete("no-backup-name", &DeleteParams::default())
-        .await
-        .unwrap();
+        .expect_err("own history without preserveUnderName is refused");
+    assert!(err.to_string().contains("preserveUnderName"), "{err}");
 
     let probe = ClientLoop::start(&h, "prod", prod_app.clone());
     create_restore(&client, "rewind", own_past(Some("prod-before-rewind"))).await;

@@ -7,7 +7,7 @@
 //!   own.
 //! * **Adopting a timeline** (`pgbranch.dev/adopt-timeline: <id>`): a
 //!   restore's backup branch takes over the target's old timeline instead of
-//!   creating one ([`adopted_timeline`]). Honoured only on a Branch the
+//!   creating one ([`check_adoption`], then the controller's adoption). Honoured only on a Branch the
 //!   operator created for a restore: it must carry the label
 //!   `pgbranch.dev/restore-backup-of: <restore>`, and that SnapshotRestore's
 //!   status must name this branch as `backupBranch` and the timeline as the
@@ -36,17 +36,15 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{progressing, Done};
+use super::{progressing, Done, ANNOTATION_ADOPT_TIMELINE};
 use crate::api::{
     Branch, Snapshot, SnapshotRestore, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF,
     LABEL_TIMELINE,
 };
 use crate::controller::apply::{holder, Holder};
 use crate::controller::{with_deadline, Context, Error};
-use crate::storage::{SnapshotId, Source, StorageError, Timeline, TimelineId};
+use crate::storage::{SnapshotId, Source, TimelineId};
 
-/// Annotation: the timeline a restore's backup branch takes over.
-pub const ANNOTATION_ADOPT_TIMELINE: &str = "pgbranch.dev/adopt-timeline";
 /// Annotation on a restored branch: the branch its compute is handed to.
 pub const ANNOTATION_HANDOVER_TO: &str = "pgbranch.dev/handover-to";
 
@@ -93,16 +91,10 @@ pub(super) async fn snapshot_source(
     Ok(Some(Ok(Source::Snapshot { snapshot })))
 }
 
-/// The timeline a restore's backup branch adopts, after checking that the
-/// operator asked for it (see the module doc). `None` when the branch has
-/// no adopt annotation.
-pub(super) async fn adopted_timeline(
-    ctx: &Context,
-    branch: &Branch,
-) -> Result<Option<Timeline>, Error> {
-    let Some(id) = annotation(branch, ANNOTATION_ADOPT_TIMELINE) else {
-        return Ok(None);
-    };
+/// Checks that an adopt annotation was put there by a restore (see the
+/// module doc), and waits while the restore's target still claims the
+/// timeline (the restore moves the target off it next).
+pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> Result<(), Error> {
     let ns = branch.namespace().unwrap_or_default();
     let name = branch.name_any();
     let refuse = |why: String| {
@@ -126,15 +118,17 @@ pub(super) async fn adopted_timeline(
             "SnapshotRestore {restore} did not make this branch the backup of timeline {id}"
         )));
     }
-    let tid = TimelineId::new(id.to_string()).map_err(|e| refuse(e.to_string()))?;
-    match with_deadline(ctx, "get timeline", ctx.storage.get_timeline(&tid)).await {
-        Ok(tl) => Ok(Some(tl)),
-        Err(Error::Storage(StorageError::NotFound { .. })) => Err(Error::stalled(
-            "TimelineNotFound",
-            format!("timeline {id} to adopt no longer exists in storage"),
-        )),
-        Err(e) => Err(e),
+    if let Some(target) = &r.spec.target {
+        let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+        if let Some(t) = with_deadline(ctx, "read branch", branches.get_opt(target)).await? {
+            if t.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id) {
+                return Err(Error::Waiting(format!(
+                    "timeline {id} is still branch {target}'s; restore {restore} moves it next"
+                )));
+            }
+        }
     }
+    Ok(())
 }
 
 /// The Deployment already serving `tl` that this branch must use instead of

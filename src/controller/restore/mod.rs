@@ -89,8 +89,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::apply::{holder, Holder};
-use super::branch::handover::{ANNOTATION_ADOPT_TIMELINE, ANNOTATION_HANDOVER_TO};
+use super::branch::handover::ANNOTATION_HANDOVER_TO;
 use super::branch::sql;
+use super::branch::ANNOTATION_ADOPT_TIMELINE;
 use super::snapshot::secret_password;
 use super::status::{apply_outcome, is_ready, merge_diff, outcome_changed, Outcome};
 use super::{error_policy, with_deadline, Context, Error};

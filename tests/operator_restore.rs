@@ -17,6 +17,7 @@ use pgbranch::api::{
     RestorePhase, RestoreSource, SnapshotRestore, SnapshotRestoreSpec, SnapshotSpec,
     LABEL_RESTORE_BACKUP_OF, LABEL_TIMELINE,
 };
+use pgbranch::storage::Storage;
 use serde_json::json;
 use support::restore_harness::*;
 
@@ -202,6 +203,21 @@ async fn promotion_rollback_and_refresh() {
     wait_snapshot_ready(&client, "prod-rollback-point").await;
     wait_snapshot_ready(&client, "dev-ready").await;
 
+    // A child of prod's current data: re-parented to the backup by status.
+    let mut feature = pgbranch::api::Branch::new(
+        "feature",
+        pgbranch::api::BranchSpec {
+            parent: Some(pgbranch::api::ParentRef {
+                branch: "prod".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    feature.metadata.namespace = Some(NS.into());
+    create_branch(&client, &feature).await;
+    wait_branch_ready(&client, "feature").await;
+
     let prod_app = app_credentials(&client, "prod").await;
     let prod_su = secret_field(&client, "prod-superuser", "password").await;
     let prod_before = branches(&client).get("prod").await.unwrap();
@@ -269,6 +285,16 @@ async fn promotion_rollback_and_refresh() {
     assert!(b.metadata.owner_references.unwrap_or_default().is_empty());
     assert_eq!(ids(&h.connect_app(&backup).await).await, vec![1, 2, 3]);
     assert_one_compute_per_timeline(&h).await;
+    let f = branches(&client).get("feature").await.unwrap();
+    assert_eq!(
+        f.spec.parent.as_ref().unwrap().branch,
+        "prod",
+        "spec untouched"
+    );
+    let fst = f.status.unwrap();
+    assert_eq!(fst.parent_branch.as_deref(), Some(backup.as_str()));
+    assert_eq!(fst.parent_timeline_id.as_deref(), Some(old_tl.as_str()));
+    assert_eq!(ids(&h.connect_app("feature").await).await, vec![1, 2, 3]);
 
     // Re-applying does nothing; deleting the completed restore undoes nothing.
     let rv = restores(&client)
@@ -584,6 +610,26 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
         assert!(c.is_ok(), "after {}: {:?}", step.as_str(), c.err());
         assert_one_compute_per_timeline(&h).await;
 
+        if step == FinalizeStep::Passwords {
+            // One data-changing operation per branch: a snapshot of prod
+            // waits while the restore is finalizing it.
+            h.start_snapshot_controller_only(test_config());
+            create_snapshot(&client, "during", snap("prod")).await;
+            let s = wait_snapshot(&client, "during", "WaitingForRestore", |s| {
+                s.status.as_ref().is_some_and(|st| {
+                    cond(&st.conditions, "Reconciling")
+                        .is_some_and(|c| c.0 == "True" && c.1 == "WaitingForRestore")
+                })
+            })
+            .await;
+            let msg = cond(&s.status.unwrap().conditions, "Reconciling")
+                .unwrap()
+                .2;
+            assert!(msg.contains(&name), "{msg}");
+            h.stop_operator().await;
+            assert_eq!(h.engine.list_snapshots().await.unwrap().len(), 2);
+        }
+
         h.start_operator(test_config());
         let r = wait_completed(&client, &name).await;
         assert_eq!(app_credentials(&client, "prod").await, prod_app);
@@ -608,6 +654,11 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
             .unwrap();
         wait_gone(&branches(&client), &backup).await;
         assert_eq!(ids(&h.connect_app("prod").await).await, rows);
+        if step == FinalizeStep::Passwords {
+            // The waiting snapshot is taken once the restore is done: of
+            // prod's restored data.
+            wait_snapshot_ready(&client, "during").await;
+        }
         h.stop_operator().await;
     }
     h.shutdown().await;

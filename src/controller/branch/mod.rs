@@ -87,18 +87,17 @@ pub async fn run(
         ),
     };
     let owned = watcher::Config::default().labels(LABEL_BRANCH);
-    let mut controller = Controller::new(branches.clone(), watcher::Config::default())
+    let controller = Controller::new(branches.clone(), watcher::Config::default());
+    let store = controller.store();
+    let mut controller = controller
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
         .owns(secrets, owned)
-        // A child's changes (e.g. its deletion) wake its parent, which may
-        // be waiting for its children to go.
-        .watches(branches, watcher::Config::default(), |child: Branch| {
-            let ns = child.namespace();
-            child
-                .spec
-                .parent
-                .and_then(|p| ns.map(|ns| ObjectRef::<Branch>::new(&p.branch).within(&ns)))
+        // A branch's changes wake its parent (which may wait for its
+        // children to go) and its children (which may wait for it to be
+        // Ready, or for it to exist).
+        .watches(branches, watcher::Config::default(), move |b: Branch| {
+            related_branches(&b, &store.state())
         })
         .graceful_shutdown_on(shutdown);
     if let Some(every) = ctx.config.resync_interval {
@@ -117,6 +116,29 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The parent and the children of `b` (children found in `known`, the
+/// controller's cache of Branches).
+fn related_branches(b: &Branch, known: &[Arc<Branch>]) -> Vec<ObjectRef<Branch>> {
+    let Some(ns) = b.namespace() else {
+        return vec![];
+    };
+    let name = b.name_any();
+    let mut out: Vec<ObjectRef<Branch>> = b
+        .spec
+        .parent
+        .iter()
+        .map(|p| ObjectRef::new(&p.branch).within(&ns))
+        .collect();
+    out.extend(
+        known
+            .iter()
+            .filter(|c| c.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|c| c.spec.parent.as_ref().is_some_and(|p| p.branch == name))
+            .map(|c| ObjectRef::from_obj(c.as_ref())),
+    );
+    out
 }
 
 async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -177,6 +199,16 @@ async fn finish(
         // Our own status write raced with another writer: re-read first.
         Err(e @ Error::Kube(kube::Error::Api(_))) if e.reason() == "Conflict" => return Err(e),
         Err(Error::Waiting(what)) => (progressing("Waiting", what, ctx.config.poll_interval), None),
+        // A hiccup (storage or API unreachable, a timeout) on a branch that
+        // is serving does not make it unready: retry without a status write.
+        Err(e)
+            if e.is_retryable()
+                && branch.status.as_ref().is_some_and(|s| {
+                    crate::api::conditions::is_ready_for(&s.conditions, branch.metadata.generation)
+                }) =>
+        {
+            return Err(e)
+        }
         Err(e) => (
             Done {
                 outcome: Outcome::progressing(e.reason(), e.to_string()),
@@ -1136,6 +1168,43 @@ mod tests {
             exclusive_bytes: None,
             restore_window: None,
         }
+    }
+
+    #[test]
+    fn related_branches_are_parent_and_children() {
+        use crate::api::{BranchSpec, ParentRef};
+        let mk = |name: &str, ns: &str, parent: Option<&str>| {
+            let mut b = Branch::new(
+                name,
+                BranchSpec {
+                    parent: parent.map(|p| ParentRef {
+                        branch: p.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            );
+            b.metadata.namespace = Some(ns.into());
+            Arc::new(b)
+        };
+        let known = vec![
+            mk("main", "a", None),
+            mk("dev", "a", Some("main")),
+            mk("dev2", "a", Some("main")),
+            mk("other", "b", Some("main")),
+            mk("grandchild", "a", Some("dev")),
+        ];
+        let mut names: Vec<String> = related_branches(&known[0], &known)
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["dev", "dev2"]);
+        let names: Vec<String> = related_branches(&known[1], &known)
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        assert_eq!(names, vec!["main", "grandchild"]);
     }
 
     #[test]

@@ -296,6 +296,24 @@ async fn promotion_rollback_and_refresh() {
     assert_eq!(fst.parent_timeline_id.as_deref(), Some(old_tl.as_str()));
     assert_eq!(ids(&h.connect_app("feature").await).await, vec![1, 2, 3]);
 
+    // Every transition was an Event on the restore.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("promote"))
+        .filter_map(|e| e.reason)
+        .collect();
+    for want in ["Restoring", "Finalizing", "FinalizeStep", "Completed"] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "no {want} event in {reasons:?}"
+        );
+    }
+
     // Re-applying does nothing; deleting the completed restore undoes nothing.
     let rv = restores(&client)
         .get("promote")
@@ -484,6 +502,67 @@ async fn multi_step_preview_then_finalize_and_a_changed_target_stalls() {
         (101..=105).collect::<Vec<_>>()
     );
     assert_one_compute_per_timeline(&h).await;
+
+    // A Service someone else took over is never retargeted.
+    create_restore(&client, "blocked", from_snapshot("dev-snap", "dev", false)).await;
+    wait_restore(&client, "blocked", "AwaitingFinalize", |r| {
+        phase(r) == Some(RestorePhase::AwaitingFinalize)
+    })
+    .await;
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), NS);
+    let dev_sel = services.get("dev").await.unwrap().spec.unwrap().selector;
+    services
+        .patch(
+            "dev",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {
+                "ownerReferences": null,
+                "labels": {"argocd.argoproj.io/instance": "shop"},
+            }})),
+        )
+        .await
+        .unwrap();
+    set_finalize(&client, "blocked").await;
+    let r = wait_restore(&client, "blocked", "Stalled ServiceNotOwned", |r| {
+        r.status.as_ref().is_some_and(|s| {
+            cond(&s.conditions, "Stalled")
+                .is_some_and(|c| c.0 == "True" && c.1 == "ServiceNotOwned")
+        })
+    })
+    .await;
+    assert_eq!(phase(&r), Some(RestorePhase::AwaitingFinalize));
+    assert!(r.status.unwrap().finalize_step.is_none());
+    assert_eq!(
+        services.get("dev").await.unwrap().spec.unwrap().selector,
+        dev_sel
+    );
+    // Not finalizing: deleting it is not held back.
+    restores(&client)
+        .delete("blocked", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&restores(&client), "blocked").await;
+
+    // The restored branch takes the restore's name: a taken name fails.
+    let mut taken = pgbranch::api::Branch::new(
+        "taken",
+        pgbranch::api::BranchSpec {
+            compute: pgbranch::api::ComputeSpec {
+                enabled: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    taken.metadata.namespace = Some(NS.into());
+    create_branch(&client, &taken).await;
+    create_restore(&client, "taken", from_snapshot("dev-snap", "prod", false)).await;
+    let r = wait_restore(&client, "taken", "Failed", |r| {
+        phase(r) == Some(RestorePhase::Failed)
+    })
+    .await;
+    let c = cond(&r.status.unwrap().conditions, "Stalled").unwrap();
+    assert_eq!(c.1, "NameTaken", "{}", c.2);
     h.shutdown().await;
 }
 

@@ -698,10 +698,46 @@ async fn restoring(
             "the target was not resolved when the restore started",
         ));
     }
+    // Checked before the phase moves: a restore refused here is not
+    // Finalizing (its deletion is not held back).
+    precheck(run, st).await?;
     st.phase = Some(RestorePhase::Finalizing);
     st.progress = Some("finalizing".into());
     run.save(st).await?;
     Ok(None)
+}
+
+/// The target is still the one resolved at the start (same UID, same
+/// timeline) and its Service is the operator's to retarget.
+async fn precheck(run: &Run<'_>, st: &SnapshotRestoreStatus) -> Result<(), Error> {
+    let ctx = run.ctx;
+    let tname = run.r.spec.target.clone().unwrap_or_default();
+    let branches = branch_api(ctx, &run.ns);
+    let target = with_deadline(ctx, "read target", branches.get_opt(&tname)).await?;
+    let Some(target) = target.filter(|t| t.uid() == st.target_uid) else {
+        return Err(Error::stalled(
+            "TargetChanged",
+            format!("branch {tname} was deleted or created again since the restore started; nothing was replaced"),
+        ));
+    };
+    let current = target.status.as_ref().and_then(|s| s.timeline_id.clone());
+    if current != st.target_timeline_id {
+        return Err(Error::stalled(
+            "TargetChanged",
+            format!(
+                "branch {tname} moved to timeline {} since the restore started (it was on {}); nothing was replaced",
+                current.unwrap_or_default(),
+                st.target_timeline_id.clone().unwrap_or_default()
+            ),
+        ));
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
+    let svc = with_deadline(ctx, "read service", services.get_opt(&service_name(&tname))).await?;
+    check_service_owned(
+        svc.as_ref(),
+        &target,
+        st.target_uid.as_deref().unwrap_or_default(),
+    )
 }
 
 /// The restored Branch R.

@@ -1048,10 +1048,12 @@ async fn finalizing(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> Result
             deploys.list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={t_new}"))),
         )
         .await?;
-        let adopted = new
-            .items
-            .iter()
-            .any(|d| holder(d, &target_uid) == Holder::Owner);
+        let runs = target.spec.compute.enabled && !target.spec.compute.suspended;
+        let adopted = !runs
+            || new
+                .items
+                .iter()
+                .any(|d| holder(d, &target_uid) == Holder::Owner);
         if !(on_new && !old_running && adopted) {
             st.progress = Some(format!(
                 "waiting for branch {tname} to take over the compute of timeline {t_new} and stop the one of {t_old}"
@@ -1151,6 +1153,13 @@ async fn target_credentials(
 async fn set_target_passwords(run: &Run<'_>, target: &Branch, rname: &str) -> Result<(), Error> {
     let ctx = run.ctx;
     let ns = &run.ns;
+    if !target.spec.compute.enabled || target.spec.compute.suspended {
+        // The restored branch has the target's compute spec: nothing runs.
+        // The target's controller sets its passwords when its compute next
+        // starts (the data's source branch's password is its fallback).
+        tracing::info!(restore = %run.name, "no compute runs: passwords are set when the target's compute starts");
+        return Ok(());
+    }
     let all = target_credentials(ctx, ns, target).await?;
     let su = all[0].2.clone();
     let mut fallback = vec![];

@@ -563,6 +563,48 @@ async fn multi_step_preview_then_finalize_and_a_changed_target_stalls() {
     .await;
     let c = cond(&r.status.unwrap().conditions, "Stalled").unwrap();
     assert_eq!(c.1, "NameTaken", "{}", c.2);
+
+    // The adopt annotation written by a user on a branch the operator did
+    // not make is refused: nobody takes a timeline by annotation.
+    let orphan = h
+        .engine
+        .create_timeline(pgbranch::storage::CreateTimeline {
+            key: pgbranch::storage::OpKey::new("orphan").unwrap(),
+            source: pgbranch::storage::Source::Empty {
+                superuser_password: None,
+            },
+            source_connection: None,
+            label: None,
+        })
+        .await
+        .unwrap();
+    let mut intruder = pgbranch::api::Branch::new(
+        "intruder",
+        pgbranch::api::BranchSpec {
+            compute: pgbranch::api::ComputeSpec {
+                enabled: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    intruder.metadata.namespace = Some(NS.into());
+    intruder.metadata.annotations = Some(
+        [(
+            pgbranch::controller::branch::ANNOTATION_ADOPT_TIMELINE.to_string(),
+            orphan.id.to_string(),
+        )]
+        .into(),
+    );
+    create_branch(&client, &intruder).await;
+    let b = wait_branch(&client, "intruder", "Stalled AdoptTimelineRefused", |b| {
+        b.status.as_ref().is_some_and(|s| {
+            cond(&s.conditions, "Stalled")
+                .is_some_and(|c| c.0 == "True" && c.1 == "AdoptTimelineRefused")
+        })
+    })
+    .await;
+    assert!(b.status.unwrap().timeline_id.is_none());
     h.shutdown().await;
 }
 

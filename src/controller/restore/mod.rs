@@ -28,11 +28,15 @@
 //! * **AwaitingFinalize** (`finalize: false`) — Ready, reason
 //!   `AwaitingFinalize`: preview R through its own Service `<R>` and Secret
 //!   `<R>-app`; set `finalize: true` to go on.
-//! * **Finalizing** — first the target is checked again (same UID, same
-//!   timeline, else Stalled `TargetChanged` and nothing is replaced) and its
-//!   Service must be the operator's (owner reference to the target Branch,
-//!   no other field manager of its selector, no GitOps marker), else Stalled
-//!   `ServiceNotOwned`. Then these steps, each idempotent and recorded in
+//! * **Finalizing** — before the phase moves here (and again before step
+//!   3) the target is checked again (same UID, same timeline, else Stalled
+//!   `TargetChanged`, phase Failed, nothing replaced) and its Service must be
+//!   the operator's (owner reference to the target Branch, no other field
+//!   manager of its selector, no GitOps marker), else Stalled
+//!   `ServiceNotOwned` and the restore stays where it was, re-checked every
+//!   30 s. A target without a running compute skips the SQL of step 1 (its
+//!   controller sets the passwords when the compute starts) and the
+//!   adoption of step 4. Then these steps, each idempotent and recorded in
 //!   `status.finalizeStep` once done, so an operator restarted at any point
 //!   resumes at the right one:
 //!   1. `Passwords` — R is marked `pgbranch.dev/handover-to: <target>` (its

@@ -541,6 +541,25 @@ async fn ensure_timeline(
                 )));
             };
             let ptl = TimelineId::new(ptl).map_err(storage_stalled)?;
+            // One copy of a parent at a time: two backup-mode copies of one
+            // running server at once have been seen to fail the first
+            // ("WAL ends before end of online backup", copy driver).
+            let stored = with_deadline(ctx, "list timelines", ctx.storage.list_timelines()).await?;
+            if let Some(other) = stored.iter().find(|t| {
+                t.state == State::Creating
+                    && t.lineage.parent.as_ref() == Some(&ptl)
+                    && t.key.as_str() != uid
+            }) {
+                return Ok(Err(progressing(
+                    "WaitingForParentCopy",
+                    format!(
+                        "another copy of the parent branch {} is in progress (timeline {}); this one starts after it",
+                        p.name_any(),
+                        other.id
+                    ),
+                    ctx.config.poll_interval,
+                )));
+            }
             let source = if branch.spec.init_source == Some(InitSource::SchemaOnly) {
                 Source::SchemaOnly { timeline: ptl }
             } else {

@@ -383,6 +383,11 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         head_st.parent_lsn.is_some(),
         "parentLsn recorded: {head_st:?}"
     );
+    assert_eq!(head_st.parent_branch.as_deref(), Some("main"));
+    assert_eq!(
+        head_st.parent_timeline_id.as_deref(),
+        Some(main_tl.as_str())
+    );
     assert_eq!(
         head_st
             .connection

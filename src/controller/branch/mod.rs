@@ -117,6 +117,16 @@ pub async fn run(
         .await;
 }
 
+/// The Branch holding the data `b` was copied from: `status.parentBranch`
+/// (moved by a restore of the parent to its backup branch), else
+/// `spec.parent.branch`.
+pub fn effective_parent(b: &Branch) -> Option<String> {
+    b.status
+        .as_ref()
+        .and_then(|s| s.parent_branch.clone())
+        .or_else(|| b.spec.parent.as_ref().map(|p| p.branch.clone()))
+}
+
 /// The parent and the children of `b` (children found in `known`, the
 /// controller's cache of Branches).
 fn related_branches(b: &Branch, known: &[Arc<Branch>]) -> Vec<ObjectRef<Branch>> {
@@ -128,13 +138,19 @@ fn related_branches(b: &Branch, known: &[Arc<Branch>]) -> Vec<ObjectRef<Branch>>
         .spec
         .parent
         .iter()
-        .map(|p| ObjectRef::new(&p.branch).within(&ns))
+        .map(|p| p.branch.clone())
+        .chain(effective_parent(b))
+        .map(|p| ObjectRef::new(&p).within(&ns))
         .collect();
+    out.dedup();
     out.extend(
         known
             .iter()
             .filter(|c| c.namespace().as_deref() == Some(ns.as_str()))
-            .filter(|c| c.spec.parent.as_ref().is_some_and(|p| p.branch == name))
+            .filter(|c| {
+                c.spec.parent.as_ref().is_some_and(|p| p.branch == name)
+                    || effective_parent(c).as_deref() == Some(name.as_str())
+            })
             .map(|c| ObjectRef::from_obj(c.as_ref())),
     );
     out
@@ -605,6 +621,9 @@ async fn ensure_timeline(
 fn record_timeline(status: &mut BranchStatus, tl: &Timeline) {
     status.timeline_id = Some(tl.id.to_string());
     status.parent_lsn = tl.lineage.parent_lsn.map(|l| l.to_string());
+    if status.parent_timeline_id.is_none() {
+        status.parent_timeline_id = tl.lineage.parent.as_ref().map(|p| p.to_string());
+    }
     let lsn = tl.lsn.map(|l| l.to_string());
     let size = i64::try_from(tl.logical_size_bytes).unwrap_or(i64::MAX);
     let significant = match status.logical_size_bytes {
@@ -690,6 +709,10 @@ async fn apply_steps(
         Err(done) => return Ok(done),
     };
     record_timeline(status, &tl);
+    if status.parent_branch.is_none() {
+        // Set once; a restore of the parent moves it to the backup branch.
+        status.parent_branch = branch.spec.parent.as_ref().map(|p| p.branch.clone());
+    }
     match tl.state {
         State::Ready => {}
         State::Creating => {
@@ -1030,7 +1053,7 @@ async fn cleanup_steps(
     let mut children: Vec<String> = all
         .items
         .iter()
-        .filter(|b| b.spec.parent.as_ref().is_some_and(|p| p.branch == name))
+        .filter(|b| effective_parent(b).as_deref() == Some(name.as_str()))
         .map(|b| b.name_any())
         .collect();
     children.sort();
@@ -1188,6 +1211,34 @@ mod tests {
             .map(|r| r.name.clone())
             .collect();
         assert_eq!(names, vec!["main", "grandchild"]);
+    }
+
+    #[test]
+    fn a_restore_moves_the_effective_parent() {
+        use crate::api::{BranchSpec, ParentRef};
+        let mut b = Branch::new(
+            "dev",
+            BranchSpec {
+                parent: Some(ParentRef {
+                    branch: "prod".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        assert_eq!(effective_parent(&b).as_deref(), Some("prod"));
+        b.status = Some(BranchStatus {
+            parent_branch: Some("prod-old-20240101000000".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            effective_parent(&b).as_deref(),
+            Some("prod-old-20240101000000")
+        );
+        assert_eq!(
+            effective_parent(&Branch::new("root", BranchSpec::default())),
+            None
+        );
     }
 
     #[test]

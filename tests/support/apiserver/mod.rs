@@ -128,8 +128,10 @@
 //! # Server-side apply
 //!
 //! Each object keeps, out of band, which field manager owns which field
-//! (objects are walked; lists and scalars are whole fields) and what each
-//! manager applied last. An apply: creates the object when missing (201);
+//! (objects are walked; so are associative lists — `x-kubernetes-list-type:
+//! map` in a CRD schema, e.g. `status.conditions` keyed by `type` — whose
+//! entries are merged by key and owned field by field; other lists and
+//! scalars are whole fields) and what each manager applied last. An apply: creates the object when missing (201);
 //! 409 Conflict (reason `Conflict`, one `FieldManagerConflict` cause per
 //! field) when it would change a field another manager owns, unless
 //! `force=true`, which takes the fields over; removes fields this manager
@@ -168,10 +170,11 @@
 //!   `apiVersion` rewritten. core/v1 and events.k8s.io/v1 events are
 //!   separate stores (a real apiserver serves one store in both shapes).
 //! * No `metadata.managedFields` in objects (ownership is kept out of
-//!   band); lists are atomic for apply (no `listType=map` merging by key, so
-//!   two managers cannot share one list, e.g. `status.conditions`); apply
-//!   conflicts are reported against managers by name only, not by
-//!   API version/operation.
+//!   band). Associative lists are understood only from CRD schemas: lists
+//!   of built-in kinds (containers, ports, env, ...) and `listType=set` are
+//!   atomic for apply, so two managers cannot share one. Apply conflicts
+//!   are reported against managers by name only, not by API
+//!   version/operation.
 //! * Strategic merge patch = JSON merge patch.
 //! * Garbage collection runs synchronously inside the request that removes
 //!   an owner (a real one is asynchronous, so a test sees dependents gone

@@ -12,7 +12,9 @@ use axum::response::Response;
 use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
 
-use super::patch::{get_path, json_patch, leaves, merge_patch, remove_path, PatchError};
+use super::patch::{
+    child_schema, get_path, json_patch, leaves, merge_apply, merge_patch, remove_paths, PatchError,
+};
 use super::selector::{FieldSelector, LabelSelector};
 use super::{Change, ChangeKind, Failure, RequestRecord};
 
@@ -395,18 +397,28 @@ fn tracked(obj: &Value, rt: &ResourceType, sub: Option<&str>) -> Value {
     Value::Object(out)
 }
 
-fn leaf_map(v: &Value) -> BTreeMap<String, Value> {
+/// Field paths and values of `v` (see [`leaves`]); `schema` is the
+/// object's CRD schema, when it has one.
+fn leaf_map(v: &Value, schema: Option<&Value>) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     if let Value::Object(m) = v {
         for (k, child) in m {
             leaves(
                 child,
+                child_schema(schema, k),
                 &format!("/{}", k.replace('~', "~0").replace('/', "~1")),
                 &mut out,
             );
         }
     }
     out
+}
+
+impl ResourceType {
+    /// The schema used for field ownership (the first version's).
+    fn ownership_schema(&self) -> Option<&Value> {
+        self.schemas.values().next()
+    }
 }
 
 /// Everything but metadata (and status when it is a subresource): changes
@@ -1010,7 +1022,7 @@ impl State {
         };
         match ownership {
             Ownership::Update(manager) => {
-                for p in leaf_map(&tracked(obj, rt, None)).into_keys() {
+                for p in leaf_map(&tracked(obj, rt, None), rt.ownership_schema()).into_keys() {
                     stored.owners.entry(p).or_default().insert(manager.clone());
                 }
             }
@@ -1176,8 +1188,8 @@ impl State {
             Ownership::Update(manager) => {
                 let mut owners = cur.owners.clone();
                 let mut applied = cur.applied.clone();
-                let before = leaf_map(&tracked(&old, rt, sub));
-                let after = leaf_map(&tracked(&new, rt, sub));
+                let before = leaf_map(&tracked(&old, rt, sub), rt.ownership_schema());
+                let after = leaf_map(&tracked(&new, rt, sub), rt.ownership_schema());
                 for (p, v) in &after {
                     if before.get(p) != Some(v) {
                         // An update takes the field over; appliers lose it.
@@ -1569,7 +1581,7 @@ impl State {
             }
         }
         let applied_part = tracked(&config, rt, sub);
-        let new_leaves = leaf_map(&applied_part);
+        let new_leaves = leaf_map(&applied_part, rt.ownership_schema());
         let Some(cur) = self.objects.get(key).cloned() else {
             if sub.is_some() {
                 return Err(ApiError::not_found(rt, &key.name));
@@ -1629,6 +1641,7 @@ impl State {
         let mut applied = cur.applied.clone();
         let prev = applied.get(manager).cloned().unwrap_or_default();
         let mut new = live.clone();
+        let mut to_remove = Vec::new();
         for p in prev.iter().filter(|p| !new_leaves.contains_key(*p)) {
             let others = owners
                 .get(p)
@@ -1640,10 +1653,11 @@ impl State {
                 }
             }
             if !others {
-                remove_path(&mut new, p);
+                to_remove.push(p.clone());
             }
         }
-        merge_patch(&mut new, &applied_part);
+        remove_paths(&mut new, &to_remove);
+        merge_apply(&mut new, &applied_part, rt.ownership_schema());
         for (p, v) in &new_leaves {
             let changed = get_path(&live, p) != Some(v);
             if force || changed {
@@ -1661,7 +1675,7 @@ impl State {
             }
         }
         applied.insert(manager.to_string(), new_leaves.keys().cloned().collect());
-        let after = leaf_map(&tracked(&new, rt, sub));
+        let after = leaf_map(&tracked(&new, rt, sub), rt.ownership_schema());
         owners.retain(|p, _| after.contains_key(p) || sub.is_none() && p.starts_with("/status"));
         let obj = self.write_existing(
             tx,

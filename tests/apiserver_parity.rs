@@ -210,6 +210,17 @@ async fn status_generation_and_finalizers_match() {
             "{on}: the main endpoint ignores status"
         );
 
+        // custom resources refuse strategic merge patches
+        let err = widgets
+            .patch(
+                "w",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"size": 5}})),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(code(err).0, 415, "{on}");
+
         // custom resources refuse a PUT without resourceVersion
         let mut blind = widget("w", 3);
         blind.metadata.finalizers = Some(vec!["test/hold".into()]);

@@ -78,7 +78,8 @@
 //! * Patches: JSON patch (all six ops, `test` failures → 422 Invalid),
 //!   merge patch, strategic merge patch (treated as a merge patch: lists
 //!   are replaced, never merged by key; `$patch` directives are not
-//!   understood), server-side apply (below).
+//!   understood; refused with 415 for custom resources, as on a real
+//!   apiserver), server-side apply (below).
 //! * Status subresource: `/status` PUT/PATCH/apply change only `status`
 //!   (other changes in the body are ignored) and never bump `generation`;
 //!   the main endpoint ignores changes to `status`; `status` is dropped on

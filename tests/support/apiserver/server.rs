@@ -2258,6 +2258,11 @@ pub(crate) async fn handle(
                         }
                     }
                 }
+                "application/strategic-merge-patch+json" if rt.crd => Err(ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    "strategic merge patch is not supported for custom resources: use a JSON merge patch, a JSON patch or server-side apply",
+                )),
                 "application/json-patch+json" | "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
                     match (parse_body(), st.objects.get(&k).map(|s| s.obj.clone())) {
                         (Err(e), _) => Err(e),

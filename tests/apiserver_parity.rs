@@ -70,6 +70,30 @@ async fn crud_conflicts_and_selectors_match() {
             "{on}"
         );
 
+        // metadata is validated on every kind
+        let bad_label = cm("l", &[("app", "has spaces")]);
+        assert_eq!(
+            code(cms.create(&pp, &bad_label).await.unwrap_err()),
+            (422, "Invalid".into()),
+            "{on}"
+        );
+        let long_value = "x".repeat(64);
+        let bad_label = cm("l", &[("app", long_value.as_str())]);
+        assert_eq!(
+            code(cms.create(&pp, &bad_label).await.unwrap_err()).0,
+            422,
+            "{on}"
+        );
+        let mut bad_finalizer = cm("f", &[]);
+        bad_finalizer.metadata.finalizers = Some(vec!["not a name".into()]);
+        assert_eq!(
+            code(cms.create(&pp, &bad_finalizer).await.unwrap_err()).0,
+            422,
+            "{on}"
+        );
+        let ok = cm("ok", &[("pgbranch.dev/branch", "main"), ("empty", "")]);
+        cms.create(&pp, &ok).await.unwrap();
+
         let mut stale = a.clone();
         stale.data = Some(BTreeMap::from([("k".into(), "1".into())]));
         cms.replace("a", &pp, &stale).await.unwrap();

@@ -105,6 +105,10 @@
 //! * Errors are `metav1.Status` JSON with code and reason: 400 BadRequest,
 //!   403 Forbidden, 404 NotFound, 409 AlreadyExists / Conflict, 410
 //!   Expired, 415 UnsupportedMediaType, 422 Invalid.
+//! * Metadata is validated on every kind (422 Invalid): names (DNS
+//!   subdomain; DNS label for namespaces and services), label keys and
+//!   values, annotation keys and total size, finalizer names, owner
+//!   references (required fields, at most one controller).
 //! * Deleting a CRD deletes every object of its kind, then the kind.
 //! * Schema pass on every write of a custom resource: null dropping,
 //!   pruning, defaults, structural checks and CEL rules from the CRD's
@@ -162,9 +166,8 @@
 //!   cost is accepted here). Not covered: `pattern`, `format`,
 //!   `oneOf`/`anyOf`/`allOf`/`not`, `uniqueItems`, `x-kubernetes-list-type`
 //!   uniqueness, `messageExpression` evaluation details, validation
-//!   ratcheting of unchanged fields, and metadata validation beyond the
-//!   name. Built-in kinds are not validated at all (any JSON object with a
-//!   valid name is accepted). [`ApiServer::set_schema_validation`] turns the
+//!   ratcheting of unchanged fields. Built-in kinds get no schema checks
+//!   (any JSON object with valid metadata is accepted). [`ApiServer::set_schema_validation`] turns the
 //!   pass off.
 //! * No conversion between versions: an object is stored once per
 //!   group/resource and served at any version of its kind with

@@ -355,6 +355,96 @@ fn valid_name(name: &str, label: bool) -> Result<(), String> {
     Ok(())
 }
 
+fn qualified_name_ok(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    name_ok && prefix.is_none_or(|p| valid_name(p, false).is_ok())
+}
+
+fn label_value_ok(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+/// The metadata checks every kind gets: label keys and values, annotation
+/// keys and size, finalizer names, owner references.
+fn validate_meta(obj: &Value) -> Vec<String> {
+    let mut errs = Vec::new();
+    if let Some(labels) = obj.pointer("/metadata/labels").and_then(Value::as_object) {
+        for (k, v) in labels {
+            if !qualified_name_ok(k) {
+                errs.push(format!("metadata.labels: Invalid value: {k:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (63 at most), with an optional DNS subdomain prefix and '/'"));
+            }
+            match v.as_str() {
+                Some(v) if label_value_ok(v) => {}
+                _ => errs.push(format!("metadata.labels: Invalid value: {v}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (63 at most)")),
+            }
+        }
+    }
+    if let Some(annotations) = obj
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+    {
+        let mut total = 0;
+        for (k, v) in annotations {
+            if !qualified_name_ok(k) {
+                errs.push(format!(
+                    "metadata.annotations: Invalid value: {k:?}: not a qualified name"
+                ));
+            }
+            if !v.is_string() {
+                errs.push(format!(
+                    "metadata.annotations.{k}: Invalid value: annotation values must be strings"
+                ));
+            }
+            total += k.len() + v.as_str().map_or(0, str::len);
+        }
+        if total > 256 * 1024 {
+            errs.push("metadata.annotations: Too long: must have at most 262144 bytes".into());
+        }
+    }
+    for f in finalizers(obj) {
+        if !qualified_name_ok(&f) {
+            errs.push(format!(
+                "metadata.finalizers: Invalid value: {f:?}: not a qualified name"
+            ));
+        }
+    }
+    if let Some(refs) = obj
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+    {
+        for (i, r) in refs.iter().enumerate() {
+            for f in ["apiVersion", "kind", "name", "uid"] {
+                if r.get(f).and_then(Value::as_str).is_none_or(str::is_empty) {
+                    errs.push(format!("metadata.ownerReferences[{i}].{f}: Required value"));
+                }
+            }
+        }
+        let controllers = refs
+            .iter()
+            .filter(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+            .count();
+        if controllers > 1 {
+            errs.push("metadata.ownerReferences: Invalid value: only one reference can have Controller set to true".into());
+        }
+    }
+    errs
+}
+
 fn random_suffix() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
@@ -634,6 +724,23 @@ impl State {
         obj: Value,
         old: Option<&Value>,
     ) -> Result<Value, ApiError> {
+        let meta_errors = validate_meta(&obj);
+        if !meta_errors.is_empty() {
+            let name = meta_str(&obj, "name").unwrap_or("").to_string();
+            return Err(ApiError {
+                details: Some(json!({"name": name, "group": rt.group, "kind": rt.kind,
+                    "causes": meta_errors.iter().map(|m| json!({"reason": "FieldValueInvalid", "message": m})).collect::<Vec<_>>()})),
+                ..ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "{} {name:?} is invalid: [{}]",
+                        rt.kind,
+                        meta_errors.join(", ")
+                    ),
+                )
+            });
+        }
         let obj = if rt.group.is_empty() {
             builtin_defaults(&rt.plural, obj, old, self.rv + 1)
         } else {

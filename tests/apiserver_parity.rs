@@ -14,7 +14,7 @@ use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use kube::{CustomResourceExt, ResourceExt};
-use serde_json::json;
+use serde_json::{json, Value};
 use support::apiserver::envtest::TestCluster;
 use support::widget::{widget, Widget};
 
@@ -317,5 +317,64 @@ async fn watches_match() {
             }
         }
         assert_eq!(seen, ["MODIFIED a", "DELETED a"], "{on}");
+    }
+}
+
+#[tokio::test]
+async fn built_in_validation_matches() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    for cluster in TestCluster::all().await {
+        let on = cluster.name();
+        let ns = namespace(&cluster).await;
+        let deployments: Api<Deployment> = Api::namespaced(cluster.client(), &ns);
+        let deployment = |labels: Value, image: Value| -> Deployment {
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "db"}},
+                    "template": {"metadata": {"labels": labels},
+                                 "spec": {"containers": [{"name": "postgres", "image": image}]}},
+                },
+            }))
+            .unwrap()
+        };
+        let pp = PostParams::default();
+        let mismatch = deployment(json!({"app": "web"}), json!("postgres:15"));
+        assert_eq!(
+            code(deployments.create(&pp, &mismatch).await.unwrap_err()),
+            (422, "Invalid".into()),
+            "{on}"
+        );
+        let no_image = deployment(json!({"app": "db"}), json!(null));
+        assert_eq!(
+            code(deployments.create(&pp, &no_image).await.unwrap_err()).0,
+            422,
+            "{on}"
+        );
+        deployments
+            .create(&pp, &deployment(json!({"app": "db"}), json!("postgres:15")))
+            .await
+            .unwrap();
+        let err = deployments
+            .patch(
+                "d",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"spec": {"selector": {"matchLabels": {"app": "db", "x": "y"}},
+                "template": {"metadata": {"labels": {"app": "db", "x": "y"}}}}}),
+                ),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(code(err).0, 422, "{on}: the selector is immutable");
+
+        let cms: Api<ConfigMap> = Api::namespaced(cluster.client(), &ns);
+        let mut bad_key = cm("k", &[]);
+        bad_key.data = Some(BTreeMap::from([("no spaces".to_string(), "v".to_string())]));
+        assert_eq!(
+            code(cms.create(&pp, &bad_key).await.unwrap_err()).0,
+            422,
+            "{on}"
+        );
     }
 }

@@ -109,6 +109,12 @@
 //!   subdomain; DNS label for namespaces and services), label keys and
 //!   values, annotation keys and total size, finalizer names, owner
 //!   references (required fields, at most one controller).
+//! * Built-in kinds: Deployments/StatefulSets/ReplicaSets need a selector
+//!   that matches the template labels (immutable afterwards) and
+//!   containers with DNS-label names and images (Pods too); Services need
+//!   ports in 1..=65535, named when several, and keep their `clusterIP`;
+//!   ConfigMap/Secret keys must be valid config keys; a Secret's `type` is
+//!   immutable.
 //! * Deleting a CRD deletes every object of its kind, then the kind.
 //! * Schema pass on every write of a custom resource: null dropping,
 //!   pruning, defaults, structural checks and CEL rules from the CRD's
@@ -166,8 +172,9 @@
 //!   cost is accepted here). Not covered: `pattern`, `format`,
 //!   `oneOf`/`anyOf`/`allOf`/`not`, `uniqueItems`, `x-kubernetes-list-type`
 //!   uniqueness, `messageExpression` evaluation details, validation
-//!   ratcheting of unchanged fields. Built-in kinds get no schema checks
-//!   (any JSON object with valid metadata is accepted). [`ApiServer::set_schema_validation`] turns the
+//!   ratcheting of unchanged fields. Built-in kinds get only the checks
+//!   listed above (a real apiserver validates far more: resource
+//!   quantities, probes, volumes, security contexts, ...). [`ApiServer::set_schema_validation`] turns the
 //!   pass off.
 //! * No conversion between versions: an object is stored once per
 //!   group/resource and served at any version of its kind with

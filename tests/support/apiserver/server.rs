@@ -445,6 +445,142 @@ fn validate_meta(obj: &Value) -> Vec<String> {
     errs
 }
 
+fn selector_matches_labels(sel: &Value, labels: Option<&Value>) -> bool {
+    let labels = labels
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    super::admission::selector_matches(Some(sel), &labels)
+}
+
+/// The checks of built-in kinds that catch controller bugs: workload
+/// selectors and templates, container names and images, Service ports,
+/// ConfigMap/Secret keys, immutable fields.
+fn validate_builtin(group: &str, plural: &str, obj: &Value, old: Option<&Value>) -> Vec<String> {
+    let mut errs = Vec::new();
+    let spec = obj.get("spec");
+    match (group, plural) {
+        ("apps", "deployments" | "statefulsets" | "replicasets") => {
+            let sel = spec.and_then(|s| s.get("selector"));
+            let empty = sel.is_none_or(|s| {
+                s.get("matchLabels")
+                    .and_then(Value::as_object)
+                    .is_none_or(Map::is_empty)
+                    && s.get("matchExpressions")
+                        .and_then(Value::as_array)
+                        .is_none_or(Vec::is_empty)
+            });
+            if empty {
+                errs.push("spec.selector: Required value".into());
+            } else if let Some(sel) = sel {
+                let labels = spec.and_then(|s| s.pointer("/template/metadata/labels"));
+                if !selector_matches_labels(sel, labels) {
+                    errs.push("spec.template.metadata.labels: Invalid value: `selector` does not match template `labels`".into());
+                }
+            }
+            if let Some(old_sel) = old.and_then(|o| o.pointer("/spec/selector")) {
+                if sel != Some(old_sel) {
+                    errs.push("spec.selector: Invalid value: field is immutable".into());
+                }
+            }
+            let containers = spec.and_then(|s| s.pointer("/template/spec/containers"));
+            validate_containers(containers, "spec.template.spec.containers", &mut errs);
+        }
+        ("", "pods") => {
+            validate_containers(
+                spec.and_then(|s| s.get("containers")),
+                "spec.containers",
+                &mut errs,
+            );
+        }
+        ("", "services") => {
+            let ports = spec.and_then(|s| s.get("ports")).and_then(Value::as_array);
+            let kind = spec
+                .and_then(|s| s.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("ClusterIP");
+            let headless = spec
+                .and_then(|s| s.get("clusterIP"))
+                .and_then(Value::as_str)
+                == Some("None");
+            if ports.is_none_or(Vec::is_empty) && kind != "ExternalName" && !headless {
+                errs.push("spec.ports: Required value".into());
+            }
+            let ports = ports.cloned().unwrap_or_default();
+            for (i, p) in ports.iter().enumerate() {
+                let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
+                if !(1..=65535).contains(&port) {
+                    errs.push(format!("spec.ports[{i}].port: Invalid value: {port}: must be between 1 and 65535, inclusive"));
+                }
+                if ports.len() > 1
+                    && p.get("name")
+                        .and_then(Value::as_str)
+                        .is_none_or(str::is_empty)
+                {
+                    errs.push(format!("spec.ports[{i}].name: Required value"));
+                }
+            }
+            let old_ip = old.and_then(|o| o.pointer("/spec/clusterIP"));
+            if old_ip.is_some() && spec.and_then(|s| s.get("clusterIP")) != old_ip {
+                errs.push("spec.clusterIP: Invalid value: field is immutable".into());
+            }
+        }
+        ("", "configmaps" | "secrets") => {
+            for field in ["data", "binaryData", "stringData"] {
+                if let Some(m) = obj.get(field).and_then(Value::as_object) {
+                    for k in m.keys() {
+                        let ok = !k.is_empty()
+                            && k.len() <= 253
+                            && k.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+                        if !ok {
+                            errs.push(format!("{field}[{k:?}]: Invalid value: a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
+                        }
+                    }
+                }
+            }
+            if plural == "secrets" {
+                if let (Some(o), Some(n)) = (old.and_then(|o| o.get("type")), obj.get("type")) {
+                    if o != n {
+                        errs.push("type: Invalid value: field is immutable".into());
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    errs
+}
+
+fn validate_containers(containers: Option<&Value>, path: &str, errs: &mut Vec<String>) {
+    let list = containers
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if list.is_empty() {
+        errs.push(format!("{path}: Required value"));
+    }
+    let mut names = BTreeSet::new();
+    for (i, c) in list.iter().enumerate() {
+        match c.get("name").and_then(Value::as_str) {
+            Some(n) if valid_name(n, true).is_ok() => {
+                if !names.insert(n.to_string()) {
+                    errs.push(format!("{path}[{i}].name: Duplicate value: {n:?}"));
+                }
+            }
+            other => errs.push(format!(
+                "{path}[{i}].name: Invalid value: {other:?}: must be a DNS label"
+            )),
+        }
+        if c.get("image")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            errs.push(format!("{path}[{i}].image: Required value"));
+        }
+    }
+}
+
 fn random_suffix() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
@@ -746,6 +882,21 @@ impl State {
         } else {
             obj
         };
+        if !rt.crd {
+            let errors = validate_builtin(&rt.group, &rt.plural, &obj, old);
+            if !errors.is_empty() {
+                let name = meta_str(&obj, "name").unwrap_or("").to_string();
+                return Err(ApiError {
+                    details: Some(json!({"name": name, "group": rt.group, "kind": rt.kind,
+                        "causes": errors.iter().map(|m| json!({"reason": "FieldValueInvalid", "message": m})).collect::<Vec<_>>()})),
+                    ..ApiError::new(
+                        422,
+                        "Invalid",
+                        format!("{} {name:?} is invalid: [{}]", rt.kind, errors.join(", ")),
+                    )
+                });
+            }
+        }
         if !rt.crd || !self.validate_schemas {
             return Ok(obj);
         }

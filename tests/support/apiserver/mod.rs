@@ -200,15 +200,21 @@
 //!   namespace once empty (no `kubernetes` spec finalizer).
 //! * `metadata.generation` is kept on every kind (a real apiserver keeps
 //!   it only where the kind's strategy does, e.g. not on ConfigMaps).
-//! * Built-in defaulting is limited to Secrets (`stringData` folded into
-//!   base64 `data`, `type: Opaque`) and Services (`type: ClusterIP`, an
-//!   allocated `clusterIP` kept across updates, port `protocol: TCP`,
-//!   `targetPort` = `port`). Deployments, StatefulSets, Pods and the rest
-//!   get none of the defaults a real apiserver fills in (strategy,
-//!   `revisionHistoryLimit`, `restartPolicy`, `terminationMessagePath`,
-//!   ...): a controller that compares such objects field by field with its
-//!   desired state looks calm here and churns on a cluster — use
-//!   server-side apply, or compare only the fields you set.
+//! * Built-in defaulting covers Secrets (`stringData` folded into base64
+//!   `data`, `type: Opaque`), Services (`type: ClusterIP`, an allocated
+//!   `clusterIP` kept across updates, port `protocol: TCP`, `targetPort` =
+//!   `port`), Deployments/StatefulSets/ReplicaSets (`replicas`,
+//!   `revisionHistoryLimit`, `progressDeadlineSeconds`, update strategies,
+//!   `podManagementPolicy`, PVC retention policy) and pod specs in Pods and
+//!   templates (`restartPolicy`, `terminationGracePeriodSeconds`,
+//!   `dnsPolicy`, `securityContext`, `schedulerName`, container
+//!   `terminationMessagePath`/`Policy`, `imagePullPolicy`, port
+//!   `protocol`, probe timings). Not covered: quantity canonicalisation
+//!   (`"1000m"` stays `"1000m"`, a real apiserver stores `"1"`),
+//!   `volumeClaimTemplates`/volume defaults, `enableServiceLinks`, field
+//!   defaults added by newer Kubernetes versions. A controller comparing
+//!   such fields one by one with its desired state may still churn on a
+//!   cluster and not here — prefer server-side apply.
 //! * No controllers: Deployments get no pods or status, Services no
 //!   endpoints, pods never run; tests play those parts themselves.
 //! * When the last finalizer is removed from a deleting object, watchers see

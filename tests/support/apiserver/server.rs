@@ -877,10 +877,10 @@ impl State {
                 )
             });
         }
-        let obj = if rt.group.is_empty() {
-            builtin_defaults(&rt.plural, obj, old, self.rv + 1)
-        } else {
-            obj
+        let obj = match rt.group.as_str() {
+            "" => builtin_defaults(&rt.plural, obj, old, self.rv + 1),
+            "apps" => workload_defaults(&rt.plural, obj),
+            _ => obj,
         };
         if !rt.crd {
             let errors = validate_builtin(&rt.group, &rt.plural, &obj, old);
@@ -1952,6 +1952,125 @@ impl State {
 /// controllers notice: Secret `stringData` folded into base64 `data` and
 /// `type: Opaque`; Service `type: ClusterIP`, an allocated (or kept)
 /// `clusterIP`, port `protocol: TCP` and `targetPort` = `port`.
+/// Sets `v[key]` to `default` when absent or null.
+fn default_field(v: &mut Value, key: &str, default: Value) {
+    if let Value::Object(m) = v {
+        if m.get(key).is_none_or(Value::is_null) {
+            m.insert(key.to_string(), default);
+        }
+    }
+}
+
+fn probe_defaults(probe: &mut Value) {
+    if !probe.is_object() {
+        return;
+    }
+    default_field(probe, "timeoutSeconds", json!(1));
+    default_field(probe, "periodSeconds", json!(10));
+    default_field(probe, "successThreshold", json!(1));
+    default_field(probe, "failureThreshold", json!(3));
+    if let Some(get) = probe.get_mut("httpGet") {
+        default_field(get, "scheme", json!("HTTP"));
+        default_field(get, "path", json!("/"));
+    }
+}
+
+/// The defaults a real apiserver gives a PodSpec and its containers.
+fn pod_spec_defaults(spec: &mut Value) {
+    if !spec.is_object() {
+        return;
+    }
+    default_field(spec, "restartPolicy", json!("Always"));
+    default_field(spec, "terminationGracePeriodSeconds", json!(30));
+    default_field(spec, "dnsPolicy", json!("ClusterFirst"));
+    default_field(spec, "securityContext", json!({}));
+    default_field(spec, "schedulerName", json!("default-scheduler"));
+    for list in ["initContainers", "containers"] {
+        let Some(Value::Array(containers)) = spec.get_mut(list) else {
+            continue;
+        };
+        for c in containers {
+            default_field(c, "terminationMessagePath", json!("/dev/termination-log"));
+            default_field(c, "terminationMessagePolicy", json!("File"));
+            let image = c
+                .get("image")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let tag = image
+                .rsplit('/')
+                .next()
+                .and_then(|last| last.split_once(':'))
+                .map(|(_, t)| t.to_string());
+            let pull = if image.contains('@') || tag.as_deref().is_some_and(|t| t != "latest") {
+                "IfNotPresent"
+            } else {
+                "Always"
+            };
+            default_field(c, "imagePullPolicy", json!(pull));
+            if let Some(Value::Array(ports)) = c.get_mut("ports") {
+                for p in ports {
+                    default_field(p, "protocol", json!("TCP"));
+                }
+            }
+            for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                if let Some(p) = c.get_mut(probe) {
+                    probe_defaults(p);
+                }
+            }
+        }
+    }
+}
+
+/// The defaults of apps/v1 workloads and their pod templates.
+fn workload_defaults(plural: &str, mut obj: Value) -> Value {
+    let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) else {
+        return obj;
+    };
+    match plural {
+        "deployments" => {
+            default_field(spec, "replicas", json!(1));
+            default_field(spec, "revisionHistoryLimit", json!(10));
+            default_field(spec, "progressDeadlineSeconds", json!(600));
+            default_field(spec, "strategy", json!({}));
+            let strategy = &mut spec["strategy"];
+            default_field(strategy, "type", json!("RollingUpdate"));
+            if strategy["type"] == "RollingUpdate" {
+                default_field(strategy, "rollingUpdate", json!({}));
+                default_field(
+                    &mut strategy["rollingUpdate"],
+                    "maxUnavailable",
+                    json!("25%"),
+                );
+                default_field(&mut strategy["rollingUpdate"], "maxSurge", json!("25%"));
+            }
+        }
+        "statefulsets" => {
+            default_field(spec, "replicas", json!(1));
+            default_field(spec, "revisionHistoryLimit", json!(10));
+            default_field(spec, "podManagementPolicy", json!("OrderedReady"));
+            default_field(spec, "updateStrategy", json!({}));
+            let strategy = &mut spec["updateStrategy"];
+            default_field(strategy, "type", json!("RollingUpdate"));
+            if strategy["type"] == "RollingUpdate" {
+                default_field(strategy, "rollingUpdate", json!({}));
+                default_field(&mut strategy["rollingUpdate"], "partition", json!(0));
+            }
+            default_field(
+                spec,
+                "persistentVolumeClaimRetentionPolicy",
+                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+            );
+        }
+        "replicasets" => default_field(spec, "replicas", json!(1)),
+        _ => {}
+    }
+    if let Some(pod) = spec.pointer_mut("/template/spec") {
+        pod_spec_defaults(pod);
+    }
+    obj
+}
+
 fn builtin_defaults(plural: &str, mut obj: Value, old: Option<&Value>, serial: u64) -> Value {
     use base64::Engine;
     match plural {
@@ -1968,6 +2087,11 @@ fn builtin_defaults(plural: &str, mut obj: Value, old: Option<&Value>, serial: u
             }
             if obj.get("type").is_none_or(Value::is_null) {
                 obj["type"] = json!("Opaque");
+            }
+        }
+        "pods" => {
+            if let Some(spec) = obj.get_mut("spec") {
+                pod_spec_defaults(spec);
             }
         }
         "services" => {

@@ -207,12 +207,13 @@
 //!   `revisionHistoryLimit`, `progressDeadlineSeconds`, update strategies,
 //!   `podManagementPolicy`, PVC retention policy) and pod specs in Pods and
 //!   templates (`restartPolicy`, `terminationGracePeriodSeconds`,
-//!   `dnsPolicy`, `securityContext`, `schedulerName`, container
+//!   `dnsPolicy`, `securityContext`, `schedulerName`,
+//!   `enableServiceLinks`, container
 //!   `terminationMessagePath`/`Policy`, `imagePullPolicy`, port
 //!   `protocol`, probe timings). Not covered: quantity canonicalisation
 //!   (`"1000m"` stays `"1000m"`, a real apiserver stores `"1"`),
-//!   `volumeClaimTemplates`/volume defaults, `enableServiceLinks`, field
-//!   defaults added by newer Kubernetes versions. A controller comparing
+//!   `volumeClaimTemplates`/volume defaults, field defaults added by newer
+//!   Kubernetes versions. A controller comparing
 //!   such fields one by one with its desired state may still churn on a
 //!   cluster and not here — prefer server-side apply.
 //! * No controllers: Deployments get no pods or status, Services no

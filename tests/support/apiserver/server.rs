@@ -1985,6 +1985,7 @@ fn pod_spec_defaults(spec: &mut Value) {
     default_field(spec, "dnsPolicy", json!("ClusterFirst"));
     default_field(spec, "securityContext", json!({}));
     default_field(spec, "schedulerName", json!("default-scheduler"));
+    default_field(spec, "enableServiceLinks", json!(true));
     for list in ["initContainers", "containers"] {
         let Some(Value::Array(containers)) = spec.get_mut(list) else {
             continue;

@@ -189,7 +189,28 @@ async fn head_branch_of_running_server_is_independent() {
             Err(StorageError::Busy { .. })
         ));
         s.stop(StopMode::Fast).await.unwrap();
+
+        // Archiving set by the user on the parent is never inherited.
+        sql(&p, "ALTER SYSTEM SET archive_command = '/bin/true'").await;
+        sql(&p, "SELECT pg_reload_conf()").await;
+        let b2 = branch(&e, "child-2", &root, Point::Head, Some(conn(&p)))
+            .await
+            .unwrap();
+        let s = e.start_postgres(&b2, free_port()).await.unwrap();
+        let ac = one_str(&s, "SHOW archive_command").await;
+        assert!(ac.contains(&format!("wal/{b2}")), "{ac}");
+        s.stop(StopMode::Fast).await.unwrap();
         p.stop(StopMode::Immediate).await.unwrap();
+
+        // WAL kept outside the data directory is refused, not shared.
+        let data = e.data_dir(&root);
+        let moved = data.join("wal-elsewhere");
+        std::fs::rename(data.join("pg_wal"), &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, data.join("pg_wal")).unwrap();
+        let err = branch(&e, "symlinked", &root, Point::Head, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::InvalidArgument { .. }), "{err}");
     }
 }
 

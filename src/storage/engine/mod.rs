@@ -904,8 +904,16 @@ impl Engine {
         let _ = fs::remove_file(work.join("postmaster.pid"));
         // WAL written during the copy, up to the backup's end.
         let (s, w) = (src.join("pg_wal"), work.join("pg_wal"));
-        self.blocking("re-copying pg_wal", move |_| recopy_wal(&s, &w))
-            .await?;
+        // "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)"
+        let start_seg = labelfile
+            .lines()
+            .find_map(|l| l.strip_prefix("START WAL LOCATION:"))
+            .and_then(|l| l.split("(file ").nth(1))
+            .map(|f| f.trim_end_matches(')').trim().to_string());
+        self.blocking("re-copying pg_wal", move |_| {
+            recopy_wal(&s, &w, start_seg.as_deref())
+        })
+        .await?;
         self.inner.pg.chown_tree(&work.join("pg_wal"))?;
         if work != dst {
             self.clone_dir(&work, dst, true).await?;
@@ -1820,8 +1828,9 @@ fn crash_point(step: &str) {
     }
 }
 
-/// Copies the WAL segments and history files of `src` over those in `dst`.
-fn recopy_wal(src: &Path, dst: &Path) -> std::io::Result<()> {
+/// Copies the WAL segments (from the backup's start segment on, when
+/// known) and history files of `src` over those in `dst`.
+fn recopy_wal(src: &Path, dst: &Path, start_seg: Option<&str>) -> std::io::Result<()> {
     for e in fs::read_dir(src)? {
         let e = match e {
             Ok(e) => e,
@@ -1829,8 +1838,12 @@ fn recopy_wal(src: &Path, dst: &Path) -> std::io::Result<()> {
         };
         let name = e.file_name();
         let n = name.to_string_lossy();
-        let wanted =
-            (n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit())) || n.ends_with(".history");
+        let segment = n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit());
+        let needed = match start_seg {
+            Some(s) if s.len() == 24 && segment => n[8..] >= s[8..],
+            _ => true,
+        };
+        let wanted = (segment && needed) || n.ends_with(".history");
         if !wanted {
             continue;
         }

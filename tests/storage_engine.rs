@@ -249,6 +249,7 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
         }
         sql(&p, "SELECT pg_switch_wal()").await;
         let c = conn(&p);
+        let mut first_lsn_branch = None;
         for k in [0usize, 2] {
             let b = branch(
                 &e,
@@ -269,6 +270,7 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
             s.stop(StopMode::Fast).await.unwrap();
             let info = e.get_timeline(&b).await.unwrap();
             assert_eq!(info.lineage.parent_lsn, Some(lsns[k]));
+            first_lsn_branch.get_or_insert(b);
         }
         let mut pitr_branch = None;
         for k in [1usize, 3] {
@@ -308,6 +310,35 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
         want.push(9999);
         assert_eq!(ids(&s).await, want);
         s.stop(StopMode::Fast).await.unwrap();
+
+        // Lineage: points before a branch was made are in its parent's
+        // history up to the branch point (at an LSN and at a time).
+        let bw = e.get_timeline(&b).await.unwrap().restore_window.unwrap();
+        let rw = e.get_timeline(&root).await.unwrap().restore_window.unwrap();
+        assert_eq!(
+            bw.oldest, rw.oldest,
+            "window of {b} does not reach back through its parent"
+        );
+        for (key, point, n) in [
+            ("anc-lsn", Point::Lsn(lsns[1]), 20),
+            ("anc-ts", Point::Timestamp(times[0]), 10),
+        ] {
+            let old = branch(&e, key, &b, point, None).await.unwrap();
+            let s = e.start_postgres(&old, free_port()).await.unwrap();
+            assert_eq!(ids(&s).await, (1..=n).collect::<Vec<_>>(), "{key}");
+            s.stop(StopMode::Fast).await.unwrap();
+        }
+        // ...but never the parent's history after the branch point.
+        let early = first_lsn_branch.unwrap();
+        match branch(&e, "after-bp", &early, Point::Lsn(lsns[2]), None).await {
+            Err(StorageError::InvalidPoint { .. }) => {}
+            Ok(t) => {
+                let s = e.start_postgres(&t, free_port()).await.unwrap();
+                assert_eq!(ids(&s).await, (1..=10).collect::<Vec<_>>());
+                s.stop(StopMode::Fast).await.unwrap();
+            }
+            Err(other) => panic!("{other}"),
+        }
         // The volume belongs to one engine at a time.
         let second = Engine::open(EngineConfig {
             root: v.root.clone(),

@@ -96,6 +96,7 @@ async fn root_timeline(e: &Engine, k: &str) -> TimelineId {
         .await
         .unwrap();
     assert_eq!(t.state, State::Creating);
+    assert!(t.progress.is_some(), "a creating timeline reports progress");
     wait_timeline_ready(e, &t.id, WAIT).await.unwrap().id
 }
 

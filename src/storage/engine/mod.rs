@@ -130,9 +130,9 @@ use serde::{Deserialize, Serialize};
 pub use pg::{PgServer, StopMode};
 
 use crate::storage::{
-    ConnInfo, CreateSnapshot, CreateTimeline, DriverKind, Lineage, Lsn, Point, PointInfo, Progress,
-    RestoreWindow, Snapshot, SnapshotId, Source, State, Storage, StorageError, StorageInfo,
-    Timeline, TimelineId,
+    ConnInfo, CreateSnapshot, CreateTimeline, DriverKind, Lineage, Lsn, Password, Point, PointInfo,
+    Progress, RestoreWindow, Snapshot, SnapshotId, Source, State, Storage, StorageError,
+    StorageInfo, Timeline, TimelineId,
 };
 use driver::Driver;
 use meta::{BaseRow, Meta, Recorded, SnapshotRow, TimelineRow};
@@ -214,7 +214,7 @@ struct StoredRequest {
 #[derive(Debug, Clone)]
 enum TlPlan {
     Empty {
-        password: Option<String>,
+        password: Option<Password>,
     },
     SchemaOnly {
         src: TimelineId,
@@ -586,6 +586,7 @@ impl Engine {
                     log: &log,
                     timeout: Duration::from_secs(600),
                     tied: false,
+                    replay_progress: None,
                 },
             )
             .await
@@ -596,6 +597,16 @@ impl Engine {
         data: &Path,
         archive: Option<&TimelineId>,
         log: &Path,
+    ) -> Result<PgServer, StorageError> {
+        self.private_server_with(data, archive, log, None).await
+    }
+
+    async fn private_server_with(
+        &self,
+        data: &Path,
+        archive: Option<&TimelineId>,
+        log: &Path,
+        replay_progress: Option<&(dyn Fn(Lsn) + Send + Sync)>,
     ) -> Result<PgServer, StorageError> {
         self.inner
             .pg
@@ -608,6 +619,7 @@ impl Engine {
                     log,
                     timeout: Duration::from_secs(3600),
                     tied: true,
+                    replay_progress,
                 },
             )
             .await
@@ -804,11 +816,19 @@ impl Engine {
     async fn replay(
         &self,
         data: &Path,
-        src: &TimelineId,
+        base: &BaseRow,
         target: Lsn,
         archive: Option<&TimelineId>,
         log: &Path,
+        report: &(dyn Fn(Option<u8>) + Send + Sync),
     ) -> Result<(), StorageError> {
+        let src = &base.timeline;
+        let from = base.lsn.0;
+        let on_lsn = move |l: Lsn| {
+            let span = target.0.saturating_sub(from).max(1);
+            let done = l.0.saturating_sub(from).min(span);
+            report(Some((done * 100 / span) as u8));
+        };
         let wal = self.wal_dir(src);
         let rc = format!(
             "# Written by pgbranch for a point-in-time replay; removed after it.\n\
@@ -825,7 +845,10 @@ impl Engine {
         self.inner
             .pg
             .write_file(&data.join("recovery.signal"), "")?;
-        let srv = match self.private_server(data, archive, log).await {
+        let srv = match self
+            .private_server_with(data, archive, log, Some(&on_lsn))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 let tail = pg::log_tail(log);
@@ -1292,7 +1315,7 @@ impl Engine {
         match &req.source {
             Source::Empty { superuser_password } => Ok((
                 TlPlan::Empty {
-                    password: superuser_password.as_ref().map(|p| p.0.clone()),
+                    password: superuser_password.clone(),
                 },
                 Lineage {
                     parent: None,
@@ -1432,6 +1455,16 @@ impl Engine {
         );
     }
 
+    fn progress_pct_t(&self, id: &TimelineId, step: &str, percent: Option<u8>) {
+        let _ = self.inner.meta.set_timeline_progress(
+            id,
+            Some(Progress {
+                step: step.to_string(),
+                percent,
+            }),
+        );
+    }
+
     async fn remove_timeline_dirs(&self, id: &TimelineId) {
         let dir = self.tl_dir(id);
         for sub in ["pgdata", "base"] {
@@ -1464,7 +1497,7 @@ impl Engine {
                 self.create_data_dir(&data).await?;
                 self.inner
                     .pg
-                    .initdb(&data, password.as_deref(), &self.tmp())
+                    .initdb(&data, password.as_ref().map(|p| p.0.as_str()), &self.tmp())
                     .await?;
                 self.write_hba(&data)?;
                 self.fixups(&data, Some(id))?;
@@ -1495,7 +1528,8 @@ impl Engine {
                     self.progress_t(id, "replaying WAL");
                     // The archive of the base's timeline: this source's, or
                     // an ancestor's for a point before the source was made.
-                    self.replay(&data, &base.timeline, target, Some(id), &log)
+                    let report = |pct: Option<u8>| self.progress_pct_t(id, "replaying WAL", pct);
+                    self.replay(&data, &base, target, Some(id), &log, &report)
                         .await?;
                 } else {
                     self.normalize(&data, Some(id), &log).await?;
@@ -1787,7 +1821,16 @@ impl Engine {
                     self.fixups(&work, None)?;
                     if target > base.lsn {
                         progress("replaying WAL");
-                        self.replay(&work, &base.timeline, target, None, &log)
+                        let report = |pct: Option<u8>| {
+                            let _ = self.inner.meta.set_snapshot_progress(
+                                id,
+                                Some(Progress {
+                                    step: "replaying WAL".into(),
+                                    percent: pct,
+                                }),
+                            );
+                        };
+                        self.replay(&work, &base, target, None, &log, &report)
                             .await?;
                     } else {
                         self.normalize(&work, None, &log).await?;

@@ -70,6 +70,8 @@ pub(crate) struct StartOpts<'a> {
     pub timeout: Duration,
     /// Dies with the engine (private servers).
     pub tied: bool,
+    /// Called with `pg_last_wal_replay_lsn()` while the server recovers.
+    pub replay_progress: Option<&'a (dyn Fn(Lsn) + Send + Sync)>,
 }
 
 /// Fields of `pg_controldata` the engine uses.
@@ -215,6 +217,7 @@ impl PgEnv {
             log,
             timeout,
             tied,
+            replay_progress,
         } = opts;
         let sock = std::env::temp_dir().join(format!(
             "pgbranch-s-{}",
@@ -269,7 +272,7 @@ impl PgEnv {
             child: Some(child),
             pid,
         };
-        match server.wait_ready(timeout).await {
+        match server.wait_ready(timeout, replay_progress).await {
             Ok(()) => Ok(server),
             Err(e) => {
                 server.kill_now();
@@ -356,7 +359,11 @@ impl PgServer {
         log_tail(&self.log)
     }
 
-    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), StorageError> {
+    async fn wait_ready(
+        &mut self,
+        timeout: Duration,
+        progress: Option<&(dyn Fn(Lsn) + Send + Sync)>,
+    ) -> Result<(), StorageError> {
         let start = Instant::now();
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -370,10 +377,15 @@ impl PgServer {
                 }
             }
             if let Ok(c) = self.connect("postgres").await {
-                if let Ok(row) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                let q = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text";
+                if let Ok(row) = c.query_one(q, &[]).await {
                     let in_recovery: bool = row.get(0);
                     if !in_recovery {
                         return Ok(());
+                    }
+                    let replayed: Option<String> = row.get(1);
+                    if let (Some(f), Some(l)) = (progress, replayed.and_then(|l| l.parse().ok())) {
+                        f(l);
                     }
                 }
             }

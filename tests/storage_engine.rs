@@ -421,6 +421,9 @@ async fn chains_keys_deletes_and_sizes() {
     for v in volumes("chains") {
         eprintln!("driver {}", v.kind);
         let e = open(&v).await;
+        let info = e.info().await.unwrap();
+        assert_eq!(info.driver, v.kind);
+        assert!(info.pg_major >= 14, "{info:?}");
         let root = root_timeline(&e, "root").await;
         // Idempotent keys.
         let again = e

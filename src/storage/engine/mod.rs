@@ -2300,3 +2300,73 @@ impl Engine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_segment_numbers() {
+        let seg = 16 * 1024 * 1024;
+        assert_eq!(segno_of("000000010000000000000001", seg), Some(1));
+        assert_eq!(segno_of("0000000200000001000000FF", seg), Some(256 + 255));
+        assert_eq!(segno_of("000000010000000000000001.partial", seg), None);
+        assert_eq!(segno_of("00000002.history", seg), None);
+    }
+
+    #[test]
+    fn archive_command_is_durable_and_never_overwrites() {
+        let id = TimelineId::new("abc").unwrap();
+        let c = Engine::archive_command(Path::new("/vol"), &id);
+        assert!(c.contains("\"/vol/wal/abc/%f\""));
+        assert!(
+            c.contains("cmp -s"),
+            "an existing segment must be compared, not replaced"
+        );
+        assert!(c.contains("sync \"/vol/wal/abc/%f.tmp\"") && c.contains("mv "));
+        assert!(!c.contains('\''), "must embed in a single-quoted setting");
+    }
+
+    #[test]
+    fn request_identity_ignores_secrets_but_not_the_source() {
+        let a = Source::Empty {
+            superuser_password: Some(Password("one".into())),
+        };
+        let b = Source::Empty {
+            superuser_password: Some(Password("two".into())),
+        };
+        assert_eq!(identity_timeline(&a), identity_timeline(&b));
+        assert!(!identity_timeline(&a).contains("one"));
+        let t = TimelineId::new("t").unwrap();
+        let head = Source::Timeline {
+            timeline: t.clone(),
+            point: Point::Head,
+        };
+        let lsn = Source::Timeline {
+            timeline: t,
+            point: Point::Lsn(Lsn(5)),
+        };
+        assert_ne!(identity_timeline(&head), identity_timeline(&lsn));
+    }
+
+    #[test]
+    fn points_before_a_window() {
+        let w = RestoreWindow {
+            oldest: PointInfo {
+                lsn: Lsn(100),
+                time: Some(jiff::Timestamp::from_second(1000).unwrap()),
+            },
+            newest: PointInfo {
+                lsn: Lsn(200),
+                time: Some(jiff::Timestamp::from_second(2000).unwrap()),
+            },
+        };
+        assert!(point_before(&Point::Lsn(Lsn(99)), &w));
+        assert!(!point_before(&Point::Lsn(Lsn(100)), &w));
+        assert!(point_before(
+            &Point::Timestamp(jiff::Timestamp::from_second(999).unwrap()),
+            &w
+        ));
+        assert!(!point_before(&Point::Head, &w));
+    }
+}

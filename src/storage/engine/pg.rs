@@ -552,3 +552,26 @@ mod tests {
         assert!(parse_waldump_line("pg_waldump: error: could not find file").is_none());
     }
 }
+
+#[cfg(test)]
+mod controldata_tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_fields_the_engine_needs() {
+        let out = "pg_control version number:            1300\n\
+Database cluster state:               shut down\n\
+Latest checkpoint location:           0/1500708\n\
+Latest checkpoint's REDO location:    0/1500708\n\
+Latest checkpoint's TimeLineID:       3\n\
+Bytes per WAL segment:                16777216\n";
+        let cd = parse_controldata(out).unwrap();
+        assert!(cd.clean());
+        assert_eq!(cd.checkpoint, Lsn(0x1500708));
+        assert_eq!(cd.tli, 3);
+        assert_eq!(cd.seg_size, 16 * 1024 * 1024);
+        let running = out.replace("shut down", "in production");
+        assert!(!parse_controldata(&running).unwrap().clean());
+        assert!(parse_controldata("garbage").is_err());
+    }
+}

@@ -489,6 +489,22 @@ async fn chains_keys_deletes_and_sizes() {
         }
         assert_eq!(e.list_timelines().await.unwrap().len(), 4);
 
+        // "Now" on a stopped timeline: everything it wrote is archived, so
+        // a time after its last commit is reachable without a connection.
+        let now = branch(
+            &e,
+            "at-now",
+            &chain[3],
+            Point::Timestamp(jiff::Timestamp::now()),
+            None,
+        )
+        .await
+        .unwrap();
+        let s = e.start_postgres(&now, free_port()).await.unwrap();
+        assert_eq!(ids(&s).await, vec![1, 2, 3, 4]);
+        s.stop(StopMode::Fast).await.unwrap();
+        e.delete_timeline(&now).await.unwrap();
+
         // Sizes, then deleting the parents leaves the grandchild whole.
         let leaf = chain[3].clone();
         let t = e.get_timeline(&leaf).await.unwrap();

@@ -1086,6 +1086,31 @@ impl Engine {
         }))
     }
 
+    /// When the timeline's server is stopped (no `postmaster.pid`) and
+    /// every WAL segment it wrote is archived (no `.ready` status file),
+    /// its archive holds every commit ever made: records that as of now.
+    async fn archive_complete_if_stopped(&self, t: &TimelineRow) -> Result<bool, StorageError> {
+        let data = self.data_dir(&t.id);
+        if data.join("postmaster.pid").exists() {
+            return Ok(false);
+        }
+        let pending = fs::read_dir(data.join("pg_wal").join("archive_status"))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".ready"))
+            })
+            .unwrap_or(true);
+        if pending {
+            return Ok(false);
+        }
+        let now = jiff::Timestamp::now();
+        let _g = self.inner.index_lock.lock().await;
+        let mut idx = self.inner.meta.wal_index(&t.id)?;
+        idx.complete_time = Some(idx.complete_time.map_or(now, |c| c.max(now)));
+        self.inner.meta.record_wal_scan(&t.id, &idx, &[])?;
+        Ok(true)
+    }
+
     /// `pg_switch_wal()` on the source and wait for the segment to reach the
     /// archive, so every commit before now is archived.
     async fn switch_wal(&self, t: &TimelineRow, conn: &ConnInfo) -> Result<(), StorageError> {
@@ -1261,7 +1286,10 @@ impl Engine {
                     });
                 }
                 if Some(*ts) > w.newest.time {
-                    if let Some(c) = conn {
+                    if self.archive_complete_if_stopped(t).await? {
+                        // A stopped source has archived all it wrote.
+                        w = self.window(t).await?.ok_or_else(no_window)?;
+                    } else if let Some(c) = conn {
                         self.switch_wal(t, c).await?;
                         w = self.window(t).await?.ok_or_else(no_window)?;
                     }

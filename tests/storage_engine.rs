@@ -24,6 +24,38 @@ struct Volume {
     root: PathBuf,
 }
 
+impl Drop for Volume {
+    /// Read-only btrfs subvolumes (bases, snapshots) survive a plain
+    /// recursive delete: remove every subvolume under the volume first, so
+    /// the test filesystem does not fill up across tests.
+    fn drop(&mut self) {
+        if self.kind != DriverKind::Btrfs {
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let mut subvols: Vec<PathBuf> = walkdir::WalkDir::new(&self.root)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_type().is_dir() && e.metadata().map(|m| m.ino() == 256).unwrap_or(false)
+            })
+            .map(|e| e.into_path())
+            .collect();
+        subvols.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in subvols {
+            let _ = std::process::Command::new("btrfs")
+                .args(["property", "set", "-ts"])
+                .arg(&p)
+                .args(["ro", "false"])
+                .output();
+            let _ = std::process::Command::new("btrfs")
+                .args(["subvolume", "delete"])
+                .arg(&p)
+                .output();
+        }
+    }
+}
+
 /// One fresh volume root per available driver.
 fn volumes(test: &str) -> Vec<Volume> {
     let mut out = Vec::new();

@@ -599,6 +599,38 @@ async fn snapshots_restore_twice_and_at_points() {
             .unwrap();
         let snap = wait_snapshot_ready(&e, &snap.id, WAIT).await.unwrap();
         assert!(snap.lsn.is_some() && snap.size_bytes > 1_000_000);
+
+        // Without a connection: crash-consistent on btrfs, refused elsewhere.
+        let r = e
+            .create_snapshot(CreateSnapshot {
+                key: key("snap-nocon"),
+                timeline: root.clone(),
+                point: Point::Head,
+                source_connection: None,
+                label: None,
+            })
+            .await;
+        match v.kind {
+            DriverKind::Btrfs => {
+                let s = wait_snapshot_ready(&e, &r.unwrap().id, WAIT).await.unwrap();
+                let t = e
+                    .create_timeline(CreateTimeline {
+                        key: key("restore-nocon"),
+                        source: Source::Snapshot {
+                            snapshot: s.id.clone(),
+                        },
+                        source_connection: None,
+                        label: None,
+                    })
+                    .await
+                    .unwrap();
+                let t = wait_timeline_ready(&e, &t.id, WAIT).await.unwrap();
+                let srv = e.start_postgres(&t.id, free_port()).await.unwrap();
+                assert_eq!(ids(&srv).await, (1..=10).collect::<Vec<_>>());
+                srv.stop(StopMode::Fast).await.unwrap();
+            }
+            _ => assert!(matches!(r, Err(StorageError::Busy { .. })), "{r:?}"),
+        }
         sql(&p, "INSERT INTO t SELECT generate_series(11, 20)").await;
         let lsn20: Lsn = one_str(&p, "SELECT pg_current_wal_lsn()::text")
             .await

@@ -1395,7 +1395,7 @@ impl Engine {
                     ));
                 }
                 let (base, target) = self.resolve_target(&row, point, conn.as_ref()).await?;
-                let guard = self.join(guard, vec![format!("t:{}", base.timeline)]);
+                let guard = self.join(guard, base_keys(&base));
                 let lineage = Lineage {
                     parent_lsn: Some(target),
                     ..lineage
@@ -1771,7 +1771,7 @@ impl Engine {
             return Ok((SnPlan::Head { conn }, guard));
         }
         let (base, target) = self.resolve_target(&row, &req.point, conn.as_ref()).await?;
-        let guard = self.join(guard, vec![format!("t:{}", base.timeline)]);
+        let guard = self.join(guard, base_keys(&base));
         Ok((SnPlan::Replay { base, target }, guard))
     }
 
@@ -1997,6 +1997,16 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The objects a replay from `base` reads: its timeline's archive and, for
+/// a snapshot base, the snapshot.
+fn base_keys(base: &BaseRow) -> Vec<String> {
+    let mut keys = vec![format!("t:{}", base.timeline)];
+    if let Some(s) = &base.snapshot {
+        keys.push(format!("s:{s}"));
+    }
+    keys
 }
 
 /// Whether a point lies before the start of a window.

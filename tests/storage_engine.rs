@@ -455,6 +455,16 @@ async fn chains_keys_deletes_and_sizes() {
         let e = open(&v).await;
         let info = e.info().await.unwrap();
         assert_eq!(info.driver, v.kind);
+        if v.kind != DriverKind::Copy {
+            // Probing finds the copy-on-write method of the filesystem.
+            let probed = Engine::open(EngineConfig {
+                root: v.root.with_file_name("probe"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            assert_eq!(probed.driver(), v.kind);
+        }
         assert!(info.pg_major >= 14, "{info:?}");
         let root = root_timeline(&e, "root").await;
         // Idempotent keys.

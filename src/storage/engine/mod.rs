@@ -1182,7 +1182,9 @@ impl Engine {
             // Only the parent's history up to the branch point is ours.
             let ours = match (t.lineage.parent_lsn, point) {
                 (Some(bp), _) => target <= bp,
-                (None, Point::Timestamp(_)) => true,
+                // Crash-consistent head copies do not know their LSN: only
+                // commits made before the copy was asked for are certain.
+                (None, Point::Timestamp(ts)) => *ts <= t.created_at,
                 (None, _) => false,
             };
             Ok(ours.then_some((base, target)))

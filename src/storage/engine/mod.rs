@@ -6,6 +6,7 @@
 //! timelines/<id>/pgdata       the timeline's data directory (what a compute runs on)
 //! timelines/<id>/base         read-only copy of pgdata as created: the first PITR base
 //! timelines/<id>/postgres.log log of servers started by Engine::start_postgres
+//! timelines/<id>/engine.log   log of the engine's private servers (recovery, replay)
 //! snapshots/<id>/pgdata       a snapshot (read-only by convention; -r subvolume on btrfs)
 //! wal/<id>/                   the timeline's own WAL archive (filled by its archive_command)
 //! tmp/                        work directories, emptied at open
@@ -27,6 +28,9 @@
 //!   in one session; `backup_label`/`tablespace_map` written into the copy and
 //!   `pg_wal` re-copied after the stop;
 //! * running, non-atomic driver, no connection: refused with `Busy`.
+//!
+//! Head snapshots of a running server with a connection always use backup
+//! mode (also on btrfs), so they can serve as PITR bases of their timeline.
 //!
 //! # Fix-ups on every writable copy
 //! `postmaster.pid`, `postmaster.opts`, `recovery.signal`, `standby.signal`
@@ -52,7 +56,10 @@
 //! the metadata store with every commit record's time). For times, the
 //! newest end is the latest of: the newest archived commit, the base, and
 //! the moment of the last `pg_switch_wal()` the engine asked for (every
-//! commit before that moment is archived).
+//! commit before that moment is archived) or, for a stopped timeline
+//! (no `postmaster.pid`) with no segment waiting in
+//! `pg_wal/archive_status/*.ready`, the present moment: a suspended branch
+//! can be branched at "five minutes ago" after its last commit.
 //!
 //! A copy at a point = the newest base at or before it, cloned; then a
 //! private server replays the timeline's own archive with
@@ -105,6 +112,12 @@
 //! key (carrying the secrets again) resumes it. An unfinished delete is
 //! finished. A failed create stays `Failed` (same key, same result) until it
 //! is deleted.
+//!
+//! Private servers (recovery, replay, schema dumps) get `PR_SET_PDEATHSIG`
+//! so they die with the engine; any left running on a directory that is
+//! cleaned at open is stopped first. For crash tests,
+//! `PGBRANCH_ENGINE_CRASH_AT=<progress step>` makes the engine SIGKILL
+//! itself when an operation enters that step.
 //!
 //! One engine process owns a volume at a time (`engine.lock`, flock);
 //! a second [`Engine::open`] on it fails with `Busy`.

@@ -928,3 +928,50 @@ fn postgres_processes_under(dir: &std::path::Path) -> usize {
         .filter(|c| c.contains("postgres") && c.contains(&needle))
         .count()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_archive_is_an_invalid_point_not_a_wrong_copy() {
+    let v = volumes("damaged_archive").remove(0);
+    let e = open(&v).await;
+    let root = root_timeline(&e, "root").await;
+    let p = e.start_postgres(&root, free_port()).await.unwrap();
+    sql(
+        &p,
+        "CREATE TABLE t (id int primary key); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    sql(&p, "SELECT pg_switch_wal()").await;
+    sql(&p, "INSERT INTO t VALUES (2)").await;
+    let lsn: Lsn = one_str(&p, "SELECT pg_current_wal_lsn()::text")
+        .await
+        .parse()
+        .unwrap();
+    p.stop(StopMode::Fast).await.unwrap(); // archives everything
+    let w = e.get_timeline(&root).await.unwrap().restore_window.unwrap();
+    assert!(w.newest.lsn >= lsn, "{w}");
+    // Lose the first archived segment: replay cannot reach the point.
+    let wal = v.root.join("wal").join(root.as_str());
+    let mut segs: Vec<_> = std::fs::read_dir(&wal)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.len() == 24)
+        .collect();
+    segs.sort();
+    std::fs::remove_file(wal.join(&segs[0])).unwrap();
+    let err = branch(&e, "damaged", &root, Point::Lsn(lsn), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::InvalidPoint { .. }), "{err}");
+    // The failed attempt left nothing behind but its record.
+    let failed: Vec<_> = e
+        .list_timelines()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.state == State::Failed)
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert!(!e.data_dir(&failed[0].id).exists());
+    e.delete_timeline(&failed[0].id).await.unwrap();
+}

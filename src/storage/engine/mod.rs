@@ -868,11 +868,15 @@ impl Engine {
                 if tail.contains("recovery ended before configured recovery target was reached")
                     || tail.contains("before consistent recovery point")
                 {
+                    let window = match self.inner.meta.timeline(src)? {
+                        Some(row) => self.reported_window(&row).await.unwrap_or(None),
+                        None => None,
+                    };
                     return Err(StorageError::InvalidPoint {
                         message: format!(
-                            "WAL replay ended before reaching {target}: the point is not in the archived WAL"
+                            "WAL replay ended before reaching {target}: the point is not in the archived WAL of timeline {src}"
                         ),
-                        window: None,
+                        window,
                     });
                 }
                 return Err(e);

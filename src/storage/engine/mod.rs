@@ -191,6 +191,8 @@ struct Inner {
     meta: Meta,
     in_use: Mutex<HashMap<String, usize>>,
     index_lock: tokio::sync::Mutex<()>,
+    /// Recently measured sizes (logical, exclusive) by "t:<id>"/"s:<id>".
+    sizes: Mutex<HashMap<String, (std::time::Instant, Sizes)>>,
     /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
     _volume_lock: nix::fcntl::Flock<fs::File>,
 }
@@ -356,6 +358,12 @@ fn segno_of(name: &str, seg_size: u64) -> Option<u64> {
     Some(hi * (0x1_0000_0000 / seg_size) + lo)
 }
 
+/// Logical and exclusive bytes of an object.
+type Sizes = (u64, Option<u64>);
+
+/// How long measured sizes are reused.
+const SIZE_TTL: Duration = Duration::from_secs(10);
+
 const MANAGED_KEYS: &[&str] = &[
     "archive_mode",
     "archive_command",
@@ -512,6 +520,7 @@ impl Engine {
                 meta,
                 in_use: Mutex::new(HashMap::new()),
                 index_lock: tokio::sync::Mutex::new(()),
+                sizes: Mutex::new(HashMap::new()),
                 _volume_lock: volume_lock,
             }),
         };
@@ -649,6 +658,34 @@ impl Engine {
             .await
             .map_err(|e| io_err(what, e))?
             .map_err(|e| io_err(what, e))
+    }
+
+    /// Sizes of an object, measured at most every [`SIZE_TTL`] (walking a
+    /// large data directory or `btrfs filesystem du` is not free, and
+    /// callers poll).
+    async fn measured(
+        &self,
+        key: String,
+        f: impl FnOnce(&Inner) -> std::io::Result<(u64, Option<u64>)> + Send + 'static,
+    ) -> Result<(u64, Option<u64>), StorageError> {
+        if let Ok(c) = self.inner.sizes.lock() {
+            if let Some((at, v)) = c.get(&key) {
+                if at.elapsed() < SIZE_TTL {
+                    return Ok(*v);
+                }
+            }
+        }
+        let v = self.blocking("measuring sizes", f).await?;
+        if let Ok(mut c) = self.inner.sizes.lock() {
+            c.insert(key, (std::time::Instant::now(), v));
+        }
+        Ok(v)
+    }
+
+    fn forget_sizes(&self, key: &str) {
+        if let Ok(mut c) = self.inner.sizes.lock() {
+            c.remove(key);
+        }
     }
 
     async fn clone_dir(&self, src: &Path, dst: &Path, readonly: bool) -> Result<(), StorageError> {
@@ -1758,7 +1795,7 @@ impl Engine {
             let data = self.data_dir(&id);
             let base = self.tl_dir(&id).join("base");
             let (logical, excl) = self
-                .blocking("measuring a timeline", move |i| {
+                .measured(format!("t:{id}"), move |i| {
                     let logical = driver::tree_size(&data);
                     let excl = match (
                         i.driver.exclusive_bytes(&data),
@@ -1916,7 +1953,7 @@ impl Engine {
         if row.state == State::Ready {
             let data = self.snap_dir(&row.id).join("pgdata");
             let (size, excl) = self
-                .blocking("measuring a snapshot", move |i| {
+                .measured(format!("s:{}", row.id), move |i| {
                     Ok((driver::tree_size(&data), i.driver.exclusive_bytes(&data)))
                 })
                 .await?;
@@ -2210,6 +2247,7 @@ impl Storage for Engine {
             });
         }
         tracing::info!(timeline = %id, "deleting a timeline");
+        self.forget_sizes(&format!("t:{id}"));
         self.remove_timeline_dirs(id).await;
         self.inner.meta.delete_timeline(id)
     }
@@ -2315,6 +2353,7 @@ impl Storage for Engine {
             });
         }
         tracing::info!(snapshot = %id, "deleting a snapshot");
+        self.forget_sizes(&format!("s:{id}"));
         self.delete_dir(&self.snap_dir(id).join("pgdata")).await?;
         let _ = fs::remove_dir_all(self.snap_dir(id));
         self.inner.meta.delete_snapshot(id)

@@ -1,0 +1,6 @@
+//! Shared support for integration tests. Each test binary compiles this
+//! module and uses a part of it.
+#![allow(dead_code)]
+
+pub mod apiserver;
+pub mod widget;

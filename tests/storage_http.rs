@@ -17,7 +17,7 @@ use support::*;
 struct Fixture {
     srv: ServerGuard,
     engine: pgbranch::storage::engine::Engine,
-    dir: tempfile::TempDir,
+    dir: TestDir,
     http: reqwest::Client,
 }
 

@@ -31,8 +31,51 @@ pub fn drivers_to_test(test: &str) -> Vec<(DriverKind, Option<PathBuf>)> {
     v
 }
 
+/// A temp dir removed on drop, btrfs subvolumes inside it included (a
+/// plain recursive remove cannot remove those).
+pub struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .map(|d| d.path())
+            .unwrap_or(Path::new("/nonexistent"))
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let Some(d) = self.0.take() else { return };
+        delete_subvolumes(d.path());
+        drop(d);
+    }
+}
+
+/// Deletes every btrfs subvolume under `dir`, deepest first.
+fn delete_subvolumes(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let mut subvols: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_dir())
+        .filter(|e| e.metadata().map(|m| m.ino() == 256).unwrap_or(false))
+        .map(|e| e.into_path())
+        .collect();
+    subvols.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for sv in subvols {
+        let _ = std::process::Command::new("btrfs")
+            .args(["subvolume", "delete"])
+            .arg(&sv)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// A temp dir the `postgres` user can traverse.
-pub fn temp_dir_in(parent: Option<&Path>) -> tempfile::TempDir {
+pub fn temp_dir_in(parent: Option<&Path>) -> TestDir {
     let d = match parent {
         Some(p) => tempfile::Builder::new()
             .prefix("pgbranch-test-")
@@ -44,7 +87,7 @@ pub fn temp_dir_in(parent: Option<&Path>) -> tempfile::TempDir {
             .unwrap(),
     };
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
+    TestDir(Some(d))
 }
 
 pub fn engine_config(root: &Path, driver: DriverKind) -> EngineConfig {
@@ -104,7 +147,7 @@ pub struct Backend {
     pub storage: Arc<dyn Storage>,
     pub engine: Engine,
     pub server: Option<ServerGuard>,
-    pub dir: tempfile::TempDir,
+    pub dir: TestDir,
 }
 
 pub const TOKEN: &str = "test-token-0123456789";

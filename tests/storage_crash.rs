@@ -12,87 +12,16 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use pgbranch::storage::engine::{Engine, StopMode};
 use pgbranch::storage::http::HttpStorage;
 use pgbranch::storage::*;
 use support::*;
-use tokio::io::AsyncBufReadExt;
 
 /// Rows in the big table: ~1 KiB each, so copies and replays take a
 /// moment and the kill lands mid-way.
 const BIG_ROWS: i64 = 120_000;
-
-/// A running `pgbranch storage serve`, SIGKILLed on drop.
-struct Serve {
-    child: tokio::process::Child,
-    client: HttpStorage,
-}
-
-impl Serve {
-    async fn start(data: &Path, logs: &Path, token_file: &Path) -> Serve {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs.join("serve.log"))
-            .unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgbranch"))
-            .args([
-                "storage",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--driver",
-                "copy",
-            ])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--token-file")
-            .arg(token_file)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
-            .await
-            .expect("server did not start in 120 s")
-            .unwrap()
-            .unwrap_or_else(|| {
-                panic!(
-                    "server exited: {}",
-                    std::fs::read_to_string(logs.join("serve.log")).unwrap_or_default()
-                )
-            });
-        let addr = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        let client = HttpStorage::new(&format!("http://{addr}"), Some(TOKEN.into())).unwrap();
-        Serve { child, client }
-    }
-
-    async fn sigkill(mut self) {
-        self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap();
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    async fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let st = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .expect("server did not stop on SIGTERM")
-            .unwrap();
-        assert!(st.success(), "server exit status after SIGTERM: {st}");
-    }
-}
 
 /// Kills, at the end of a test (also on panic), any postgres left running
 /// on data directories under the test's dir (a compute or a recovery the
@@ -335,7 +264,7 @@ async fn crash_during_branch(point_of: fn(&Setup) -> Point, expect: Vec<Option<i
         },
     );
 
-    let srv = Serve::start(&su.data, logs, &su.token_file).await;
+    let srv = Serve::start(&su.data, logs, Some(&su.token_file)).await;
     let t = srv.client.create_timeline(req.clone()).await.unwrap();
     let id = t.id.clone();
     let c = srv.client.clone();
@@ -346,7 +275,7 @@ async fn crash_during_branch(point_of: fn(&Setup) -> Point, expect: Vec<Option<i
         if mid { "before" } else { "after" }
     );
 
-    let srv = Serve::start(&su.data, logs, &su.token_file).await;
+    let srv = Serve::start(&su.data, logs, Some(&su.token_file)).await;
     // Whatever the engine did on restart, a Ready timeline must be whole;
     // the retry with the same key gives the same timeline.
     check_consistent(&srv.client, &su.data).await;
@@ -397,7 +326,7 @@ async fn crash_during_snapshot() {
         source_connection: None,
         label: None,
     };
-    let srv = Serve::start(&su.data, logs, &su.token_file).await;
+    let srv = Serve::start(&su.data, logs, Some(&su.token_file)).await;
     let snap = srv.client.create_snapshot(req.clone()).await.unwrap();
     let id = snap.id.clone();
     let c = srv.client.clone();
@@ -416,7 +345,7 @@ async fn crash_during_snapshot() {
         if mid { "before" } else { "after" }
     );
 
-    let srv = Serve::start(&su.data, logs, &su.token_file).await;
+    let srv = Serve::start(&su.data, logs, Some(&su.token_file)).await;
     check_consistent(&srv.client, &su.data).await;
     let again = srv.client.create_snapshot(req.clone()).await.unwrap();
     assert_eq!(again.id, id);
@@ -451,7 +380,7 @@ async fn crash_during_delete() {
     let su = tokio::task::spawn_blocking(setup).await.unwrap();
     let logs = su.dir.path();
     // A branch to delete, and one that must survive.
-    let srv = Serve::start(&su.data, logs, &su.token_file).await;
+    let srv = Serve::start(&su.data, logs, Some(&su.token_file)).await;
     let mut ids = Vec::new();
     for k in ["doomed", "survivor"] {
         let t = srv
@@ -496,7 +425,7 @@ async fn crash_during_delete() {
         if mid { "before" } else { "after" }
     );
 
-    let srv = Serve::start(&su.data, logs, &su.token_file).await;
+    let srv = Serve::start(&su.data, logs, Some(&su.token_file)).await;
     check_consistent(&srv.client, &su.data).await;
     match srv.client.get_timeline(&doomed).await {
         Err(StorageError::NotFound { .. }) => {}

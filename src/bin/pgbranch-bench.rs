@@ -344,8 +344,16 @@ async fn measure(
     parent: &Path,
     scale: u32,
 ) -> Result<Run, BenchError> {
-    let dir = parent.join(format!("pgbranch-bench-{}", uuid::Uuid::new_v4().simple()));
+    // Short on purpose: PostgreSQL truncates an expanded archive_command
+    // at 1024 bytes, and the engine's names the archive path several times.
+    let dir = parent.join(format!(
+        "pgb-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
     std::fs::create_dir(&dir)?;
+    if let Ok(mut dirs) = CREATED.lock() {
+        dirs.push(dir.clone());
+    }
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;

@@ -59,6 +59,21 @@ pub(crate) fn resolve_user(name: &str) -> Result<RunAs, StorageError> {
     })
 }
 
+/// How [`PgEnv::start`] runs a server.
+pub(crate) struct StartOpts<'a> {
+    pub port: u16,
+    /// `listen_addresses` ("" = Unix socket only).
+    pub listen: &'a str,
+    /// Extra `-c` settings.
+    pub settings: &'a [(String, String)],
+    pub log: &'a Path,
+    pub timeout: Duration,
+    /// Dies with the engine (private servers).
+    pub tied: bool,
+    /// Called with `pg_last_wal_replay_lsn()` while the server recovers.
+    pub replay_progress: Option<&'a (dyn Fn(Lsn) + Send + Sync)>,
+}
+
 /// Fields of `pg_controldata` the engine uses.
 #[derive(Debug, Clone)]
 pub(crate) struct ControlData {
@@ -194,15 +209,16 @@ impl PgEnv {
     /// Starts `postgres -D dir` with extra `-c` settings; stdout and stderr
     /// go to `log`. Waits until it accepts connections on its socket and
     /// `pg_is_in_recovery()` is false.
-    pub async fn start(
-        &self,
-        dir: &Path,
-        port: u16,
-        listen: &str,
-        settings: &[(String, String)],
-        log: &Path,
-        timeout: Duration,
-    ) -> Result<PgServer, StorageError> {
+    pub async fn start(&self, dir: &Path, opts: StartOpts<'_>) -> Result<PgServer, StorageError> {
+        let StartOpts {
+            port,
+            listen,
+            settings,
+            log,
+            timeout,
+            tied,
+            replay_progress,
+        } = opts;
         let sock = std::env::temp_dir().join(format!(
             "pgbranch-s-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -234,6 +250,18 @@ impl PgEnv {
             .stderr(logf2)
             .kill_on_drop(false)
             .process_group(0);
+        if tied {
+            // A private server must not outlive the engine (killed or not):
+            // the kernel sends it SIGQUIT (immediate shutdown) when the
+            // engine's thread that started it goes away.
+            // SAFETY: only prctl(2), async-signal-safe, runs in the child.
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         let child = cmd.spawn().map_err(|e| io_err("starting postgres", e))?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         let mut server = PgServer {
@@ -244,7 +272,7 @@ impl PgEnv {
             child: Some(child),
             pid,
         };
-        match server.wait_ready(timeout).await {
+        match server.wait_ready(timeout, replay_progress).await {
             Ok(()) => Ok(server),
             Err(e) => {
                 server.kill_now();
@@ -331,7 +359,11 @@ impl PgServer {
         log_tail(&self.log)
     }
 
-    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), StorageError> {
+    async fn wait_ready(
+        &mut self,
+        timeout: Duration,
+        progress: Option<&(dyn Fn(Lsn) + Send + Sync)>,
+    ) -> Result<(), StorageError> {
         let start = Instant::now();
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -345,10 +377,15 @@ impl PgServer {
                 }
             }
             if let Ok(c) = self.connect("postgres").await {
-                if let Ok(row) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                let q = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text";
+                if let Ok(row) = c.query_one(q, &[]).await {
                     let in_recovery: bool = row.get(0);
                     if !in_recovery {
                         return Ok(());
+                    }
+                    let replayed: Option<String> = row.get(1);
+                    if let (Some(f), Some(l)) = (progress, replayed.and_then(|l| l.parse().ok())) {
+                        f(l);
                     }
                 }
             }
@@ -428,6 +465,39 @@ impl Drop for PgServer {
     }
 }
 
+/// Stops a postmaster left running on `dir` by an engine that died (its
+/// `postmaster.pid` names a live `postgres` process): SIGQUIT, then SIGKILL.
+pub(crate) fn kill_leftover(dir: &Path) {
+    let Ok(text) = fs::read_to_string(dir.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    if pid <= 0 {
+        return;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("postgres") {
+        return;
+    }
+    let p = nix::unistd::Pid::from_raw(pid);
+    tracing::warn!(pid, dir = %dir.display(), "stopping a postgres left running by an interrupted operation");
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGQUIT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nix::sys::signal::kill(p, None).is_ok() {
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub(crate) fn log_tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -480,5 +550,28 @@ mod tests {
         let l = "rmgr: Heap        len (rec/tot):     54/   150, tx:        722, lsn: 0/01500428, prev 0/015003F0, desc: INSERT off 2 flags 0x00";
         assert_eq!(parse_waldump_line(l).unwrap().1, None);
         assert!(parse_waldump_line("pg_waldump: error: could not find file").is_none());
+    }
+}
+
+#[cfg(test)]
+mod controldata_tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_fields_the_engine_needs() {
+        let out = "pg_control version number:            1300\n\
+Database cluster state:               shut down\n\
+Latest checkpoint location:           0/1500708\n\
+Latest checkpoint's REDO location:    0/1500708\n\
+Latest checkpoint's TimeLineID:       3\n\
+Bytes per WAL segment:                16777216\n";
+        let cd = parse_controldata(out).unwrap();
+        assert!(cd.clean());
+        assert_eq!(cd.checkpoint, Lsn(0x1500708));
+        assert_eq!(cd.tli, 3);
+        assert_eq!(cd.seg_size, 16 * 1024 * 1024);
+        let running = out.replace("shut down", "in production");
+        assert!(!parse_controldata(&running).unwrap().clean());
+        assert!(parse_controldata("garbage").is_err());
     }
 }

@@ -109,6 +109,7 @@ struct Run {
     snapshot: f64,
     pitr: f64,
     disk_branches: u64,
+    disk_how: &'static str,
     basebackup: f64,
     basebackup_bytes: u64,
     template: f64,
@@ -466,12 +467,39 @@ async fn measure_on(
         head_times.push(secs);
         branches.push(t);
     }
-    r.disk_branches = if engine.driver() == DriverKind::Copy {
-        let dirs: Vec<PathBuf> = branches.iter().map(|t| engine.data_dir(&t.id)).collect();
-        allocated_bytes(dirs.iter().map(PathBuf::as_path))
-    } else {
-        used_bytes(scratch)?.saturating_sub(used_before)
+    // Each branch holds its data directory and its base (kept for PITR).
+    let (bytes, how) = match engine.driver() {
+        DriverKind::Copy => {
+            let dirs: Vec<PathBuf> = branches
+                .iter()
+                .filter_map(|t| engine.data_dir(&t.id).parent().map(Path::to_path_buf))
+                .collect();
+            (
+                allocated_bytes(dirs.iter().map(PathBuf::as_path)),
+                "blocks of their files",
+            )
+        }
+        DriverKind::Btrfs => {
+            let mut total = Some(0u64);
+            for t in &branches {
+                let excl = s.get_timeline(&t.id).await?.exclusive_bytes;
+                total = total.zip(excl).map(|(a, b)| a + b);
+            }
+            match total {
+                Some(t) => (t, "btrfs exclusive bytes"),
+                None => (
+                    used_bytes(scratch)?.saturating_sub(used_before),
+                    "volume growth, WAL archive included",
+                ),
+            }
+        }
+        DriverKind::Reflink => (
+            used_bytes(scratch)?.saturating_sub(used_before),
+            "volume growth, WAL archive included",
+        ),
     };
+    r.disk_branches = bytes;
+    r.disk_how = how;
     r.head_first = head_times[0];
     head_times.sort_by(f64::total_cmp);
     r.head_median = head_times[head_times.len() / 2];
@@ -595,7 +623,7 @@ fn print_run(args: &Args, r: &Run) {
     );
     println!(
         "  {:<36} {:>12} {:>16} {:>26}",
-        format!("disk used by {n} copies (data dirs)"),
+        format!("disk held by {n} copies"),
         mb(r.disk_branches),
         format!("{} (est.)", mb(r.basebackup_bytes * n as u64)),
         format!("{} (est.)", mb(r.template_bytes * n as u64)),
@@ -614,7 +642,7 @@ fn print_run(args: &Args, r: &Run) {
         ratio(r.basebackup),
         ratio(r.template)
     );
-    println!("  (TEMPLATE measured with the load stopped: it needs the template to have no sessions; baseline disk = {n} x one measured copy)");
+    println!("  (pgbranch disk: {}; TEMPLATE measured with the load stopped: it needs the template to have no sessions; baseline disk = {n} x one measured copy)", r.disk_how);
 }
 
 fn print_ratios(small: &Run, large: &Run) {

@@ -354,3 +354,113 @@ async fn local_mode_on_xfs_reflink() {
         None => eprintln!("local_mode_on_xfs_reflink: PGBRANCH_TEST_XFS not set: skipped"),
     }
 }
+
+/// Restoring a branch to its own past, a multi-step restore with a preview
+/// branch, and a daemon killed with SIGKILL: `up` takes its computes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_and_multi_step_restores_survive_a_killed_daemon() {
+    let local = Local::new(None);
+    let port_base = free_port().to_string();
+    let main = local.json(&["init", "--port-base", &port_base]);
+    let main_url = url(&main);
+
+    let c = connect(&main_url).await.unwrap();
+    c.batch_execute("CREATE TABLE t (i int); INSERT INTO t VALUES (1), (2), (3);")
+        .await
+        .unwrap();
+    let t1: String = c
+        .query_one(
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    c.batch_execute("INSERT INTO t VALUES (4), (5); SELECT pg_switch_wal();")
+        .await
+        .unwrap();
+    drop(c);
+
+    // main back to t1, its present kept as `main-before`.
+    let source = format!("main@{t1}");
+    let r = local.json(&[
+        "restore",
+        "--source",
+        &source,
+        "--target",
+        "main",
+        "--finalize",
+        "--preserve-under-name",
+        "main-before",
+    ]);
+    assert_eq!(r["state"], "completed", "{r}");
+    assert_eq!(r["backupBranch"], "main-before");
+    assert_eq!(count(&main_url).await, 3);
+    let before = local.branch("main-before");
+    assert_eq!(before["timeline"], main["timeline"]);
+    assert_eq!(before["state"], "stopped");
+
+    // Multi-step: the snapshot comes up as a preview on its own port; main
+    // is untouched until the finalize.
+    local.json(&["snapshot", "create", "s1", "--branch", "main"]);
+    let c = connect(&main_url).await.unwrap();
+    c.batch_execute("INSERT INTO t VALUES (7)").await.unwrap();
+    drop(c);
+    let r = local.json(&[
+        "restore",
+        "--snapshot",
+        "s1",
+        "--target",
+        "main",
+        "--name",
+        "preview",
+    ]);
+    assert_eq!(r["state"], "awaitingFinalize", "{r}");
+    assert_eq!(r["restoredBranch"], "preview");
+    let preview = local.branch("preview");
+    assert_eq!(preview["state"], "running");
+    assert_eq!(preview["restoreTarget"], "main");
+    assert_ne!(preview["port"], main["port"]);
+    assert_ne!(password(&url(&preview)), password(&main_url));
+    assert_eq!(count(&url(&preview)).await, 3);
+    assert_eq!(count(&main_url).await, 4);
+    let err = local.fails(&["branch", "delete", "main"]);
+    assert!(err.contains("preview"), "{err}");
+
+    let r = local.json(&["restore", "finalize", "preview"]);
+    assert_eq!(r["state"], "completed", "{r}");
+    let backup = r["backupBranch"].as_str().unwrap().to_string();
+    assert!(backup.starts_with("main-old-"), "{backup}");
+    assert_eq!(count(&main_url).await, 3);
+    let names: Vec<String> = local
+        .json(&["branch", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!names.contains(&"preview".to_string()), "{names:?}");
+    assert!(names.contains(&backup), "{names:?}");
+    let restores = local.json(&["restore", "list"]);
+    assert_eq!(restores.as_array().unwrap().len(), 2, "{restores}");
+
+    // The daemon dies hard; its computes are left behind. `up` stops them
+    // and serves the branches again on the same ports.
+    let pid: i32 = std::fs::read_to_string(local.dir.join("daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    while pid_alive(pid) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(connect(&main_url).await.is_err());
+    local.json(&["up"]);
+    assert_eq!(count(&main_url).await, 3);
+}

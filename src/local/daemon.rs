@@ -387,10 +387,15 @@ impl Daemon {
                 "a branch password must be letters and digits".into(),
             ));
         }
-        let mut computes = self.inner.computes.lock().await;
-        if let Some(s) = computes.get(tl) {
-            set_password(s, password).await?;
-            return Ok(s.port);
+        // Callers hold the ops lock, so nobody else starts or stops a
+        // compute meanwhile; the map is only locked briefly so views stay
+        // responsive during a long start.
+        {
+            let computes = self.inner.computes.lock().await;
+            if let Some(s) = computes.get(tl) {
+                set_password(s, password).await?;
+                return Ok(s.port);
+            }
         }
         kill_stale(&self.engine().data_dir(tl)).await;
         let mut attempt = 0;
@@ -411,7 +416,7 @@ impl Daemon {
             return Err(e);
         }
         let port = server.port;
-        computes.insert(tl.clone(), server);
+        self.inner.computes.lock().await.insert(tl.clone(), server);
         Ok(port)
     }
 

@@ -584,8 +584,17 @@ async fn snapshot(paths: &Paths, out: Output, cmd: SnapshotCommand) -> Result<()
                     .await
                     .map_err(local_err)?;
                 match s.state.as_str() {
-                    "ready" => break s,
-                    "creating" => show_progress(out, &start, &mut shown, s.progress.as_ref()),
+                    "ready" => {
+                        finish_progress(out, &shown);
+                        break s;
+                    }
+                    "creating" => show_progress(
+                        out,
+                        &start,
+                        &mut shown,
+                        s.progress.as_ref(),
+                        "taking the snapshot",
+                    ),
                     _ => {
                         return Err(CliError::Other(format!(
                             "snapshot {} {}: {}",
@@ -675,8 +684,17 @@ async fn restore(paths: &Paths, out: Output, a: RestoreArgs) -> Result<(), CliEr
             .await
             .map_err(local_err)?;
         match r.state.as_str() {
-            "completed" | "awaitingFinalize" => break r,
-            "restoring" => show_progress(out, &start, &mut shown, r.progress.as_ref()),
+            "completed" | "awaitingFinalize" => {
+                finish_progress(out, &shown);
+                break r;
+            }
+            "restoring" => show_progress(
+                out,
+                &start,
+                &mut shown,
+                r.progress.as_ref(),
+                "starting the restored compute and switching the connection",
+            ),
             _ => {
                 return Err(CliError::Other(format!(
                     "restore {} failed: {}",
@@ -740,9 +758,9 @@ async fn wait_branch(c: &Client, out: Output, name: &str) -> Result<BranchView, 
                     step: "starting its compute".into(),
                     percent: None,
                 };
-                show_progress(out, &start, &mut shown, Some(&p))
+                show_progress(out, &start, &mut shown, Some(&p), "")
             }
-            _ => show_progress(out, &start, &mut shown, b.progress.as_ref()),
+            _ => show_progress(out, &start, &mut shown, b.progress.as_ref(), "creating"),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -758,13 +776,17 @@ fn progress_line(out: Output, msg: &str) {
 
 /// Shows a long operation's step on stderr (after the first second),
 /// rewriting one line on a terminal and printing each change otherwise.
-fn show_progress(out: Output, start: &Instant, shown: &mut Option<String>, p: Option<&Progress>) {
+fn show_progress(
+    out: Output,
+    start: &Instant,
+    shown: &mut Option<String>,
+    p: Option<&Progress>,
+    idle: &str,
+) {
     if out != Output::Table || start.elapsed() < Duration::from_secs(1) {
         return;
     }
-    let step = p
-        .map(|p| p.step.clone())
-        .unwrap_or_else(|| "working".into());
+    let step = p.map(|p| p.step.clone()).unwrap_or_else(|| idle.into());
     let pct = p
         .and_then(|p| p.percent)
         .map(|x| format!(" {x}%"))

@@ -78,10 +78,16 @@
 //! committing within the same microseconds may be ordered differently in
 //! WAL than in time). [`Storage::resolve_point`] returns that LSN.
 //!
-//! Points before the oldest base, after the newest archived record, or in
-//! the future are refused with `InvalidPoint` and the window. Points inside
-//! the parent's history before a timeline was created are reached by
-//! branching the parent, not by following lineage (not implemented).
+//! **Lineage**: a point before a timeline's own oldest base is looked up in
+//! its parent (recursively, while the ancestors exist and are not
+//! schema-only copies): the parent's history up to the branch point
+//! (`lineage.parent_lsn`) is the child's history too, replayed from the
+//! parent's bases and archive. A point in the parent's history after the
+//! branch point is refused. The reported window starts at the oldest
+//! reachable ancestor base.
+//!
+//! Points before the reachable window, after the newest archived record, or
+//! in the future are refused with `InvalidPoint` and the window.
 //!
 //! Snapshots at a past point are replayed and promoted like a branch and
 //! stored read-only; snapshots at head taken in backup mode or of a stopped
@@ -99,6 +105,9 @@
 //! key (carrying the secrets again) resumes it. An unfinished delete is
 //! finished. A failed create stays `Failed` (same key, same result) until it
 //! is deleted.
+//!
+//! One engine process owns a volume at a time (`engine.lock`, flock);
+//! a second [`Engine::open`] on it fails with `Busy`.
 //!
 //! # Users
 //! PostgreSQL programs run as `run_as` (default: the current user, or
@@ -169,6 +178,8 @@ struct Inner {
     meta: Meta,
     in_use: Mutex<HashMap<String, usize>>,
     index_lock: tokio::sync::Mutex<()>,
+    /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
+    _volume_lock: nix::fcntl::Flock<fs::File>,
 }
 
 /// Holds objects in use by a running operation; released on drop.
@@ -213,8 +224,9 @@ enum TlPlan {
         src: TimelineId,
         conn: Option<ConnInfo>,
     },
+    /// `base.timeline` is the source or, for a point before the source
+    /// was made, the ancestor whose archive is replayed.
     Replay {
-        src: TimelineId,
         base: BaseRow,
         target: Lsn,
     },
@@ -441,6 +453,21 @@ impl Engine {
             .unwrap_or(0);
 
         make_traversable(&root)?;
+        let lockf = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("engine.lock"))
+            .map_err(|e| io_err("opening engine.lock", e))?;
+        let volume_lock =
+            nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+                |(_, e)| StorageError::Busy {
+                    message: format!(
+                        "another engine has the volume {} open ({e})",
+                        root.display()
+                    ),
+                },
+            )?;
         for d in ["timelines", "snapshots", "wal", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(|e| io_err("creating the volume layout", e))?;
@@ -455,6 +482,7 @@ impl Engine {
             for e in rd.flatten() {
                 let p = e.path();
                 if p.is_dir() {
+                    pg::kill_leftover(&p);
                     let _ = driver.delete_dir(&p);
                 } else {
                     let _ = fs::remove_file(&p);
@@ -471,6 +499,7 @@ impl Engine {
                 meta,
                 in_use: Mutex::new(HashMap::new()),
                 index_lock: tokio::sync::Mutex::new(()),
+                _volume_lock: volume_lock,
             }),
         };
         tracing::info!(root = %engine.inner.root.display(), driver = %kind, pg_major = engine.inner.pg.major, "storage engine open");
@@ -550,11 +579,14 @@ impl Engine {
             .pg
             .start(
                 &data,
-                port,
-                "127.0.0.1",
-                &self.local_settings(Some(id)),
-                &log,
-                Duration::from_secs(600),
+                pg::StartOpts {
+                    port,
+                    listen: "127.0.0.1",
+                    settings: &self.local_settings(Some(id)),
+                    log: &log,
+                    timeout: Duration::from_secs(600),
+                    tied: false,
+                },
             )
             .await
     }
@@ -569,13 +601,17 @@ impl Engine {
             .pg
             .start(
                 data,
-                5432,
-                "",
-                &self.local_settings(archive),
-                log,
-                Duration::from_secs(3600),
+                pg::StartOpts {
+                    port: 5432,
+                    listen: "",
+                    settings: &self.local_settings(archive),
+                    log,
+                    timeout: Duration::from_secs(3600),
+                    tied: true,
+                },
             )
             .await
+            .inspect(|_| crash_point("private server running"))
     }
 
     async fn blocking<T: Send + 'static>(
@@ -616,6 +652,29 @@ impl Engine {
             inner: self.inner.clone(),
             keys,
         }
+    }
+
+    /// Takes `key` only when nobody holds it.
+    fn try_acquire(&self, key: String) -> Option<InUse> {
+        let mut m = self.inner.in_use.lock().ok()?;
+        if m.contains_key(&key) {
+            return None;
+        }
+        m.insert(key.clone(), 1);
+        drop(m);
+        Some(InUse {
+            inner: self.inner.clone(),
+            keys: vec![key],
+        })
+    }
+
+    /// One guard holding `guard`'s objects and `more`.
+    fn join(&self, guard: InUse, more: Vec<String>) -> InUse {
+        let mut keys = guard.keys.clone();
+        keys.extend(more);
+        let joined = self.acquire(keys);
+        drop(guard);
+        joined
     }
 
     fn in_use(&self, key: &str) -> bool {
@@ -875,8 +934,16 @@ impl Engine {
         let _ = fs::remove_file(work.join("postmaster.pid"));
         // WAL written during the copy, up to the backup's end.
         let (s, w) = (src.join("pg_wal"), work.join("pg_wal"));
-        self.blocking("re-copying pg_wal", move |_| recopy_wal(&s, &w))
-            .await?;
+        // "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)"
+        let start_seg = labelfile
+            .lines()
+            .find_map(|l| l.strip_prefix("START WAL LOCATION:"))
+            .and_then(|l| l.split("(file ").nth(1))
+            .map(|f| f.trim_end_matches(')').trim().to_string());
+        self.blocking("re-copying pg_wal", move |_| {
+            recopy_wal(&s, &w, start_seg.as_deref())
+        })
+        .await?;
         self.inner.pg.chown_tree(&work.join("pg_wal"))?;
         if work != dst {
             self.clone_dir(&work, dst, true).await?;
@@ -1027,7 +1094,92 @@ impl Engine {
 
     /// Checks a point against the window and finds the base and LSN to
     /// replay to.
+    /// Like [`Self::resolve_own`], and for a point before the timeline's
+    /// own window, follows lineage: the parent's history up to the branch
+    /// point is this timeline's history too (replayed from the parent's
+    /// bases and archive while the parent exists).
     async fn resolve_target(
+        &self,
+        t: &TimelineRow,
+        point: &Point,
+        conn: Option<&ConnInfo>,
+    ) -> Result<(BaseRow, Lsn), StorageError> {
+        match self.resolve_own(t, point, conn).await {
+            Err(StorageError::InvalidPoint {
+                message,
+                window: Some(w),
+            }) if point_before(point, &w) => {
+                if let Some(found) = self.resolve_in_parent(t, point).await? {
+                    return Ok(found);
+                }
+                let window = self.reported_window(t).await?.or(Some(w));
+                Err(StorageError::InvalidPoint { message, window })
+            }
+            r => r,
+        }
+    }
+
+    fn resolve_in_parent<'a>(
+        &'a self,
+        t: &'a TimelineRow,
+        point: &'a Point,
+    ) -> futures::future::BoxFuture<'a, Result<Option<(BaseRow, Lsn)>, StorageError>> {
+        Box::pin(async move {
+            let Some(parent) = self.lineage_parent(t)? else {
+                return Ok(None);
+            };
+            let Ok((base, target)) = self.resolve_target(&parent, point, None).await else {
+                return Ok(None);
+            };
+            // Only the parent's history up to the branch point is ours.
+            let ours = match (t.lineage.parent_lsn, point) {
+                (Some(bp), _) => target <= bp,
+                (None, Point::Timestamp(_)) => true,
+                (None, _) => false,
+            };
+            Ok(ours.then_some((base, target)))
+        })
+    }
+
+    /// The parent whose history this timeline continues, if it still exists.
+    fn lineage_parent(&self, t: &TimelineRow) -> Result<Option<TimelineRow>, StorageError> {
+        if t.lineage.schema_only {
+            return Ok(None);
+        }
+        let Some(p) = &t.lineage.parent else {
+            return Ok(None);
+        };
+        Ok(self
+            .inner
+            .meta
+            .timeline(p)?
+            .filter(|r| r.state == State::Ready))
+    }
+
+    /// The window a user can reach: the timeline's own, extended back
+    /// through its ancestors' history while they exist.
+    fn reported_window<'a>(
+        &'a self,
+        t: &'a TimelineRow,
+    ) -> futures::future::BoxFuture<'a, Result<Option<RestoreWindow>, StorageError>> {
+        Box::pin(async move {
+            let Some(mut w) = self.window(t).await? else {
+                return Ok(None);
+            };
+            if let Some(parent) = self.lineage_parent(t)? {
+                if let Some(pw) = self.reported_window(&parent).await? {
+                    if pw.oldest.lsn < w.oldest.lsn || pw.oldest.time < w.oldest.time {
+                        w.oldest = pw.oldest;
+                    }
+                }
+            }
+            Ok(Some(w))
+        })
+    }
+
+    /// Checks a point against the timeline's own window and finds the base
+    /// and LSN to replay to.
+    async fn resolve_own(
         &self,
         t: &TimelineRow,
         point: &Point,
@@ -1192,19 +1344,12 @@ impl Engine {
                     ));
                 }
                 let (base, target) = self.resolve_target(&row, point, conn.as_ref()).await?;
+                let guard = self.join(guard, vec![format!("t:{}", base.timeline)]);
                 let lineage = Lineage {
                     parent_lsn: Some(target),
                     ..lineage
                 };
-                Ok((
-                    TlPlan::Replay {
-                        src: timeline.clone(),
-                        base,
-                        target,
-                    },
-                    lineage,
-                    guard,
-                ))
+                Ok((TlPlan::Replay { base, target }, lineage, guard))
             }
             Source::Snapshot { snapshot } => {
                 let guard = self.acquire(vec![format!("s:{snapshot}")]);
@@ -1277,6 +1422,7 @@ impl Engine {
     }
 
     fn progress_t(&self, id: &TimelineId, step: &str) {
+        crash_point(step);
         let _ = self.inner.meta.set_timeline_progress(
             id,
             Some(Progress {
@@ -1289,6 +1435,7 @@ impl Engine {
     async fn remove_timeline_dirs(&self, id: &TimelineId) {
         let dir = self.tl_dir(id);
         for sub in ["pgdata", "base"] {
+            pg::kill_leftover(&dir.join(sub));
             if let Err(e) = self.delete_dir(&dir.join(sub)).await {
                 tracing::warn!(timeline = %id, error = %e, "removing a data directory failed");
             }
@@ -1339,14 +1486,17 @@ impl Engine {
                 self.progress_t(id, "recovering the copy");
                 self.normalize(&data, Some(id), &log).await?;
             }
-            TlPlan::Replay { src, base, target } => {
+            TlPlan::Replay { base, target } => {
                 self.progress_t(id, "cloning the base");
                 self.clone_dir(&self.inner.root.join(&base.path), &data, false)
                     .await?;
                 self.fixups(&data, Some(id))?;
                 if target > base.lsn {
                     self.progress_t(id, "replaying WAL");
-                    self.replay(&data, &src, target, Some(id), &log).await?;
+                    // The archive of the base's timeline: this source's, or
+                    // an ancestor's for a point before the source was made.
+                    self.replay(&data, &base.timeline, target, Some(id), &log)
+                        .await?;
                 } else {
                     self.normalize(&data, Some(id), &log).await?;
                 }
@@ -1480,10 +1630,14 @@ impl Engine {
             .meta
             .timeline(&id)?
             .ok_or_else(|| StorageError::not_found("timeline", &id))?;
-        if row.state == State::Creating && row.interrupted && !self.in_use(&format!("t:{id}")) {
+        let own = if row.state == State::Creating && row.interrupted {
+            self.try_acquire(format!("t:{id}"))
+        } else {
+            None
+        };
+        if let Some(guard_self) = own {
             // Resume with the caller's secrets.
             let (plan, lineage, guard) = self.plan_timeline(req).await?;
-            let guard_self = self.acquire(vec![format!("t:{id}")]);
             self.inner.meta.set_timeline_progress(
                 &id,
                 Some(Progress {
@@ -1493,11 +1647,8 @@ impl Engine {
             )?;
             self.inner.meta.mark_resumed_t(&id)?;
             self.remove_timeline_dirs(&id).await;
-            let mut keys = guard.keys.clone();
-            keys.extend(guard_self.keys.clone());
+            let guard = self.join(guard, guard_self.keys.clone());
             drop(guard_self);
-            drop(guard);
-            let guard = self.acquire(keys);
             self.spawn_timeline(id.clone(), plan, lineage, guard);
         }
         self.get_timeline(&id).await
@@ -1541,7 +1692,7 @@ impl Engine {
                 .await?;
             t.logical_size_bytes = logical;
             t.exclusive_bytes = excl;
-            t.restore_window = self.window(&row).await?;
+            t.restore_window = self.reported_window(&row).await?;
             t.lsn = t.restore_window.as_ref().map(|w| w.newest.lsn);
         }
         Ok(t)
@@ -1558,6 +1709,7 @@ impl Engine {
             return Ok((SnPlan::Head { conn }, guard));
         }
         let (base, target) = self.resolve_target(&row, &req.point, conn.as_ref()).await?;
+        let guard = self.join(guard, vec![format!("t:{}", base.timeline)]);
         Ok((SnPlan::Replay { base, target }, guard))
     }
 
@@ -1592,6 +1744,7 @@ impl Engine {
             .map_err(|e| io_err("chmod", e))?;
         let data = dir.join("pgdata");
         let progress = |s: &str| {
+            crash_point(s);
             let _ = self.inner.meta.set_snapshot_progress(
                 id,
                 Some(Progress {
@@ -1634,7 +1787,8 @@ impl Engine {
                     self.fixups(&work, None)?;
                     if target > base.lsn {
                         progress("replaying WAL");
-                        self.replay(&work, timeline, target, None, &log).await?;
+                        self.replay(&work, &base.timeline, target, None, &log)
+                            .await?;
                     } else {
                         self.normalize(&work, None, &log).await?;
                     }
@@ -1710,11 +1864,7 @@ impl Engine {
                             match self.plan_timeline(&req).await {
                                 Ok((plan, lineage, guard)) => {
                                     tracing::info!(timeline = %t.id, "resuming an interrupted create");
-                                    let g2 = self.acquire(vec![format!("t:{}", t.id)]);
-                                    let mut keys = guard.keys.clone();
-                                    keys.extend(g2.keys.clone());
-                                    drop((guard, g2));
-                                    let guard = self.acquire(keys);
+                                    let guard = self.join(guard, vec![format!("t:{}", t.id)]);
                                     self.spawn_timeline(t.id.clone(), plan, lineage, guard);
                                 }
                                 Err(e) => {
@@ -1778,8 +1928,28 @@ impl Engine {
     }
 }
 
-/// Copies the WAL segments and history files of `src` over those in `dst`.
-fn recopy_wal(src: &Path, dst: &Path) -> std::io::Result<()> {
+/// Whether a point lies before the start of a window.
+fn point_before(p: &Point, w: &RestoreWindow) -> bool {
+    match p {
+        Point::Head => false,
+        Point::Lsn(l) => *l < w.oldest.lsn,
+        Point::Timestamp(t) => w.oldest.time.is_some_and(|o| *t < o),
+    }
+}
+
+/// Fault injection for crash tests: when `PGBRANCH_ENGINE_CRASH_AT` names
+/// the step an operation is entering (its progress text), the engine
+/// process kills itself with SIGKILL there, as a crash would.
+fn crash_point(step: &str) {
+    if std::env::var("PGBRANCH_ENGINE_CRASH_AT").as_deref() == Ok(step) {
+        tracing::error!(step, "PGBRANCH_ENGINE_CRASH_AT: killing the engine process");
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Copies the WAL segments (from the backup's start segment on, when
+/// known) and history files of `src` over those in `dst`.
+fn recopy_wal(src: &Path, dst: &Path, start_seg: Option<&str>) -> std::io::Result<()> {
     for e in fs::read_dir(src)? {
         let e = match e {
             Ok(e) => e,
@@ -1787,8 +1957,12 @@ fn recopy_wal(src: &Path, dst: &Path) -> std::io::Result<()> {
         };
         let name = e.file_name();
         let n = name.to_string_lossy();
-        let wanted =
-            (n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit())) || n.ends_with(".history");
+        let segment = n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit());
+        let needed = match start_seg {
+            Some(s) if s.len() == 24 && segment => n[8..] >= s[8..],
+            _ => true,
+        };
+        let wanted = (segment && needed) || n.ends_with(".history");
         if !wanted {
             continue;
         }
@@ -1814,6 +1988,7 @@ fn make_traversable(root: &Path) -> Result<(), StorageError> {
     while let Some(dir) = p {
         if let Ok(m) = fs::metadata(dir) {
             if m.uid() == me && m.mode() & 0o001 == 0 {
+                tracing::warn!(dir = %dir.display(), "adding o+x so the run_as user can reach the volume");
                 fs::set_permissions(dir, fs::Permissions::from_mode((m.mode() & 0o7777) | 0o011))
                     .map_err(|e| io_err(&format!("making {} traversable", dir.display()), e))?;
             }
@@ -1876,11 +2051,7 @@ impl Storage for Engine {
         {
             Recorded::New => {
                 tracing::info!(timeline = %id, key = %req.key, source = %identity_timeline(&req.source), "creating a timeline");
-                let g = self.acquire(vec![format!("t:{id}")]);
-                let mut keys = guard.keys.clone();
-                keys.extend(g.keys.clone());
-                drop((guard, g));
-                let guard = self.acquire(keys);
+                let guard = self.join(guard, vec![format!("t:{id}")]);
                 self.spawn_timeline(id.clone(), plan, lineage, guard);
                 self.get_timeline(&id).await
             }
@@ -1990,11 +2161,7 @@ impl Storage for Engine {
         match self.inner.meta.insert_snapshot(&identity, &row)? {
             Recorded::New => {
                 tracing::info!(snapshot = %id, key = %req.key, timeline = %req.timeline, point = %req.point, "creating a snapshot");
-                let g = self.acquire(vec![format!("s:{id}")]);
-                let mut keys = guard.keys.clone();
-                keys.extend(g.keys.clone());
-                drop((guard, g));
-                let guard = self.acquire(keys);
+                let guard = self.join(guard, vec![format!("s:{id}")]);
                 self.spawn_snapshot(id.clone(), req.timeline.clone(), plan, guard);
                 self.get_snapshot(&id).await
             }
@@ -2075,14 +2242,16 @@ impl Engine {
         let Some(row) = self.inner.meta.snapshot(id)? else {
             return Ok(());
         };
-        if row.state == State::Creating && row.interrupted && !self.in_use(&format!("s:{id}")) {
+        let own = if row.state == State::Creating && row.interrupted {
+            self.try_acquire(format!("s:{id}"))
+        } else {
+            None
+        };
+        if let Some(guard_self) = own {
             let (plan, guard) = self.plan_snapshot(req).await?;
             self.inner.meta.mark_resumed_s(id)?;
-            let g = self.acquire(vec![format!("s:{id}")]);
-            let mut keys = guard.keys.clone();
-            keys.extend(g.keys.clone());
-            drop((guard, g));
-            let guard = self.acquire(keys);
+            let guard = self.join(guard, guard_self.keys.clone());
+            drop(guard_self);
             self.spawn_snapshot(id.clone(), row.timeline.clone(), plan, guard);
         }
         Ok(())

@@ -22,11 +22,21 @@ struct Local {
 
 impl Local {
     fn new(parent: Option<&Path>) -> Local {
-        let tmp = match parent {
-            Some(p) => tempfile::tempdir_in(p).unwrap(),
-            None => tempfile::tempdir().unwrap(),
+        let (tmp, dir) = match parent {
+            // Short names on the test volumes: the engine's archive_command
+            // holds the volume path seven times and PostgreSQL cuts archive
+            // commands at 1023 bytes (reported to the engine's owner).
+            Some(p) => {
+                let tmp = tempfile::Builder::new().prefix("l").tempdir_in(p).unwrap();
+                let dir = tmp.path().join("d");
+                (tmp, dir)
+            }
+            None => {
+                let tmp = tempfile::tempdir().unwrap();
+                let dir = tmp.path().join(".pgbranch");
+                (tmp, dir)
+            }
         };
-        let dir = tmp.path().join(".pgbranch");
         Local { _tmp: tmp, dir }
     }
 

@@ -59,7 +59,8 @@ pub struct SetBranchRequest {
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotView {
     pub name: String,
-    pub id: String,
+    /// The engine's id, once it took the request.
+    pub id: Option<String>,
     pub branch: String,
     pub point: Point,
     pub lsn: Option<Lsn>,

@@ -690,6 +690,8 @@ impl Daemon {
         })
     }
 
+    /// Records a snapshot and asks the engine for it in the background (a
+    /// head copy in backup mode, or a replay, can take a while).
     async fn create_snapshot(
         &self,
         req: CreateSnapshotRequest,
@@ -707,31 +709,71 @@ impl Daemon {
                 "snapshot {name:?} already exists"
             )));
         }
-        let snap = self
-            .engine()
-            .create_snapshot(CreateSnapshot {
-                key: OpKey::new(format!("snap-{}", short_id()))?,
-                timeline: tl.clone(),
-                point: req.point,
-                source_connection: self.source_connection(&tl).await?,
-                label: Some(format!("local/{name}")),
-            })
-            .await?;
         let row = SnapshotRow {
             name: name.clone(),
-            id: snap.id,
+            id: None,
+            op_key: format!("snap-{}", short_id()),
+            error: None,
             branch: req.branch,
-            timeline: tl,
+            timeline: tl.clone(),
             point: req.point,
             created_at: jiff::Timestamp::now(),
         };
         self.store().insert_snapshot(&row)?;
+        let conn = self.source_connection(&tl).await?;
+        let d = self.clone();
+        let key = OpKey::new(row.op_key.clone())?;
+        tokio::spawn(async move {
+            let r = d
+                .engine()
+                .create_snapshot(CreateSnapshot {
+                    key,
+                    timeline: tl,
+                    point: req.point,
+                    source_connection: conn,
+                    label: Some(format!("local/{name}")),
+                })
+                .await;
+            let stored = match &r {
+                Ok(s) => d.store().set_snapshot_result(&name, Some(&s.id), None),
+                Err(e) => {
+                    tracing::error!(snapshot = %name, error = %e, "snapshot failed");
+                    d.store()
+                        .set_snapshot_result(&name, None, Some(&e.to_string()))
+                }
+            };
+            if let Err(e) = stored {
+                tracing::error!(snapshot = %name, error = %e, "recording a snapshot failed");
+            }
+        });
+        drop(_g);
         self.snapshot_view(&row).await
     }
 
+    /// The engine's snapshot for a row: by id, or by key while the engine
+    /// has not answered yet.
+    async fn engine_snapshot(
+        &self,
+        s: &SnapshotRow,
+    ) -> Result<Option<crate::storage::Snapshot>, LocalError> {
+        match &s.id {
+            Some(id) => match self.engine().get_snapshot(id).await {
+                Ok(x) => Ok(Some(x)),
+                Err(StorageError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            None => Ok(self
+                .engine()
+                .list_snapshots()
+                .await?
+                .into_iter()
+                .find(|x| x.key.as_str() == s.op_key)),
+        }
+    }
+
     async fn snapshot_view(&self, s: &SnapshotRow) -> Result<SnapshotView, LocalError> {
-        let (state, lsn, size, error, progress) = match self.engine().get_snapshot(&s.id).await {
-            Ok(x) => (
+        let (state, lsn, size, error, progress) = match (self.engine_snapshot(s).await?, &s.error) {
+            (Some(x), _) => (
                 match x.state {
                     State::Creating => "creating",
                     State::Ready => "ready",
@@ -743,18 +785,19 @@ impl Daemon {
                 x.error,
                 x.progress,
             ),
-            Err(StorageError::NotFound { .. }) => (
+            (None, Some(e)) => ("failed", None, 0, Some(e.clone()), None),
+            (None, None) if s.id.is_none() => ("creating", None, 0, None, None),
+            (None, None) => (
                 "missing",
                 None,
                 0,
                 Some("not in the storage engine".into()),
                 None,
             ),
-            Err(e) => return Err(e.into()),
         };
         Ok(SnapshotView {
             name: s.name.clone(),
-            id: s.id.to_string(),
+            id: s.id.as_ref().map(|i| i.to_string()),
             branch: s.branch.clone(),
             point: s.point,
             lsn,
@@ -772,7 +815,19 @@ impl Daemon {
             .store()
             .snapshot(name)?
             .ok_or_else(|| LocalError::NotFound(format!("snapshot {name:?} not found")))?;
-        self.engine().delete_snapshot(&s.id).await?;
+        let id = match &s.id {
+            Some(id) => Some(id.clone()),
+            None => self.engine_snapshot(&s).await?.map(|x| x.id),
+        };
+        match id {
+            Some(id) => self.engine().delete_snapshot(&id).await?,
+            None if s.error.is_none() => {
+                return Err(LocalError::Conflict(format!(
+                    "snapshot {name:?} is still being requested; retry in a moment"
+                )))
+            }
+            None => {}
+        }
         self.store().delete_snapshot(name)?;
         Ok(())
     }
@@ -787,8 +842,12 @@ impl Daemon {
                     .store()
                     .snapshot(s)?
                     .ok_or_else(|| LocalError::NotFound(format!("snapshot {s:?} not found")))?;
+                let snap = self.engine_snapshot(&row).await?;
+                let Some(snap) = snap.filter(|x| x.state == State::Ready) else {
+                    return Err(LocalError::Conflict(format!("snapshot {s:?} is not ready")));
+                };
                 (
-                    Source::Snapshot { snapshot: row.id },
+                    Source::Snapshot { snapshot: snap.id },
                     format!("snapshot {s}"),
                     None,
                     None,

@@ -34,7 +34,9 @@ CREATE TABLE IF NOT EXISTS branches (
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     name       TEXT PRIMARY KEY,
-    id         TEXT NOT NULL,
+    id         TEXT,
+    op_key     TEXT NOT NULL,
+    error      TEXT,
     branch     TEXT NOT NULL,
     timeline   TEXT NOT NULL,
     point      TEXT NOT NULL,
@@ -90,7 +92,12 @@ pub struct BranchRow {
 #[derive(Debug, Clone)]
 pub struct SnapshotRow {
     pub name: String,
-    pub id: SnapshotId,
+    /// Set once the engine accepted the request.
+    pub id: Option<SnapshotId>,
+    /// Idempotency key of the creation.
+    pub op_key: String,
+    /// Why the request failed before the engine took it.
+    pub error: Option<String>,
     pub branch: String,
     pub timeline: TimelineId,
     pub point: Point,
@@ -177,14 +184,19 @@ fn branch_row(r: &Row<'_>) -> rusqlite::Result<BranchRow> {
     })
 }
 
+const SNAPSHOT_COLS: &str = "name, id, op_key, error, branch, timeline, point, created_at";
+
 fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
+    let id: Option<String> = r.get(1)?;
     Ok(SnapshotRow {
         name: r.get(0)?,
-        id: parse_id(&r.get::<_, String>(1)?)?,
-        branch: r.get(2)?,
-        timeline: parse_id(&r.get::<_, String>(3)?)?,
-        point: parse_json(&r.get::<_, String>(4)?)?,
-        created_at: parse_ts(&r.get::<_, String>(5)?)?,
+        id: id.as_deref().map(parse_id).transpose()?,
+        op_key: r.get(2)?,
+        error: r.get(3)?,
+        branch: r.get(4)?,
+        timeline: parse_id(&r.get::<_, String>(5)?)?,
+        point: parse_json(&r.get::<_, String>(6)?)?,
+        created_at: parse_ts(&r.get::<_, String>(7)?)?,
     })
 }
 
@@ -375,9 +387,9 @@ impl Store {
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRow>, LocalError> {
         self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT name, id, branch, timeline, point, created_at FROM snapshots ORDER BY created_at, name",
-            )?;
+            let mut st = c.prepare(&format!(
+                "SELECT {SNAPSHOT_COLS} FROM snapshots ORDER BY created_at, name"
+            ))?;
             let rows = st.query_map([], snapshot_row)?;
             rows.collect()
         })
@@ -386,7 +398,7 @@ impl Store {
     pub fn snapshot(&self, name: &str) -> Result<Option<SnapshotRow>, LocalError> {
         self.with(|c| {
             c.query_row(
-                "SELECT name, id, branch, timeline, point, created_at FROM snapshots WHERE name = ?1",
+                &format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE name = ?1"),
                 [name],
                 snapshot_row,
             )
@@ -398,15 +410,34 @@ impl Store {
         let point = json(&s.point)?;
         self.with(|c| {
             c.execute(
-                "INSERT INTO snapshots (name, id, branch, timeline, point, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &format!("INSERT INTO snapshots ({SNAPSHOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
                 params![
                     s.name,
-                    s.id.as_str(),
+                    s.id.as_ref().map(|i| i.to_string()),
+                    s.op_key,
+                    s.error,
                     s.branch,
                     s.timeline.as_str(),
                     point,
                     s.created_at.to_string()
                 ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Records the engine's answer to a snapshot request: its id, or why
+    /// it was refused.
+    pub fn set_snapshot_result(
+        &self,
+        name: &str,
+        id: Option<&SnapshotId>,
+        error: Option<&str>,
+    ) -> Result<(), LocalError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE snapshots SET id = COALESCE(?2, id), error = ?3 WHERE name = ?1",
+                params![name, id.map(|i| i.to_string()), error],
             )
             .map(|_| ())
         })

@@ -102,8 +102,17 @@ impl Local {
     }
 }
 
+/// Alive and not a zombie (a killed postmaster stays one until the daemon
+/// that started it reaps it).
 fn pid_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().next())
+                    .is_some_and(|st| st != "Z" && st != "X")
+            })
+            .unwrap_or(false)
 }
 
 impl Drop for Local {
@@ -454,6 +463,38 @@ async fn point_in_time_and_multi_step_restores_survive_a_killed_daemon() {
     assert!(names.contains(&backup), "{names:?}");
     let restores = local.json(&["restore", "list"]);
     assert_eq!(restores.as_array().unwrap().len(), 2, "{restores}");
+
+    // A compute that dies is shown as such, and `start` brings it back.
+    let tl = local.branch("main")["timeline"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pidfile = local
+        .dir
+        .join("storage/timelines")
+        .join(&tl)
+        .join("pgdata/postmaster.pid");
+    let pm: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pm),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    while pid_alive(pm) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let m = local.branch("main");
+    assert_eq!(m["state"], "exited", "{m}");
+    let m = local.json(&["start", "main"]);
+    assert_eq!(m["state"], "running", "{m}");
+    assert_eq!(count(&main_url).await, 3);
 
     // The daemon dies hard; its computes are left behind. `up` stops them
     // and serves the branches again on the same ports.

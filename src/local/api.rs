@@ -21,7 +21,8 @@ pub struct BranchView {
     pub logical_size_bytes: u64,
     /// The fixed local port of its connection string.
     pub port: u16,
-    /// `creating`, `starting`, `running`, `stopped` or `failed`.
+    /// `creating`, `starting`, `running`, `stopped`, `exited` (its postgres
+    /// died; `start` it again) or `failed`.
     pub state: String,
     pub protected: bool,
     pub error: Option<String>,

@@ -96,6 +96,15 @@ fn local_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
+/// Whether the postmaster of `data` (per its `postmaster.pid`) is alive.
+fn postmaster_alive(data: &Path) -> bool {
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+        .filter(|pid| *pid > 0)
+        .is_some_and(super::process_alive)
+}
+
 /// Stops a `postgres` left running on `data` by a daemon that was killed.
 async fn kill_stale(data: &Path) {
     let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid")) else {
@@ -119,7 +128,7 @@ async fn kill_stale(data: &Path) {
     tracing::warn!(pid, data = %data.display(), "stopping a postgres left over by an earlier daemon");
     let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGQUIT);
     for _ in 0..100 {
-        if nix::sys::signal::kill(p, None).is_err() {
+        if !super::process_alive(pid) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -391,10 +400,14 @@ impl Daemon {
         // compute meanwhile; the map is only locked briefly so views stay
         // responsive during a long start.
         {
-            let computes = self.inner.computes.lock().await;
+            let mut computes = self.inner.computes.lock().await;
             if let Some(s) = computes.get(tl) {
-                set_password(s, password).await?;
-                return Ok(s.port);
+                if postmaster_alive(&s.data_dir) {
+                    set_password(s, password).await?;
+                    return Ok(s.port);
+                }
+                tracing::warn!(timeline = %tl, log = %s.log.display(), "compute had exited; starting it again");
+                computes.remove(tl);
             }
         }
         kill_stale(&self.engine().data_dir(tl)).await;
@@ -653,15 +666,28 @@ impl Daemon {
             },
             _ => None,
         };
-        let running = match &b.timeline {
-            Some(id) => self.inner.computes.lock().await.contains_key(id),
-            None => false,
+        let (running, exited) = match &b.timeline {
+            Some(id) => match self.inner.computes.lock().await.get(id) {
+                Some(s) if postmaster_alive(&s.data_dir) => (true, None),
+                Some(s) => (
+                    false,
+                    Some(format!(
+                        "its postgres exited (log: {}); `pgbranch local start {}` starts it again",
+                        s.log.display(),
+                        b.name
+                    )),
+                ),
+                None => (false, None),
+            },
+            None => (false, None),
         };
         let state = if b.state == READY {
             if self.is_starting(&b.name) {
                 "starting"
             } else if running {
                 "running"
+            } else if exited.is_some() {
+                "exited"
             } else {
                 "stopped"
             }
@@ -679,7 +705,7 @@ impl Daemon {
             port: b.port,
             state: state.to_string(),
             protected: b.protected,
-            error: b.error.clone(),
+            error: b.error.clone().or(exited),
             progress: tl
                 .as_ref()
                 .filter(|t| t.state == State::Creating)

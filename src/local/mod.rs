@@ -99,7 +99,21 @@ pub fn daemon_pid(paths: &Paths) -> Option<i32> {
     if pid <= 0 {
         return None;
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-        .ok()
-        .map(|_| pid)
+    process_alive(pid).then_some(pid)
+}
+
+/// Whether a process runs (a zombie, dead but not yet reaped by the
+/// daemon that started it, does not).
+pub fn process_alive(pid: i32) -> bool {
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    // /proc/<pid>/stat: "pid (comm) S ..."; comm may hold spaces.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => true,
+    }
 }

@@ -3,6 +3,7 @@
 //! directory, owned by the daemon. The storage engine keeps its own store
 //! for timelines and snapshots; this one maps names onto them.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -237,6 +238,9 @@ impl Store {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Store, LocalError> {
         let conn = Connection::open(path).map_err(db)?;
+        // It holds the branches' passwords.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| LocalError::io("chmod of the metadata store", e))?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;

@@ -746,10 +746,11 @@ async fn wait_branch(c: &Client, out: Output, name: &str) -> Result<BranchView, 
                 finish_progress(out, &shown);
                 return Ok(b);
             }
-            "failed" => {
+            "failed" | "exited" => {
                 finish_progress(out, &shown);
                 return Err(CliError::Other(format!(
-                    "branch {name} failed: {}",
+                    "branch {name} {}: {}",
+                    b.state,
                     b.error.unwrap_or_default()
                 )));
             }

@@ -56,6 +56,8 @@ struct Inner {
     starting: Mutex<HashSet<String>>,
     /// Proxies by branch name.
     proxies: Mutex<HashMap<String, Proxy>>,
+    /// Why a branch's port could not be listened on, by branch name.
+    port_errors: Mutex<HashMap<String, String>>,
     /// Serializes structural changes.
     ops: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
@@ -183,6 +185,7 @@ pub async fn run(paths: Paths) -> Result<(), LocalError> {
             computes: tokio::sync::Mutex::new(HashMap::new()),
             starting: Mutex::new(HashSet::new()),
             proxies: Mutex::new(HashMap::new()),
+            port_errors: Mutex::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
         }),
@@ -242,7 +245,16 @@ impl Daemon {
             match bind_port(b.port).and_then(|l| Proxy::serve(l, initial)) {
                 Ok(p) => self.set_proxy(&b.name, p),
                 Err(e) => {
-                    tracing::error!(branch = %b.name, port = b.port, error = %e, "cannot listen on the branch's port")
+                    tracing::error!(branch = %b.name, port = b.port, error = %e, "cannot listen on the branch's port");
+                    if let Ok(mut m) = self.inner.port_errors.lock() {
+                        m.insert(
+                            b.name.clone(),
+                            format!(
+                                "cannot listen on port {}: {e} (is another program using it?)",
+                                b.port
+                            ),
+                        );
+                    }
                 }
             }
         }
@@ -705,7 +717,13 @@ impl Daemon {
             port: b.port,
             state: state.to_string(),
             protected: b.protected,
-            error: b.error.clone().or(exited),
+            error: b.error.clone().or(exited).or_else(|| {
+                self.inner
+                    .port_errors
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&b.name).cloned())
+            }),
             progress: tl
                 .as_ref()
                 .filter(|t| t.state == State::Creating)

@@ -288,8 +288,18 @@ pub async fn run(args: LocalArgs) -> Result<(), CliError> {
             let psql = find_psql().ok_or_else(|| {
                 CliError::Other("psql not found in PATH nor /usr/lib/postgresql/*/bin".into())
             })?;
+            // The password goes through the environment, not the command
+            // line (which `ps` shows to everyone).
+            let password = b
+                .connection_string
+                .split_once("postgres:")
+                .and_then(|(_, r)| r.split_once('@'))
+                .map(|(p, _)| p.to_string())
+                .unwrap_or_default();
             let err = std::process::Command::new(psql)
-                .arg(&b.connection_string)
+                .env("PGPASSWORD", password)
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-p"])
+                .arg(b.port.to_string())
                 .args(args)
                 .exec();
             Err(CliError::Other(format!("running psql: {err}")))
@@ -457,6 +467,11 @@ async fn up(paths: &Paths, out: Output) -> Result<(), CliError> {
             .map(|b| b.name.as_str())
             .collect();
         if busy.is_empty() {
+            for b in &bs {
+                if let Some(e) = &b.error {
+                    eprintln!("warning: branch {}: {e}", b.name);
+                }
+            }
             break bs;
         }
         if start.elapsed() > Duration::from_millis(500) {

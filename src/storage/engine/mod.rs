@@ -6,6 +6,7 @@
 //! timelines/<id>/pgdata       the timeline's data directory (what a compute runs on)
 //! timelines/<id>/base         read-only copy of pgdata as created: the first PITR base
 //! timelines/<id>/postgres.log log of servers started by Engine::start_postgres
+//! timelines/<id>/engine.log   log of the engine's private servers (recovery, replay)
 //! snapshots/<id>/pgdata       a snapshot (read-only by convention; -r subvolume on btrfs)
 //! wal/<id>/                   the timeline's own WAL archive (filled by its archive_command)
 //! tmp/                        work directories, emptied at open
@@ -27,6 +28,9 @@
 //!   in one session; `backup_label`/`tablespace_map` written into the copy and
 //!   `pg_wal` re-copied after the stop;
 //! * running, non-atomic driver, no connection: refused with `Busy`.
+//!
+//! Head snapshots of a running server with a connection always use backup
+//! mode (also on btrfs), so they can serve as PITR bases of their timeline.
 //!
 //! # Fix-ups on every writable copy
 //! `postmaster.pid`, `postmaster.opts`, `recovery.signal`, `standby.signal`
@@ -52,7 +56,10 @@
 //! the metadata store with every commit record's time). For times, the
 //! newest end is the latest of: the newest archived commit, the base, and
 //! the moment of the last `pg_switch_wal()` the engine asked for (every
-//! commit before that moment is archived).
+//! commit before that moment is archived) or, for a stopped timeline
+//! (no `postmaster.pid`) with no segment waiting in
+//! `pg_wal/archive_status/*.ready`, the present moment: a suspended branch
+//! can be branched at "five minutes ago" after its last commit.
 //!
 //! A copy at a point = the newest base at or before it, cloned; then a
 //! private server replays the timeline's own archive with
@@ -106,6 +113,12 @@
 //! finished. A failed create stays `Failed` (same key, same result) until it
 //! is deleted.
 //!
+//! Private servers (recovery, replay, schema dumps) get `PR_SET_PDEATHSIG`
+//! so they die with the engine; any left running on a directory that is
+//! cleaned at open is stopped first. For crash tests,
+//! `PGBRANCH_ENGINE_CRASH_AT=<progress step>` makes the engine SIGKILL
+//! itself when an operation enters that step.
+//!
 //! One engine process owns a volume at a time (`engine.lock`, flock);
 //! a second [`Engine::open`] on it fails with `Busy`.
 //!
@@ -130,9 +143,9 @@ use serde::{Deserialize, Serialize};
 pub use pg::{PgServer, StopMode};
 
 use crate::storage::{
-    ConnInfo, CreateSnapshot, CreateTimeline, DriverKind, Lineage, Lsn, Point, PointInfo, Progress,
-    RestoreWindow, Snapshot, SnapshotId, Source, State, Storage, StorageError, StorageInfo,
-    Timeline, TimelineId,
+    ConnInfo, CreateSnapshot, CreateTimeline, DriverKind, Lineage, Lsn, Password, Point, PointInfo,
+    Progress, RestoreWindow, Snapshot, SnapshotId, Source, State, Storage, StorageError,
+    StorageInfo, Timeline, TimelineId,
 };
 use driver::Driver;
 use meta::{BaseRow, Meta, Recorded, SnapshotRow, TimelineRow};
@@ -178,6 +191,8 @@ struct Inner {
     meta: Meta,
     in_use: Mutex<HashMap<String, usize>>,
     index_lock: tokio::sync::Mutex<()>,
+    /// Recently measured sizes (logical, exclusive) by "t:<id>"/"s:<id>".
+    sizes: Mutex<HashMap<String, (std::time::Instant, Sizes)>>,
     /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
     _volume_lock: nix::fcntl::Flock<fs::File>,
 }
@@ -214,7 +229,7 @@ struct StoredRequest {
 #[derive(Debug, Clone)]
 enum TlPlan {
     Empty {
-        password: Option<String>,
+        password: Option<Password>,
     },
     SchemaOnly {
         src: TimelineId,
@@ -342,6 +357,12 @@ fn segno_of(name: &str, seg_size: u64) -> Option<u64> {
     let lo = u64::from_str_radix(&name[16..24], 16).ok()?;
     Some(hi * (0x1_0000_0000 / seg_size) + lo)
 }
+
+/// Logical and exclusive bytes of an object.
+type Sizes = (u64, Option<u64>);
+
+/// How long measured sizes are reused.
+const SIZE_TTL: Duration = Duration::from_secs(10);
 
 const MANAGED_KEYS: &[&str] = &[
     "archive_mode",
@@ -499,6 +520,7 @@ impl Engine {
                 meta,
                 in_use: Mutex::new(HashMap::new()),
                 index_lock: tokio::sync::Mutex::new(()),
+                sizes: Mutex::new(HashMap::new()),
                 _volume_lock: volume_lock,
             }),
         };
@@ -586,6 +608,7 @@ impl Engine {
                     log: &log,
                     timeout: Duration::from_secs(600),
                     tied: false,
+                    replay_progress: None,
                 },
             )
             .await
@@ -596,6 +619,16 @@ impl Engine {
         data: &Path,
         archive: Option<&TimelineId>,
         log: &Path,
+    ) -> Result<PgServer, StorageError> {
+        self.private_server_with(data, archive, log, None).await
+    }
+
+    async fn private_server_with(
+        &self,
+        data: &Path,
+        archive: Option<&TimelineId>,
+        log: &Path,
+        replay_progress: Option<&(dyn Fn(Lsn) + Send + Sync)>,
     ) -> Result<PgServer, StorageError> {
         self.inner
             .pg
@@ -608,6 +641,7 @@ impl Engine {
                     log,
                     timeout: Duration::from_secs(3600),
                     tied: true,
+                    replay_progress,
                 },
             )
             .await
@@ -624,6 +658,34 @@ impl Engine {
             .await
             .map_err(|e| io_err(what, e))?
             .map_err(|e| io_err(what, e))
+    }
+
+    /// Sizes of an object, measured at most every [`SIZE_TTL`] (walking a
+    /// large data directory or `btrfs filesystem du` is not free, and
+    /// callers poll).
+    async fn measured(
+        &self,
+        key: String,
+        f: impl FnOnce(&Inner) -> std::io::Result<(u64, Option<u64>)> + Send + 'static,
+    ) -> Result<(u64, Option<u64>), StorageError> {
+        if let Ok(c) = self.inner.sizes.lock() {
+            if let Some((at, v)) = c.get(&key) {
+                if at.elapsed() < SIZE_TTL {
+                    return Ok(*v);
+                }
+            }
+        }
+        let v = self.blocking("measuring sizes", f).await?;
+        if let Ok(mut c) = self.inner.sizes.lock() {
+            c.insert(key, (std::time::Instant::now(), v));
+        }
+        Ok(v)
+    }
+
+    fn forget_sizes(&self, key: &str) {
+        if let Ok(mut c) = self.inner.sizes.lock() {
+            c.remove(key);
+        }
     }
 
     async fn clone_dir(&self, src: &Path, dst: &Path, readonly: bool) -> Result<(), StorageError> {
@@ -804,11 +866,19 @@ impl Engine {
     async fn replay(
         &self,
         data: &Path,
-        src: &TimelineId,
+        base: &BaseRow,
         target: Lsn,
         archive: Option<&TimelineId>,
         log: &Path,
+        report: &(dyn Fn(Option<u8>) + Send + Sync),
     ) -> Result<(), StorageError> {
+        let src = &base.timeline;
+        let from = base.lsn.0;
+        let on_lsn = move |l: Lsn| {
+            let span = target.0.saturating_sub(from).max(1);
+            let done = l.0.saturating_sub(from).min(span);
+            report(Some((done * 100 / span) as u8));
+        };
         let wal = self.wal_dir(src);
         let rc = format!(
             "# Written by pgbranch for a point-in-time replay; removed after it.\n\
@@ -825,18 +895,25 @@ impl Engine {
         self.inner
             .pg
             .write_file(&data.join("recovery.signal"), "")?;
-        let srv = match self.private_server(data, archive, log).await {
+        let srv = match self
+            .private_server_with(data, archive, log, Some(&on_lsn))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 let tail = pg::log_tail(log);
                 if tail.contains("recovery ended before configured recovery target was reached")
                     || tail.contains("before consistent recovery point")
                 {
+                    let window = match self.inner.meta.timeline(src)? {
+                        Some(row) => self.reported_window(&row).await.unwrap_or(None),
+                        None => None,
+                    };
                     return Err(StorageError::InvalidPoint {
                         message: format!(
-                            "WAL replay ended before reaching {target}: the point is not in the archived WAL"
+                            "WAL replay ended before reaching {target}: the point is not in the archived WAL of timeline {src}"
                         ),
-                        window: None,
+                        window,
                     });
                 }
                 return Err(e);
@@ -1063,6 +1140,31 @@ impl Engine {
         }))
     }
 
+    /// When the timeline's server is stopped (no `postmaster.pid`) and
+    /// every WAL segment it wrote is archived (no `.ready` status file),
+    /// its archive holds every commit ever made: records that as of now.
+    async fn archive_complete_if_stopped(&self, t: &TimelineRow) -> Result<bool, StorageError> {
+        let data = self.data_dir(&t.id);
+        if data.join("postmaster.pid").exists() {
+            return Ok(false);
+        }
+        let pending = fs::read_dir(data.join("pg_wal").join("archive_status"))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".ready"))
+            })
+            .unwrap_or(true);
+        if pending {
+            return Ok(false);
+        }
+        let now = jiff::Timestamp::now();
+        let _g = self.inner.index_lock.lock().await;
+        let mut idx = self.inner.meta.wal_index(&t.id)?;
+        idx.complete_time = Some(idx.complete_time.map_or(now, |c| c.max(now)));
+        self.inner.meta.record_wal_scan(&t.id, &idx, &[])?;
+        Ok(true)
+    }
+
     /// `pg_switch_wal()` on the source and wait for the segment to reach the
     /// archive, so every commit before now is archived.
     async fn switch_wal(&self, t: &TimelineRow, conn: &ConnInfo) -> Result<(), StorageError> {
@@ -1134,7 +1236,9 @@ impl Engine {
             // Only the parent's history up to the branch point is ours.
             let ours = match (t.lineage.parent_lsn, point) {
                 (Some(bp), _) => target <= bp,
-                (None, Point::Timestamp(_)) => true,
+                // Crash-consistent head copies do not know their LSN: only
+                // commits made before the copy was asked for are certain.
+                (None, Point::Timestamp(ts)) => *ts <= t.created_at,
                 (None, _) => false,
             };
             Ok(ours.then_some((base, target)))
@@ -1238,7 +1342,10 @@ impl Engine {
                     });
                 }
                 if Some(*ts) > w.newest.time {
-                    if let Some(c) = conn {
+                    if self.archive_complete_if_stopped(t).await? {
+                        // A stopped source has archived all it wrote.
+                        w = self.window(t).await?.ok_or_else(no_window)?;
+                    } else if let Some(c) = conn {
                         self.switch_wal(t, c).await?;
                         w = self.window(t).await?.ok_or_else(no_window)?;
                     }
@@ -1292,7 +1399,7 @@ impl Engine {
         match &req.source {
             Source::Empty { superuser_password } => Ok((
                 TlPlan::Empty {
-                    password: superuser_password.as_ref().map(|p| p.0.clone()),
+                    password: superuser_password.clone(),
                 },
                 Lineage {
                     parent: None,
@@ -1344,7 +1451,7 @@ impl Engine {
                     ));
                 }
                 let (base, target) = self.resolve_target(&row, point, conn.as_ref()).await?;
-                let guard = self.join(guard, vec![format!("t:{}", base.timeline)]);
+                let guard = self.join(guard, base_keys(&base));
                 let lineage = Lineage {
                     parent_lsn: Some(target),
                     ..lineage
@@ -1432,6 +1539,16 @@ impl Engine {
         );
     }
 
+    fn progress_pct_t(&self, id: &TimelineId, step: &str, percent: Option<u8>) {
+        let _ = self.inner.meta.set_timeline_progress(
+            id,
+            Some(Progress {
+                step: step.to_string(),
+                percent,
+            }),
+        );
+    }
+
     async fn remove_timeline_dirs(&self, id: &TimelineId) {
         let dir = self.tl_dir(id);
         for sub in ["pgdata", "base"] {
@@ -1464,7 +1581,7 @@ impl Engine {
                 self.create_data_dir(&data).await?;
                 self.inner
                     .pg
-                    .initdb(&data, password.as_deref(), &self.tmp())
+                    .initdb(&data, password.as_ref().map(|p| p.0.as_str()), &self.tmp())
                     .await?;
                 self.write_hba(&data)?;
                 self.fixups(&data, Some(id))?;
@@ -1495,7 +1612,8 @@ impl Engine {
                     self.progress_t(id, "replaying WAL");
                     // The archive of the base's timeline: this source's, or
                     // an ancestor's for a point before the source was made.
-                    self.replay(&data, &base.timeline, target, Some(id), &log)
+                    let report = |pct: Option<u8>| self.progress_pct_t(id, "replaying WAL", pct);
+                    self.replay(&data, &base, target, Some(id), &log, &report)
                         .await?;
                 } else {
                     self.normalize(&data, Some(id), &log).await?;
@@ -1677,7 +1795,7 @@ impl Engine {
             let data = self.data_dir(&id);
             let base = self.tl_dir(&id).join("base");
             let (logical, excl) = self
-                .blocking("measuring a timeline", move |i| {
+                .measured(format!("t:{id}"), move |i| {
                     let logical = driver::tree_size(&data);
                     let excl = match (
                         i.driver.exclusive_bytes(&data),
@@ -1709,7 +1827,7 @@ impl Engine {
             return Ok((SnPlan::Head { conn }, guard));
         }
         let (base, target) = self.resolve_target(&row, &req.point, conn.as_ref()).await?;
-        let guard = self.join(guard, vec![format!("t:{}", base.timeline)]);
+        let guard = self.join(guard, base_keys(&base));
         Ok((SnPlan::Replay { base, target }, guard))
     }
 
@@ -1787,7 +1905,16 @@ impl Engine {
                     self.fixups(&work, None)?;
                     if target > base.lsn {
                         progress("replaying WAL");
-                        self.replay(&work, &base.timeline, target, None, &log)
+                        let report = |pct: Option<u8>| {
+                            let _ = self.inner.meta.set_snapshot_progress(
+                                id,
+                                Some(Progress {
+                                    step: "replaying WAL".into(),
+                                    percent: pct,
+                                }),
+                            );
+                        };
+                        self.replay(&work, &base, target, None, &log, &report)
                             .await?;
                     } else {
                         self.normalize(&work, None, &log).await?;
@@ -1826,7 +1953,7 @@ impl Engine {
         if row.state == State::Ready {
             let data = self.snap_dir(&row.id).join("pgdata");
             let (size, excl) = self
-                .blocking("measuring a snapshot", move |i| {
+                .measured(format!("s:{}", row.id), move |i| {
                     Ok((driver::tree_size(&data), i.driver.exclusive_bytes(&data)))
                 })
                 .await?;
@@ -1926,6 +2053,16 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The objects a replay from `base` reads: its timeline's archive and, for
+/// a snapshot base, the snapshot.
+fn base_keys(base: &BaseRow) -> Vec<String> {
+    let mut keys = vec![format!("t:{}", base.timeline)];
+    if let Some(s) = &base.snapshot {
+        keys.push(format!("s:{s}"));
+    }
+    keys
 }
 
 /// Whether a point lies before the start of a window.
@@ -2110,6 +2247,7 @@ impl Storage for Engine {
             });
         }
         tracing::info!(timeline = %id, "deleting a timeline");
+        self.forget_sizes(&format!("t:{id}"));
         self.remove_timeline_dirs(id).await;
         self.inner.meta.delete_timeline(id)
     }
@@ -2215,6 +2353,7 @@ impl Storage for Engine {
             });
         }
         tracing::info!(snapshot = %id, "deleting a snapshot");
+        self.forget_sizes(&format!("s:{id}"));
         self.delete_dir(&self.snap_dir(id).join("pgdata")).await?;
         let _ = fs::remove_dir_all(self.snap_dir(id));
         self.inner.meta.delete_snapshot(id)
@@ -2255,5 +2394,75 @@ impl Engine {
             self.spawn_snapshot(id.clone(), row.timeline.clone(), plan, guard);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_segment_numbers() {
+        let seg = 16 * 1024 * 1024;
+        assert_eq!(segno_of("000000010000000000000001", seg), Some(1));
+        assert_eq!(segno_of("0000000200000001000000FF", seg), Some(256 + 255));
+        assert_eq!(segno_of("000000010000000000000001.partial", seg), None);
+        assert_eq!(segno_of("00000002.history", seg), None);
+    }
+
+    #[test]
+    fn archive_command_is_durable_and_never_overwrites() {
+        let id = TimelineId::new("abc").unwrap();
+        let c = Engine::archive_command(Path::new("/vol"), &id);
+        assert!(c.contains("\"/vol/wal/abc/%f\""));
+        assert!(
+            c.contains("cmp -s"),
+            "an existing segment must be compared, not replaced"
+        );
+        assert!(c.contains("sync \"/vol/wal/abc/%f.tmp\"") && c.contains("mv "));
+        assert!(!c.contains('\''), "must embed in a single-quoted setting");
+    }
+
+    #[test]
+    fn request_identity_ignores_secrets_but_not_the_source() {
+        let a = Source::Empty {
+            superuser_password: Some(Password("one".into())),
+        };
+        let b = Source::Empty {
+            superuser_password: Some(Password("two".into())),
+        };
+        assert_eq!(identity_timeline(&a), identity_timeline(&b));
+        assert!(!identity_timeline(&a).contains("one"));
+        let t = TimelineId::new("t").unwrap();
+        let head = Source::Timeline {
+            timeline: t.clone(),
+            point: Point::Head,
+        };
+        let lsn = Source::Timeline {
+            timeline: t,
+            point: Point::Lsn(Lsn(5)),
+        };
+        assert_ne!(identity_timeline(&head), identity_timeline(&lsn));
+    }
+
+    #[test]
+    fn points_before_a_window() {
+        let w = RestoreWindow {
+            oldest: PointInfo {
+                lsn: Lsn(100),
+                time: Some(jiff::Timestamp::from_second(1000).unwrap()),
+            },
+            newest: PointInfo {
+                lsn: Lsn(200),
+                time: Some(jiff::Timestamp::from_second(2000).unwrap()),
+            },
+        };
+        assert!(point_before(&Point::Lsn(Lsn(99)), &w));
+        assert!(!point_before(&Point::Lsn(Lsn(100)), &w));
+        assert!(point_before(
+            &Point::Timestamp(jiff::Timestamp::from_second(999).unwrap()),
+            &w
+        ));
+        assert!(!point_before(&Point::Head, &w));
     }
 }

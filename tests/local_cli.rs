@@ -401,6 +401,23 @@ async fn point_in_time_and_multi_step_restores_survive_a_killed_daemon() {
         .unwrap();
     drop(c);
 
+    // A point outside the window is refused with the window, and leaves
+    // no branch behind (the same command can be run again).
+    let err = local.fails(&[
+        "branch",
+        "create",
+        "early",
+        "--timestamp",
+        "2000-01-01T00:00:00Z",
+    ]);
+    assert!(err.contains("invalid point"), "{err}");
+    assert!(local
+        .json(&["branch", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["name"] != "early"));
+
     // main back to t1, its present kept as `main-before`.
     let source = format!("main@{t1}");
     let r = local.json(&[

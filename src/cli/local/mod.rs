@@ -538,7 +538,10 @@ async fn branch(paths: &Paths, out: Output, cmd: BranchCommand) -> Result<(), Cl
                 )
                 .await
                 .map_err(local_err)?;
-            let b = wait_branch(&c, out, &name).await?;
+            let b = match wait_branch(&c, out, &name).await {
+                Ok(b) => b,
+                Err(e) => return Err(discard_branch(&c, &name, e).await),
+            };
             print_one(out, &b, |b| {
                 format!(
                     "branch {} is {} on port {}:\n  {}",
@@ -611,12 +614,16 @@ async fn snapshot(paths: &Paths, out: Output, cmd: SnapshotCommand) -> Result<()
                         "taking the snapshot",
                     ),
                     _ => {
+                        // A failed request leaves nothing behind.
+                        let _ = c
+                            .delete::<serde_json::Value>(&format!("/snapshots/{}", s.name))
+                            .await;
                         return Err(CliError::Other(format!(
                             "snapshot {} {}: {}",
                             s.name,
                             s.state,
                             s.error.unwrap_or_default()
-                        )))
+                        )));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -726,7 +733,9 @@ async fn restore(paths: &Paths, out: Output, a: RestoreArgs) -> Result<(), CliEr
         .as_ref()
         .filter(|_| r.state != "completed")
     {
-        wait_branch(&c, out, p).await?;
+        if let Err(e) = wait_branch(&c, out, p).await {
+            return Err(discard_branch(&c, p, e).await);
+        }
     }
     print_one(out, &r, |r| {
         match r.state.as_str() {
@@ -745,6 +754,21 @@ async fn restore(paths: &Paths, out: Output, a: RestoreArgs) -> Result<(), CliEr
         ),
     }
     })
+}
+
+/// After a failed creation: removes the failed branch, so the same command
+/// can simply be run again, and returns the failure.
+async fn discard_branch(c: &Client, name: &str, e: CliError) -> CliError {
+    let failed = matches!(
+        c.get::<BranchView>(&format!("/branches/{name}?brief=true")).await,
+        Ok(b) if b.state == "failed"
+    );
+    if failed {
+        let _ = c
+            .delete::<serde_json::Value>(&format!("/branches/{name}"))
+            .await;
+    }
+    e
 }
 
 /// Polls a branch until it is running, stopped or failed, showing progress.

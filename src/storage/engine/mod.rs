@@ -1084,8 +1084,13 @@ impl Engine {
             .arg("-t")
             .arg(tli.to_string())
             .arg("-s")
-            .arg(Lsn(start).to_string())
-            .stdout(std::process::Stdio::piped())
+            .arg(Lsn(start).to_string());
+        // Without an end, pg_waldump waits ~5 s for the segment after the
+        // newest one to appear; stop at the end of the newest archived one.
+        if let Some(end_seg) = segno_of(&newest, seg) {
+            cmd.arg("-e").arg(Lsn((end_seg + 1) * seg).to_string());
+        }
+        cmd.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let out = cmd
             .output()
@@ -2433,7 +2438,7 @@ mod tests {
         // PostgreSQL truncates the expanded command at 1024 bytes; a long
         // volume path must not push it over (it did when the path was
         // repeated in every clause).
-        let id = TimelineId::new(&"a".repeat(63)).unwrap();
+        let id = TimelineId::new("a".repeat(63)).unwrap();
         let root = PathBuf::from(format!("/{}", "r".repeat(400)));
         let c = Engine::archive_command(&root, &id);
         let expanded = c

@@ -118,6 +118,16 @@ pub async fn run(
         .await;
 }
 
+/// The Branch holding the data `b` was copied from: `status.parentBranch`
+/// (moved by a restore of the parent to its backup branch), else
+/// `spec.parent.branch`.
+pub fn effective_parent(b: &Branch) -> Option<String> {
+    b.status
+        .as_ref()
+        .and_then(|s| s.parent_branch.clone())
+        .or_else(|| b.spec.parent.as_ref().map(|p| p.branch.clone()))
+}
+
 /// The parent and the children of `b` (children found in `known`, the
 /// controller's cache of Branches).
 fn related_branches(b: &Branch, known: &[Arc<Branch>]) -> Vec<ObjectRef<Branch>> {
@@ -129,13 +139,19 @@ fn related_branches(b: &Branch, known: &[Arc<Branch>]) -> Vec<ObjectRef<Branch>>
         .spec
         .parent
         .iter()
-        .map(|p| ObjectRef::new(&p.branch).within(&ns))
+        .map(|p| p.branch.clone())
+        .chain(effective_parent(b))
+        .map(|p| ObjectRef::new(&p).within(&ns))
         .collect();
+    out.dedup();
     out.extend(
         known
             .iter()
             .filter(|c| c.namespace().as_deref() == Some(ns.as_str()))
-            .filter(|c| c.spec.parent.as_ref().is_some_and(|p| p.branch == name))
+            .filter(|c| {
+                c.spec.parent.as_ref().is_some_and(|p| p.branch == name)
+                    || effective_parent(c).as_deref() == Some(name.as_str())
+            })
             .map(|c| ObjectRef::from_obj(c.as_ref())),
     );
     out
@@ -547,6 +563,25 @@ async fn ensure_timeline(
                 )));
             };
             let ptl = TimelineId::new(ptl).map_err(storage_stalled)?;
+            // One copy of a parent at a time: two backup-mode copies of one
+            // running server at once have been seen to fail the first
+            // ("WAL ends before end of online backup", copy driver).
+            let stored = with_deadline(ctx, "list timelines", ctx.storage.list_timelines()).await?;
+            if let Some(other) = stored.iter().find(|t| {
+                t.state == State::Creating
+                    && t.lineage.parent.as_ref() == Some(&ptl)
+                    && t.key.as_str() != uid
+            }) {
+                return Ok(Err(progressing(
+                    "WaitingForParentCopy",
+                    format!(
+                        "another copy of the parent branch {} is in progress (timeline {}); this one starts after it",
+                        p.name_any(),
+                        other.id
+                    ),
+                    ctx.config.poll_interval,
+                )));
+            }
             let source = if branch.spec.init_source == Some(InitSource::SchemaOnly) {
                 Source::SchemaOnly { timeline: ptl }
             } else {
@@ -592,6 +627,9 @@ async fn ensure_timeline(
 fn record_timeline(status: &mut BranchStatus, tl: &Timeline) {
     status.timeline_id = Some(tl.id.to_string());
     status.parent_lsn = tl.lineage.parent_lsn.map(|l| l.to_string());
+    if status.parent_timeline_id.is_none() {
+        status.parent_timeline_id = tl.lineage.parent.as_ref().map(|p| p.to_string());
+    }
     let lsn = tl.lsn.map(|l| l.to_string());
     let size = i64::try_from(tl.logical_size_bytes).unwrap_or(i64::MAX);
     let significant = match status.logical_size_bytes {
@@ -687,6 +725,10 @@ async fn apply_steps(
         Err(done) => return Ok(done),
     };
     record_timeline(status, &tl);
+    if status.parent_branch.is_none() {
+        // Set once; a restore of the parent moves it to the backup branch.
+        status.parent_branch = branch.spec.parent.as_ref().map(|p| p.branch.clone());
+    }
     match tl.state {
         State::Ready => {}
         State::Creating => {
@@ -1043,7 +1085,7 @@ async fn cleanup_steps(
     let mut children: Vec<String> = all
         .items
         .iter()
-        .filter(|b| b.spec.parent.as_ref().is_some_and(|p| p.branch == name))
+        .filter(|b| effective_parent(b).as_deref() == Some(name.as_str()))
         .map(|b| b.name_any())
         .collect();
     children.sort();
@@ -1205,6 +1247,34 @@ mod tests {
             .map(|r| r.name.clone())
             .collect();
         assert_eq!(names, vec!["main", "grandchild"]);
+    }
+
+    #[test]
+    fn a_restore_moves_the_effective_parent() {
+        use crate::api::{BranchSpec, ParentRef};
+        let mut b = Branch::new(
+            "dev",
+            BranchSpec {
+                parent: Some(ParentRef {
+                    branch: "prod".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        assert_eq!(effective_parent(&b).as_deref(), Some("prod"));
+        b.status = Some(BranchStatus {
+            parent_branch: Some("prod-old-20240101000000".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            effective_parent(&b).as_deref(),
+            Some("prod-old-20240101000000")
+        );
+        assert_eq!(
+            effective_parent(&Branch::new("root", BranchSpec::default())),
+            None
+        );
     }
 
     #[test]

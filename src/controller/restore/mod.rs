@@ -1367,6 +1367,90 @@ mod tests {
         );
     }
 
+    fn svc_of(owner_uid: Option<&str>, manager: Option<(&str, &str)>) -> Service {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+            FieldsV1, ManagedFieldsEntry, OwnerReference,
+        };
+        let mut s = Service::default();
+        s.metadata.name = Some("prod".into());
+        if let Some(uid) = owner_uid {
+            s.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "pgbranch.dev/v1alpha1".into(),
+                kind: "Branch".into(),
+                name: "prod".into(),
+                uid: uid.into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]);
+        }
+        if let Some((m, fields)) = manager {
+            s.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+                manager: Some(m.into()),
+                fields_v1: Some(FieldsV1(serde_json::from_str(fields).unwrap())),
+                ..Default::default()
+            }]);
+        }
+        s
+    }
+
+    #[test]
+    fn only_the_operators_service_is_retargeted() {
+        let t = Branch::new("prod", BranchSpec::default());
+        let reason = |r: Result<(), Error>| r.err().map(|e| e.reason());
+        assert_eq!(
+            reason(check_service_owned(None, &t, "u1")).as_deref(),
+            Some("ServiceNotOwned")
+        );
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u1"), None)),
+                &t,
+                "u1"
+            )),
+            None
+        );
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u2"), None)),
+                &t,
+                "u1"
+            ))
+            .as_deref(),
+            Some("ServiceNotOwned")
+        );
+        assert_eq!(
+            reason(check_service_owned(Some(&svc_of(None, None)), &t, "u1")).as_deref(),
+            Some("ServiceNotOwned")
+        );
+        let ours = r#"{"f:spec":{"f:selector":{}}}"#;
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u1"), Some((FIELD_MANAGER, ours)))),
+                &t,
+                "u1"
+            )),
+            None
+        );
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u1"), Some(("argocd-controller", ours)))),
+                &t,
+                "u1"
+            ))
+            .as_deref(),
+            Some("ServiceNotOwned")
+        );
+        let labels_only = r#"{"f:metadata":{"f:labels":{"f:team":{}}}}"#;
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u1"), Some(("kubectl", labels_only)))),
+                &t,
+                "u1"
+            )),
+            None
+        );
+    }
+
     #[test]
     fn steps_parse_and_order() {
         for s in FinalizeStep::ALL {

@@ -1226,6 +1226,17 @@ async fn create_backup(run: &Run<'_>, target: &Branch, bname: &str) -> Result<()
         if secret(ctx, ns, &name).await?.is_some() {
             continue;
         }
+        // Same type as the target's (a Secret's type is immutable, and the
+        // backup branch's controller re-applies its own Secrets).
+        let source = match suffix.as_str() {
+            "superuser" => superuser_secret_name(&target.name_any()),
+            "app" => app_secret_name(&target.name_any()),
+            s => role_secret_name(&target.name_any(), s),
+        };
+        let type_ = secret(ctx, ns, &source)
+            .await?
+            .and_then(|s| s.type_)
+            .unwrap_or_else(|| "Opaque".into());
         let s = Secret {
             metadata: kube::api::ObjectMeta {
                 name: Some(name.clone()),
@@ -1236,7 +1247,7 @@ async fn create_backup(run: &Run<'_>, target: &Branch, bname: &str) -> Result<()
                 )])),
                 ..Default::default()
             },
-            type_: Some("Opaque".into()),
+            type_: Some(type_),
             data: Some(BTreeMap::from([
                 ("user".to_string(), ByteString(user.into_bytes())),
                 ("password".to_string(), ByteString(pw.into_bytes())),

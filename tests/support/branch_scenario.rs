@@ -543,6 +543,11 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         .expect("create orphan");
     let b = wait_stalled(client, "orphan", "ParentNotFound").await;
     assert!(condition(&b, "Stalled").unwrap().2.contains("nope"));
+    // Fixing the cause clears Stalled: the missing parent appears.
+    api.create(&pp, &branch("nope", BranchSpec::default()))
+        .await
+        .expect("create nope");
+    wait_ready(client, "orphan").await;
     api.create(
         &pp,
         &child("future", "main", Some("FF/FFFFFFFF".into()), None),
@@ -654,6 +659,10 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     for n in ["past", "head", "future", "orphan", "main"] {
         wait_gone(client, n).await;
     }
+    api.delete("nope", &DeleteParams::default())
+        .await
+        .expect("delete nope");
+    wait_gone(client, "nope").await;
 
     // Everything is gone: timelines, computes, Services, Secrets.
     let left = h.engine.list_timelines().await.expect("list timelines");

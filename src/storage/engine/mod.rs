@@ -552,11 +552,16 @@ impl Engine {
         self.inner.root.join("tmp")
     }
 
+    /// The shell command that archives one WAL file into the timeline's own
+    /// archive: never overwrites (an existing file must be identical),
+    /// fsyncs the copy before an atomic rename, then fsyncs the directory.
+    /// PostgreSQL cuts the expanded command off at 1024 bytes, so the
+    /// archive path is written once, into a shell variable.
     fn archive_command(root: &Path, id: &TimelineId) -> String {
         let d = root.join("wal").join(id.as_str());
         let d = d.display();
         format!(
-            "if [ -f \"{d}/%f\" ]; then cmp -s \"%p\" \"{d}/%f\"; else cp \"%p\" \"{d}/%f.tmp\" && sync \"{d}/%f.tmp\" && mv \"{d}/%f.tmp\" \"{d}/%f\" && sync \"{d}\"; fi"
+            "d=\"{d}\"; f=\"$d/%f\"; if [ -f \"$f\" ]; then cmp -s \"%p\" \"$f\"; else cp \"%p\" \"$f.tmp\" && sync \"$f.tmp\" && mv \"$f.tmp\" \"$f\" && sync \"$d\"; fi"
         )
     }
 
@@ -1079,8 +1084,13 @@ impl Engine {
             .arg("-t")
             .arg(tli.to_string())
             .arg("-s")
-            .arg(Lsn(start).to_string())
-            .stdout(std::process::Stdio::piped())
+            .arg(Lsn(start).to_string());
+        // Without an end, pg_waldump waits ~5 s for the segment after the
+        // newest one to appear; stop at the end of the newest archived one.
+        if let Some(end_seg) = segno_of(&newest, seg) {
+            cmd.arg("-e").arg(Lsn((end_seg + 1) * seg).to_string());
+        }
+        cmd.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let out = cmd
             .output()
@@ -2414,13 +2424,28 @@ mod tests {
     fn archive_command_is_durable_and_never_overwrites() {
         let id = TimelineId::new("abc").unwrap();
         let c = Engine::archive_command(Path::new("/vol"), &id);
-        assert!(c.contains("\"/vol/wal/abc/%f\""));
+        assert!(c.starts_with("d=\"/vol/wal/abc\"; f=\"$d/%f\";"));
         assert!(
             c.contains("cmp -s"),
             "an existing segment must be compared, not replaced"
         );
-        assert!(c.contains("sync \"/vol/wal/abc/%f.tmp\"") && c.contains("mv "));
+        assert!(c.contains("sync \"$f.tmp\"") && c.contains("mv \"$f.tmp\" \"$f\""));
         assert!(!c.contains('\''), "must embed in a single-quoted setting");
+    }
+
+    #[test]
+    fn archive_command_fits_postgres_limit_with_long_roots() {
+        // PostgreSQL truncates the expanded command at 1024 bytes; a long
+        // volume path must not push it over (it did when the path was
+        // repeated in every clause).
+        let id = TimelineId::new("a".repeat(63)).unwrap();
+        let root = PathBuf::from(format!("/{}", "r".repeat(400)));
+        let c = Engine::archive_command(&root, &id);
+        let expanded = c
+            .replace("%f", "000000010000000000000001.partial")
+            .replace("%p", "pg_wal/000000010000000000000001.partial");
+        assert!(expanded.len() < 1024, "{} bytes", expanded.len());
+        assert_eq!(c.matches(&*root.to_string_lossy()).count(), 1);
     }
 
     #[test]

@@ -366,6 +366,9 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     let su = connect(h, "main", "postgres", &main_su, "postgres")
         .await
         .expect("superuser login to main");
+    su.batch_execute("CREATE ROLE reporter LOGIN PASSWORD 'reporter-pw'")
+        .await
+        .expect("an undeclared login role");
     su.batch_execute("SELECT pg_switch_wal()")
         .await
         .expect("switch wal");
@@ -434,6 +437,15 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         );
         assert_auth_fails(h, c, "shop", &main_app_pw, "shop").await;
         assert_auth_fails(h, c, "postgres", &main_su, "postgres").await;
+        if c == "head" {
+            // An undeclared user of the parent keeps no password on a child.
+            assert!(connect(h, c, "reporter", "reporter-pw", "postgres")
+                .await
+                .is_err());
+            connect(h, "main", "reporter", "reporter-pw", "postgres")
+                .await
+                .expect("the parent's user is untouched");
+        }
         connect(h, c, "postgres", &su_pw, "postgres")
             .await
             .unwrap_or_else(|e| panic!("{c}'s own superuser password works: {e}"));

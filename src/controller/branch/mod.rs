@@ -877,6 +877,11 @@ async fn apply_steps(
                 .iter()
                 .map(|d| (d.name.clone(), d.owner.clone()))
                 .collect(),
+            // A child's own copy (not data a restore brought in): users of
+            // the parent it did not declare lose the parent's passwords.
+            reset_other_logins: branch.spec.parent.is_some()
+                && branch.spec.credentials != Some(CredentialsPolicy::Inherit)
+                && tl.key.as_str() == uid,
         };
         let timeout = ctx.config.step_timeout;
         let report = match tokio::time::timeout(timeout, sql::apply(&plan, timeout)).await {
@@ -893,6 +898,7 @@ async fn apply_steps(
             rotated_superuser = report.rotated_superuser,
             roles_created = ?report.roles_created,
             databases_created = ?report.databases_created,
+            passwords_removed = ?report.passwords_removed,
             "applied credentials, roles and databases"
         );
         let annotations =

@@ -25,6 +25,9 @@ pub struct SqlPlan {
     pub roles: Vec<(String, String)>,
     /// `(database, owner)`: databases to create.
     pub databases: Vec<(String, Option<String>)>,
+    /// Remove the password of every other login role (a child's copy of its
+    /// parent's users must not keep the parent's passwords).
+    pub reset_other_logins: bool,
 }
 
 impl std::fmt::Debug for SqlPlan {
@@ -48,6 +51,8 @@ pub struct SqlReport {
     pub rotated_superuser: bool,
     pub roles_created: Vec<String>,
     pub databases_created: Vec<String>,
+    /// Login roles whose copied password was removed.
+    pub passwords_removed: Vec<String>,
 }
 
 /// `"ident"` with embedded quotes doubled.
@@ -162,6 +167,33 @@ pub async fn apply(plan: &SqlPlan, timeout: Duration) -> Result<SqlReport, Error
             report.roles_created.push(role.clone());
         }
     }
+    if plan.reset_other_logins {
+        let keep: Vec<String> = plan
+            .roles
+            .iter()
+            .map(|r| r.0.clone())
+            .chain(std::iter::once("postgres".to_string()))
+            .collect();
+        let rows = client
+            .query(
+                "SELECT rolname::text FROM pg_authid \
+                 WHERE rolcanlogin AND rolpassword IS NOT NULL AND NOT (rolname = ANY($1))",
+                &[&keep],
+            )
+            .await
+            .map_err(sql_err)?;
+        for r in rows {
+            let role: String = r.get(0);
+            client
+                .batch_execute(&format!(
+                    "ALTER ROLE {} WITH PASSWORD NULL",
+                    quote_ident(&role)
+                ))
+                .await
+                .map_err(sql_err)?;
+            report.passwords_removed.push(role);
+        }
+    }
     for (db, owner) in &plan.databases {
         let current_owner: Option<String> = client
             .query_opt(
@@ -224,6 +256,7 @@ mod tests {
             fallback_passwords: vec!["parentsecret".into()],
             roles: vec![("app".into(), "appsecret".into())],
             databases: vec![],
+            reset_other_logins: true,
         };
         let s = format!("{p:?}");
         assert!(!s.contains("secret"), "{s}");

@@ -1184,6 +1184,7 @@ async fn set_target_passwords(run: &Run<'_>, target: &Branch, rname: &str) -> Re
         fallback_passwords: fallback,
         roles,
         databases: vec![],
+        reset_other_logins: false,
     };
     let timeout = ctx.config.step_timeout;
     match tokio::time::timeout(timeout, sql::apply(&plan, timeout)).await {

@@ -751,8 +751,29 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
             assert_eq!(h.engine.list_snapshots().await.unwrap().len(), 2);
         }
 
+        // Once (stopped after Target), the restore is deleted while the
+        // operator is down: its finalizer holds it until the finalize ran to
+        // its end.
+        let deleted_mid_way = step == FinalizeStep::Target;
+        if deleted_mid_way {
+            restores(&client)
+                .delete(&name, &DeleteParams::default())
+                .await
+                .unwrap();
+            assert!(restores(&client).get_opt(&name).await.unwrap().is_some());
+        }
         h.start_operator(test_config());
-        let r = wait_completed(&client, &name).await;
+        let (restored_tl, backup) = if deleted_mid_way {
+            wait_gone(&restores(&client), &name).await;
+            (
+                st.restored_timeline_id.clone(),
+                st.backup_branch.clone().unwrap(),
+            )
+        } else {
+            let r = wait_completed(&client, &name).await;
+            let done = r.status.unwrap();
+            (done.restored_timeline_id, done.backup_branch.unwrap())
+        };
         assert_eq!(app_credentials(&client, "prod").await, prod_app);
         assert_eq!(
             ids(&h.connect_app("prod").await).await,
@@ -760,14 +781,11 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
             "after a stop at {}",
             step.as_str()
         );
-        let prod = branches(&client).get("prod").await.unwrap();
-        assert_eq!(
-            prod.status.unwrap().timeline_id,
-            r.status.as_ref().unwrap().restored_timeline_id
-        );
+        let prod = wait_branch_ready(&client, "prod").await;
+        assert_eq!(prod.status.unwrap().timeline_id, restored_tl);
+        assert!(branches(&client).get_opt(&name).await.unwrap().is_none());
         assert_one_compute_per_timeline(&h).await;
         // The backup is an ordinary branch: deleting it leaves prod alone.
-        let backup = r.status.unwrap().backup_branch.unwrap();
         wait_branch_ready(&client, &backup).await;
         branches(&client)
             .delete(&backup, &DeleteParams::default())

@@ -1,7 +1,9 @@
 //! Tier 3: the SnapshotRestore controller with the real operator, engine
 //! (copy driver) and PostgreSQL — the seeds' workflows: promotion of a dev
 //! snapshot onto prod with rollback and a refresh of dev, a multi-step
-//! restore with preview, and a branch restored to its own past.
+//! restore with preview, and a branch restored to its own past; what is
+//! refused (TargetChanged, ServiceNotOwned, NameTaken, PgMajorMismatch, a
+//! user's adopt annotation); the operator stopped after each finalize step.
 
 mod support;
 
@@ -389,7 +391,7 @@ async fn set_finalize(client: &kube::Client, name: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn multi_step_preview_then_finalize_and_a_changed_target_stalls() {
+async fn multi_step_preview_then_finalize_and_what_is_refused() {
     let mut h = Harness::new().await;
     h.start_operator(test_config());
     let client = h.client.clone();
@@ -605,6 +607,30 @@ async fn multi_step_preview_then_finalize_and_a_changed_target_stalls() {
     })
     .await;
     assert!(b.status.unwrap().timeline_id.is_none());
+
+    // A source of another PostgreSQL major is refused up front. (Only
+    // PostgreSQL 15 is here: the snapshot's recorded major is changed while
+    // only the restore controller runs, so nothing rewrites it.)
+    h.stop_operator().await;
+    snapshots(&client)
+        .patch_status(
+            "dev-snap",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"pgMajor": 14}})),
+        )
+        .await
+        .unwrap();
+    h.start_restore_controller_only(test_config());
+    create_restore(&client, "major", from_snapshot("dev-snap", "prod", true)).await;
+    let r = wait_restore(&client, "major", "Stalled PgMajorMismatch", |r| {
+        r.status.as_ref().is_some_and(|s| {
+            cond(&s.conditions, "Stalled")
+                .is_some_and(|c| c.0 == "True" && c.1 == "PgMajorMismatch")
+        })
+    })
+    .await;
+    assert_eq!(phase(&r), Some(RestorePhase::Pending));
+    assert!(branches(&client).get_opt("major").await.unwrap().is_none());
     h.shutdown().await;
 }
 

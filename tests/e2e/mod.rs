@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -159,6 +159,18 @@ impl TestNamespace {
             .create(&PostParams::default(), &ns)
             .await
             .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        // Pods are refused until the namespace's default ServiceAccount
+        // exists (the ServiceAccount admission plugin); it comes a moment
+        // after the namespace.
+        let sas: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &name);
+        let start = Instant::now();
+        while sas.get_opt("default").await.ok().flatten().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "namespace {name}: no default ServiceAccount after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         eprintln!("namespace {name}");
         Self {
             name,

@@ -162,7 +162,9 @@ create_cluster() {
   fi
   case "$(provider)" in
     kind) kind get kubeconfig --name "$CLUSTER" >"$KUBECONFIG_FILE" ;;
-    k3d) k3d kubeconfig get "$CLUSTER" >"$KUBECONFIG_FILE" ;;
+    # k3d writes https://0.0.0.0:<port>; 127.0.0.1 is in the serving
+    # certificate and is what a TLS client should dial.
+    k3d) k3d kubeconfig get "$CLUSTER" | sed 's#https://0\.0\.0\.0:#https://127.0.0.1:#' >"$KUBECONFIG_FILE" ;;
   esac
   chmod 600 "$KUBECONFIG_FILE"
 
@@ -282,7 +284,7 @@ cmd_test() {
   if [ -n "${CARGO_TEST_ARGS:-}" ]; then
     read -r -a extra <<<"$CARGO_TEST_ARGS"
   fi
-  if cargo test --locked --test 'e2e_*' "${extra[@]}" -- --test-threads=1 --nocapture; then
+  if cargo test --locked --test 'e2e_*' ${extra[@]+"${extra[@]}"} -- --test-threads=1 --nocapture; then
     log "all e2e tests passed"
   else
     collect_logs

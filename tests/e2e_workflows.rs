@@ -16,8 +16,9 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use pgbranch::api::{
-    Branch, BranchSpec, ParentRef, RestorePhase, RestoreSource, Snapshot, SnapshotRestore,
-    SnapshotRestoreSpec, SnapshotSpec, LABEL_RESTORE_BACKUP_OF,
+    Branch, BranchSpec, ParentRef, RestorePhase, RestoreSource, Retention, Snapshot,
+    SnapshotRestore, SnapshotRestoreSpec, SnapshotSchedule, SnapshotScheduleSpec, SnapshotSpec,
+    LABEL_RESTORE_BACKUP_OF,
 };
 use serde_json::json;
 
@@ -581,6 +582,128 @@ async fn multi_step_restore_to_own_past() {
         all,
         "the backup branch keeps the newer rows"
     );
+
+    wait_namespace_healthy(&env, n).await;
+    ns.delete_and_wait(&env).await;
+}
+
+/// A SnapshotSchedule every minute keeping at most two: it creates
+/// Snapshots it owns, which become ready; a Snapshot the user labels
+/// `pgbranch.dev/keep` is let go and never pruned; older ones are pruned.
+#[tokio::test]
+async fn snapshot_schedule_takes_and_prunes() {
+    let Some(env) = env("snapshot_schedule_takes_and_prunes").await else {
+        return;
+    };
+    let ns = TestNamespace::create(&env, "schedule").await;
+    let n = ns.name.as_str();
+    let branches: Api<Branch> = Api::namespaced(env.client.clone(), n);
+    let snapshots: Api<Snapshot> = Api::namespaced(env.client.clone(), n);
+    let schedules: Api<SnapshotSchedule> = Api::namespaced(env.client.clone(), n);
+
+    create(&env, n, root("prod")).await;
+    wait_ready(&env, &branches, "prod").await;
+    sql(
+        &env,
+        n,
+        "prod",
+        &[
+            "CREATE TABLE items (id int PRIMARY KEY, note text NOT NULL)",
+            "INSERT INTO items VALUES (1, 'one')",
+        ],
+    )
+    .await;
+    create(
+        &env,
+        n,
+        SnapshotSchedule::new(
+            "every-minute",
+            SnapshotScheduleSpec {
+                branch: "prod".into(),
+                interval: Some("1m".into()),
+                retention: Retention {
+                    max_count: Some(2),
+                    max_age: None,
+                },
+                ..Default::default()
+            },
+        ),
+    )
+    .await;
+    let owned_by_schedule = |s: &Snapshot| {
+        s.owner_references().iter().any(|o| {
+            o.kind == "SnapshotSchedule" && o.name == "every-minute" && o.controller == Some(true)
+        })
+    };
+
+    // The first scheduled Snapshot becomes ready; keep it.
+    let start = std::time::Instant::now();
+    let first = loop {
+        let list = snapshots.list(&Default::default()).await.unwrap();
+        if let Some(s) = list
+            .items
+            .iter()
+            .find(|s| owned_by_schedule(s) && health(*s).is_ok())
+        {
+            break s.clone();
+        }
+        assert!(
+            start.elapsed() < env.timeout + std::time::Duration::from_secs(60),
+            "no ready scheduled Snapshot after {:?}: {:?}",
+            start.elapsed(),
+            list.items
+                .iter()
+                .map(|s| (s.name_any(), health(s)))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    };
+    let kept = first.name_any();
+    assert_eq!(first.spec.branch, "prod");
+    assert!(first.status.as_ref().is_some_and(|s| s.ready_to_use));
+    merge_patch(
+        &snapshots,
+        &kept,
+        json!({"metadata": {"labels": {pgbranch::api::LABEL_KEEP: "true"}}}),
+    )
+    .await
+    .expect("label keep");
+
+    // Three more runs: never more than two owned, the kept one stays.
+    let mut seen = std::collections::BTreeSet::new();
+    let start = std::time::Instant::now();
+    loop {
+        let list = snapshots.list(&Default::default()).await.unwrap();
+        let owned: Vec<String> = list
+            .items
+            .iter()
+            .filter(|s| owned_by_schedule(s) && s.metadata.deletion_timestamp.is_none())
+            .map(|s| s.name_any())
+            .collect();
+        seen.extend(owned.iter().filter(|&s| *s != kept).cloned());
+        let kept_obj = list.items.iter().find(|s| s.name_any() == kept);
+        assert!(kept_obj.is_some(), "the kept Snapshot {kept} was pruned");
+        if seen.len() >= 3 && owned.len() <= 2 && !owned.contains(&kept) {
+            break;
+        }
+        assert!(
+            start.elapsed() < env.timeout + std::time::Duration::from_secs(240),
+            "after {:?}: seen {seen:?}, owned now {owned:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+    let kept_obj = snapshots.get(&kept).await.unwrap();
+    assert!(
+        !owned_by_schedule(&kept_obj),
+        "a kept Snapshot is released from the schedule: {:?}",
+        kept_obj.owner_references()
+    );
+
+    let sched = wait_ready(&env, &schedules, "every-minute").await;
+    let st = sched.status.clone().expect("status");
+    assert!(st.last_schedule_time.is_some(), "{st:?}");
+    assert!(st.active_snapshots <= 2, "{st:?}");
 
     wait_namespace_healthy(&env, n).await;
     ns.delete_and_wait(&env).await;

@@ -121,7 +121,16 @@ async fn branch_at_head_and_at_timestamp() {
 
     // A root branch: Ready for its generation, with its Service and Secret.
     create(&env, n, root("main")).await;
+    // Ready is reported from the first status on (False while working).
+    let first = wait_for(&env, &branches, "main", "a first status", |b| {
+        !conditions(b).is_empty()
+    })
+    .await;
+    let ready0 = condition(&first, "Ready").expect("Ready condition from the first status");
+    eprintln!("main first Ready={} ({})", ready0.status, ready0.reason);
     let main = wait_ready(&env, &branches, "main").await;
+    let events = event_lines(&env, n, "main").await.expect("list events");
+    assert!(!events.is_empty(), "transitions of main emit Events");
     let st = status_of(&main);
     let main_tl = st.timeline_id.clone().expect("status.timelineId");
     assert_eq!(st.service.as_deref(), Some("main"), "status.service");

@@ -495,25 +495,35 @@ async fn namespace_problems(env: &Env, ns: &str) -> Vec<String> {
     out
 }
 
+/// The Events of an object, one line each: type, reason, message.
+pub async fn event_lines(env: &Env, ns: &str, name: &str) -> kube::Result<Vec<String>> {
+    let api: Api<Event> = Api::namespaced(env.client.clone(), ns);
+    let lp = ListParams::default().fields(&format!("involvedObject.name={name}"));
+    Ok(api
+        .list(&lp)
+        .await?
+        .items
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e.type_.clone().unwrap_or_default(),
+                e.reason.clone().unwrap_or_default(),
+                e.message.clone().unwrap_or_default()
+            )
+        })
+        .collect())
+}
+
 /// The Events of an object (for failure messages).
 pub async fn events_for(env: &Env, ns: &str, name: &str) -> String {
     if ns.is_empty() {
         return String::new();
     }
-    let api: Api<Event> = Api::namespaced(env.client.clone(), ns);
-    let lp = ListParams::default().fields(&format!("involvedObject.name={name}"));
-    match api.list(&lp).await {
-        Ok(list) => list
-            .items
+    match event_lines(env, ns, name).await {
+        Ok(lines) => lines
             .iter()
-            .map(|e| {
-                format!(
-                    "  {} {} {}",
-                    e.type_.clone().unwrap_or_default(),
-                    e.reason.clone().unwrap_or_default(),
-                    e.message.clone().unwrap_or_default()
-                )
-            })
+            .map(|l| format!("  {l}"))
             .collect::<Vec<_>>()
             .join("\n"),
         Err(e) => format!("  (events: {e})"),

@@ -102,8 +102,7 @@ fn child(name: &str, parent: &str) -> Branch {
         BranchSpec {
             parent: Some(ParentRef {
                 branch: parent.into(),
-                lsn: None,
-                timestamp: None,
+                ..Default::default()
             }),
             ..Default::default()
         },
@@ -270,7 +269,7 @@ async fn cel_rules_reject_with_422() {
                     source,
                     target: target.map(str::to_string),
                     finalize,
-                    preserve_under_name: None,
+                    ..Default::default()
                 },
             ),
             n,

@@ -32,8 +32,8 @@ fn child(name: &str, parent: &str, timestamp: Option<String>) -> Branch {
         BranchSpec {
             parent: Some(ParentRef {
                 branch: parent.into(),
-                lsn: None,
                 timestamp,
+                ..Default::default()
             }),
             ..Default::default()
         },
@@ -57,7 +57,7 @@ fn restore(name: &str, source: RestoreSource, target: &str, finalize: bool) -> S
             source,
             target: Some(target.into()),
             finalize,
-            preserve_under_name: None,
+            ..Default::default()
         },
     )
 }

@@ -89,14 +89,20 @@ node_container() {
 
 # Prints the copy-on-write kind of the host directory: btrfs, reflink or none.
 host_dir_cow() {
-  mkdir -p "$HOST_DIR"
+  mkdir -p "$HOST_DIR" 2>/dev/null || true
   local fs
   fs="$(stat -f -c %T "$HOST_DIR" 2>/dev/null || echo unknown)"
   if [ "$fs" = btrfs ]; then
     echo btrfs
     return
   fi
-  local probe="$HOST_DIR/.reflink-probe"
+  # After a first run the directory belongs to uid 999: probe beside it.
+  local dir="$HOST_DIR" probe
+  [ -w "$dir" ] || dir="$(dirname "$HOST_DIR")"
+  if ! probe="$(mktemp "$dir/.reflink-probe.XXXXXX" 2>/dev/null)"; then
+    echo none
+    return
+  fi
   head -c 65536 /dev/zero >"$probe"
   if cp --reflink=always "$probe" "$probe.clone" 2>/dev/null; then
     echo reflink

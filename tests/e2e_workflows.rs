@@ -354,7 +354,9 @@ async fn promotion_cycle_keeps_the_connection_string() {
         assert!(st.snapshot_id.is_some() && st.lsn.is_some(), "{s}: {st:?}");
     }
 
-    // One-step restore of dev's snapshot onto prod.
+    // One-step restore of dev's snapshot onto prod, while a client keeps
+    // connecting through prod's Service with prod's Secret.
+    let prober = Prober::start(&env, n, "prod-app").await;
     create(
         &env,
         n,
@@ -398,6 +400,16 @@ async fn promotion_cycle_keeps_the_connection_string() {
         service_timeline(&env, n, "prod").await.as_deref(),
         Some(prod_tl1.as_str()),
         "prod's Service selects the restored timeline"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let probes = prober.stop(&env).await;
+    eprintln!(
+        "clients through Service prod during the promotion: {} connections, {} refused, longest outage {} ms",
+        probes.ok, probes.failed, probes.longest_outage_ms
+    );
+    assert!(
+        probes.last_ok,
+        "connections through prod work after the restore: {probes:?}"
     );
     // Same Secret, new data: the application's credentials work on it.
     assert_eq!(
@@ -791,6 +803,20 @@ fn psql_pod_reads_the_uri_from_the_secret_and_keeps_sql_literal() {
     let sc = spec.security_context.unwrap();
     assert_eq!(sc.run_as_non_root, Some(true));
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+}
+
+#[test]
+fn probe_report_measures_the_longest_outage() {
+    let r = probe_report("ok 1000\nok 1200\nfail 1400\nfail 1900\nok 2300\nnoise\nok 2500\n");
+    assert_eq!(
+        (r.ok, r.failed, r.longest_outage_ms, r.last_ok),
+        (4, 2, 1100, true)
+    );
+    let r = probe_report("ok 1000\nfail 1200\n");
+    assert_eq!(
+        (r.ok, r.failed, r.longest_outage_ms, r.last_ok),
+        (1, 1, 0, false)
+    );
 }
 
 #[test]

@@ -884,3 +884,127 @@ pub async fn uri_secret(env: &Env, ns: &str, name: &str, uri: &str) {
     .expect("secret object");
     create(env, ns, secret).await;
 }
+
+// ---------------------------------------------------------------------------
+// A client that keeps connecting through a Service (downtime of a finalize).
+
+/// A Pod that opens a new connection through a Secret's `uri` every 200 ms
+/// and logs `ok <ms>` or `fail <ms>` (Unix milliseconds).
+pub struct Prober {
+    pub pod: String,
+    ns: String,
+}
+
+/// What a [`Prober`] saw.
+#[derive(Debug)]
+pub struct ProbeReport {
+    pub ok: usize,
+    pub failed: usize,
+    /// The longest time between two successful connections that had failed
+    /// ones in between (0 when none failed).
+    pub longest_outage_ms: i64,
+    /// The last attempt succeeded.
+    pub last_ok: bool,
+}
+
+/// Parses prober log lines.
+pub fn probe_report(log: &str) -> ProbeReport {
+    let mut r = ProbeReport {
+        ok: 0,
+        failed: 0,
+        longest_outage_ms: 0,
+        last_ok: false,
+    };
+    let mut last_ok_at: Option<i64> = None;
+    let mut failing = false;
+    for line in log.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(what), Some(Ok(at))) = (parts.next(), parts.next().map(str::parse::<i64>)) else {
+            continue;
+        };
+        match what {
+            "ok" => {
+                r.ok += 1;
+                if failing {
+                    if let Some(prev) = last_ok_at {
+                        r.longest_outage_ms = r.longest_outage_ms.max(at - prev);
+                    }
+                }
+                failing = false;
+                last_ok_at = Some(at);
+                r.last_ok = true;
+            }
+            "fail" => {
+                r.failed += 1;
+                failing = true;
+                r.last_ok = false;
+            }
+            _ => {}
+        }
+    }
+    r
+}
+
+impl Prober {
+    /// Starts the prober and waits for its first successful connection.
+    pub async fn start(env: &Env, ns: &str, secret: &str) -> Self {
+        let seq = POD_SEQ.fetch_add(1, Ordering::Relaxed);
+        let name = format!(
+            "prober-{seq}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..5]
+        );
+        let script = "while true; do \
+             if psql -X -Atq -d \"$PGBRANCH_URI\" -c 'SELECT 1' >/dev/null 2>&1; \
+             then echo \"ok $(date +%s%3N)\"; else echo \"fail $(date +%s%3N)\"; fi; \
+             sleep 0.2; done";
+        let mut pod = psql_pod(&name, &env.psql_image, secret, &[]);
+        if let Some(c) = pod.spec.as_mut().and_then(|s| s.containers.first_mut()) {
+            c.command = Some(vec!["sh".into(), "-c".into()]);
+            c.args = Some(vec![escape_args(script)]);
+            if let Some(env_vars) = c.env.as_mut() {
+                for e in env_vars
+                    .iter_mut()
+                    .filter(|e| e.name == "PGCONNECT_TIMEOUT")
+                {
+                    e.value = Some("2".into());
+                }
+            }
+        }
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("create prober {name}: {e}"));
+        let start = Instant::now();
+        loop {
+            let log = pods
+                .logs(&name, &LogParams::default())
+                .await
+                .unwrap_or_default();
+            if log.lines().any(|l| l.starts_with("ok ")) {
+                break;
+            }
+            assert!(
+                start.elapsed() < env.timeout,
+                "prober {name} never connected through {secret}: {log}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        Self {
+            pod: name,
+            ns: ns.to_string(),
+        }
+    }
+
+    /// Stops the prober and reports what it saw.
+    pub async fn stop(self, env: &Env) -> ProbeReport {
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &self.ns);
+        let log = pods
+            .logs(&self.pod, &LogParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("logs of {}: {e}", self.pod));
+        let _ = pods
+            .delete(&self.pod, &DeleteParams::default().grace_period(0))
+            .await;
+        probe_report(&log)
+    }
+}

@@ -163,6 +163,27 @@ async fn cel_rules_reject_with_422() {
     // Update: the parent and point are immutable (a child whose parent does
     // not exist is enough: the rule is the API server's, not the operator's).
     create(&env, n, child("child", "main")).await;
+    // (The operator says what is wrong with it: Stalled, naming the parent.)
+    let stalled = wait_for(
+        &env,
+        &branches,
+        "child",
+        "Stalled for the missing parent",
+        |b| {
+            condition(b, "Stalled").is_some_and(|c| c.status == "True")
+                && observed_generation(b) == b.metadata.generation
+        },
+    )
+    .await;
+    let why = condition(&stalled, "Stalled").unwrap();
+    assert!(
+        why.message.contains("main"),
+        "Stalled message names the parent: {why:?}"
+    );
+    assert_eq!(
+        condition(&stalled, "Ready").map(|c| c.status),
+        Some("False".into())
+    );
     for (patch, what) in [
         (
             json!({"spec": {"parent": {"branch": "other"}}}),

@@ -934,13 +934,15 @@ impl Engine {
     /// Copies the head of a (possibly running) data directory into `dst`.
     async fn copy_head(
         &self,
-        src: &Path,
+        source: &TimelineId,
         dst: &Path,
         conn: Option<&ConnInfo>,
         want_backup: bool,
         readonly: bool,
         label: &str,
     ) -> Result<(Consistency, Option<Lsn>), StorageError> {
+        let src_dir = self.data_dir(source);
+        let src = src_dir.as_path();
         check_self_contained(src)?;
         let atomic = self.inner.driver.atomic();
         let running = src.join("postmaster.pid").exists();
@@ -1022,8 +1024,9 @@ impl Engine {
             .find_map(|l| l.strip_prefix("START WAL LOCATION:"))
             .and_then(|l| l.split("(file ").nth(1))
             .map(|f| f.trim_end_matches(')').trim().to_string());
+        let archive = self.wal_dir(source);
         self.blocking("re-copying pg_wal", move |_| {
-            recopy_wal(&s, &w, start_seg.as_deref())
+            recopy_wal(&s, &w, start_seg.as_deref(), Some(&archive))
         })
         .await?;
         self.inner.pg.chown_tree(&work.join("pg_wal"))?;
@@ -1599,14 +1602,7 @@ impl Engine {
             TlPlan::Head { src, conn } => {
                 self.progress_t(id, "copying the source");
                 let (_, lsn) = self
-                    .copy_head(
-                        &self.data_dir(&src),
-                        &data,
-                        conn.as_ref(),
-                        false,
-                        false,
-                        &label,
-                    )
+                    .copy_head(&src, &data, conn.as_ref(), false, false, &label)
                     .await?;
                 lineage.parent_lsn = lsn;
                 self.fixups(&data, Some(id))?;
@@ -1688,15 +1684,8 @@ impl Engine {
         let dumpdir = self.tmp().join(format!("{id}-dump"));
         let r = async {
             self.progress_t(id, "copying the source");
-            self.copy_head(
-                &self.data_dir(src),
-                &work,
-                conn,
-                false,
-                false,
-                &format!("pgbranch-{id}"),
-            )
-            .await?;
+            self.copy_head(src, &work, conn, false, false, &format!("pgbranch-{id}"))
+                .await?;
             self.fixups(&work, None)?;
             self.progress_t(id, "dumping the schema");
             let srv = self.private_server(&work, None, log).await?;
@@ -1886,7 +1875,7 @@ impl Engine {
                 progress("copying the source");
                 let (cons, lsn) = self
                     .copy_head(
-                        &self.data_dir(timeline),
+                        timeline,
                         &data,
                         conn.as_ref(),
                         true,
@@ -2096,7 +2085,19 @@ fn crash_point(step: &str) {
 
 /// Copies the WAL segments (from the backup's start segment on, when
 /// known) and history files of `src` over those in `dst`.
-fn recopy_wal(src: &Path, dst: &Path, start_seg: Option<&str>) -> std::io::Result<()> {
+/// Re-copies the WAL a backup needs from the source's `pg_wal`, then fills
+/// from the source's archive every segment from the backup's start that
+/// `pg_wal` no longer had: a checkpoint during the copy (another backup's,
+/// or a timed one) may recycle a segment the copy still holds in an older,
+/// shorter state, and replay would then end before the backup's end.
+/// `pg_backup_stop(true)` has waited for those segments to be archived.
+fn recopy_wal(
+    src: &Path,
+    dst: &Path,
+    start_seg: Option<&str>,
+    archive: Option<&Path>,
+) -> std::io::Result<()> {
+    let mut refreshed = std::collections::HashSet::new();
     for e in fs::read_dir(src)? {
         let e = match e {
             Ok(e) => e,
@@ -2119,9 +2120,30 @@ fn recopy_wal(src: &Path, dst: &Path, start_seg: Option<&str>) -> std::io::Resul
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
             Err(err) => return Err(err),
         }
+        refreshed.insert(n.to_string());
         if let Ok(m) = e.metadata() {
             let _ = std::os::unix::fs::lchown(&target, Some(m.uid()), Some(m.gid()));
             let _ = fs::set_permissions(&target, fs::Permissions::from_mode(m.mode() & 0o7777));
+        }
+    }
+    let (Some(archive), Some(start)) = (archive, start_seg.filter(|s| s.len() == 24)) else {
+        return Ok(());
+    };
+    let Ok(rd) = fs::read_dir(archive) else {
+        return Ok(());
+    };
+    let owner = fs::metadata(dst).ok();
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        let segment = n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit());
+        if !segment || n[..8] != start[..8] || n[8..] < start[8..] || refreshed.contains(&n) {
+            continue;
+        }
+        let target = dst.join(&n);
+        fs::copy(e.path(), &target)?;
+        if let Some(m) = &owner {
+            let _ = std::os::unix::fs::lchown(&target, Some(m.uid()), Some(m.gid()));
+            let _ = fs::set_permissions(&target, fs::Permissions::from_mode(0o600));
         }
     }
     Ok(())

@@ -341,3 +341,94 @@ fn names_subresources_and_columns() {
         r#".status.conditions[?(@.type=="Ready")].status"#
     );
 }
+
+/// Resolves a printer-column or selectable-field JSON path against the
+/// schema: `.a.b`, `.a[?(...)].b` (list items) and `.a['x','y']` (union).
+/// Returns the leaf schemas, or the first segment that does not exist.
+fn resolve<'a>(schema: &'a Value, path: &str) -> Result<Vec<&'a Value>, String> {
+    let mut nodes = vec![schema];
+    let mut rest = path;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix("[?(") {
+            let end = r.find(")]").ok_or(format!("unclosed filter in {path}"))?;
+            rest = &r[end + 2..];
+            nodes = nodes
+                .into_iter()
+                .map(|n| {
+                    n.get("items")
+                        .ok_or(format!("{path}: filter on a non-list"))
+                })
+                .collect::<Result<_, _>>()?;
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let end = r.find(']').ok_or(format!("unclosed union in {path}"))?;
+            let names: Vec<&str> = r[..end]
+                .split(',')
+                .map(|s| s.trim().trim_matches('\''))
+                .collect();
+            rest = &r[end + 1..];
+            let mut next = Vec::new();
+            for n in nodes {
+                for name in &names {
+                    next.push(
+                        n["properties"]
+                            .get(*name)
+                            .ok_or(format!("{path}: no field {name}"))?,
+                    );
+                }
+            }
+            nodes = next;
+        } else if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(['.', '[']).unwrap_or(r.len());
+            let name = &r[..end];
+            rest = &r[end..];
+            nodes = nodes
+                .into_iter()
+                .map(|n| {
+                    n["properties"]
+                        .get(name)
+                        .ok_or(format!("{path}: no field {name}"))
+                })
+                .collect::<Result<_, _>>()?;
+        } else {
+            return Err(format!("cannot read {path} at {rest}"));
+        }
+    }
+    Ok(nodes)
+}
+
+#[test]
+fn columns_and_selectable_fields_point_at_fields_of_their_type() {
+    for crd in crds() {
+        let kind = crd.spec.names.kind.clone();
+        let s = schema(&crd);
+        let version = &crd.spec.versions[0];
+        for col in version.additional_printer_columns.as_ref().unwrap() {
+            if col.json_path == ".metadata.creationTimestamp" {
+                continue;
+            }
+            let leaves = resolve(&s, &col.json_path).unwrap_or_else(|e| panic!("{kind}: {e}"));
+            for leaf in leaves {
+                let ty = leaf["type"].as_str().unwrap_or("?");
+                let ok = match col.type_.as_str() {
+                    "date" => ty == "string",
+                    other => ty == other,
+                };
+                assert!(ok, "{kind} column {}: {} is {ty}", col.name, col.json_path);
+            }
+        }
+        let selectable = version
+            .selectable_fields
+            .as_ref()
+            .expect("selectable fields");
+        for field in selectable {
+            let leaves = resolve(&s, &field.json_path).unwrap_or_else(|e| panic!("{kind}: {e}"));
+            for leaf in leaves {
+                assert_eq!(leaf["type"], "string", "{kind}: {}", field.json_path);
+            }
+        }
+    }
+    // The resolver itself catches a typo.
+    let s = schema(&crd("Branch"));
+    assert!(resolve(&s, ".status.timelineID").is_err());
+    assert!(resolve(&s, ".spec.parent['lsn','time']").is_err());
+}

@@ -142,6 +142,59 @@ fn schema_only_needs_parent() {
 }
 
 #[test]
+fn own_parent_and_schema_only_point() {
+    let b: Branch = obj("Branch", "dev", json!({"parent": {"branch": "dev"}}));
+    assert_rejected(b.validate_cel(), "cannot be its own parent");
+    assert_rejected(
+        branch(json!({"parent": {"branch": "prod", "lsn": "0/1"}, "initSource": "schema-only"}))
+            .validate_cel(),
+        "copies the parent's current schema",
+    );
+    assert_ok(
+        branch(json!({"parent": {"branch": "prod", "lsn": "0/1"}, "initSource": "parent-data"}))
+            .validate_cel(),
+    );
+}
+
+#[test]
+fn operator_managed_parameters_are_refused() {
+    let with = |k: &str| {
+        branch(json!({"compute": {"postgresParameters": {"shared_buffers": "256MB", k: "x"}}}))
+    };
+    for k in pgbranch::api::OPERATOR_PARAMETERS {
+        assert_rejected(
+            with(k).validate_cel(),
+            "cannot set what the operator manages",
+        );
+    }
+    for k in [
+        "work_mem",
+        "max_connections",
+        "archive_timeout",
+        "log_min_duration_statement",
+        "shared_preload_libraries",
+    ] {
+        assert_ok(with(k).validate_cel());
+    }
+    // The rule lists exactly the constant the compute builder can use.
+    let schema = pgbranch::api::crd_schema("Branch").unwrap();
+    let rule = schema["properties"]["spec"]["properties"]["compute"]["properties"]
+        ["postgresParameters"]["x-kubernetes-validations"][0]["rule"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let inside = &rule[rule.find('[').unwrap() + 1..rule.find(']').unwrap()];
+    let mut listed: Vec<&str> = inside
+        .split(',')
+        .map(|s| s.trim().trim_matches('\''))
+        .collect();
+    let mut expected = pgbranch::api::OPERATOR_PARAMETERS.to_vec();
+    listed.sort();
+    expected.sort();
+    assert_eq!(listed, expected);
+}
+
+#[test]
 fn read_replicas_range() {
     for good in [0, 1, 5] {
         assert_ok(branch(json!({"compute": {"readReplicas": good}})).validate_cel());

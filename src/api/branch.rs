@@ -22,6 +22,7 @@ use super::common::*;
     shortname = "pgbranch",
     category = "pgbranch",
     cel,
+    selectable = ".spec.parent.branch",
     doc = "A writable copy of a PostgreSQL database: a root database, or a copy of a parent Branch at its head, an LSN or a timestamp. Its Service `<name>` and Secret `<name>-app` are the stable way to connect. The name is a DNS label of at most 44 characters (room for the suffixes the operator adds).",
     // metadata.name is already a DNS-1123 subdomain (lowercase letters,
     // digits, '-' and '.', starting and ending with a letter or digit); these
@@ -31,6 +32,7 @@ use super::common::*;
     validation = Rule::new("self.metadata.name.size() <= 44").message("Branch names are at most 44 characters (room for the -old-<yyyymmddhhmmss> and -<timeline> suffixes)"),
     validation = Rule::new("!self.metadata.name.contains('.')").message("Branch names cannot contain '.': they become Service names (DNS labels)"),
     validation = Rule::new("!self.metadata.name.matches('^[0-9]')").message("Branch names must start with a letter: they become Service names (DNS labels)"),
+    validation = Rule::new("!has(self.spec.parent) || self.spec.parent.branch != self.metadata.name").message("a branch cannot be its own parent"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Parent", type_ = "string", json_path = ".spec.parent.branch"),
@@ -46,6 +48,7 @@ use super::common::*;
     validation = Rule::new("has(self.parent) == has(oldSelf.parent) && (!has(self.parent) || self.parent == oldSelf.parent)").message("spec.parent is immutable: create a new Branch to copy from another parent or point").field_path(".parent").reason(Reason::FieldValueForbidden),
     validation = Rule::new("(has(self.initSource) ? self.initSource : 'parent-data') == (has(oldSelf.initSource) ? oldSelf.initSource : 'parent-data')").message("spec.initSource is immutable").field_path(".initSource").reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(self.initSource) || self.initSource != 'schema-only' || has(self.parent)").message("initSource schema-only needs a parent to copy the schema from").field_path(".initSource").reason(Reason::FieldValueRequired),
+    validation = Rule::new("!has(self.initSource) || self.initSource != 'schema-only' || !has(self.parent) || !(has(self.parent.lsn) || has(self.parent.timestamp))").message("initSource schema-only copies the parent's current schema: remove parent.lsn and parent.timestamp").field_path(".initSource"),
     validation = Rule::new("!has(self.refresh) || has(self.parent)").message("refresh needs a parent to refresh from").field_path(".refresh").reason(Reason::FieldValueRequired)
 )]
 pub struct BranchSpec {
@@ -167,8 +170,13 @@ pub struct ComputeSpec {
     /// Scale the compute to zero while keeping the branch.
     #[serde(default)]
     pub suspended: bool,
-    /// Extra `postgresql.conf` settings (name: value).
+    /// Extra `postgresql.conf` settings (name: value), at most 64. Settings
+    /// the operator manages are refused: WAL archiving and recovery
+    /// (`archive_*`, `restore_command`, `recovery_target*`,
+    /// `primary_conninfo`), `port`, `listen_addresses` and file locations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new(RULE_OPERATOR_PARAMETERS).message(MSG_OPERATOR_PARAMETERS))]
     pub postgres_parameters: BTreeMap<String, String>,
 }
 
@@ -184,6 +192,41 @@ impl Default for ComputeSpec {
         }
     }
 }
+
+/// PostgreSQL settings the operator owns: a branch that set its own
+/// `archive_command` would archive into another timeline's WAL archive and a
+/// later point-in-time restore would return the wrong rows; `port` and
+/// `listen_addresses` would break the Service. Lower case, as PostgreSQL
+/// lists them; the compute builder must also ignore them case-insensitively.
+pub const OPERATOR_PARAMETERS: &[&str] = &[
+    "archive_command",
+    "archive_library",
+    "archive_mode",
+    "archive_cleanup_command",
+    "restore_command",
+    "recovery_end_command",
+    "recovery_target",
+    "recovery_target_action",
+    "recovery_target_inclusive",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_timeline",
+    "recovery_target_xid",
+    "primary_conninfo",
+    "primary_slot_name",
+    "port",
+    "listen_addresses",
+    "unix_socket_directories",
+    "data_directory",
+    "config_file",
+    "hba_file",
+    "ident_file",
+];
+
+/// CEL on `compute.postgresParameters`: none of [`OPERATOR_PARAMETERS`].
+const RULE_OPERATOR_PARAMETERS: &str = "self.all(k, !(k in ['archive_command', 'archive_library', 'archive_mode', 'archive_cleanup_command', 'restore_command', 'recovery_end_command', 'recovery_target', 'recovery_target_action', 'recovery_target_inclusive', 'recovery_target_lsn', 'recovery_target_name', 'recovery_target_time', 'recovery_target_timeline', 'recovery_target_xid', 'primary_conninfo', 'primary_slot_name', 'port', 'listen_addresses', 'unix_socket_directories', 'data_directory', 'config_file', 'hba_file', 'ident_file']))";
+const MSG_OPERATOR_PARAMETERS: &str = "postgresParameters cannot set what the operator manages: WAL archiving and recovery settings, port, listen_addresses, unix_socket_directories or file locations";
 
 fn default_true() -> bool {
     true

@@ -20,6 +20,9 @@ use super::common::*;
     shortname = "pgrestore",
     category = "pgbranch",
     cel,
+    selectable = ".spec.target",
+    selectable = ".spec.source.snapshot",
+    selectable = ".spec.source.branch",
     doc = "A one-shot restore of a Snapshot, or of a point of a Branch's history, into a branch. With finalize the target Branch keeps its name, Service and Secret and moves onto the restored data; its old data lives on as a backup Branch. The spec is immutable except finalize, which may go from false to true. Deleting the object never undoes a restore.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(

@@ -20,6 +20,7 @@ use super::DeletionPolicy;
     shortname = "pgsched",
     category = "pgbranch",
     cel,
+    selectable = ".spec.branch",
     doc = "Takes Snapshots of a Branch on a cron schedule or at a fixed interval, and prunes the ones it made by count and age. Snapshots labelled pgbranch.dev/keep are never pruned.",
     printcolumn(name = "Branch", type_ = "string", json_path = ".spec.branch"),
     printcolumn(

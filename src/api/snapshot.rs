@@ -19,6 +19,7 @@ use super::DeletionPolicy;
     shortname = "pgsnap",
     category = "pgbranch",
     cel,
+    selectable = ".spec.branch",
     doc = "A read-only point of a Branch's history to restore or branch from, taken once at the branch's head, an LSN or a timestamp. The spec is immutable.",
     printcolumn(name = "Branch", type_ = "string", json_path = ".spec.branch"),
     printcolumn(name = "LSN", type_ = "string", json_path = ".status.lsn"),

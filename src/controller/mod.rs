@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod branch;
 pub mod metrics;
+pub mod schedule;
 pub mod status;
 
 use std::collections::HashMap;
@@ -92,6 +93,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub resolver: Arc<dyn ComputeResolver>,
+    /// The time schedules run by (tests move it by hand).
+    pub clock: Arc<dyn schedule::Clock>,
     /// Consecutive failures per object, for the error policy's backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -103,6 +106,25 @@ impl Context {
         config: Config,
         metrics: Metrics,
         resolver: Arc<dyn ComputeResolver>,
+    ) -> Arc<Self> {
+        Self::with_clock(
+            client,
+            storage,
+            config,
+            metrics,
+            resolver,
+            Arc::new(schedule::SystemClock),
+        )
+    }
+
+    /// [`Context::new`] with the clock schedules run by.
+    pub fn with_clock(
+        client: Client,
+        storage: Arc<dyn Storage>,
+        config: Config,
+        metrics: Metrics,
+        resolver: Arc<dyn ComputeResolver>,
+        clock: Arc<dyn schedule::Clock>,
     ) -> Arc<Self> {
         let recorder = Recorder::new(
             client.clone(),
@@ -118,6 +140,7 @@ impl Context {
             metrics,
             recorder,
             resolver,
+            clock,
             failures: Mutex::new(HashMap::new()),
         })
     }

@@ -1,0 +1,6 @@
+//! The SnapshotSchedule controller.
+
+pub mod clock;
+pub mod plan;
+
+pub use clock::{Clock, ManualClock, SystemClock};

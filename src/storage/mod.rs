@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod types;
+pub mod wait;
 
 pub use error::StorageError;
 pub use types::*;

@@ -1,0 +1,484 @@
+//! Running PostgreSQL's own programs (`initdb`, `postgres`, `pg_controldata`,
+//! `pg_waldump`, `pg_dumpall`, `psql`) as the non-root `run_as` user, and the
+//! [`PgServer`] handle of a running `postgres`.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::storage::{Lsn, StorageError};
+
+/// The user PostgreSQL programs run as.
+#[derive(Debug, Clone)]
+pub(crate) struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Where the binaries are and whom they run as.
+#[derive(Debug, Clone)]
+pub(crate) struct PgEnv {
+    pub bin: PathBuf,
+    /// `None`: run as the current user, no switch.
+    pub user: Option<RunAs>,
+    pub major: u32,
+}
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::internal(format!("{what}: {e}"))
+}
+
+/// The newest `/usr/lib/postgresql/<major>/bin`.
+pub(crate) fn find_bin_dir() -> Option<PathBuf> {
+    let mut best: Option<(u32, PathBuf)> = None;
+    for e in fs::read_dir("/usr/lib/postgresql").ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Ok(v) = name.parse::<u32>() {
+            let bin = e.path().join("bin");
+            if bin.join("postgres").exists() && best.as_ref().map(|(b, _)| v > *b).unwrap_or(true) {
+                best = Some((v, bin));
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+pub(crate) fn resolve_user(name: &str) -> Result<RunAs, StorageError> {
+    let u = nix::unistd::User::from_name(name)
+        .map_err(|e| io_err("looking up the run_as user", e))?
+        .ok_or_else(|| StorageError::invalid(format!("run_as user {name:?} does not exist")))?;
+    Ok(RunAs {
+        name: name.to_string(),
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+    })
+}
+
+/// Fields of `pg_controldata` the engine uses.
+#[derive(Debug, Clone)]
+pub(crate) struct ControlData {
+    /// "shut down", "in production", "shut down in recovery", ...
+    pub state: String,
+    pub checkpoint: Lsn,
+    pub tli: u32,
+    pub seg_size: u64,
+}
+
+impl ControlData {
+    pub fn clean(&self) -> bool {
+        self.state == "shut down"
+    }
+}
+
+impl PgEnv {
+    pub fn command(&self, prog: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(prog));
+        if let Some(u) = &self.user {
+            cmd.uid(u.uid).gid(u.gid);
+            cmd.env("USER", &u.name).env("HOME", "/tmp");
+        }
+        cmd.current_dir("/")
+            .env("LC_ALL", "C")
+            .env("TZ", "UTC")
+            .env_remove("PGDATA")
+            .env_remove("PGHOST")
+            .env_remove("PGPORT")
+            .env_remove("PGUSER")
+            .env_remove("PGPASSWORD")
+            .env_remove("PGDATABASE")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs a program to completion; a failure carries its stderr.
+    pub async fn run(&self, mut cmd: Command, what: &str) -> Result<String, StorageError> {
+        let out = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(|e| io_err(&format!("starting {what}"), e))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = err.lines().rev().take(8).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(StorageError::internal(format!(
+                "{what} failed ({}): {}",
+                out.status,
+                tail.join(" | ")
+            )))
+        }
+    }
+
+    /// Gives a path to the run_as user (no-op without a user switch).
+    pub fn chown(&self, path: &Path) -> Result<(), StorageError> {
+        if let Some(u) = &self.user {
+            std::os::unix::fs::lchown(path, Some(u.uid), Some(u.gid))
+                .map_err(|e| io_err(&format!("chown {}", path.display()), e))?;
+        }
+        Ok(())
+    }
+
+    pub fn chown_tree(&self, path: &Path) -> Result<(), StorageError> {
+        if self.user.is_none() {
+            return Ok(());
+        }
+        for e in walkdir::WalkDir::new(path).follow_links(false) {
+            let e = e.map_err(|e| io_err("walking a data directory", e))?;
+            self.chown(e.path())?;
+        }
+        Ok(())
+    }
+
+    /// Writes a file owned by the run_as user with mode 0600.
+    pub fn write_file(&self, path: &Path, contents: &str) -> Result<(), StorageError> {
+        fs::write(path, contents).map_err(|e| io_err(&format!("writing {}", path.display()), e))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_err(&format!("chmod {}", path.display()), e))?;
+        self.chown(path)
+    }
+
+    /// Makes a private directory (0700, run_as user).
+    pub fn private_dir(&self, path: &Path) -> Result<(), StorageError> {
+        fs::create_dir_all(path).map_err(|e| io_err(&format!("creating {}", path.display()), e))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_err(&format!("chmod {}", path.display()), e))?;
+        self.chown(path)
+    }
+
+    pub async fn controldata(&self, dir: &Path) -> Result<ControlData, StorageError> {
+        let mut cmd = self.command("pg_controldata");
+        cmd.arg("-D").arg(dir);
+        let out = self.run(cmd, "pg_controldata").await?;
+        parse_controldata(&out)
+    }
+
+    /// `initdb` into `dir` (which exists, empty, owned by the user).
+    pub async fn initdb(
+        &self,
+        dir: &Path,
+        password: Option<&str>,
+        scratch: &Path,
+    ) -> Result<(), StorageError> {
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D").arg(dir).args([
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--no-instructions",
+        ]);
+        let pwdir = scratch.join(format!("pw-{}", uuid::Uuid::new_v4().simple()));
+        if let Some(pw) = password {
+            self.private_dir(&pwdir)?;
+            let f = pwdir.join("pw");
+            self.write_file(&f, &format!("{pw}\n"))?;
+            cmd.arg(format!("--pwfile={}", f.display()));
+        }
+        let r = self.run(cmd, "initdb").await;
+        let _ = fs::remove_dir_all(&pwdir);
+        r.map(|_| ())
+    }
+
+    /// Starts `postgres -D dir` with extra `-c` settings; stdout and stderr
+    /// go to `log`. Waits until it accepts connections on its socket and
+    /// `pg_is_in_recovery()` is false.
+    pub async fn start(
+        &self,
+        dir: &Path,
+        port: u16,
+        listen: &str,
+        settings: &[(String, String)],
+        log: &Path,
+        timeout: Duration,
+    ) -> Result<PgServer, StorageError> {
+        let sock = std::env::temp_dir().join(format!(
+            "pgbranch-s-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        self.private_dir(&sock)?;
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| io_err(&format!("opening {}", log.display()), e))?;
+        let logf2 = logf
+            .try_clone()
+            .map_err(|e| io_err("duplicating a log handle", e))?;
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D")
+            .arg(dir)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-k")
+            .arg(&sock)
+            .arg("-c")
+            .arg(format!("listen_addresses={listen}"));
+        for (k, v) in settings {
+            cmd.arg("-c").arg(format!("{k}={v}"));
+        }
+        // A killed engine must not leave the server in its process group's
+        // way; the handle stops it explicitly.
+        cmd.stdout(logf)
+            .stderr(logf2)
+            .kill_on_drop(false)
+            .process_group(0);
+        let child = cmd.spawn().map_err(|e| io_err("starting postgres", e))?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let mut server = PgServer {
+            port,
+            data_dir: dir.to_path_buf(),
+            socket_dir: sock,
+            log: log.to_path_buf(),
+            child: Some(child),
+            pid,
+        };
+        match server.wait_ready(timeout).await {
+            Ok(()) => Ok(server),
+            Err(e) => {
+                server.kill_now();
+                Err(e)
+            }
+        }
+    }
+}
+
+pub(crate) fn parse_controldata(out: &str) -> Result<ControlData, StorageError> {
+    let field = |name: &str| {
+        out.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .map(|v| v.trim_start_matches(':').trim().to_string())
+        })
+    };
+    let missing = |n: &str| StorageError::internal(format!("pg_controldata: no {n:?} field"));
+    let state = field("Database cluster state").ok_or_else(|| missing("state"))?;
+    let checkpoint: Lsn = field("Latest checkpoint location")
+        .ok_or_else(|| missing("checkpoint"))?
+        .parse()?;
+    let tli = field("Latest checkpoint's TimeLineID")
+        .ok_or_else(|| missing("TimeLineID"))?
+        .parse()
+        .map_err(|_| missing("TimeLineID"))?;
+    let seg_size = field("Bytes per WAL segment")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 * 1024 * 1024);
+    Ok(ControlData {
+        state,
+        checkpoint,
+        tli,
+        seg_size,
+    })
+}
+
+/// How [`PgServer::stop`] shuts the server down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// `pg_ctl -m fast`: roll back sessions, checkpoint, clean shutdown.
+    Fast,
+    /// `pg_ctl -m immediate`: no checkpoint; the next start runs recovery.
+    Immediate,
+}
+
+/// A running `postgres`. Dropping it kills the server (immediate shutdown).
+#[derive(Debug)]
+pub struct PgServer {
+    /// TCP port (and the socket's port number).
+    pub port: u16,
+    /// The data directory it runs on.
+    pub data_dir: PathBuf,
+    /// Private Unix socket directory (local connections are `trust`ed).
+    pub socket_dir: PathBuf,
+    /// The server's log file.
+    pub log: PathBuf,
+    child: Option<Child>,
+    pid: i32,
+}
+
+impl PgServer {
+    /// A connection as the superuser `postgres` over the private socket.
+    pub async fn connect(&self, dbname: &str) -> Result<tokio_postgres::Client, StorageError> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host_path(&self.socket_dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname(dbname)
+            .connect_timeout(Duration::from_secs(5));
+        let (client, conn) =
+            cfg.connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| StorageError::Unavailable {
+                    message: format!("connecting to postgres on {}: {e}", self.data_dir.display()),
+                })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// The last lines of the server log.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), StorageError> {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(StorageError::internal(format!(
+                        "postgres on {} exited ({status}) before it was ready: {}",
+                        self.data_dir.display(),
+                        self.log_tail()
+                    )));
+                }
+            }
+            if let Ok(c) = self.connect("postgres").await {
+                if let Ok(row) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                    let in_recovery: bool = row.get(0);
+                    if !in_recovery {
+                        return Ok(());
+                    }
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(StorageError::Unavailable {
+                    message: format!(
+                        "postgres on {} not ready after {:?}: {}",
+                        self.data_dir.display(),
+                        timeout,
+                        self.log_tail()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Shuts the server down and waits for it to exit.
+    pub async fn stop(mut self, mode: StopMode) -> Result<(), StorageError> {
+        let sig = match mode {
+            StopMode::Fast => nix::sys::signal::Signal::SIGINT,
+            StopMode::Immediate => nix::sys::signal::Signal::SIGQUIT,
+        };
+        let r = if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig);
+            match tokio::time::timeout(Duration::from_secs(120), child.wait()).await {
+                Ok(Ok(status)) if status.success() => Ok(()),
+                Ok(Ok(status)) => Err(StorageError::internal(format!(
+                    "postgres on {} exited with {status} on shutdown: {}",
+                    self.data_dir.display(),
+                    self.log_tail()
+                ))),
+                Ok(Err(e)) => Err(io_err("waiting for postgres", e)),
+                Err(_) => {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(self.pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    let _ = child.wait().await;
+                    Err(StorageError::internal(
+                        "postgres did not stop within 120 s; killed",
+                    ))
+                }
+            }
+        } else {
+            Ok(())
+        };
+        let _ = fs::remove_dir_all(&self.socket_dir);
+        r
+    }
+
+    fn kill_now(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(self.pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) => {}
+                }
+                if Instant::now() > deadline {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = child.start_kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = fs::remove_dir_all(&self.socket_dir);
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
+pub(crate) fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let from = lines.len().saturating_sub(6);
+    lines[from..].join(" | ")
+}
+
+/// One record line of `pg_waldump`: its LSN and, for commits, the time.
+pub(crate) fn parse_waldump_line(line: &str) -> Option<(Lsn, Option<jiff::Timestamp>)> {
+    let rest = line.split_once(" lsn: ")?.1;
+    let lsn: Lsn = rest.split(',').next()?.trim().parse().ok()?;
+    let mut time = None;
+    if line.starts_with("rmgr: Transaction") {
+        if let Some(desc) = line.split_once("desc: ").map(|(_, d)| d) {
+            let ts = if let Some(t) = desc.strip_prefix("COMMIT ") {
+                Some(t)
+            } else if let Some(t) = desc.strip_prefix("COMMIT_PREPARED ") {
+                t.split_once(": ").map(|(_, t)| t)
+            } else {
+                None
+            };
+            if let Some(t) = ts {
+                let t = t.split(';').next().unwrap_or("").trim();
+                time = parse_pg_time(t);
+            }
+        }
+    }
+    Some((lsn, time))
+}
+
+/// `2026-11-26 21:16:54.191105 UTC` (pg_waldump with TZ=UTC).
+fn parse_pg_time(s: &str) -> Option<jiff::Timestamp> {
+    let s = s.strip_suffix(" UTC")?;
+    let dt: jiff::civil::DateTime = s.replacen(' ', "T", 1).parse().ok()?;
+    dt.to_zoned(jiff::tz::TimeZone::UTC)
+        .ok()
+        .map(|z| z.timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commit_records() {
+        let l = "rmgr: Transaction len (rec/tot):     66/    66, tx:        721, lsn: 0/014FA0A0, prev 0/014FA018, desc: COMMIT 2026-11-26 21:16:54.191105 UTC; inval msgs: snapshot 2396";
+        let (lsn, t) = parse_waldump_line(l).unwrap();
+        assert_eq!(lsn, "0/014FA0A0".parse().unwrap());
+        assert_eq!(t.unwrap().to_string(), "2026-11-26T21:16:54.191105Z");
+        let l = "rmgr: Heap        len (rec/tot):     54/   150, tx:        722, lsn: 0/01500428, prev 0/015003F0, desc: INSERT off 2 flags 0x00";
+        assert_eq!(parse_waldump_line(l).unwrap().1, None);
+        assert!(parse_waldump_line("pg_waldump: error: could not find file").is_none());
+    }
+}

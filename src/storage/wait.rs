@@ -1,0 +1,122 @@
+//! Polling helpers: wait until a timeline or snapshot is `Ready`.
+//!
+//! A `Failed` object is returned as an error rebuilt from its error text:
+//! the text starts with the `Display` of the [`StorageError`] that failed it
+//! (e.g. `invalid point: ...`), so the variant is recovered from that prefix
+//! (`InvalidPoint`, `InvalidArgument`, `Busy`, `Unavailable`, `Conflict`,
+//! `NotFound` as `Internal`), else `Internal`.
+
+use std::time::{Duration, Instant};
+
+use super::{Snapshot, SnapshotId, State, Storage, StorageError, Timeline, TimelineId};
+
+/// The error a failed object carries, typed again from its text.
+pub fn failed_error(text: &str) -> StorageError {
+    let strip = |p: &str| text.strip_prefix(p).map(|s| s.to_string());
+    if let Some(m) = strip("invalid point: ") {
+        StorageError::InvalidPoint {
+            message: m,
+            window: None,
+        }
+    } else if let Some(m) = strip("invalid argument: ") {
+        StorageError::InvalidArgument { message: m }
+    } else if let Some(m) = strip("busy: ") {
+        StorageError::Busy { message: m }
+    } else if let Some(m) = strip("unavailable: ") {
+        StorageError::Unavailable { message: m }
+    } else if let Some(m) = strip("conflict: ") {
+        StorageError::Conflict { message: m }
+    } else {
+        StorageError::internal(text.strip_prefix("internal error: ").unwrap_or(text))
+    }
+}
+
+const POLL: Duration = Duration::from_millis(100);
+
+/// Polls `get_timeline` until the timeline is `Ready` (returned), `Failed`
+/// (its error), or `timeout` passes (`Unavailable`).
+pub async fn wait_timeline_ready(
+    storage: &dyn Storage,
+    id: &TimelineId,
+    timeout: Duration,
+) -> Result<Timeline, StorageError> {
+    let start = Instant::now();
+    loop {
+        let t = storage.get_timeline(id).await?;
+        match t.state {
+            State::Ready => return Ok(t),
+            State::Failed => {
+                return Err(failed_error(t.error.as_deref().unwrap_or("failed")));
+            }
+            State::Deleting => {
+                return Err(StorageError::Conflict {
+                    message: format!("timeline {id} is being deleted"),
+                })
+            }
+            State::Creating => {}
+        }
+        if start.elapsed() > timeout {
+            return Err(StorageError::Unavailable {
+                message: format!(
+                    "timeline {id} not ready after {timeout:?} (step: {})",
+                    t.progress.map(|p| p.step).unwrap_or_default()
+                ),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Polls `get_snapshot` like [`wait_timeline_ready`].
+pub async fn wait_snapshot_ready(
+    storage: &dyn Storage,
+    id: &SnapshotId,
+    timeout: Duration,
+) -> Result<Snapshot, StorageError> {
+    let start = Instant::now();
+    loop {
+        let s = storage.get_snapshot(id).await?;
+        match s.state {
+            State::Ready => return Ok(s),
+            State::Failed => {
+                return Err(failed_error(s.error.as_deref().unwrap_or("failed")));
+            }
+            State::Deleting => {
+                return Err(StorageError::Conflict {
+                    message: format!("snapshot {id} is being deleted"),
+                })
+            }
+            State::Creating => {}
+        }
+        if start.elapsed() > timeout {
+            return Err(StorageError::Unavailable {
+                message: format!(
+                    "snapshot {id} not ready after {timeout:?} (step: {})",
+                    s.progress.map(|p| p.step).unwrap_or_default()
+                ),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_text_keeps_its_kind() {
+        let e = StorageError::InvalidPoint {
+            message: "x".into(),
+            window: None,
+        };
+        assert!(matches!(
+            failed_error(&e.to_string()),
+            StorageError::InvalidPoint { .. }
+        ));
+        assert!(matches!(
+            failed_error("boom"),
+            StorageError::Internal { .. }
+        ));
+    }
+}

@@ -1,0 +1,573 @@
+//! The embedded engine against real PostgreSQL on real filesystems.
+//!
+//! Every scenario runs on the `copy` driver in a temp dir, and on `btrfs` /
+//! `reflink` when `PGBRANCH_TEST_BTRFS` / `PGBRANCH_TEST_XFS` name mounted
+//! volumes (scripts/test-volumes.sh); otherwise those are skipped with a
+//! printed notice.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgbranch::storage::engine::{Engine, EngineConfig, PgServer, StopMode};
+use pgbranch::storage::wait::{wait_snapshot_ready, wait_timeline_ready};
+use pgbranch::storage::{
+    ConnInfo, CreateSnapshot, CreateTimeline, DriverKind, Lsn, OpKey, Password, Point, Source,
+    State, Storage, StorageError, TimelineId,
+};
+
+const PW: &str = "test-secret-pw";
+const WAIT: Duration = Duration::from_secs(180);
+
+struct Volume {
+    kind: DriverKind,
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+/// One fresh volume root per available driver.
+fn volumes(test: &str) -> Vec<Volume> {
+    let mut out = Vec::new();
+    let mut add = |kind: DriverKind, parent: Option<PathBuf>| {
+        let dir = match parent {
+            Some(p) => tempfile::tempdir_in(p).unwrap(),
+            None => tempfile::tempdir().unwrap(),
+        };
+        let root = dir.path().join("vol");
+        out.push(Volume {
+            kind,
+            _dir: dir,
+            root,
+        });
+    };
+    add(DriverKind::Copy, None);
+    match std::env::var_os("PGBRANCH_TEST_BTRFS") {
+        Some(p) => add(DriverKind::Btrfs, Some(p.into())),
+        None => eprintln!("{test}: PGBRANCH_TEST_BTRFS not set: btrfs driver skipped"),
+    }
+    match std::env::var_os("PGBRANCH_TEST_XFS") {
+        Some(p) => add(DriverKind::Reflink, Some(p.into())),
+        None => eprintln!("{test}: PGBRANCH_TEST_XFS not set: reflink driver skipped"),
+    }
+    out
+}
+
+async fn open(v: &Volume) -> Engine {
+    Engine::open(EngineConfig {
+        root: v.root.clone(),
+        driver: Some(v.kind),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn key(s: &str) -> OpKey {
+    OpKey::new(s).unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn conn(srv: &PgServer) -> ConnInfo {
+    ConnInfo {
+        host: "127.0.0.1".into(),
+        port: srv.port,
+        user: "postgres".into(),
+        password: Some(Password(PW.into())),
+        dbname: "postgres".into(),
+    }
+}
+
+async fn root_timeline(e: &Engine, k: &str) -> TimelineId {
+    let t = e
+        .create_timeline(CreateTimeline {
+            key: key(k),
+            source: Source::Empty {
+                superuser_password: Some(Password(PW.into())),
+            },
+            source_connection: None,
+            label: Some("test/root".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(t.state, State::Creating);
+    wait_timeline_ready(e, &t.id, WAIT).await.unwrap().id
+}
+
+async fn branch(
+    e: &Engine,
+    k: &str,
+    from: &TimelineId,
+    point: Point,
+    c: Option<ConnInfo>,
+) -> Result<TimelineId, StorageError> {
+    let t = e
+        .create_timeline(CreateTimeline {
+            key: key(k),
+            source: Source::Timeline {
+                timeline: from.clone(),
+                point,
+            },
+            source_connection: c,
+            label: None,
+        })
+        .await?;
+    Ok(wait_timeline_ready(e, &t.id, WAIT).await?.id)
+}
+
+async fn sql(srv: &PgServer, q: &str) {
+    let c = srv.connect("postgres").await.unwrap();
+    c.batch_execute(q).await.unwrap();
+}
+
+async fn ids(srv: &PgServer) -> Vec<i32> {
+    let c = srv.connect("postgres").await.unwrap();
+    c.query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn one_str(srv: &PgServer, q: &str) -> String {
+    let c = srv.connect("postgres").await.unwrap();
+    c.query_one(q, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_branch_of_running_server_is_independent() {
+    for v in volumes("head_branch") {
+        eprintln!("driver {}", v.kind);
+        let e = open(&v).await;
+        assert_eq!(e.driver(), v.kind);
+        let root = root_timeline(&e, "root").await;
+        let p = e.start_postgres(&root, free_port()).await.unwrap();
+        sql(
+            &p,
+            "CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 100);",
+        )
+        .await;
+
+        // No connection: crash-consistent on btrfs, refused elsewhere.
+        let r = branch(&e, "nocon", &root, Point::Head, None).await;
+        match v.kind {
+            DriverKind::Btrfs => {
+                let b = r.unwrap();
+                let s = e.start_postgres(&b, free_port()).await.unwrap();
+                assert_eq!(ids(&s).await.len(), 100);
+                s.stop(StopMode::Fast).await.unwrap();
+            }
+            _ => assert!(matches!(r, Err(StorageError::Busy { .. })), "{r:?}"),
+        }
+
+        let b = branch(&e, "child", &root, Point::Head, Some(conn(&p)))
+            .await
+            .unwrap();
+        let info = e.get_timeline(&b).await.unwrap();
+        assert_eq!(info.lineage.parent.as_ref(), Some(&root));
+        assert!(info.logical_size_bytes > 1_000_000);
+        let s = e.start_postgres(&b, free_port()).await.unwrap();
+        assert_eq!(ids(&s).await, (1..=100).collect::<Vec<_>>());
+        // Independently writable, both ways.
+        sql(&s, "INSERT INTO t VALUES (1000)").await;
+        sql(&p, "INSERT INTO t VALUES (2000)").await;
+        assert!(ids(&s).await.contains(&1000) && !ids(&s).await.contains(&2000));
+        assert!(ids(&p).await.contains(&2000) && !ids(&p).await.contains(&1000));
+        // The branch archives into its own archive, not the parent's.
+        let conf = std::fs::read_to_string(e.data_dir(&b).join("pgbranch.conf")).unwrap();
+        assert!(conf.contains(&format!("wal/{b}")) && !conf.contains(&format!("wal/{root}")));
+        assert!(!e.data_dir(&b).join("postmaster.pid").exists() || s.port > 0);
+        // A running timeline cannot be deleted.
+        assert!(matches!(
+            e.delete_timeline(&b).await,
+            Err(StorageError::Busy { .. })
+        ));
+        s.stop(StopMode::Fast).await.unwrap();
+        p.stop(StopMode::Immediate).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_branches_hold_exactly_the_commits() {
+    for v in volumes("pitr") {
+        eprintln!("driver {}", v.kind);
+        let e = open(&v).await;
+        let root = root_timeline(&e, "root").await;
+        let p = e.start_postgres(&root, free_port()).await.unwrap();
+        sql(&p, "CREATE TABLE t (id int primary key)").await;
+        let mut lsns = Vec::new();
+        let mut times = Vec::new();
+        for batch in 0..4 {
+            let lo = batch * 10 + 1;
+            sql(
+                &p,
+                &format!("INSERT INTO t SELECT generate_series({lo}, {})", lo + 9),
+            )
+            .await;
+            let lsn: Lsn = one_str(&p, "SELECT pg_current_wal_lsn()::text")
+                .await
+                .parse()
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let ts: jiff::Timestamp = one_str(
+                &p,
+                "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            )
+            .await
+            .parse()
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            lsns.push(lsn);
+            times.push(ts);
+        }
+        sql(&p, "SELECT pg_switch_wal()").await;
+        let c = conn(&p);
+        for k in [0usize, 2] {
+            let b = branch(
+                &e,
+                &format!("lsn-{k}"),
+                &root,
+                Point::Lsn(lsns[k]),
+                Some(c.clone()),
+            )
+            .await
+            .unwrap();
+            let s = e.start_postgres(&b, free_port()).await.unwrap();
+            assert_eq!(
+                ids(&s).await,
+                (1..=(k as i32 + 1) * 10).collect::<Vec<_>>(),
+                "at {}",
+                lsns[k]
+            );
+            s.stop(StopMode::Fast).await.unwrap();
+            let info = e.get_timeline(&b).await.unwrap();
+            assert_eq!(info.lineage.parent_lsn, Some(lsns[k]));
+        }
+        for k in [1usize, 3] {
+            let b = branch(
+                &e,
+                &format!("ts-{k}"),
+                &root,
+                Point::Timestamp(times[k]),
+                Some(c.clone()),
+            )
+            .await
+            .unwrap();
+            let s = e.start_postgres(&b, free_port()).await.unwrap();
+            assert_eq!(
+                ids(&s).await,
+                (1..=(k as i32 + 1) * 10).collect::<Vec<_>>(),
+                "at {}",
+                times[k]
+            );
+            // A PITR branch is writable and archives on its own.
+            sql(&s, "INSERT INTO t VALUES (9999)").await;
+            s.stop(StopMode::Fast).await.unwrap();
+        }
+        // resolve_point agrees with the branches.
+        let l1 = e.resolve_point(&root, times[1]).await.unwrap();
+        assert!(
+            l1 > lsns[0] && l1 <= lsns[1],
+            "{l1} not in ({}, {}]",
+            lsns[0],
+            lsns[1]
+        );
+
+        // Refused points, with typed errors and the window.
+        let w = e.get_timeline(&root).await.unwrap().restore_window.unwrap();
+        assert!(w.oldest.lsn < lsns[0] && w.newest.lsn >= lsns[3], "{w}");
+        let err = branch(
+            &e,
+            "future-lsn",
+            &root,
+            Point::Lsn(Lsn(0xFFFF_0000_0000)),
+            Some(c.clone()),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::InvalidPoint {
+                    window: Some(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = branch(&e, "old-lsn", &root, Point::Lsn(Lsn(0x10)), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::InvalidPoint {
+                    window: Some(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
+        let err = branch(&e, "future-ts", &root, Point::Timestamp(future), None)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("future"), "{err}");
+        let past = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(86400);
+        let err = e.resolve_point(&root, past).await.unwrap_err();
+        assert!(matches!(err, StorageError::InvalidPoint { .. }), "{err}");
+        assert!(matches!(
+            "16/XYZ".parse::<Lsn>(),
+            Err(StorageError::InvalidArgument { .. })
+        ));
+        let missing = TimelineId::new("nope").unwrap();
+        let err = branch(&e, "missing", &missing, Point::Head, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::NotFound { .. }), "{err}");
+        p.stop(StopMode::Fast).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_keys_deletes_and_sizes() {
+    for v in volumes("chains") {
+        eprintln!("driver {}", v.kind);
+        let e = open(&v).await;
+        let root = root_timeline(&e, "root").await;
+        // Idempotent keys.
+        let again = e
+            .create_timeline(CreateTimeline {
+                key: key("root"),
+                source: Source::Empty {
+                    superuser_password: Some(Password(PW.into())),
+                },
+                source_connection: None,
+                label: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(again.id, root);
+        let conflict = e
+            .create_timeline(CreateTimeline {
+                key: key("root"),
+                source: Source::Timeline {
+                    timeline: root.clone(),
+                    point: Point::Head,
+                },
+                source_connection: None,
+                label: None,
+            })
+            .await;
+        assert!(
+            matches!(conflict, Err(StorageError::Conflict { .. })),
+            "{conflict:?}"
+        );
+        let snap_conflict = e
+            .create_snapshot(CreateSnapshot {
+                key: key("root"),
+                timeline: root.clone(),
+                point: Point::Head,
+                source_connection: None,
+                label: None,
+            })
+            .await;
+        assert!(matches!(snap_conflict, Err(StorageError::Conflict { .. })));
+
+        // A branch of a branch of a branch, each adding a row (stopped sources).
+        let s = e.start_postgres(&root, free_port()).await.unwrap();
+        sql(
+            &s,
+            "CREATE TABLE t (id int primary key); INSERT INTO t VALUES (1)",
+        )
+        .await;
+        s.stop(StopMode::Fast).await.unwrap();
+        let mut chain = vec![root.clone()];
+        for n in 2..=4 {
+            let parent = chain.last().unwrap().clone();
+            let b = branch(&e, &format!("gen-{n}"), &parent, Point::Head, None)
+                .await
+                .unwrap();
+            let again = branch(&e, &format!("gen-{n}"), &parent, Point::Head, None)
+                .await
+                .unwrap();
+            assert_eq!(again, b, "same key made a second timeline");
+            let s = e.start_postgres(&b, free_port()).await.unwrap();
+            sql(&s, &format!("INSERT INTO t VALUES ({n})")).await;
+            s.stop(StopMode::Fast).await.unwrap();
+            chain.push(b);
+        }
+        assert_eq!(e.list_timelines().await.unwrap().len(), 4);
+
+        // Sizes, then deleting the parents leaves the grandchild whole.
+        let leaf = chain[3].clone();
+        let t = e.get_timeline(&leaf).await.unwrap();
+        assert!(
+            t.logical_size_bytes > 10_000_000,
+            "{}",
+            t.logical_size_bytes
+        );
+        match v.kind {
+            DriverKind::Copy => assert!(t.exclusive_bytes.unwrap() >= t.logical_size_bytes),
+            DriverKind::Reflink => assert_eq!(t.exclusive_bytes, None),
+            DriverKind::Btrfs => assert!(t.exclusive_bytes.is_some()),
+        }
+        for id in &chain[..3] {
+            e.delete_timeline(id).await.unwrap();
+            assert!(!e.data_dir(id).exists());
+            assert!(!v.root.join("wal").join(id.as_str()).exists());
+            e.delete_timeline(id).await.unwrap(); // idempotent
+        }
+        assert!(matches!(
+            e.get_timeline(&chain[0]).await,
+            Err(StorageError::NotFound { .. })
+        ));
+        let s = e.start_postgres(&leaf, free_port()).await.unwrap();
+        assert_eq!(ids(&s).await, vec![1, 2, 3, 4]);
+        s.stop(StopMode::Fast).await.unwrap();
+        // Reopening the engine keeps everything.
+        drop(e);
+        let e = open(&v).await;
+        assert_eq!(e.list_timelines().await.unwrap().len(), 1);
+        e.delete_timeline(&leaf).await.unwrap();
+        let left: Vec<_> = std::fs::read_dir(v.root.join("timelines"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "space not given back: {left:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_restore_twice_and_at_points() {
+    for v in volumes("snapshots") {
+        eprintln!("driver {}", v.kind);
+        let e = open(&v).await;
+        let root = root_timeline(&e, "root").await;
+        let p = e.start_postgres(&root, free_port()).await.unwrap();
+        sql(
+            &p,
+            "CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 10)",
+        )
+        .await;
+        let snap = e
+            .create_snapshot(CreateSnapshot {
+                key: key("snap-head"),
+                timeline: root.clone(),
+                point: Point::Head,
+                source_connection: Some(conn(&p)),
+                label: None,
+            })
+            .await
+            .unwrap();
+        let snap = wait_snapshot_ready(&e, &snap.id, WAIT).await.unwrap();
+        assert!(snap.lsn.is_some() && snap.size_bytes > 1_000_000);
+        sql(&p, "INSERT INTO t SELECT generate_series(11, 20)").await;
+        let lsn20: Lsn = one_str(&p, "SELECT pg_current_wal_lsn()::text")
+            .await
+            .parse()
+            .unwrap();
+        sql(&p, "INSERT INTO t SELECT generate_series(21, 30)").await;
+
+        // Restored twice: two independent timelines with the snapshot's rows.
+        let mut restored = Vec::new();
+        for k in ["restore-a", "restore-b"] {
+            let t = e
+                .create_timeline(CreateTimeline {
+                    key: key(k),
+                    source: Source::Snapshot {
+                        snapshot: snap.id.clone(),
+                    },
+                    source_connection: None,
+                    label: None,
+                })
+                .await
+                .unwrap();
+            restored.push(wait_timeline_ready(&e, &t.id, WAIT).await.unwrap().id);
+        }
+        let a = e.start_postgres(&restored[0], free_port()).await.unwrap();
+        let b = e.start_postgres(&restored[1], free_port()).await.unwrap();
+        sql(&a, "DELETE FROM t").await;
+        assert!(ids(&a).await.is_empty());
+        assert_eq!(ids(&b).await, (1..=10).collect::<Vec<_>>());
+        a.stop(StopMode::Fast).await.unwrap();
+        b.stop(StopMode::Fast).await.unwrap();
+
+        // A snapshot at a past LSN (the head snapshot serves as its base).
+        let past = e
+            .create_snapshot(CreateSnapshot {
+                key: key("snap-lsn"),
+                timeline: root.clone(),
+                point: Point::Lsn(lsn20),
+                source_connection: Some(conn(&p)),
+                label: None,
+            })
+            .await
+            .unwrap();
+        let past = wait_snapshot_ready(&e, &past.id, WAIT).await.unwrap();
+        assert_eq!(past.lsn, Some(lsn20));
+        let t = e
+            .create_timeline(CreateTimeline {
+                key: key("restore-lsn"),
+                source: Source::Snapshot {
+                    snapshot: past.id.clone(),
+                },
+                source_connection: None,
+                label: None,
+            })
+            .await
+            .unwrap();
+        let t = wait_timeline_ready(&e, &t.id, WAIT).await.unwrap();
+        let s = e.start_postgres(&t.id, free_port()).await.unwrap();
+        assert_eq!(ids(&s).await, (1..=20).collect::<Vec<_>>());
+        s.stop(StopMode::Fast).await.unwrap();
+
+        // Deleting the snapshot's timeline and the snapshot.
+        p.stop(StopMode::Fast).await.unwrap();
+        e.delete_snapshot(&snap.id).await.unwrap();
+        assert!(matches!(
+            e.get_snapshot(&snap.id).await,
+            Err(StorageError::NotFound { .. })
+        ));
+        assert!(!v.root.join("snapshots").join(snap.id.as_str()).exists());
+        e.delete_timeline(&root).await.unwrap();
+        let s = e.start_postgres(&restored[1], free_port()).await.unwrap();
+        assert_eq!(ids(&s).await.len(), 10);
+        s.stop(StopMode::Fast).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_only_copies_structure_without_rows() {
+    let v = volumes("schema_only").remove(0);
+    let e = open(&v).await;
+    let root = root_timeline(&e, "root").await;
+    let p = e.start_postgres(&root, free_port()).await.unwrap();
+    sql(
+        &p,
+        "CREATE TABLE t (id int primary key); INSERT INTO t VALUES (1), (2)",
+    )
+    .await;
+    p.stop(StopMode::Fast).await.unwrap();
+    let t = e
+        .create_timeline(CreateTimeline {
+            key: key("schema"),
+            source: Source::SchemaOnly {
+                timeline: root.clone(),
+            },
+            source_connection: None,
+            label: None,
+        })
+        .await
+        .unwrap();
+    let t = wait_timeline_ready(&e, &t.id, WAIT).await.unwrap();
+    assert!(t.lineage.schema_only);
+    let s = e.start_postgres(&t.id, free_port()).await.unwrap();
+    assert!(ids(&s).await.is_empty());
+    s.stop(StopMode::Fast).await.unwrap();
+}

@@ -293,7 +293,11 @@ where
 /// Starts every controller and runs until `shutdown` resolves (then lets
 /// reconciles in flight finish).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    branch::run(ctx, shutdown).await;
+    let shutdown = futures::FutureExt::shared(shutdown);
+    tokio::join!(
+        branch::run(ctx.clone(), shutdown.clone()),
+        schedule::run(ctx.clone(), shutdown.clone()),
+    );
 }
 
 #[cfg(test)]

@@ -1,0 +1,241 @@
+//! Runs the real operator (`controller::run()`, every controller) against
+//! the in-process API server with the real storage engine, on a clock the
+//! test moves by hand. Shared by the schedule and refresh tests.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::CustomResourceExt;
+use pgbranch::api::{Branch, Snapshot, SnapshotRestore, SnapshotSchedule};
+use pgbranch::controller::schedule::ManualClock;
+use pgbranch::controller::{self, ClusterDns, Config, Context, Metrics};
+use pgbranch::storage::engine::{Engine, EngineConfig};
+use pgbranch::storage::Storage;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::support::apiserver::ApiServer;
+
+/// One test's world: API server, storage volume, clock.
+pub struct World {
+    pub server: ApiServer,
+    pub client: kube::Client,
+    pub clock: Arc<ManualClock>,
+    pub storage: Arc<dyn Storage>,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn new(start: jiff::Timestamp) -> Self {
+        let server = ApiServer::new();
+        for crd in [
+            Branch::crd(),
+            Snapshot::crd(),
+            SnapshotRestore::crd(),
+            SnapshotSchedule::crd(),
+        ] {
+            server.install_crd(&crd);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(EngineConfig {
+            root: dir.path().join("vol"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        Self {
+            client: server.client(),
+            server,
+            clock: Arc::new(ManualClock::new(start)),
+            storage: Arc::new(engine),
+            _dir: dir,
+        }
+    }
+
+    /// Starts the operator (all controllers), polling often so moves of the
+    /// clock are noticed within a fraction of a second.
+    pub fn start(&self) -> Operator {
+        let config = Config {
+            namespace: Some("default".into()),
+            ready_requeue: Duration::from_millis(200),
+            poll_interval: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let ctx = Context::with_clock(
+            self.client.clone(),
+            self.storage.clone(),
+            config,
+            Metrics::new(),
+            Arc::new(ClusterDns),
+            self.clock.clone(),
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(ctx, async move {
+            let _ = rx.await;
+        }));
+        Operator {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    /// Creates an object from JSON.
+    pub async fn create<K>(&self, obj: Value) -> K
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        let obj: K = serde_json::from_value(obj).unwrap();
+        self.api::<K>()
+            .create(&PostParams::default(), &obj)
+            .await
+            .unwrap()
+    }
+
+    /// A Branch without compute (storage only): enough for schedules.
+    pub async fn branch(&self, name: &str, parent: Option<&str>) -> Branch {
+        let mut spec = json!({"compute": {"enabled": false}});
+        if let Some(p) = parent {
+            spec["parent"] = json!({"branch": p});
+        }
+        self.create(json!({
+            "apiVersion": "pgbranch.dev/v1alpha1", "kind": "Branch",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }))
+        .await
+    }
+
+    /// Snapshot names, sorted.
+    pub async fn snapshot_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .api::<Snapshot>()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|s| kube::ResourceExt::name_any(&s))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Plays the snapshot controller's part where it is not part of this
+    /// build: marks a Snapshot ready (or stalled with `reason`).
+    pub async fn set_snapshot_status(&self, name: &str, ready: bool, stalled: Option<&str>) {
+        let now = jiff::Timestamp::now().to_string();
+        let mut conditions = vec![json!({
+            "type": "Ready", "status": if ready {"True"} else {"False"},
+            "reason": if ready {"Ready"} else {stalled.unwrap_or("Creating")},
+            "message": "", "lastTransitionTime": now,
+        })];
+        if let Some(reason) = stalled {
+            conditions.push(json!({
+                "type": "Stalled", "status": "True", "reason": reason,
+                "message": "the namespace's snapshot quota (3) is used up",
+                "lastTransitionTime": now,
+            }));
+        }
+        self.api::<Snapshot>()
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"readyToUse": ready, "conditions": conditions}})),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// A running operator; stopped on drop (also on panic).
+pub struct Operator {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Operator {
+    /// Stops it and waits until it is gone ("downtime" begins).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            if tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .is_err()
+            {
+                panic!("the operator did not stop within 20s");
+            }
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some` (or panics after `secs`).
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `t` truncated to the minute, as run names show it.
+pub fn stamp(t: jiff::Timestamp) -> String {
+    t.strftime("%Y%m%d%H%M").to_string()
+}
+
+/// The next `hh:mm` UTC strictly after `t`, computed on the calendar.
+pub fn next_utc(t: jiff::Timestamp, hour: i8, minute: i8) -> jiff::Timestamp {
+    let z = t.to_zoned(jiff::tz::TimeZone::UTC);
+    let today = z
+        .date()
+        .at(hour, minute, 0, 0)
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .unwrap();
+    let cand = today.timestamp();
+    if cand > t {
+        cand
+    } else {
+        cand.checked_add(jiff::SignedDuration::from_hours(24))
+            .unwrap()
+    }
+}
+
+pub fn plus(t: jiff::Timestamp, secs: i64) -> jiff::Timestamp {
+    t.checked_add(jiff::SignedDuration::from_secs(secs))
+        .unwrap()
+}

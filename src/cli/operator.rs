@@ -22,8 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::CliError;
 use crate::compute::{ComputeConfig, VolumeSource, DEFAULT_IMAGE};
 use crate::controller::{self, ClusterDns, Config, Context, Metrics};
-use crate::storage::http::HttpStorage;
-use crate::storage::{Storage, StorageError};
+use crate::storage::http::connect_storage;
 
 #[derive(Debug, clap::Args)]
 pub struct OperatorArgs {
@@ -181,20 +180,6 @@ pub fn health_router(metrics_: Metrics, ready: Arc<AtomicBool>) -> Router {
             metrics: metrics_,
             ready,
         })
-}
-
-/// The storage layer named by `--storage`.
-// TODO(storage-http): switch to storage::http::connect_storage once merged.
-async fn connect_storage(
-    spec: &str,
-    token: Option<String>,
-) -> Result<Arc<dyn Storage>, StorageError> {
-    if spec.starts_with("http://") || spec.starts_with("https://") {
-        return Ok(Arc::new(HttpStorage::new(spec, token)?));
-    }
-    Err(StorageError::invalid(format!(
-        "storage {spec:?}: only http(s)://host:port is supported by this build"
-    )))
 }
 
 /// Resolves on SIGTERM or SIGINT.

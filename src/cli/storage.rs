@@ -1,10 +1,140 @@
 //! `pgbranch storage ...`: the storage engine as a service.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use super::CliError;
+use crate::storage::engine::{Engine, EngineConfig};
+use crate::storage::http::server::{self, Auth};
+use crate::storage::{DriverKind, Storage};
+
+/// Environment variable holding the API token when no `--token-file` is given.
+pub const TOKEN_ENV: &str = "PGBRANCH_STORAGE_TOKEN";
 
 #[derive(Debug, clap::Subcommand)]
-pub enum StorageCommand {}
+pub enum StorageCommand {
+    /// Serve the embedded engine on a data directory as an HTTP JSON API.
+    ///
+    /// Prints `listening on ADDR` on stdout once it accepts connections.
+    /// Stops gracefully on SIGTERM or Ctrl-C.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The engine's volume root (timelines, snapshots, WAL archives, metadata).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Copy-on-write driver; probed from the volume when absent.
+    #[arg(long, value_parser = ["btrfs", "reflink", "copy"])]
+    pub driver: Option<String>,
+    /// File holding the bearer token clients must send (else the
+    /// PGBRANCH_STORAGE_TOKEN environment variable).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve without authentication. Refused unless the listen address is
+    /// a loopback address.
+    #[arg(long)]
+    pub no_auth: bool,
+    /// The non-root user that runs initdb and postgres (when run as root).
+    #[arg(long, value_name = "USER")]
+    pub run_as: Option<String>,
+    /// Directory of the PostgreSQL binaries (initdb, postgres, pg_ctl).
+    #[arg(long, value_name = "DIR")]
+    pub pg_bin: Option<PathBuf>,
+}
 
 pub async fn run(cmd: StorageCommand) -> Result<(), CliError> {
-    match cmd {}
+    match cmd {
+        StorageCommand::Serve(args) => serve(args).await,
+    }
+}
+
+fn load_auth(args: &ServeArgs) -> Result<Auth, CliError> {
+    let token = match &args.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| CliError::Usage(format!("reading token file {}: {e}", f.display())))?,
+        ),
+        None => std::env::var(TOKEN_ENV).ok(),
+    };
+    match (token, args.no_auth) {
+        (Some(_), true) => Err(CliError::Usage(
+            "--no-auth conflicts with a token (--token-file or PGBRANCH_STORAGE_TOKEN)".into(),
+        )),
+        (Some(t), false) => Ok(Auth::token(&t)?),
+        (None, true) if args.listen.ip().is_loopback() => Ok(Auth::Disabled),
+        (None, true) => Err(CliError::Usage(format!(
+            "--no-auth is only allowed on a loopback address, not {}",
+            args.listen
+        ))),
+        (None, false) => Err(CliError::Usage(format!(
+            "no API token: pass --token-file FILE or set {TOKEN_ENV} (or --no-auth on loopback)"
+        ))),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let auth = load_auth(&args)?;
+    let driver = args
+        .driver
+        .as_deref()
+        .map(str::parse::<DriverKind>)
+        .transpose()?;
+    let cfg = EngineConfig {
+        root: args.data_dir.clone(),
+        driver,
+        pg_bin_dir: args.pg_bin.clone(),
+        run_as: args.run_as.clone(),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(cfg).await?;
+    let info = engine.info().await?;
+    let storage: Arc<dyn Storage> = Arc::new(engine);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| CliError::Other(format!("listening on {}: {e}", args.listen)))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        driver = %info.driver,
+        pg_major = info.pg_major,
+        root = %info.root,
+        auth = matches!(auth, Auth::Token(_)),
+        "storage service listening"
+    );
+    // A plain line for scripts and tests that start us on port 0.
+    println!("listening on {addr}");
+    server::serve(listener, storage, auth, shutdown_signal()).await?;
+    tracing::info!("storage service stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
 }

@@ -3,4 +3,6 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod branch_scenario;
+pub mod compute_runner;
 pub mod widget;

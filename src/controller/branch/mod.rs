@@ -726,14 +726,7 @@ async fn apply_steps(
     ));
     if creds.sql_marker.as_deref() != Some(marker.as_str()) {
         let (host, port) = ctx.resolver.resolve(&ns, &service_name(&name)).await?;
-        let mut fallback = vec![];
-        if let Some(p) = &parent {
-            if let Some(pw) =
-                secret_password(ctx, &ns, &superuser_secret_name(&p.name_any())).await?
-            {
-                fallback.push(pw);
-            }
-        }
+        let fallback = fallback_superuser_passwords(ctx, branch, parent.as_ref(), &tl).await?;
         let mut roles = vec![];
         if creds.app.user != "postgres" {
             roles.push((creds.app.user.clone(), creds.app.password.clone()));
@@ -802,6 +795,68 @@ async fn apply_steps(
         phase: "Ready",
         requeue: Action::requeue(requeue),
     })
+}
+
+/// Superuser passwords the data of `tl` may still carry besides the
+/// branch's own: those of the branch it was copied from — the parent, the
+/// Branch whose timeline is the timeline's lineage parent (a restore from
+/// another branch), or the Branch a source Snapshot was taken of.
+async fn fallback_superuser_passwords(
+    ctx: &Context,
+    branch: &Branch,
+    parent: Option<&Branch>,
+    tl: &Timeline,
+) -> Result<Vec<String>, Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let mut names: Vec<String> = parent.map(|p| p.name_any()).into_iter().collect();
+    if tl.lineage.parent.is_some() || tl.lineage.snapshot.is_some() {
+        let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+        let all =
+            with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+        if let Some(ptl) = &tl.lineage.parent {
+            names.extend(
+                all.items
+                    .iter()
+                    .filter(|b| {
+                        b.status.as_ref().and_then(|s| s.timeline_id.as_deref())
+                            == Some(ptl.as_str())
+                    })
+                    .map(|b| b.name_any()),
+            );
+        }
+        if let Some(snap) = &tl.lineage.snapshot {
+            let snapshots: Api<crate::api::Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+            // The Snapshot kind may not be installed: then there is nothing to find.
+            if let Ok(list) = with_deadline(
+                ctx,
+                "list snapshots",
+                snapshots.list(&ListParams::default()),
+            )
+            .await
+            {
+                names.extend(
+                    list.items
+                        .iter()
+                        .filter(|s| {
+                            s.status.as_ref().and_then(|st| st.snapshot_id.as_deref())
+                                == Some(snap.as_str())
+                        })
+                        .map(|s| s.spec.branch.clone()),
+                );
+            }
+        }
+    }
+    names.retain(|n| *n != branch.name_any());
+    names.dedup();
+    let mut out = vec![];
+    for n in names {
+        if let Some(pw) = secret_password(ctx, &ns, &superuser_secret_name(&n)).await? {
+            if !out.contains(&pw) {
+                out.push(pw);
+            }
+        }
+    }
+    Ok(out)
 }
 
 async fn reconcile_cleanup(branch: Arc<Branch>, ctx: &Context) -> Result<Action, Error> {

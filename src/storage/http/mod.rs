@@ -24,11 +24,44 @@
 pub mod client;
 pub mod server;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
-use super::StorageError;
+use super::{Storage, StorageError};
 
 pub use client::HttpStorage;
+
+/// Opens the storage layer an operator's `--storage` flag names:
+/// * `embedded:/path`: the engine in-process on the volume at `/path`
+///   (driver probed from the volume);
+/// * `http://host:port` or `https://...`: a `pgbranch storage serve`
+///   service, authenticated with `token` when given.
+pub async fn connect_storage(
+    spec: &str,
+    token: Option<String>,
+) -> Result<Arc<dyn Storage>, StorageError> {
+    let spec = spec.trim();
+    if let Some(path) = spec.strip_prefix("embedded:") {
+        if path.is_empty() || !path.starts_with('/') {
+            return Err(StorageError::invalid(format!(
+                "storage {spec:?}: embedded storage needs an absolute path, like embedded:/var/lib/pgbranch"
+            )));
+        }
+        let cfg = super::engine::EngineConfig {
+            root: std::path::PathBuf::from(path),
+            ..Default::default()
+        };
+        let engine = super::engine::Engine::open(cfg).await?;
+        return Ok(Arc::new(engine));
+    }
+    if spec.starts_with("http://") || spec.starts_with("https://") {
+        return Ok(Arc::new(HttpStorage::new(spec, token)?));
+    }
+    Err(StorageError::invalid(format!(
+        "storage {spec:?} is neither embedded:/path nor an http(s):// URL"
+    )))
+}
 
 /// The JSON body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,209 @@
+//! Tier 3: a Branch moved to another timeline by writing `status.timelineId`
+//! (what a restore's finalize does) keeps its name, Service and Secret:
+//! the controller starts the new timeline's compute, switches the Service
+//! once it is ready, stops the old compute, and puts the branch's own
+//! passwords on the new data (which came from another branch, with that
+//! branch's passwords).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, CustomResourceExt};
+use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, RoleSpec, LABEL_BRANCH, LABEL_TIMELINE};
+use pgbranch::storage::wait::wait_timeline_ready;
+use pgbranch::storage::{
+    ConnInfo, CreateTimeline, OpKey, Password, Point, Source, Storage, TimelineId,
+};
+use serde_json::json;
+use support::apiserver::ApiServer;
+use support::branch_scenario::{
+    branch, branches, condition, connect, connect_app, ids, secret_field, wait_branch, wait_gone,
+    wait_ready, Harness, NS,
+};
+
+fn shop_branch(name: &str) -> Branch {
+    branch(
+        name,
+        BranchSpec {
+            databases: vec![DatabaseSpec {
+                name: "shop".into(),
+                owner: Some("shop".into()),
+            }],
+            roles: vec![RoleSpec {
+                name: "shop".into(),
+            }],
+            ..Default::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() {
+    let server = ApiServer::new();
+    server.install_crd(&Branch::crd());
+    server.create_namespace(NS);
+    let h = Harness::start(server.client()).await;
+    let client = &h.client;
+    let api = branches(client);
+    api.create(&PostParams::default(), &shop_branch("prod"))
+        .await
+        .unwrap();
+    api.create(&PostParams::default(), &shop_branch("dev"))
+        .await
+        .unwrap();
+    let prod = wait_ready(client, "prod").await;
+    let dev = wait_ready(client, "dev").await;
+    let prod_tl = prod.status.unwrap().timeline_id.unwrap();
+    let dev_tl = dev.status.unwrap().timeline_id.unwrap();
+
+    connect_app(&h, "prod")
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
+        )
+        .await
+        .unwrap();
+    connect_app(&h, "dev")
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(101, 105);",
+        )
+        .await
+        .unwrap();
+
+    // Copy dev's data into a new timeline, as a restore would.
+    let dev_su = secret_field(client, "dev-superuser", "password").await;
+    let dev_port = h.runner.resolve_service(NS, "dev").await.unwrap();
+    let copy = h
+        .engine
+        .create_timeline(CreateTimeline {
+            key: OpKey::new("swap-test").unwrap(),
+            source: Source::Timeline {
+                timeline: TimelineId::new(dev_tl.clone()).unwrap(),
+                point: Point::Head,
+            },
+            source_connection: Some(ConnInfo {
+                host: "127.0.0.1".into(),
+                port: dev_port,
+                user: "postgres".into(),
+                password: Some(Password(dev_su.clone())),
+                dbname: "postgres".into(),
+            }),
+            label: Some("restore of dev onto prod".into()),
+        })
+        .await
+        .unwrap();
+    wait_timeline_ready(&h.engine, &copy.id, Duration::from_secs(120))
+        .await
+        .unwrap();
+
+    let prod_app_pw = secret_field(client, "prod-app", "password").await;
+    let prod_su = secret_field(client, "prod-superuser", "password").await;
+    api.patch_status(
+        "prod",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"timelineId": copy.id.to_string()}})),
+    )
+    .await
+    .unwrap();
+
+    // The Service follows once the new compute is ready.
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let start = Instant::now();
+    loop {
+        let svc = services.get("prod").await.unwrap();
+        let sel = svc.spec.unwrap().selector.unwrap();
+        if sel.get(LABEL_TIMELINE) == Some(&copy.id.to_string()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "Service never switched"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let b = wait_branch(client, "prod", "Ready on the new timeline", |b| {
+        condition(b, "Ready").is_some_and(|c| c.0 == "True")
+            && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(copy.id.as_str())
+    })
+    .await;
+    assert_eq!(b.status.unwrap().service.as_deref(), Some("prod"));
+
+    // Same Secret, same password; the data is dev's; dev's passwords do not
+    // work on prod, prod's do (eventually: the SQL step runs right after the
+    // switch).
+    assert_eq!(
+        secret_field(client, "prod-app", "password").await,
+        prod_app_pw
+    );
+    assert_eq!(
+        secret_field(client, "prod-superuser", "password").await,
+        prod_su
+    );
+    let start = Instant::now();
+    let rows = loop {
+        match connect(&h, "prod", "shop", &prod_app_pw, "shop").await {
+            Ok(c) => break ids(&c).await,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "prod's password never worked: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    assert_eq!(rows, (101..=105).collect::<Vec<_>>());
+    assert!(connect(&h, "prod", "postgres", &dev_su, "postgres")
+        .await
+        .is_err());
+    connect(&h, "prod", "postgres", &prod_su, "postgres")
+        .await
+        .unwrap();
+
+    // The old compute is gone; its timeline is left for a backup branch.
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let start = Instant::now();
+    loop {
+        let left: Vec<String> = deploys
+            .list(&ListParams::default().labels(&format!("{LABEL_BRANCH}=prod")))
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter_map(|d| d.metadata.labels.as_ref()?.get(LABEL_TIMELINE).cloned())
+            .collect();
+        if left == vec![copy.id.to_string()]
+            && !h.runner.running_timelines().await.contains(&prod_tl)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "old compute left: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(h
+        .engine
+        .get_timeline(&TimelineId::new(prod_tl.clone()).unwrap())
+        .await
+        .is_ok());
+
+    for n in ["prod", "dev"] {
+        api.delete(n, &DeleteParams::default()).await.unwrap();
+    }
+    for n in ["prod", "dev"] {
+        wait_gone(client, n).await;
+    }
+    h.engine
+        .delete_timeline(&TimelineId::new(prod_tl).unwrap())
+        .await
+        .unwrap();
+    assert!(h.engine.list_timelines().await.unwrap().is_empty());
+    h.shutdown().await;
+}

@@ -1,0 +1,605 @@
+//! The Branch lifecycle scenario, run by the tier-3 test (in-process API
+//! server) and the tier-4 test (real kube-apiserver) alike: the real
+//! `controller::run()` with the real storage engine (copy driver) and real
+//! PostgreSQL computes started by the local compute runner.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, ParentRef, RoleSpec, LABEL_BRANCH};
+use pgbranch::controller::{self, Config, Context, Metrics};
+use pgbranch::storage::engine::{Engine, EngineConfig};
+use pgbranch::storage::{DriverKind, Storage};
+use serde_json::json;
+use tokio_postgres::NoTls;
+
+use super::compute_runner::ComputeRunner;
+
+pub const NS: &str = "team";
+const WAIT: Duration = Duration::from_secs(180);
+
+/// Counts API writes between `reset` and `count` (steady-state check).
+#[async_trait::async_trait]
+pub trait WriteCounter: Send + Sync {
+    async fn reset(&self);
+    async fn count(&self) -> usize;
+    async fn describe(&self) -> String;
+}
+
+/// Everything a scenario runs on; dropping it stops the operator and every
+/// postgres.
+pub struct Harness {
+    pub client: Client,
+    pub engine: Engine,
+    pub runner: ComputeRunner,
+    pub metrics: Metrics,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    operator: AbortOnDrop,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Opens an engine in a fresh temp dir and starts the operator
+    /// (namespace `NS`, resync every second) and the compute runner.
+    pub async fn start(client: Client) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("pgbranch-op-")
+            .tempdir()
+            .expect("tempdir");
+        // The engine runs postgres as a non-root user: it must traverse.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod tempdir");
+        }
+        let engine = Engine::open(EngineConfig {
+            root: dir.path().join("volume"),
+            driver: Some(DriverKind::Copy),
+            ..Default::default()
+        })
+        .await
+        .expect("engine opens");
+        let runner = ComputeRunner::start(client.clone(), engine.clone());
+        let metrics = Metrics::new();
+        let config = Config {
+            namespace: Some(NS.into()),
+            resync_interval: Some(Duration::from_secs(1)),
+            poll_interval: Duration::from_millis(300),
+            step_timeout: Duration::from_secs(120),
+            ..Config::default()
+        };
+        let storage: Arc<dyn Storage> = Arc::new(engine.clone());
+        let ctx = Context::new(
+            client.clone(),
+            storage,
+            config,
+            metrics.clone(),
+            Arc::new(runner.resolver()),
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let operator = tokio::spawn(controller::run(ctx, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            client,
+            engine,
+            runner,
+            metrics,
+            stop: Some(tx),
+            operator: AbortOnDrop(Some(operator)),
+            _dir: dir,
+        }
+    }
+
+    /// Stops the operator (gracefully) and every postgres.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(op) = self.operator.0.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), op).await;
+        }
+        let Harness { runner, .. } = self;
+        runner.shutdown().await;
+    }
+}
+
+/// Aborts the operator task if a test panics before `shutdown`.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(op) = self.0.take() {
+            op.abort();
+        }
+    }
+}
+
+pub fn branches(client: &Client) -> Api<Branch> {
+    Api::namespaced(client.clone(), NS)
+}
+
+pub fn branch(name: &str, spec: BranchSpec) -> Branch {
+    let mut b = Branch::new(name, spec);
+    b.metadata.namespace = Some(NS.into());
+    b
+}
+
+fn child(name: &str, parent: &str, lsn: Option<String>, timestamp: Option<String>) -> Branch {
+    branch(
+        name,
+        BranchSpec {
+            parent: Some(ParentRef {
+                branch: parent.into(),
+                lsn,
+                timestamp,
+            }),
+            ..Default::default()
+        },
+    )
+}
+
+pub fn condition(b: &Branch, type_: &str) -> Option<(String, String, String)> {
+    b.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Waits until `pred` holds for the Branch; panics with its last status.
+pub async fn wait_branch(
+    client: &Client,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&Branch) -> bool,
+) -> Branch {
+    let api = branches(client);
+    let start = Instant::now();
+    loop {
+        let b = api.get_opt(name).await.expect("get branch");
+        if let Some(b) = &b {
+            if pred(b) {
+                return b.clone();
+            }
+        }
+        if start.elapsed() > WAIT {
+            panic!(
+                "branch {name}: {what} not reached in {WAIT:?}; last status: {:#?}",
+                b.and_then(|b| b.status)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn wait_ready(client: &Client, name: &str) -> Branch {
+    wait_branch(client, name, "Ready=True", |b| {
+        condition(b, "Ready").is_some_and(|c| c.0 == "True")
+            && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
+    })
+    .await
+}
+
+pub async fn wait_stalled(client: &Client, name: &str, reason: &str) -> Branch {
+    wait_branch(client, name, &format!("Stalled {reason}"), |b| {
+        condition(b, "Stalled").is_some_and(|c| c.0 == "True" && c.1 == reason)
+    })
+    .await
+}
+
+pub async fn wait_gone(client: &Client, name: &str) {
+    let api = branches(client);
+    let start = Instant::now();
+    while api.get_opt(name).await.expect("get").is_some() {
+        assert!(start.elapsed() < WAIT, "branch {name} was not deleted");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn secret_field(client: &Client, name: &str, key: &str) -> String {
+    let api: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let s = api
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("secret {name}: {e}"));
+    let bytes = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .unwrap_or_else(|| panic!("secret {name} has no {key}"));
+    String::from_utf8(bytes.0.clone()).expect("utf-8")
+}
+
+/// Connects to a branch "through its Service" with a Secret's credentials
+/// (or an explicit password).
+pub async fn connect(
+    h: &Harness,
+    service: &str,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let port = h
+        .runner
+        .resolve_service(NS, service)
+        .await
+        .unwrap_or_else(|| panic!("no compute behind Service {service}"));
+    let (c, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .password(password)
+        .dbname(db)
+        .connect(NoTls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(c)
+}
+
+pub async fn connect_app(h: &Harness, branch: &str) -> tokio_postgres::Client {
+    let secret = format!("{branch}-app");
+    let user = secret_field(&h.client, &secret, "user").await;
+    let pw = secret_field(&h.client, &secret, "password").await;
+    let db = secret_field(&h.client, &secret, "dbname").await;
+    connect(h, branch, &user, &pw, &db)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {branch} as {user}: {e}"))
+}
+
+pub async fn ids(c: &tokio_postgres::Client) -> Vec<i32> {
+    c.query("SELECT id FROM items ORDER BY id", &[])
+        .await
+        .expect("select")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+pub async fn assert_auth_fails(h: &Harness, service: &str, user: &str, password: &str, db: &str) {
+    match connect(h, service, user, password, db).await {
+        Ok(_) => panic!("{user} logged in to {service} with a password it must not accept"),
+        Err(e) => assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+            "unexpected error: {e}"
+        ),
+    }
+}
+
+/// The whole Branch scenario. `writes` counts API writes for the
+/// steady-state check.
+pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
+    let client = &h.client;
+    let api = branches(client);
+    let pp = PostParams::default();
+
+    // A root branch with a database and a role.
+    api.create(
+        &pp,
+        &branch(
+            "main",
+            BranchSpec {
+                databases: vec![DatabaseSpec {
+                    name: "shop".into(),
+                    owner: Some("shop".into()),
+                }],
+                roles: vec![RoleSpec {
+                    name: "shop".into(),
+                }],
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("create main");
+    // Ready=False from the start, then Ready.
+    wait_branch(client, "main", "Ready=False reported", |b| {
+        condition(b, "Ready").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+    let main = wait_ready(client, "main").await;
+    let st = main.status.clone().expect("status");
+    let main_tl = st.timeline_id.clone().expect("timelineId");
+    eprintln!("main Ready on timeline {main_tl}");
+    assert_eq!(st.phase.as_deref(), Some("Ready"));
+    assert_eq!(st.service.as_deref(), Some("main"));
+    assert_eq!(st.secret_name.as_deref(), Some("main-app"));
+    assert_eq!(st.pg_major, Some(15));
+    let conn = st.connection.clone().expect("connection");
+    assert_eq!(conn.host, format!("main.{NS}.svc"));
+    assert_eq!(
+        (conn.port, conn.database.as_str(), conn.user.as_str()),
+        (5432, "shop", "shop")
+    );
+    assert_eq!(
+        secret_field(client, "main-app", "host").await,
+        format!("main.{NS}.svc")
+    );
+    assert_eq!(secret_field(client, "main-app", "type").await, "postgresql");
+
+    // Rows through main's Service: a batch, a point in time, another batch.
+    let app = connect_app(h, "main").await;
+    app.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, note text);
+         INSERT INTO items SELECT g, 'first' FROM generate_series(1, 10) g;",
+    )
+    .await
+    .expect("batch 1");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let between = jiff::Timestamp::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    app.batch_execute("INSERT INTO items SELECT g, 'second' FROM generate_series(11, 20) g;")
+        .await
+        .expect("batch 2");
+    let main_su = secret_field(client, "main-superuser", "password").await;
+    let su = connect(h, "main", "postgres", &main_su, "postgres")
+        .await
+        .expect("superuser login to main");
+    su.batch_execute("SELECT pg_switch_wal()")
+        .await
+        .expect("switch wal");
+    assert_eq!(ids(&app).await, (1..=20).collect::<Vec<_>>());
+
+    // A child at head and one at the time between the batches.
+    api.create(&pp, &child("head", "main", None, None))
+        .await
+        .expect("create head");
+    api.create(&pp, &child("past", "main", None, Some(between.to_string())))
+        .await
+        .expect("create past");
+    let head = wait_ready(client, "head").await;
+    let past = wait_ready(client, "past").await;
+    let head_st = head.status.clone().expect("status");
+    assert_ne!(head_st.timeline_id.as_deref(), Some(main_tl.as_str()));
+    assert!(
+        head_st.parent_lsn.is_some(),
+        "parentLsn recorded: {head_st:?}"
+    );
+    assert_eq!(
+        head_st
+            .connection
+            .as_ref()
+            .map(|c| (c.user.as_str(), c.database.as_str())),
+        Some(("shop", "shop")),
+        "a child serves its parent's app user and database"
+    );
+    let head_app = connect_app(h, "head").await;
+    assert_eq!(
+        ids(&head_app).await,
+        (1..=20).collect::<Vec<_>>(),
+        "head child has both batches"
+    );
+    let past_app = connect_app(h, "past").await;
+    eprintln!("head rows {:?}", ids(&head_app).await.len());
+    eprintln!("past rows {:?}", ids(&past_app).await);
+    assert_eq!(
+        ids(&past_app).await,
+        (1..=10).collect::<Vec<_>>(),
+        "past child has the first batch only"
+    );
+    assert!(past
+        .status
+        .as_ref()
+        .and_then(|s| s.timeline_id.clone())
+        .is_some());
+
+    // Children have their own passwords; the parent's do not work on them.
+    let main_app_pw = secret_field(client, "main-app", "password").await;
+    for c in ["head", "past"] {
+        let pw = secret_field(client, &format!("{c}-app"), "password").await;
+        assert_ne!(
+            pw, main_app_pw,
+            "{c} must not hold the parent's app password"
+        );
+        let su_pw = secret_field(client, &format!("{c}-superuser"), "password").await;
+        assert_ne!(
+            su_pw, main_su,
+            "{c} must not hold the parent's superuser password"
+        );
+        assert_auth_fails(h, c, "shop", &main_app_pw, "shop").await;
+        assert_auth_fails(h, c, "postgres", &main_su, "postgres").await;
+        connect(h, c, "postgres", &su_pw, "postgres")
+            .await
+            .unwrap_or_else(|e| panic!("{c}'s own superuser password works: {e}"));
+    }
+    // Writes on a child do not reach the parent.
+    head_app
+        .batch_execute("INSERT INTO items VALUES (100, 'child only')")
+        .await
+        .expect("child write");
+    assert_eq!(ids(&app).await, (1..=20).collect::<Vec<_>>());
+    drop((app, su, head_app, past_app));
+
+    // Steady state: resyncs every second, no writes.
+    let before = h.metrics.reconcile_count("Branch");
+    writes.reset().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let reconciles = h.metrics.reconcile_count("Branch") - before;
+    assert!(reconciles >= 6, "resyncs ran ({reconciles} reconciles)");
+    eprintln!(
+        "steady state: {reconciles} reconciles, {} writes",
+        writes.count().await
+    );
+    let n = writes.count().await;
+    assert_eq!(n, 0, "writes in steady state: {}", writes.describe().await);
+
+    // Every transition left an Event on the Branch.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("main"))
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "Ready"),
+        "events of main: {reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r != "Ready"),
+        "a progressing event too: {reasons:?}"
+    );
+
+    // Suspend: the compute goes, the branch stays Ready (Suspended); resume
+    // brings the same data back.
+    api.patch(
+        "head",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"compute": {"suspended": true}}})),
+    )
+    .await
+    .expect("suspend");
+    wait_branch(client, "head", "Suspended", |b| {
+        b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Suspended")
+            && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
+    })
+    .await;
+    let head_tl = head_st.timeline_id.clone().expect("timeline");
+    let start = Instant::now();
+    while h.runner.running_timelines().await.contains(&head_tl) {
+        assert!(start.elapsed() < WAIT, "suspended compute still runs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    api.patch(
+        "head",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"compute": {"suspended": false}}})),
+    )
+    .await
+    .expect("resume");
+    wait_ready(client, "head").await;
+    let head_app = connect_app(h, "head").await;
+    assert_eq!(
+        ids(&head_app).await.len(),
+        21,
+        "resumed branch kept its rows"
+    );
+    drop(head_app);
+
+    // expiresAt: the branch deletes itself when due.
+    let mut temp = child("temp", "main", None, None);
+    temp.spec.expires_at =
+        Some((jiff::Timestamp::now() + jiff::SignedDuration::from_secs(15)).to_string());
+    api.create(&pp, &temp).await.expect("create temp");
+    wait_ready(client, "temp").await;
+    wait_gone(client, "temp").await;
+
+    // Bad input is Stalled with a reason, nothing created.
+    api.create(&pp, &child("orphan", "nope", None, None))
+        .await
+        .expect("create orphan");
+    let b = wait_stalled(client, "orphan", "ParentNotFound").await;
+    assert!(condition(&b, "Stalled").unwrap().2.contains("nope"));
+    api.create(
+        &pp,
+        &child("future", "main", Some("FF/FFFFFFFF".into()), None),
+    )
+    .await
+    .expect("create future");
+    let b = wait_stalled(client, "future", "PointOutsideRestoreWindow").await;
+    assert!(
+        condition(&b, "Stalled").unwrap().2.contains("window"),
+        "the message names the restore window: {:?}",
+        condition(&b, "Stalled")
+    );
+    assert!(b
+        .status
+        .as_ref()
+        .and_then(|s| s.timeline_id.clone())
+        .is_none());
+
+    // A protected branch is not deleted until unprotected.
+    api.patch(
+        "past",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"protected": true}})),
+    )
+    .await
+    .expect("protect");
+    api.delete("past", &DeleteParams::default())
+        .await
+        .expect("delete past");
+    wait_stalled(client, "past", "BranchProtected").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        api.get_opt("past").await.unwrap().is_some(),
+        "protected branch kept"
+    );
+    let past_port = h.runner.resolve_service(NS, "past").await;
+    assert!(past_port.is_some(), "protected branch keeps its compute");
+
+    // A parent with children is not deleted.
+    api.delete("main", &DeleteParams::default())
+        .await
+        .expect("delete main");
+    let b = wait_stalled(client, "main", "HasChildren").await;
+    let msg = condition(&b, "Stalled").unwrap().2;
+    for c in ["future", "head", "past"] {
+        assert!(msg.contains(c), "message names child {c}: {msg}");
+    }
+    assert!(
+        connect_app(h, "main")
+            .await
+            .query("SELECT 1", &[])
+            .await
+            .is_ok(),
+        "main still serves"
+    );
+
+    api.patch(
+        "past",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"protected": false}})),
+    )
+    .await
+    .expect("unprotect");
+    for n in ["head", "future", "orphan"] {
+        api.delete(n, &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    for n in ["past", "head", "future", "orphan", "main"] {
+        wait_gone(client, n).await;
+    }
+
+    // Everything is gone: timelines, computes, Services, Secrets.
+    let left = h.engine.list_timelines().await.expect("list timelines");
+    assert!(left.is_empty(), "timelines left in storage: {left:?}");
+    let sel = ListParams::default().labels(LABEL_BRANCH);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), NS);
+    let secs: Api<Secret> = Api::namespaced(client.clone(), NS);
+    assert!(
+        deps.list(&sel).await.unwrap().items.is_empty(),
+        "deployments left"
+    );
+    assert!(
+        svcs.list(&sel).await.unwrap().items.is_empty(),
+        "services left"
+    );
+    let names: Vec<String> = secs
+        .list(&sel)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|s| s.name_any())
+        .collect();
+    assert!(names.is_empty(), "secrets left: {names:?}");
+    let start = Instant::now();
+    while !h.runner.running_timelines().await.is_empty() {
+        assert!(start.elapsed() < WAIT, "computes still running");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -26,5 +26,7 @@ if [ -f scripts/requirements-ci.txt ]; then
     .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements-ci.txt
     cp scripts/requirements-ci.txt .venv/.requirements
   fi
+  # kubectl (kustomize built in) for the manifest checks, pinned, into .venv/bin.
+  bash scripts/install-kubectl.sh
 fi
 echo "setup: ok"

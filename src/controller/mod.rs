@@ -297,6 +297,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     tokio::join!(
         branch::run(ctx.clone(), shutdown.clone()),
         schedule::run(ctx.clone(), shutdown.clone()),
+        branch::refresh::run(ctx.clone(), shutdown.clone()),
     );
 }
 

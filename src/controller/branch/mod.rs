@@ -18,6 +18,7 @@
 //! HasChildren); otherwise the compute is removed, then the timeline, then
 //! the Service and Secrets, then the finalizer.
 
+pub mod refresh;
 pub mod sql;
 pub mod validate;
 

@@ -370,8 +370,13 @@ pub fn run_name(owner: &str, slot: Timestamp) -> String {
 
 /// [`run_name`] with an infix: `<owner><infix>-<yyyymmddhhmm>`.
 pub fn run_name_with(owner: &str, infix: &str, slot: Timestamp) -> String {
+    run_name_max(owner, infix, slot, MAX_DNS_LABEL_LEN)
+}
+
+/// [`run_name_with`] of at most `max` characters.
+pub fn run_name_max(owner: &str, infix: &str, slot: Timestamp, max: usize) -> String {
     let stamp = slot.strftime("%Y%m%d%H%M").to_string();
-    let room = MAX_DNS_LABEL_LEN - stamp.len() - 1;
+    let room = max.saturating_sub(stamp.len() + 1);
     let base = shorten(&format!("{owner}{infix}"), room);
     format!("{base}-{stamp}")
 }

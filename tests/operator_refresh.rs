@@ -270,3 +270,140 @@ async fn preserve_names_the_backup_and_suspend_stops_refreshes() {
     .await;
     settle_on(&w, std::slice::from_ref(&name)).await;
 }
+
+async fn backup_branch(w: &World, name: &str, of: &str) {
+    w.create::<Branch>(json!({
+        "apiVersion": "pgbranch.dev/v1alpha1", "kind": "Branch",
+        "metadata": {"name": name, "namespace": "default",
+                     "labels": {"pgbranch.dev/restore-backup-of": of}},
+        "spec": {"compute": {"enabled": false}},
+    }))
+    .await;
+}
+
+async fn finish_with_backup(w: &World, restore: &str, backup: &str) {
+    w.api::<SnapshotRestore>()
+        .patch_status(
+            restore,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Completed", "backupBranch": backup}})),
+        )
+        .await
+        .unwrap();
+}
+
+async fn event_reasons(w: &World) -> Vec<String> {
+    let events: Api<K8sEvent> = Api::namespaced(w.client.clone(), "default");
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn without_preserve_the_backup_of_a_completed_refresh_is_deleted_unless_used() {
+    let t0 = jiff::Timestamp::now();
+    let w = World::new(t0).await;
+    let _op = w.start();
+    w.branch("prod", None).await;
+    w.branch("dev", Some("prod")).await;
+    wait_ready(&w, "prod").await;
+    wait_ready(&w, "dev").await;
+    w.api::<Branch>()
+        .patch(
+            "dev",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"refresh": {"schedule": "30 4 * * *"}}})),
+        )
+        .await
+        .unwrap();
+    let s1 = next_utc(t0, 4, 30);
+    eventually(20, "nextRefreshTime", || async {
+        (branch_status(&w, "dev").await.next_refresh_time == Some(rfc(s1))).then_some(())
+    })
+    .await;
+
+    // Run 1 completes (as the restore controller would report it) and left
+    // a backup branch nobody uses: it is deleted.
+    w.clock.set(plus(s1, 10));
+    let r1 = format!("dev-refresh-{}", stamp(s1));
+    settle_on(&w, std::slice::from_ref(&r1)).await;
+    backup_branch(&w, "dev-old-1", &r1).await;
+    wait_ready(&w, "dev-old-1").await;
+    finish_with_backup(&w, &r1, "dev-old-1").await;
+    eventually(60, "backup dev-old-1 deleted", || async {
+        w.api::<Branch>()
+            .get_opt("dev-old-1")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(event_reasons(&w)
+        .await
+        .contains(&"RefreshBackupDeleted".to_string()));
+
+    // Run 2's backup has a child branch: it stays, and a Warning says why.
+    let s2 = plus(s1, 86_400);
+    w.clock.set(plus(s2, 10));
+    let r2 = format!("dev-refresh-{}", stamp(s2));
+    settle_on(&w, &[r1.clone(), r2.clone()]).await;
+    backup_branch(&w, "dev-old-2", &r2).await;
+    w.branch("feature", Some("dev-old-2")).await;
+    finish_with_backup(&w, &r2, "dev-old-2").await;
+    eventually(20, "RefreshBackupKept", || async {
+        event_reasons(&w)
+            .await
+            .contains(&"RefreshBackupKept".to_string())
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let kept = w.api::<Branch>().get("dev-old-2").await.unwrap();
+    assert!(kept.metadata.deletion_timestamp.is_none());
+    assert_eq!(event_count(&w, "RefreshBackupKept").await, 1, "warned once");
+}
+
+/// How many times an event with `reason` was published (series included).
+async fn event_count(w: &World, reason: &str) -> usize {
+    let events: Api<K8sEvent> = Api::namespaced(w.client.clone(), "default");
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count as usize))
+        .sum()
+}
+
+#[tokio::test]
+async fn an_invalid_refresh_time_zone_is_warned_about_once_and_never_runs() {
+    let t0 = jiff::Timestamp::now();
+    let w = World::new(t0).await;
+    let _op = w.start();
+    w.branch("prod", None).await;
+    w.create::<Branch>(json!({
+        "apiVersion": "pgbranch.dev/v1alpha1", "kind": "Branch",
+        "metadata": {"name": "dev", "namespace": "default"},
+        "spec": {"parent": {"branch": "prod"}, "compute": {"enabled": false},
+                 "refresh": {"schedule": "0 3 * * *", "timeZone": "Mars/Olympus_Mons"}},
+    }))
+    .await;
+    wait_ready(&w, "dev").await;
+    eventually(20, "InvalidRefreshSchedule", || async {
+        (event_count(&w, "InvalidRefreshSchedule").await > 0).then_some(())
+    })
+    .await;
+    w.clock.set(plus(t0, 3 * 86_400));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(event_count(&w, "InvalidRefreshSchedule").await, 1);
+    assert!(restore_names(&w).await.is_empty());
+    assert_eq!(branch_status(&w, "dev").await.next_refresh_time, None);
+}

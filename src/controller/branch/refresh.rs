@@ -33,8 +33,8 @@
 //! `nextRefreshTime` (absent while suspended or when the schedule is
 //! invalid: a Warning event `InvalidRefreshSchedule` says why).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -60,6 +60,10 @@ use crate::controller::{error_policy, with_deadline, Context, Error};
 pub const LABEL_REFRESH_OF: &str = "pgbranch.dev/refresh-of";
 /// Annotation on a refresh's SnapshotRestore: whether its backup is kept.
 pub const ANNOTATION_PRESERVE: &str = "pgbranch.dev/refresh-preserve";
+/// Annotation on a refresh's SnapshotRestore once its backup branch was
+/// dealt with (`deleted` or `kept`), so it is looked at (and warned about)
+/// once.
+pub const ANNOTATION_BACKUP_HANDLED: &str = "pgbranch.dev/refresh-backup";
 /// Finished refresh restores kept per branch (for `kubectl get`).
 pub const KEEP_FINISHED: usize = 3;
 
@@ -269,7 +273,8 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
         r.status.as_ref().and_then(|s| s.phase),
         Some(RestorePhase::Completed)
     );
-    if preserve || !completed {
+    let handled = r.annotations().contains_key(ANNOTATION_BACKUP_HANDLED);
+    if preserve || !completed || handled {
         return Ok(true);
     }
     let Some(backup) = r.status.as_ref().and_then(|s| s.backup_branch.clone()) else {
@@ -278,10 +283,12 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
     let ns = branch.namespace().unwrap_or_default();
     let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(b) = with_deadline(ctx, "read backup", branches.get_opt(&backup)).await? else {
+        mark_handled(ctx, r, "deleted").await?;
         return Ok(true);
     };
     let made_by_it = b.labels().get(LABEL_RESTORE_BACKUP_OF) == Some(&r.name_any());
     if !made_by_it {
+        mark_handled(ctx, r, "kept").await?;
         return Ok(true);
     }
     if b.meta().deletion_timestamp.is_some() {
@@ -311,6 +318,7 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
             ),
         )
         .await;
+        mark_handled(ctx, r, "kept").await?;
         return Ok(true);
     }
     tracing::info!(branch = %branch.name_any(), backup = %backup, "deleting the pre-refresh backup (preserve is false)");
@@ -337,6 +345,39 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
     )
     .await;
     Ok(false)
+}
+
+/// Records on a refresh's SnapshotRestore that its backup was dealt with.
+async fn mark_handled(ctx: &Context, r: &SnapshotRestore, how: &str) -> Result<(), Error> {
+    let api: Api<SnapshotRestore> =
+        Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"annotations": {ANNOTATION_BACKUP_HANDLED: how}}});
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match with_deadline(
+        ctx,
+        "annotate restore",
+        api.patch(&r.name_any(), &params, &Patch::Merge(&patch)),
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// (Branch UID, generation) pairs already warned about an invalid refresh
+/// schedule, so the Warning is published once per spec change, not on
+/// every pass.
+static WARNED_INVALID: LazyLock<Mutex<HashSet<(String, i64)>>> =
+    LazyLock::new(|| Mutex::new(HashSet::new()));
+
+fn first_warning(uid: &str, generation: Option<i64>) -> bool {
+    let mut set = WARNED_INVALID.lock().unwrap_or_else(|p| p.into_inner());
+    set.insert((uid.to_string(), generation.unwrap_or(0)))
 }
 
 async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Error> {
@@ -394,7 +435,7 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
     let mut wait = ctx.config.ready_requeue;
     if let (Some(refresh), Some(parent)) = (&branch.spec.refresh, &branch.spec.parent) {
         match Cadence::cron(&refresh.schedule, refresh.time_zone.as_deref()) {
-            Err(e) => {
+            Err(e) if first_warning(&uid, branch.metadata.generation) => {
                 publish(
                     ctx,
                     branch,
@@ -404,6 +445,7 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
                 )
                 .await;
             }
+            Err(_) => {}
             Ok(_) if refresh.suspend => {}
             Ok(cadence) => {
                 let announced = status

@@ -643,3 +643,250 @@ async fn injected_failures_and_write_counts() {
     );
     assert_eq!(server.requests().len(), 4);
 }
+
+#[tokio::test]
+async fn custom_resources_need_a_resource_version_to_replace_and_go_with_their_crd() {
+    let server = ApiServer::new();
+    server.install_crd(&Widget::crd());
+    let client = server.client();
+    let widgets: Api<Widget> = Api::namespaced(client.clone(), "default");
+    widgets
+        .create(&PostParams::default(), &widget("w", 1))
+        .await
+        .unwrap();
+
+    // unconditional update: refused for custom resources (allowed for configmaps)
+    let blind = widget("w", 2);
+    let err = widgets
+        .replace("w", &PostParams::default(), &blind)
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(err), (422, "Invalid".into()));
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("c", &[]))
+        .await
+        .unwrap();
+    cms.replace("c", &PostParams::default(), &cm("c", &[("blind", "ok")]))
+        .await
+        .unwrap();
+
+    // deleting the CRD deletes its objects and the kind
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    let crd = crds.get("widgets.test.pgbranch.dev").await.unwrap();
+    let established = crd.status.unwrap().conditions.unwrap_or_default();
+    assert!(established
+        .iter()
+        .any(|c| c.type_ == "Established" && c.status == "True"));
+    crds.delete("widgets.test.pgbranch.dev", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(server.objects("test.pgbranch.dev", "widgets").is_empty());
+    assert_eq!(
+        api_code(widgets.list(&ListParams::default()).await.unwrap_err()).0,
+        404
+    );
+}
+
+#[tokio::test]
+async fn metadata_only_get_list_and_watch() {
+    use futures::StreamExt;
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    cms.create(&PostParams::default(), &cm("m", &[("app", "x")]))
+        .await
+        .unwrap();
+    let meta = cms.get_metadata("m").await.unwrap();
+    assert_eq!(meta.labels().get("app").map(String::as_str), Some("x"));
+    let list = cms.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    let metas: Api<kube::core::PartialObjectMeta<ConfigMap>> =
+        Api::namespaced(server.client(), "default");
+    let stream = kube::runtime::watcher(metas, kube::runtime::watcher::Config::default());
+    let mut stream = Box::pin(stream);
+    let mut names = Vec::new();
+    while let Some(ev) = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+    {
+        if let kube::runtime::watcher::Event::InitApply(o) = ev.unwrap() {
+            names.push(o.name_any());
+        } else if !names.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(names, ["m"]);
+}
+
+#[tokio::test]
+async fn foreground_deletion_waits_for_dependents() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let pp = PostParams::default();
+    let owner = cms.create(&pp, &cm("fg-owner", &[])).await.unwrap();
+    let mut dep = Secret::default();
+    dep.metadata.name = Some("fg-dep".into());
+    dep.metadata.owner_references = Some(vec![owner.controller_owner_ref(&()).unwrap()]);
+    dep.metadata.finalizers = Some(vec!["test/hold".into()]);
+    secrets.create(&pp, &dep).await.unwrap();
+
+    cms.delete("fg-owner", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let waiting = cms.get("fg-owner").await.unwrap();
+    assert!(waiting.metadata.deletion_timestamp.is_some());
+    assert!(waiting
+        .finalizers()
+        .contains(&"foregroundDeletion".to_string()));
+    assert!(secrets
+        .get("fg-dep")
+        .await
+        .unwrap()
+        .metadata
+        .deletion_timestamp
+        .is_some());
+
+    // releasing the dependent lets the owner go
+    secrets
+        .patch(
+            "fg-dep",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(api_code(secrets.get("fg-dep").await.unwrap_err()).0, 404);
+    assert_eq!(api_code(cms.get("fg-owner").await.unwrap_err()).0, 404);
+
+    // without dependents, foreground deletion is immediate
+    cms.create(&pp, &cm("alone", &[])).await.unwrap();
+    cms.delete("alone", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    assert_eq!(api_code(cms.get("alone").await.unwrap_err()).0, 404);
+}
+
+#[tokio::test]
+async fn dry_run_delete_collection_and_racing_writers() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let would = cms.create(&dry, &cm("dry", &[])).await.unwrap();
+    assert_eq!(would.name_any(), "dry");
+    assert!(
+        cms.get_opt("dry").await.unwrap().is_none(),
+        "dry run stores nothing"
+    );
+
+    let pp = PostParams::default();
+    for n in ["r1", "r2", "keep"] {
+        let labels: &[(&str, &str)] = if n == "keep" { &[] } else { &[("race", "yes")] };
+        cms.create(&pp, &cm(n, labels)).await.unwrap();
+    }
+
+    // two writers race on one resourceVersion: exactly one wins
+    let base = cms.get("r1").await.unwrap();
+    let mut results = Vec::new();
+    let mut handles = Vec::new();
+    for v in ["a", "b"] {
+        let cms = cms.clone();
+        let mut mine = base.clone();
+        mine.data = Some(BTreeMap::from([("k".to_string(), v.to_string())]));
+        handles.push(tokio::spawn(async move {
+            cms.replace("r1", &PostParams::default(), &mine).await
+        }));
+    }
+    for h in handles {
+        results.push(h.await.unwrap());
+    }
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    let loser = results.into_iter().find_map(Result::err).unwrap();
+    assert_eq!(api_code(loser), (409, "Conflict".into()));
+
+    let gone = cms
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("race=yes"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&gone.left().unwrap().items), ["r1", "r2"]);
+    assert_eq!(
+        names(&cms.list(&ListParams::default()).await.unwrap().items),
+        ["keep"]
+    );
+}
+
+#[tokio::test]
+async fn secrets_fold_string_data_and_services_get_cluster_ips() {
+    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+    use k8s_openapi::ByteString;
+    let server = ApiServer::new();
+    let client = server.client();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let mut s = Secret::default();
+    s.metadata.name = Some("creds".into());
+    s.string_data = Some(BTreeMap::from([(
+        "password".to_string(),
+        "hunter2".to_string(),
+    )]));
+    let created = secrets.create(&PostParams::default(), &s).await.unwrap();
+    assert!(created.string_data.is_none());
+    assert_eq!(
+        created.data.unwrap()["password"],
+        ByteString(b"hunter2".to_vec())
+    );
+    assert_eq!(created.type_.as_deref(), Some("Opaque"));
+    // applying the same stringData again changes nothing
+    let cfg = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"password": "hunter2"}});
+    let rv = secrets.get("creds").await.unwrap().resource_version();
+    let again = secrets
+        .patch(
+            "creds",
+            &PatchParams::apply("op").force(),
+            &Patch::Apply(&cfg),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.resource_version(), rv);
+
+    let services: Api<Service> = Api::namespaced(client, "default");
+    let svc = Service {
+        metadata: kube::api::ObjectMeta {
+            name: Some("db".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([("app".to_string(), "db".to_string())])),
+            ports: Some(vec![ServicePort {
+                port: 5432,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let created = services.create(&PostParams::default(), &svc).await.unwrap();
+    let spec = created.spec.unwrap();
+    let ip = spec.cluster_ip.clone().unwrap();
+    assert!(ip.starts_with("10.96."), "{ip}");
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    let port = &spec.ports.unwrap()[0];
+    assert_eq!(port.protocol.as_deref(), Some("TCP"));
+    assert!(port.target_port.is_some());
+    // an update without clusterIP keeps it
+    let updated = services
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"clusterIP": null, "selector": {"app": "db2"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.spec.unwrap().cluster_ip, Some(ip));
+}

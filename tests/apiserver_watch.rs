@@ -9,10 +9,10 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use serde_json::json;
-use support::apiserver::{ApiServer, ChangeKind};
+use support::apiserver::{ApiServer, ChangeKind, Delay, Failure};
 
 fn cm(name: &str, labels: &[(&str, &str)]) -> ConfigMap {
     let mut cm = ConfigMap::default();
@@ -300,4 +300,182 @@ async fn subscribe_sees_every_stored_change() {
     );
     assert_eq!(d.kind, ChangeKind::Deleted);
     assert!(d.resource_version > a.resource_version);
+}
+
+#[tokio::test]
+async fn runtime_watcher_with_streaming_lists() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    cms.create(&PostParams::default(), &cm("streamed", &[]))
+        .await
+        .unwrap();
+    let mut events = watcher(cms.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut seen = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .expect("watcher event")
+            .expect("no watcher error")
+            .expect("stream open");
+        match ev {
+            watcher::Event::InitApply(o) => seen.push(o.name_any()),
+            watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(seen, ["streamed"]);
+    cms.create(&PostParams::default(), &cm("later", &[]))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev, watcher::Event::Apply(o) if o.name_any() == "later"));
+}
+
+#[tokio::test]
+async fn wait_for_wakes_on_changes() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let waiter = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .wait_for(
+                    "",
+                    "configmaps",
+                    Some("default"),
+                    "awaited",
+                    Duration::from_secs(5),
+                    |o| o.is_some_and(|o| o["data"]["k"] == "ready"),
+                )
+                .await
+        })
+    };
+    cms.create(&PostParams::default(), &cm("awaited", &[]))
+        .await
+        .unwrap();
+    cms.patch(
+        "awaited",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"k": "ready"}})),
+    )
+    .await
+    .unwrap();
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!(got["data"]["k"], "ready");
+}
+
+#[tokio::test]
+async fn broken_watches_resume_without_losing_events_and_delays_apply() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let mut events = watcher(cms.clone(), watcher::Config::default()).boxed();
+    // initial list
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if matches!(ev, watcher::Event::InitDone) {
+            break;
+        }
+    }
+    // the stream is lazy: once an event arrived, the watch is open
+    cms.create(&PostParams::default(), &cm("before-break", &[]))
+        .await
+        .unwrap();
+    let mut applied = Vec::new();
+    while applied.is_empty() {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let watcher::Event::Apply(o) = ev {
+            applied.push(o.name_any());
+        }
+    }
+    server.break_watches();
+    cms.create(&PostParams::default(), &cm("after-break", &[]))
+        .await
+        .unwrap();
+    while applied.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.try_next())
+            .await
+            .expect("the watcher resumes")
+            .unwrap()
+            .unwrap();
+        if let watcher::Event::Apply(o) = ev {
+            applied.push(o.name_any());
+        }
+    }
+    assert_eq!(applied, ["before-break", "after-break"]);
+    let watches = server
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "watch")
+        .count();
+    assert!(
+        watches >= 2,
+        "the watcher reconnected ({watches} watch requests)"
+    );
+
+    server.delay(Delay::new("get", "configmaps").by(Duration::from_millis(300)));
+    let started = std::time::Instant::now();
+    cms.get("after-break").await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    cms.get("after-break").await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(300), "only once");
+}
+
+#[tokio::test]
+async fn runtime_watcher_retries_injected_list_and_watch_failures() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    cms.create(&PostParams::default(), &cm("x", &[]))
+        .await
+        .unwrap();
+    server.fail(Failure::new("list", "configmaps").code(503));
+    server.fail(Failure::new("watch", "configmaps").code(500));
+    let mut events = watcher(cms.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut seen = Vec::new();
+    let mut errors = 0;
+    while !seen.contains(&"apply y".to_string()) {
+        let ev = tokio::time::timeout(Duration::from_secs(15), events.next())
+            .await
+            .expect("the watcher recovers")
+            .expect("stream open");
+        match ev {
+            Ok(watcher::Event::InitApply(o)) => {
+                seen.push(format!("init {}", o.name_any()));
+                if seen.len() == 1 {
+                    cms.create(&PostParams::default(), &cm("y", &[]))
+                        .await
+                        .unwrap();
+                }
+            }
+            Ok(watcher::Event::Apply(o)) => seen.push(format!("apply {}", o.name_any())),
+            Ok(_) => {}
+            Err(_) => errors += 1,
+        }
+    }
+    assert_eq!(errors, 2, "one failed list, one failed watch");
+    assert_eq!(seen, ["init x", "apply y"]);
+    let injected: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.injected)
+        .map(|r| (r.verb, r.code))
+        .collect();
+    assert_eq!(
+        injected,
+        [("list".to_string(), 503), ("watch".to_string(), 500)]
+    );
 }

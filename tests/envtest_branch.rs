@@ -289,6 +289,7 @@ async fn branch_lifecycle_on_a_real_apiserver() {
         println!("skipped: KUBEBUILDER_ASSETS not set");
         return;
     };
+    pgbranch::cli::operator::install_crypto_provider();
     let cluster = start_cluster(&assets).await;
     install_crds(&cluster.client).await;
     let nss: Api<Namespace> = Api::all(cluster.client.clone());

@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, CustomResourceExt};
 use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, RoleSpec, LABEL_BRANCH, LABEL_TIMELINE};
+use pgbranch::controller::branch::ANNOTATION_ADOPT_TIMELINE;
 use pgbranch::storage::wait::wait_timeline_ready;
 use pgbranch::storage::{
     ConnInfo, CreateTimeline, OpKey, Password, Point, Source, Storage, TimelineId,
@@ -106,7 +107,15 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
     api.patch_status(
         "prod",
         &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"timelineId": copy.id.to_string()}})),
+        &Patch::Merge(json!({"status": {
+            "timelineId": copy.id.to_string(),
+            "history": [{
+                "timelineId": prod_tl,
+                "replacedBy": "restore-1",
+                "replacedAt": jiff::Timestamp::now().to_string(),
+                "backupBranch": "prod-old",
+            }],
+        }})),
     )
     .await
     .unwrap();
@@ -194,16 +203,54 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
         .await
         .is_ok());
 
-    for n in ["prod", "dev"] {
+    // The replaced timeline comes up as a backup branch that adopts it: its
+    // own Service and Secret, prod's old rows, and its own passwords (the
+    // data held prod's, found through prod's history).
+    let mut backup = shop_branch("prod-old");
+    backup.metadata.annotations =
+        Some([(ANNOTATION_ADOPT_TIMELINE.to_string(), prod_tl.clone())].into());
+    api.create(&PostParams::default(), &backup).await.unwrap();
+    let b = wait_ready(client, "prod-old").await;
+    assert_eq!(
+        b.status.unwrap().timeline_id.as_deref(),
+        Some(prod_tl.as_str())
+    );
+    let start = Instant::now();
+    let old_rows = loop {
+        let pw = secret_field(client, "prod-old-app", "password").await;
+        match connect(&h, "prod-old", "shop", &pw, "shop").await {
+            Ok(c) => break ids(&c).await,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "backup login: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    assert_eq!(old_rows, vec![1, 2, 3]);
+    assert_ne!(
+        secret_field(client, "prod-old-app", "password").await,
+        prod_app_pw
+    );
+    assert!(connect(&h, "prod-old", "shop", &prod_app_pw, "shop")
+        .await
+        .is_err());
+
+    // A second adopter of a served timeline is refused.
+    let mut thief = shop_branch("thief");
+    thief.metadata.annotations =
+        Some([(ANNOTATION_ADOPT_TIMELINE.to_string(), prod_tl.clone())].into());
+    api.create(&PostParams::default(), &thief).await.unwrap();
+    support::branch_scenario::wait_stalled(client, "thief", "TimelineInUse").await;
+
+    for n in ["prod", "dev", "prod-old", "thief"] {
         api.delete(n, &DeleteParams::default()).await.unwrap();
     }
-    for n in ["prod", "dev"] {
+    for n in ["prod", "dev", "prod-old", "thief"] {
         wait_gone(client, n).await;
     }
-    h.engine
-        .delete_timeline(&TimelineId::new(prod_tl).unwrap())
-        .await
-        .unwrap();
     assert!(h.engine.list_timelines().await.unwrap().is_empty());
     h.shutdown().await;
 }

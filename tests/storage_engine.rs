@@ -249,6 +249,7 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
             let info = e.get_timeline(&b).await.unwrap();
             assert_eq!(info.lineage.parent_lsn, Some(lsns[k]));
         }
+        let mut pitr_branch = None;
         for k in [1usize, 3] {
             let b = branch(
                 &e,
@@ -266,10 +267,37 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
                 "at {}",
                 times[k]
             );
-            // A PITR branch is writable and archives on its own.
+            // A PITR branch is writable and has its own history to branch
+            // from (a PostgreSQL timeline > 1, its own archive).
             sql(&s, "INSERT INTO t VALUES (9999)").await;
+            let mid: Lsn = one_str(&s, "SELECT pg_current_wal_lsn()::text")
+                .await
+                .parse()
+                .unwrap();
+            sql(&s, "INSERT INTO t VALUES (10000)").await;
             s.stop(StopMode::Fast).await.unwrap();
+            pitr_branch = Some((b, mid, k));
         }
+        let (b, mid, k) = pitr_branch.unwrap();
+        let bb = branch(&e, "pitr-of-pitr", &b, Point::Lsn(mid), None)
+            .await
+            .unwrap();
+        let s = e.start_postgres(&bb, free_port()).await.unwrap();
+        let mut want: Vec<i32> = (1..=(k as i32 + 1) * 10).collect();
+        want.push(9999);
+        assert_eq!(ids(&s).await, want);
+        s.stop(StopMode::Fast).await.unwrap();
+        // The volume belongs to one engine at a time.
+        let second = Engine::open(EngineConfig {
+            root: v.root.clone(),
+            driver: Some(v.kind),
+            ..Default::default()
+        })
+        .await;
+        assert!(
+            matches!(second, Err(StorageError::Busy { .. })),
+            "{second:?}"
+        );
         // resolve_point agrees with the branches.
         let l1 = e.resolve_point(&root, times[1]).await.unwrap();
         assert!(
@@ -570,4 +598,187 @@ async fn schema_only_copies_structure_without_rows() {
     let s = e.start_postgres(&t.id, free_port()).await.unwrap();
     assert!(ids(&s).await.is_empty());
     s.stop(StopMode::Fast).await.unwrap();
+}
+
+// ------------------------------------------------------------ crash safety
+
+/// Not a test on its own: the engine process the crash tests kill. Runs
+/// one create and waits to be killed by `PGBRANCH_ENGINE_CRASH_AT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of crash_mid_operation_then_retry_with_same_key"]
+async fn crash_child() {
+    let root = std::env::var("CRASH_ROOT").unwrap();
+    let kind: DriverKind = std::env::var("CRASH_DRIVER").unwrap().parse().unwrap();
+    let e = Engine::open(EngineConfig {
+        root: root.into(),
+        driver: Some(kind),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let req = crash_request(
+        &std::env::var("CRASH_OP").unwrap(),
+        &std::env::var("CRASH_SOURCE").unwrap(),
+    );
+    match req {
+        CrashReq::Timeline(r) => {
+            let t = e.create_timeline(r).await.unwrap();
+            wait_timeline_ready(&e, &t.id, WAIT).await.unwrap();
+        }
+        CrashReq::Snapshot(r) => {
+            let s = e.create_snapshot(r).await.unwrap();
+            wait_snapshot_ready(&e, &s.id, WAIT).await.unwrap();
+        }
+    }
+    // Reaching here means the crash point was never hit.
+    std::process::exit(3);
+}
+
+enum CrashReq {
+    Timeline(CreateTimeline),
+    Snapshot(CreateSnapshot),
+}
+
+fn crash_request(op: &str, source: &str) -> CrashReq {
+    let src = TimelineId::new(source).unwrap();
+    let (kind, arg) = op.split_once(':').unwrap();
+    let tl = |source| {
+        CrashReq::Timeline(CreateTimeline {
+            key: key(&format!("crash-{}", kind)),
+            source,
+            source_connection: None,
+            label: None,
+        })
+    };
+    match kind {
+        "empty" => tl(Source::Empty {
+            superuser_password: Some(Password(PW.into())),
+        }),
+        "head" => tl(Source::Timeline {
+            timeline: src,
+            point: Point::Head,
+        }),
+        "lsn" => tl(Source::Timeline {
+            timeline: src,
+            point: Point::Lsn(arg.parse().unwrap()),
+        }),
+        "snapshot" => CrashReq::Snapshot(CreateSnapshot {
+            key: key("crash-snapshot"),
+            timeline: src,
+            point: Point::Head,
+            source_connection: None,
+            label: None,
+        }),
+        _ => panic!("unknown op {op}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_operation_then_retry_with_same_key() {
+    use std::os::unix::process::ExitStatusExt;
+    for v in volumes("crash") {
+        eprintln!("driver {}", v.kind);
+        let e = open(&v).await;
+        let root = root_timeline(&e, "root").await;
+        let p = e.start_postgres(&root, free_port()).await.unwrap();
+        sql(
+            &p,
+            "CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 5)",
+        )
+        .await;
+        let lsn5: Lsn = one_str(&p, "SELECT pg_current_wal_lsn()::text")
+            .await
+            .parse()
+            .unwrap();
+        sql(&p, "INSERT INTO t SELECT generate_series(6, 10)").await;
+        p.stop(StopMode::Fast).await.unwrap(); // archives everything
+        drop(e);
+
+        let cases = [
+            ("empty:", "initdb", None),
+            ("head:", "copying the source", Some(10)),
+            ("head:", "keeping a base copy", Some(10)),
+            (&*format!("lsn:{lsn5}"), "replaying WAL", Some(5)),
+            (&*format!("lsn:{lsn5}"), "private server running", Some(5)),
+            ("snapshot:", "copying the source", Some(10)),
+        ];
+        for (op, step, rows) in cases {
+            eprintln!("crash during {op} at {step:?}");
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--ignored",
+                    "--exact",
+                    "crash_child",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("CRASH_ROOT", &v.root)
+                .env("CRASH_DRIVER", v.kind.to_string())
+                .env("CRASH_OP", op)
+                .env("CRASH_SOURCE", root.as_str())
+                .env("PGBRANCH_ENGINE_CRASH_AT", step)
+                .status()
+                .unwrap();
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "engine was not killed at {step:?}: {status:?}"
+            );
+            // No server of the dead engine is left running on the volume.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(
+                postgres_processes_under(&v.root),
+                0,
+                "a postgres outlived the engine"
+            );
+
+            // Restart: unfinished work is cleaned up and resumed (or waits
+            // for the same key), and a retry with the same key works.
+            let e = open(&v).await;
+            assert!(std::fs::read_dir(v.root.join("tmp"))
+                .unwrap()
+                .next()
+                .is_none());
+            match crash_request(op, root.as_str()) {
+                CrashReq::Timeline(r) => {
+                    let before = e.list_timelines().await.unwrap().len();
+                    let t = e.create_timeline(r.clone()).await.unwrap();
+                    let t = wait_timeline_ready(&e, &t.id, WAIT).await.unwrap();
+                    let again = e.create_timeline(r).await.unwrap();
+                    assert_eq!(again.id, t.id);
+                    assert_eq!(e.list_timelines().await.unwrap().len(), before);
+                    let s = e.start_postgres(&t.id, free_port()).await.unwrap();
+                    match rows {
+                        Some(n) => assert_eq!(ids(&s).await, (1..=n).collect::<Vec<_>>()),
+                        None => {
+                            assert_eq!(one_str(&s, "SELECT current_user::text").await, "postgres")
+                        }
+                    }
+                    s.stop(StopMode::Fast).await.unwrap();
+                    e.delete_timeline(&t.id).await.unwrap();
+                }
+                CrashReq::Snapshot(r) => {
+                    let before = e.list_snapshots().await.unwrap().len();
+                    let s = e.create_snapshot(r.clone()).await.unwrap();
+                    let s = wait_snapshot_ready(&e, &s.id, WAIT).await.unwrap();
+                    assert_eq!(e.create_snapshot(r).await.unwrap().id, s.id);
+                    assert_eq!(e.list_snapshots().await.unwrap().len(), before);
+                    e.delete_snapshot(&s.id).await.unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// Number of running processes whose command line mentions `dir`.
+fn postgres_processes_under(dir: &std::path::Path) -> usize {
+    let needle = dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("postgres") && c.contains(&needle))
+        .count()
 }

@@ -201,7 +201,15 @@ async fn termination() {
     }
 }
 
+/// Installs ring as the process-wide rustls provider. kube and reqwest
+/// compile in two providers (ring, aws-lc-rs), and kube-client's TLS setup
+/// panics when the process has no default. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
+    install_crypto_provider();
     let config = args.config()?;
     let token = match &args.storage_token_file {
         Some(p) => Some(std::fs::read_to_string(p)?.trim().to_string()),

@@ -13,6 +13,13 @@
 //!   Crunchy users expect plus the Service Binding `type`/`provider` keys;
 //! * the `Secret` `<branch>-superuser` with the `postgres` role's password;
 //! * a `Secret` `<branch>-<role>` for every further declared role.
+//!
+//! Not built yet: `spec.compute.readReplicas`. A read replica needs its own
+//! data directory kept in sync by streaming replication (a storage-layer
+//! operation: base backup of the primary into a replica timeline), then a
+//! second Deployment labelled `pgbranch.dev/role: replica` with
+//! `primary_conninfo` pointing at the Service, and a `<branch>-ro` Service.
+//! TODO: until then the field is accepted and ignored.
 
 use std::collections::BTreeMap;
 

@@ -127,10 +127,14 @@ where
         "metadata": { "resourceVersion": obj.resource_version() },
         "status": diff,
     });
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER),
-        &Patch::Merge(&patch),
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    super::with_deadline(
+        ctx,
+        "write status",
+        api.patch_status(&obj.name_any(), &params, &Patch::Merge(&patch)),
     )
     .await?;
     ctx.metrics.status_write(K::kind(&()).as_ref());

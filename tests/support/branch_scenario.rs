@@ -418,6 +418,23 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     assert_eq!(ids(&app).await, (1..=20).collect::<Vec<_>>());
     drop((app, su, head_app, past_app));
 
+    // A spec change is applied over SQL: a new database appears.
+    api.patch(
+        "main",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"databases": [
+            {"name": "shop", "owner": "shop"},
+            {"name": "reports", "owner": "shop"}
+        ]}})),
+    )
+    .await
+    .expect("add a database");
+    wait_ready(client, "main").await;
+    let pw = secret_field(client, "main-app", "password").await;
+    connect(h, "main", "shop", &pw, "reports")
+        .await
+        .expect("the declared database exists");
+
     // Steady state: resyncs every second, no writes.
     let before = h.metrics.reconcile_count("Branch");
     writes.reset().await;
@@ -518,6 +535,46 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         .as_ref()
         .and_then(|s| s.timeline_id.clone())
         .is_none());
+
+    // A Service another tool manages is reported, never taken over.
+    let svcs: Api<Service> = Api::namespaced(client.clone(), NS);
+    let mut foreign = Service::default();
+    foreign.metadata.name = Some("clash".into());
+    foreign.metadata.labels = Some(
+        [(
+            "argocd.argoproj.io/instance".to_string(),
+            "someone-else".to_string(),
+        )]
+        .into(),
+    );
+    foreign.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+        ports: Some(vec![k8s_openapi::api::core::v1::ServicePort {
+            port: 80,
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    svcs.create(&pp, &foreign).await.expect("foreign service");
+    api.create(&pp, &branch("clash", BranchSpec::default()))
+        .await
+        .expect("create clash");
+    let b = wait_stalled(client, "clash", "ObjectConflict").await;
+    assert!(condition(&b, "Stalled").unwrap().2.contains("clash"));
+    let svc = svcs.get("clash").await.unwrap();
+    assert!(svc.metadata.owner_references.is_none(), "not adopted");
+    assert_eq!(svc.spec.unwrap().ports.unwrap()[0].port, 80, "not changed");
+    api.delete("clash", &DeleteParams::default())
+        .await
+        .expect("delete clash");
+    wait_gone(client, "clash").await;
+    let svc = svcs
+        .get("clash")
+        .await
+        .expect("the foreign Service is left alone");
+    assert!(svc.metadata.deletion_timestamp.is_none());
+    svcs.delete("clash", &DeleteParams::default())
+        .await
+        .expect("cleanup");
 
     // A protected branch is not deleted until unprotected.
     api.patch(

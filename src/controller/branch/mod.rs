@@ -52,6 +52,11 @@ use crate::storage::{
 };
 use validate::{app_identity, generate_password, parse_expires, parse_point, secret_suffix};
 
+/// Annotation on a new Branch naming an existing timeline to take over
+/// instead of creating one (a restore's backup branch keeps the replaced
+/// timeline this way). Read only while `status.timelineId` is empty.
+pub const ANNOTATION_ADOPT_TIMELINE: &str = "pgbranch.dev/adopt-timeline";
+
 /// The finalizer the Branch controller puts on every Branch.
 pub const FINALIZER: &str = "pgbranch.dev/branch-cleanup";
 const KIND: &str = "Branch";
@@ -404,6 +409,50 @@ async fn compute_conn(ctx: &Context, branch: &Branch) -> Result<Option<ConnInfo>
     }))
 }
 
+/// Takes over an existing timeline named by [`ANNOTATION_ADOPT_TIMELINE`]
+/// (a restore's backup branch, an imported timeline) instead of creating
+/// one, unless another Branch already serves it.
+async fn adopt_timeline(
+    ctx: &Context,
+    branch: &Branch,
+    id: &str,
+    status: &mut BranchStatus,
+) -> Result<Timeline, Error> {
+    let id = TimelineId::new(id.to_string()).map_err(|e| {
+        Error::stalled(
+            "InvalidAnnotation",
+            format!("annotation {ANNOTATION_ADOPT_TIMELINE}: {e}"),
+        )
+    })?;
+    let ns = branch.namespace().unwrap_or_default();
+    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    if let Some(other) = all.items.iter().find(|b| {
+        b.uid() != branch.uid()
+            && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id.as_str())
+    }) {
+        return Err(Error::stalled(
+            "TimelineInUse",
+            format!(
+                "timeline {id} named by {ANNOTATION_ADOPT_TIMELINE} is the timeline of branch {}",
+                other.name_any()
+            ),
+        ));
+    }
+    match with_deadline(ctx, "get timeline", ctx.storage.get_timeline(&id)).await {
+        Ok(tl) => {
+            tracing::info!(branch = %branch.name_any(), timeline = %id, "adopting timeline");
+            status.timeline_id = Some(tl.id.to_string());
+            Ok(tl)
+        }
+        Err(Error::Storage(StorageError::NotFound { .. })) => Err(Error::stalled(
+            "TimelineNotFound",
+            format!("timeline {id} named by {ANNOTATION_ADOPT_TIMELINE} does not exist in storage"),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 /// Finds or creates the branch's timeline and records it in status.
 async fn ensure_timeline(
     ctx: &Context,
@@ -430,6 +479,9 @@ async fn ensure_timeline(
             )),
             Err(e) => Err(e),
         };
+    }
+    if let Some(adopt) = branch.annotations().get(ANNOTATION_ADOPT_TIMELINE) {
+        return adopt_timeline(ctx, branch, adopt, status).await.map(Ok);
     }
     let key = OpKey::new(uid.to_string()).map_err(|e| {
         Error::stalled(
@@ -784,11 +836,16 @@ async fn apply_steps(
         .await?;
     }
 
+    let replicas_note = if compute.read_replicas > 0 {
+        "; readReplicas is not supported yet and was ignored"
+    } else {
+        ""
+    };
     Ok(Done {
         outcome: Outcome::ready(
             "Ready",
             format!(
-                "branch is ready at {}:{PG_PORT} (timeline {})",
+                "branch is ready at {}:{PG_PORT} (timeline {}){replicas_note}",
                 service_host(&name, &ns),
                 tl.id
             ),
@@ -810,7 +867,7 @@ async fn fallback_superuser_passwords(
 ) -> Result<Vec<String>, Error> {
     let ns = branch.namespace().unwrap_or_default();
     let mut names: Vec<String> = parent.map(|p| p.name_any()).into_iter().collect();
-    if tl.lineage.parent.is_some() || tl.lineage.snapshot.is_some() {
+    {
         let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
         let all =
             with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
@@ -825,6 +882,18 @@ async fn fallback_superuser_passwords(
                     .map(|b| b.name_any()),
             );
         }
+        // The branch that served this very timeline before a restore
+        // replaced it (its passwords are in this data).
+        names.extend(
+            all.items
+                .iter()
+                .filter(|b| {
+                    b.status
+                        .as_ref()
+                        .is_some_and(|s| s.history.iter().any(|h| h.timeline_id == tl.id.as_str()))
+                })
+                .map(|b| b.name_any()),
+        );
         if let Some(snap) = &tl.lineage.snapshot {
             let snapshots: Api<crate::api::Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
             // The Snapshot kind may not be installed: then there is nothing to find.

@@ -100,6 +100,9 @@
 //! finished. A failed create stays `Failed` (same key, same result) until it
 //! is deleted.
 //!
+//! One engine process owns a volume at a time (`engine.lock`, flock);
+//! a second [`Engine::open`] on it fails with `Busy`.
+//!
 //! # Users
 //! PostgreSQL programs run as `run_as` (default: the current user, or
 //! `postgres` when root); data directories and archives belong to it.
@@ -169,6 +172,8 @@ struct Inner {
     meta: Meta,
     in_use: Mutex<HashMap<String, usize>>,
     index_lock: tokio::sync::Mutex<()>,
+    /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
+    _volume_lock: nix::fcntl::Flock<fs::File>,
 }
 
 /// Holds objects in use by a running operation; released on drop.
@@ -441,6 +446,21 @@ impl Engine {
             .unwrap_or(0);
 
         make_traversable(&root)?;
+        let lockf = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("engine.lock"))
+            .map_err(|e| io_err("opening engine.lock", e))?;
+        let volume_lock =
+            nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+                |(_, e)| StorageError::Busy {
+                    message: format!(
+                        "another engine has the volume {} open ({e})",
+                        root.display()
+                    ),
+                },
+            )?;
         for d in ["timelines", "snapshots", "wal", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(|e| io_err("creating the volume layout", e))?;
@@ -455,6 +475,7 @@ impl Engine {
             for e in rd.flatten() {
                 let p = e.path();
                 if p.is_dir() {
+                    pg::kill_leftover(&p);
                     let _ = driver.delete_dir(&p);
                 } else {
                     let _ = fs::remove_file(&p);
@@ -471,6 +492,7 @@ impl Engine {
                 meta,
                 in_use: Mutex::new(HashMap::new()),
                 index_lock: tokio::sync::Mutex::new(()),
+                _volume_lock: volume_lock,
             }),
         };
         tracing::info!(root = %engine.inner.root.display(), driver = %kind, pg_major = engine.inner.pg.major, "storage engine open");
@@ -550,11 +572,14 @@ impl Engine {
             .pg
             .start(
                 &data,
-                port,
-                "127.0.0.1",
-                &self.local_settings(Some(id)),
-                &log,
-                Duration::from_secs(600),
+                pg::StartOpts {
+                    port,
+                    listen: "127.0.0.1",
+                    settings: &self.local_settings(Some(id)),
+                    log: &log,
+                    timeout: Duration::from_secs(600),
+                    tied: false,
+                },
             )
             .await
     }
@@ -569,13 +594,17 @@ impl Engine {
             .pg
             .start(
                 data,
-                5432,
-                "",
-                &self.local_settings(archive),
-                log,
-                Duration::from_secs(3600),
+                pg::StartOpts {
+                    port: 5432,
+                    listen: "",
+                    settings: &self.local_settings(archive),
+                    log,
+                    timeout: Duration::from_secs(3600),
+                    tied: true,
+                },
             )
             .await
+            .inspect(|_| crash_point("private server running"))
     }
 
     async fn blocking<T: Send + 'static>(
@@ -1277,6 +1306,7 @@ impl Engine {
     }
 
     fn progress_t(&self, id: &TimelineId, step: &str) {
+        crash_point(step);
         let _ = self.inner.meta.set_timeline_progress(
             id,
             Some(Progress {
@@ -1289,6 +1319,7 @@ impl Engine {
     async fn remove_timeline_dirs(&self, id: &TimelineId) {
         let dir = self.tl_dir(id);
         for sub in ["pgdata", "base"] {
+            pg::kill_leftover(&dir.join(sub));
             if let Err(e) = self.delete_dir(&dir.join(sub)).await {
                 tracing::warn!(timeline = %id, error = %e, "removing a data directory failed");
             }
@@ -1592,6 +1623,7 @@ impl Engine {
             .map_err(|e| io_err("chmod", e))?;
         let data = dir.join("pgdata");
         let progress = |s: &str| {
+            crash_point(s);
             let _ = self.inner.meta.set_snapshot_progress(
                 id,
                 Some(Progress {
@@ -1778,6 +1810,16 @@ impl Engine {
     }
 }
 
+/// Fault injection for crash tests: when `PGBRANCH_ENGINE_CRASH_AT` names
+/// the step an operation is entering (its progress text), the engine
+/// process kills itself with SIGKILL there, as a crash would.
+fn crash_point(step: &str) {
+    if std::env::var("PGBRANCH_ENGINE_CRASH_AT").as_deref() == Ok(step) {
+        tracing::error!(step, "PGBRANCH_ENGINE_CRASH_AT: killing the engine process");
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// Copies the WAL segments and history files of `src` over those in `dst`.
 fn recopy_wal(src: &Path, dst: &Path) -> std::io::Result<()> {
     for e in fs::read_dir(src)? {
@@ -1814,6 +1856,7 @@ fn make_traversable(root: &Path) -> Result<(), StorageError> {
     while let Some(dir) = p {
         if let Ok(m) = fs::metadata(dir) {
             if m.uid() == me && m.mode() & 0o001 == 0 {
+                tracing::warn!(dir = %dir.display(), "adding o+x so the run_as user can reach the volume");
                 fs::set_permissions(dir, fs::Permissions::from_mode((m.mode() & 0o7777) | 0o011))
                     .map_err(|e| io_err(&format!("making {} traversable", dir.display()), e))?;
             }

@@ -59,6 +59,19 @@ pub(crate) fn resolve_user(name: &str) -> Result<RunAs, StorageError> {
     })
 }
 
+/// How [`PgEnv::start`] runs a server.
+pub(crate) struct StartOpts<'a> {
+    pub port: u16,
+    /// `listen_addresses` ("" = Unix socket only).
+    pub listen: &'a str,
+    /// Extra `-c` settings.
+    pub settings: &'a [(String, String)],
+    pub log: &'a Path,
+    pub timeout: Duration,
+    /// Dies with the engine (private servers).
+    pub tied: bool,
+}
+
 /// Fields of `pg_controldata` the engine uses.
 #[derive(Debug, Clone)]
 pub(crate) struct ControlData {
@@ -194,15 +207,15 @@ impl PgEnv {
     /// Starts `postgres -D dir` with extra `-c` settings; stdout and stderr
     /// go to `log`. Waits until it accepts connections on its socket and
     /// `pg_is_in_recovery()` is false.
-    pub async fn start(
-        &self,
-        dir: &Path,
-        port: u16,
-        listen: &str,
-        settings: &[(String, String)],
-        log: &Path,
-        timeout: Duration,
-    ) -> Result<PgServer, StorageError> {
+    pub async fn start(&self, dir: &Path, opts: StartOpts<'_>) -> Result<PgServer, StorageError> {
+        let StartOpts {
+            port,
+            listen,
+            settings,
+            log,
+            timeout,
+            tied,
+        } = opts;
         let sock = std::env::temp_dir().join(format!(
             "pgbranch-s-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -234,6 +247,18 @@ impl PgEnv {
             .stderr(logf2)
             .kill_on_drop(false)
             .process_group(0);
+        if tied {
+            // A private server must not outlive the engine (killed or not):
+            // the kernel sends it SIGQUIT (immediate shutdown) when the
+            // engine's thread that started it goes away.
+            // SAFETY: only prctl(2), async-signal-safe, runs in the child.
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         let child = cmd.spawn().map_err(|e| io_err("starting postgres", e))?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         let mut server = PgServer {
@@ -425,6 +450,39 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         self.kill_now();
+    }
+}
+
+/// Stops a postmaster left running on `dir` by an engine that died (its
+/// `postmaster.pid` names a live `postgres` process): SIGQUIT, then SIGKILL.
+pub(crate) fn kill_leftover(dir: &Path) {
+    let Ok(text) = fs::read_to_string(dir.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    if pid <= 0 {
+        return;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("postgres") {
+        return;
+    }
+    let p = nix::unistd::Pid::from_raw(pid);
+    tracing::warn!(pid, dir = %dir.display(), "stopping a postgres left running by an interrupted operation");
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGQUIT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nix::sys::signal::kill(p, None).is_ok() {
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

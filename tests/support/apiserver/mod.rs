@@ -14,16 +14,34 @@
 //! let server = ApiServer::new();                 // namespaces default, kube-system, ... exist
 //! server.install_crd(&pgbranch::api::Branch::crd()); // or create the CRD through the API
 //! server.create_namespace("team-a");
+//! server.create_manifests(include_str!("../../config/admission/protected-branch.yaml"))?;
 //! let client: kube::Client = server.client();    // default namespace "default"
 //! // ... run controllers / make requests with `client` ...
-//! server.reset_counts();
-//! tokio::time::sleep(Duration::from_secs(2)).await;
-//! assert_eq!(server.write_count(), 0, "{:?}", server.writes());
+//! let writes = server.writes_during(Duration::from_secs(60)).await; // steady state:
+//! assert!(writes.is_empty(), "{writes:?}");      // no writes at all
+//! server.reset_counts();                         // or count from here: write_count(), writes_by_verb()
 //! server.fail(Failure::new("patch", "branches").times(2).code(500));
+//! server.delay(Delay::new("create", "deployments").by(Duration::from_secs(3)));
+//! server.break_watches();                        // every watch stream ends; watchers resume
 //! let mut changes = server.subscribe();          // every stored change, in order
+//! let cm = server.wait_for("", "configmaps", Some("default"), "x",
+//!     Duration::from_secs(10), |o| o.is_some()).await;  // poll-free waiting
 //! let served = server.serve().await;             // optional: 127.0.0.1:<port>, plain HTTP
 //! let config: kube::Config = served.config();    // or served.kubeconfig_yaml() for a binary
+//! let tcp_client = served.client();              // kube::Client over TCP
 //! ```
+//!
+//! To run one scenario on this server and also on a real kube-apiserver
+//! where envtest binaries exist (`KUBEBUILDER_ASSETS`), use
+//! [`envtest::TestCluster`] (`TestCluster::all().await`, `.client()`,
+//! `.install_crds(..)`, `.create_namespace(..)`, `.server()` for the hooks
+//! above); tests/apiserver_parity.rs does so.
+//!
+//! `kube::Client::try_from(config)` builds kube's TLS stack, and this crate
+//! compiles two rustls crypto providers (ring via kube, aws-lc-rs via
+//! reqwest): a process must install one before that, or rustls panics.
+//! [`install_crypto_provider`] does (and [`Served::client`] calls it); the
+//! in-process [`ApiServer::client`] needs none.
 //!
 //! Everything is in memory; an `ApiServer` is cheap, make one per test.
 //! `ApiServer` is `Clone` (all clones share one store). Request handling
@@ -35,8 +53,10 @@
 //!   namespaces, serviceaccounts, endpoints, persistentvolumeclaims;
 //!   apps/v1 deployments, statefulsets, replicasets; coordination.k8s.io/v1
 //!   leases; events.k8s.io/v1 events; apiextensions.k8s.io/v1
-//!   customresourcedefinitions. Creating a CRD (through the API or
-//!   [`ApiServer::install_crd`]) registers its kind: group, served versions,
+//!   customresourcedefinitions; admissionregistration.k8s.io/v1
+//!   validatingadmissionpolicies and validatingadmissionpolicybindings.
+//!   Creating a CRD (through the API or [`ApiServer::install_crd`])
+//!   registers its kind: group, served versions,
 //!   scope, short names and the status subresource come from the CRD. The
 //!   CRD reports `Established` at once.
 //! * Metadata: `uid`, `creationTimestamp`, `resourceVersion` (one global
@@ -49,7 +69,8 @@
 //!   create (409 AlreadyExists, 404 when the namespace is missing, 403 when
 //!   it is terminating, 422 on a missing/invalid name); update/PUT (409
 //!   Conflict on a stale `resourceVersion` or a different `uid`; without a
-//!   `resourceVersion` it is unconditional); delete with
+//!   `resourceVersion` it is unconditional for built-in kinds and 422 for
+//!   custom resources, as on a real apiserver); delete with
 //!   `preconditions`, finalizers (sets `deletionTimestamp`, the object goes
 //!   once the last finalizer is removed; no new finalizers may be added
 //!   meanwhile: 422), `propagationPolicy` and owner-reference cascade;
@@ -83,6 +104,24 @@
 //! * Errors are `metav1.Status` JSON with code and reason: 400 BadRequest,
 //!   403 Forbidden, 404 NotFound, 409 AlreadyExists / Conflict, 410
 //!   Expired, 415 UnsupportedMediaType, 422 Invalid.
+//! * Deleting a CRD deletes every object of its kind, then the kind.
+//! * Schema pass on every write of a custom resource: null dropping,
+//!   pruning, defaults, structural checks and CEL rules from the CRD's
+//!   `openAPIV3Schema` (details and gaps below), 422 Invalid with one cause
+//!   per failure.
+//! * ValidatingAdmissionPolicy + Binding (admissionregistration.k8s.io/v1)
+//!   with a `Deny` action are evaluated on CREATE, UPDATE (status writes
+//!   included, as `resource/status`) and DELETE — also on the deletes the
+//!   garbage collector and namespace deletion make, so a protected object
+//!   keeps its namespace `Terminating`: `matchConstraints` (resource rules
+//!   with wildcards and subresources, `excludeResourceRules`,
+//!   `namespaceSelector`, `objectSelector`), the binding's
+//!   `matchResources`, `matchConditions`, `validations` with `message`,
+//!   `messageExpression` and `reason` (Forbidden → 403, default Invalid →
+//!   422), `failurePolicy`.
+//! * Metadata-only requests (`Accept: ...;as=PartialObjectMetadata[List]`,
+//!   i.e. `Api<PartialObjectMeta<K>>`, `get_metadata`, `list_metadata`,
+//!   metadata watches) answer `meta.k8s.io/v1` PartialObjectMetadata.
 //! * Discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/{g}`,
 //!   `/apis/{g}/{v}` (the legacy, non-aggregated form).
 //!
@@ -101,16 +140,33 @@
 //!
 //! # Where it differs from a real kube-apiserver
 //!
-//! * No authentication, authorization, admission (no webhooks, no
-//!   ValidatingAdmissionPolicy), no quotas, no rate limits.
-//! * No schema: CRD `openAPIV3Schema` is not validated, unknown fields are
-//!   not pruned, defaults are not applied, CEL `x-kubernetes-validations`
-//!   are not evaluated, built-in kinds are not validated either (any JSON
-//!   object with a valid name is accepted). No conversion between versions:
-//!   an object is stored once per group/resource and served at any version
-//!   of its kind with `apiVersion` rewritten. core/v1 and events.k8s.io/v1
-//!   events are separate stores (a real apiserver serves one store in
-//!   both shapes).
+//! * No authentication or authorization (every request is
+//!   `system:admin`), no admission webhooks, no mutating admission, no
+//!   quotas, no rate limits. ValidatingAdmissionPolicy: parameterised
+//!   policies (`paramKind`) and `variables` are not supported (such
+//!   policies are skipped), `auditAnnotations` and `Warn`/`Audit` actions
+//!   have no effect, `authorizer` is not bound, an expression that fails to
+//!   evaluate counts as a failure (`failurePolicy: Ignore` lets it pass).
+//! * CRD schemas: covered are dropping nulls of non-nullable fields,
+//!   pruning unknown fields (`x-kubernetes-preserve-unknown-fields` and
+//!   embedded resources respected), `default`s, `type`, `required`,
+//!   `enum`, `minimum`/`maximum`, `minLength`/`maxLength`,
+//!   `minItems`/`maxItems`, `maxProperties`, `nullable`,
+//!   `x-kubernetes-int-or-string`, and the CEL `x-kubernetes-validations`
+//!   (transition rules with `oldSelf` included) through kube's client-side
+//!   CEL engine (which refuses, fail-closed, the few CEL functions it lacks;
+//!   it does not estimate rule cost, so a CRD a real apiserver refuses for
+//!   cost is accepted here). Not covered: `pattern`, `format`,
+//!   `oneOf`/`anyOf`/`allOf`/`not`, `uniqueItems`, `x-kubernetes-list-type`
+//!   uniqueness, `messageExpression` evaluation details, validation
+//!   ratcheting of unchanged fields, and metadata validation beyond the
+//!   name. Built-in kinds are not validated at all (any JSON object with a
+//!   valid name is accepted). [`ApiServer::set_schema_validation`] turns the
+//!   pass off.
+//! * No conversion between versions: an object is stored once per
+//!   group/resource and served at any version of its kind with
+//!   `apiVersion` rewritten. core/v1 and events.k8s.io/v1 events are
+//!   separate stores (a real apiserver serves one store in both shapes).
 //! * No `metadata.managedFields` in objects (ownership is kept out of
 //!   band); lists are atomic for apply (no `listType=map` merging by key, so
 //!   two managers cannot share one list, e.g. `status.conditions`); apply
@@ -118,11 +174,27 @@
 //!   API version/operation.
 //! * Strategic merge patch = JSON merge patch.
 //! * Garbage collection runs synchronously inside the request that removes
-//!   an owner (a real one is asynchronous); dependents go when all their
-//!   owners are gone. `Foreground` is treated as `Background` (no
-//!   `foregroundDeletion` finalizer); `Orphan` strips the owner reference
-//!   from dependents right away. Namespace deletion deletes the contents and
-//!   removes the namespace once empty (no `kubernetes` spec finalizer).
+//!   an owner (a real one is asynchronous, so a test sees dependents gone
+//!   sooner than on a cluster); dependents go when all their owners are
+//!   gone. It only reacts to removals: a dependent created with an owner
+//!   reference to a UID that never existed stays (a real GC deletes it).
+//!   `Foreground` marks the owner with the `foregroundDeletion` finalizer,
+//!   deletes the dependents and removes the owner once none is left — every
+//!   dependent blocks, `blockOwnerDeletion` is not consulted. `Orphan`
+//!   strips the owner reference from dependents right away (no `orphan`
+//!   finalizer). Namespace deletion deletes the contents and removes the
+//!   namespace once empty (no `kubernetes` spec finalizer).
+//! * `metadata.generation` is kept on every kind (a real apiserver keeps
+//!   it only where the kind's strategy does, e.g. not on ConfigMaps).
+//! * Built-in defaulting is limited to Secrets (`stringData` folded into
+//!   base64 `data`, `type: Opaque`) and Services (`type: ClusterIP`, an
+//!   allocated `clusterIP` kept across updates, port `protocol: TCP`,
+//!   `targetPort` = `port`). Deployments, StatefulSets, Pods and the rest
+//!   get none of the defaults a real apiserver fills in (strategy,
+//!   `revisionHistoryLimit`, `restartPolicy`, `terminationMessagePath`,
+//!   ...): a controller that compares such objects field by field with its
+//!   desired state looks calm here and churns on a cluster — use
+//!   server-side apply, or compare only the fields you set.
 //! * No controllers: Deployments get no pods or status, Services no
 //!   endpoints, pods never run; tests play those parts themselves.
 //! * When the last finalizer is removed from a deleting object, watchers see
@@ -136,7 +208,10 @@
 //!   `/openapi`, no aggregated discovery, no `exec`/`logs`/`portforward`/
 //!   `scale`/`eviction`/`binding` subresources.
 
+mod admission;
+pub mod envtest;
 mod patch;
+mod schema;
 mod selector;
 mod server;
 
@@ -150,6 +225,12 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use server::Inner;
+
+/// Installs ring as the process-wide rustls crypto provider (idempotent).
+/// Needed before `kube::Client::try_from(config)` in this crate.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 
 /// What happened to a stored object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,6 +342,43 @@ impl Failure {
     }
 }
 
+/// A delay to inject: the next `times` requests matching `verb` and
+/// `resource` (`"*"` matches anything) wait `by` before being handled.
+#[derive(Debug, Clone)]
+pub struct Delay {
+    verb: String,
+    resource: String,
+    pub(crate) remaining: usize,
+    pub(crate) by: Duration,
+}
+
+impl Delay {
+    /// Delays the next matching request once by one second.
+    pub fn new(verb: &str, resource: &str) -> Self {
+        Self {
+            verb: verb.into(),
+            resource: resource.into(),
+            remaining: 1,
+            by: Duration::from_secs(1),
+        }
+    }
+    /// How long each matching request waits.
+    pub fn by(mut self, by: Duration) -> Self {
+        self.by = by;
+        self
+    }
+    /// How many matching requests wait.
+    pub fn times(mut self, n: usize) -> Self {
+        self.remaining = n;
+        self
+    }
+    pub(crate) fn matches(&self, verb: &str, resource: &str) -> bool {
+        self.remaining > 0
+            && (self.verb == "*" || self.verb == verb)
+            && (self.resource == "*" || self.resource == resource)
+    }
+}
+
 /// The in-process API server. Cheap to clone; clones share one store.
 #[derive(Clone)]
 pub struct ApiServer {
@@ -332,6 +450,27 @@ impl ApiServer {
             .expect("the CRD is valid");
     }
 
+    /// Creates every object of a (multi-document) YAML or JSON manifest, in
+    /// order, as `kubectl create -f` would: CRDs, policies, namespaces,
+    /// anything of a known kind. Namespaced objects without a namespace go
+    /// to `default`. Not counted as requests. Returns the stored objects.
+    ///
+    /// # Errors
+    /// The first document that does not parse or is refused (with the
+    /// Status message), after the earlier ones were created.
+    pub fn create_manifests(&self, yaml: &str) -> Result<Vec<Value>, String> {
+        use serde::Deserialize;
+        let mut out = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let v = Value::deserialize(doc).map_err(|e| format!("parsing the manifest: {e}"))?;
+            if v.is_null() {
+                continue;
+            }
+            out.push(self.inner.create_by_kind(v, "default")?);
+        }
+        Ok(out)
+    }
+
     /// Creates a namespace (no-op when it exists).
     pub fn create_namespace(&self, name: &str) {
         if self
@@ -365,6 +504,37 @@ impl ApiServer {
     /// Every stored object of a resource, all namespaces (not counted).
     pub fn objects(&self, group: &str, resource: &str) -> Vec<Value> {
         self.inner.list_direct(group, resource)
+    }
+
+    /// Waits until the stored object (`None` when absent) satisfies
+    /// `pred`, checking now and after every stored change; returns the
+    /// object, or panics after `timeout` (this is test support).
+    pub async fn wait_for(
+        &self,
+        group: &str,
+        resource: &str,
+        namespace: Option<&str>,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(Option<&Value>) -> bool,
+    ) -> Option<Value> {
+        let mut changes = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = self.object(group, resource, namespace, name);
+            if pred(current.as_ref()) {
+                return current;
+            }
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    panic!("the API server went away while waiting for {resource}/{name}")
+                }
+                Err(_) => panic!(
+                    "timed out after {timeout:?} waiting for {resource} {namespace:?}/{name}; last state: {current:?}"
+                ),
+            }
+        }
     }
 
     /// The current (global) resourceVersion.
@@ -407,6 +577,22 @@ impl ApiServer {
         out
     }
 
+    /// The write requests made while waiting `window` (for "a steady state
+    /// makes no writes": `assert!(server.writes_during(d).await.is_empty())`).
+    /// Does not reset any counter.
+    pub async fn writes_during(&self, window: Duration) -> Vec<RequestRecord> {
+        let start = self.inner.lock().requests.len();
+        tokio::time::sleep(window).await;
+        let st = self.inner.lock();
+        st.requests
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.is_write() && !r.injected)
+            .cloned()
+            .collect()
+    }
+
     /// Stored changes (new resourceVersions) since the start or
     /// [`ApiServer::reset_counts`]; no-op writes do not count.
     pub fn mutation_count(&self) -> u64 {
@@ -432,6 +618,20 @@ impl ApiServer {
         self.inner.lock().failures.push(failure);
     }
 
+    /// Delays matching requests (see [`Delay`]), e.g. to run into a
+    /// controller's deadlines. A delayed request holds no lock while it
+    /// waits.
+    pub fn delay(&self, delay: Delay) {
+        self.inner.lock().delays.push(delay);
+    }
+
+    /// Ends every open watch stream at once (as an apiserver restart or a
+    /// dropped connection would); watchers reconnect from their last
+    /// resourceVersion.
+    pub fn break_watches(&self) {
+        let _ = self.inner.disconnect.send(());
+    }
+
     /// Drops the watch history: a watch from any older resourceVersion
     /// now gets 410 Expired.
     pub fn compact_history(&self) {
@@ -441,6 +641,12 @@ impl ApiServer {
     /// How many changes the watch history keeps (default 5000).
     pub fn set_history_limit(&self, n: usize) {
         self.inner.lock().history_limit = n.max(1);
+    }
+
+    /// Turns the CRD schema pass (pruning, defaulting, structural checks,
+    /// CEL rules) on writes of custom resources on or off (default on).
+    pub fn set_schema_validation(&self, on: bool) {
+        self.inner.lock().validate_schemas = on;
     }
 
     /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK
@@ -481,6 +687,13 @@ impl Served {
     /// A client configuration for this server (namespace `default`).
     pub fn config(&self) -> kube::Config {
         kube::Config::new(self.url().parse().expect("a valid URL"))
+    }
+
+    /// A real `kube::Client` for this server over TCP (default namespace
+    /// `default`).
+    pub fn client(&self) -> kube::Client {
+        install_crypto_provider();
+        kube::Client::try_from(self.config()).expect("a client for a local URL")
     }
 
     /// A kubeconfig file's contents pointing at this server, for a binary

@@ -27,6 +27,10 @@ pub(crate) struct ResourceType {
     pub namespaced: bool,
     pub status: bool,
     pub short_names: Vec<String>,
+    /// Registered from a CRD (custom resources refuse unconditional PUTs).
+    pub crd: bool,
+    /// The CRD's `openAPIV3Schema` per version.
+    pub schemas: Map<String, Value>,
 }
 
 impl ResourceType {
@@ -48,6 +52,8 @@ impl ResourceType {
             namespaced,
             status,
             short_names: short.iter().map(|s| s.to_string()).collect(),
+            crd: false,
+            schemas: Map::new(),
         }
     }
 
@@ -136,6 +142,24 @@ pub(crate) fn builtin_types() -> Vec<ResourceType> {
             true,
             false,
             &["ev"],
+        ),
+        b(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicies",
+            "ValidatingAdmissionPolicy",
+            false,
+            true,
+            &[],
+        ),
+        b(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicybindings",
+            "ValidatingAdmissionPolicyBinding",
+            false,
+            false,
+            &[],
         ),
         b(
             "apiextensions.k8s.io",
@@ -275,6 +299,8 @@ fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
         _ => unreachable!("metadata was just made an object"),
     }
 }
+
+const FOREGROUND: &str = "foregroundDeletion";
 
 fn finalizers(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/finalizers")
@@ -420,11 +446,15 @@ pub(crate) struct State {
     pub(crate) failures: Vec<Failure>,
     pub(crate) mutations: u64,
     pub(crate) bookmark_interval: Duration,
+    pub(crate) validate_schemas: bool,
+    pub(crate) delays: Vec<super::Delay>,
 }
 
 pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     pub(crate) tx: broadcast::Sender<Arc<Change>>,
+    /// A message here ends every open watch stream.
+    pub(crate) disconnect: broadcast::Sender<()>,
 }
 
 impl Inner {
@@ -442,8 +472,11 @@ impl Inner {
                 failures: Vec::new(),
                 mutations: 0,
                 bookmark_interval: Duration::from_secs(1),
+                validate_schemas: true,
+                delays: Vec::new(),
             }),
             tx,
+            disconnect: broadcast::channel(16).0,
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let _ = inner.create_direct(
@@ -462,6 +495,46 @@ impl Inner {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// Creates an object named by its own apiVersion/kind (namespace from
+    /// its metadata, else `default_ns` for namespaced kinds), without going
+    /// through HTTP (not counted as a request).
+    pub(crate) fn create_by_kind(&self, obj: Value, default_ns: &str) -> Result<Value, String> {
+        let api_version = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .ok_or("apiVersion is required")?;
+        let kind = obj
+            .get("kind")
+            .and_then(Value::as_str)
+            .ok_or("kind is required")?;
+        let (group, version) = match api_version.split_once('/') {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (String::new(), api_version.to_string()),
+        };
+        let mut st = self.lock();
+        let rt = st
+            .types
+            .iter()
+            .find(|t| t.group == group && t.kind == kind && t.versions.contains(&version))
+            .cloned()
+            .ok_or_else(|| format!("unknown kind {kind} in {api_version}"))?;
+        let ns = rt.namespaced.then(|| {
+            meta_str(&obj, "namespace")
+                .unwrap_or(default_ns)
+                .to_string()
+        });
+        st.create(
+            &self.tx,
+            &rt,
+            &version,
+            ns.as_deref(),
+            obj,
+            "pgbranch-test-support",
+            false,
+        )
+        .map_err(|e| e.message)
     }
 
     /// Creates an object without going through HTTP (not counted as a request).
@@ -539,6 +612,123 @@ impl State {
             let last = s.obj.clone();
             self.remove_object(tx, &key, last);
         }
+    }
+
+    /// Schema pruning, defaulting and validation (CEL included) of a
+    /// custom resource, as the apiserver does on every write.
+    fn admit_obj(
+        &self,
+        rt: &ResourceType,
+        obj: Value,
+        old: Option<&Value>,
+    ) -> Result<Value, ApiError> {
+        let obj = if rt.group.is_empty() {
+            builtin_defaults(&rt.plural, obj, old, self.rv + 1)
+        } else {
+            obj
+        };
+        if !rt.crd || !self.validate_schemas {
+            return Ok(obj);
+        }
+        let version = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .and_then(|av| av.rsplit('/').next())
+            .unwrap_or("")
+            .to_string();
+        let Some(schema) = rt
+            .schemas
+            .get(&version)
+            .or_else(|| rt.schemas.values().next())
+        else {
+            return Ok(obj);
+        };
+        super::schema::admit(schema, &obj, old).map_err(|causes| {
+            let name = meta_str(&obj, "name").unwrap_or("").to_string();
+            let list: Vec<String> = causes.iter().map(|c| c.message.clone()).collect();
+            ApiError {
+                code: 422,
+                reason: "Invalid",
+                message: format!("{}.{} {name:?} is invalid: [{}]", rt.kind, rt.group, list.join(", ")),
+                details: Some(json!({
+                    "name": name, "group": rt.group, "kind": rt.kind,
+                    "causes": causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect::<Vec<_>>(),
+                })),
+            }
+        })
+    }
+
+    /// ValidatingAdmissionPolicies with a `Deny` binding, for one request.
+    #[allow(clippy::too_many_arguments)]
+    fn vap_check(
+        &self,
+        rt: &ResourceType,
+        operation: &str,
+        key: &Key,
+        sub: Option<&str>,
+        object: Option<&Value>,
+        old_object: Option<&Value>,
+        dry_run: bool,
+    ) -> Result<(), ApiError> {
+        const GROUP: &str = "admissionregistration.k8s.io";
+        let bindings: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| k.group == GROUP && k.plural == "validatingadmissionpolicybindings")
+            .map(|(_, s)| s.obj.clone())
+            .collect();
+        if bindings.is_empty() {
+            return Ok(());
+        }
+        let version = object
+            .or(old_object)
+            .and_then(|o| o.get("apiVersion"))
+            .and_then(Value::as_str)
+            .and_then(|av| av.rsplit('/').next())
+            .map(String::from)
+            .unwrap_or_else(|| rt.versions[0].clone());
+        let resource = match sub {
+            Some(sub) => format!("{}/{sub}", rt.plural),
+            None => rt.plural.clone(),
+        };
+        let ns_obj = (!key.ns.is_empty())
+            .then(|| {
+                self.objects.get(&Key {
+                    group: String::new(),
+                    plural: "namespaces".into(),
+                    ns: String::new(),
+                    name: key.ns.clone(),
+                })
+            })
+            .flatten()
+            .map(|s| s.obj.clone());
+        let attrs = super::admission::Attributes {
+            operation,
+            group: &rt.group,
+            version: &version,
+            kind: &rt.kind,
+            resource: &resource,
+            namespace: &key.ns,
+            name: &key.name,
+            object,
+            old_object,
+            namespace_object: ns_obj.as_ref(),
+            dry_run,
+        };
+        let lookup = |name: &str| {
+            self.objects
+                .get(&Key {
+                    group: GROUP.into(),
+                    plural: "validatingadmissionpolicies".into(),
+                    ns: String::new(),
+                    name: name.into(),
+                })
+                .map(|s| s.obj.clone())
+        };
+        super::admission::check(&bindings, lookup, &attrs).map_err(|d| ApiError {
+            details: Some(json!({"name": key.name, "group": rt.group, "kind": rt.plural})),
+            ..ApiError::new(d.code, d.reason, d.message)
+        })
     }
 
     fn find_type(&self, group: &str, version: &str, plural: &str) -> Option<ResourceType> {
@@ -636,6 +826,8 @@ impl State {
             namespaced,
             status,
             short_names,
+            crd: true,
+            schemas: super::schema::schemas_of(crd),
         };
         self.types
             .retain(|t| !(t.group == rt.group && t.plural == rt.plural));
@@ -803,6 +995,8 @@ impl State {
                         .filter_map(|v| v.get("name").cloned()).collect::<Vec<_>>()).unwrap_or_default(),
             });
         }
+        *obj = self.admit_obj(rt, obj.clone(), None)?;
+        self.vap_check(rt, "CREATE", &key, None, Some(obj), None, dry_run)?;
         if dry_run {
             return Ok(obj.clone());
         }
@@ -975,6 +1169,8 @@ impl State {
                 }
             }
         }
+        let mut new = self.admit_obj(rt, new, Some(&old))?;
+        self.vap_check(rt, "UPDATE", key, sub, Some(&new), Some(&old), dry_run)?;
         let cur = self.objects.get(key).cloned().unwrap_or_default();
         let (owners, applied) = match ownership {
             Ownership::Update(manager) => {
@@ -1030,6 +1226,11 @@ impl State {
             self.remove_object(tx, key, new.clone());
             return Ok(new);
         }
+        if rt.is_crd() && sub.is_none() {
+            // An updated CRD (new version, schema, scope) serves at once.
+            self.register_crd(&new)
+                .map_err(|m| ApiError::invalid(rt, &key.name, m))?;
+        }
         self.rv = rv;
         self.objects.insert(
             key.clone(),
@@ -1078,6 +1279,7 @@ impl State {
                 let _ = self.delete_object(tx, &dep, "Background", None, false);
             }
         }
+        self.finish_foreground(tx);
         // A terminating namespace goes away once it is empty.
         if !key.ns.is_empty()
             && self.namespace_state(&key.ns) == Some(true)
@@ -1093,6 +1295,46 @@ impl State {
                 let last = s.obj.clone();
                 self.remove_object(tx, &ns_key, last);
             }
+        }
+    }
+
+    /// Drops the `foregroundDeletion` finalizer of owners whose
+    /// dependents are all gone (which removes them if nothing else holds).
+    fn finish_foreground(&mut self, tx: &broadcast::Sender<Arc<Change>>) {
+        let live_owner_refs: BTreeSet<String> = self
+            .objects
+            .values()
+            .flat_map(|s| owner_uids(&s.obj))
+            .collect();
+        let done: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, s)| {
+                s.obj.pointer("/metadata/deletionTimestamp").is_some()
+                    && finalizers(&s.obj).iter().any(|f| f == FOREGROUND)
+                    && !meta_str(&s.obj, "uid").is_some_and(|u| live_owner_refs.contains(u))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in done {
+            let (Some(rt), Some(s)) = (self.type_of(&k), self.objects.get(&k)) else {
+                continue;
+            };
+            let mut n = s.obj.clone();
+            let fins: Vec<String> = finalizers(&n)
+                .into_iter()
+                .filter(|f| f != FOREGROUND)
+                .collect();
+            n["metadata"]["finalizers"] = json!(fins);
+            let _ = self.write_existing(
+                tx,
+                &rt,
+                &k,
+                n,
+                None,
+                Ownership::Update("garbage-collector".into()),
+                false,
+            );
         }
     }
 
@@ -1124,6 +1366,7 @@ impl State {
                 }
             }
         }
+        self.vap_check(&rt, "DELETE", key, None, None, Some(&obj), dry_run)?;
         if dry_run {
             return Ok((finalizers(&obj).is_empty(), obj));
         }
@@ -1189,6 +1432,54 @@ impl State {
             }
             return Ok((false, marked));
         }
+        let has_dependents = self
+            .objects
+            .values()
+            .any(|s| owner_uids(&s.obj).contains(&uid));
+        if policy == "Foreground" && has_dependents {
+            // The owner waits, marked and held by `foregroundDeletion`,
+            // until its dependents are gone.
+            let mut marked = obj.clone();
+            let mut fins = finalizers(&obj);
+            if !fins.iter().any(|f| f == FOREGROUND) {
+                fins.push(FOREGROUND.into());
+            }
+            marked["metadata"]["finalizers"] = json!(fins);
+            if marked.pointer("/metadata/deletionTimestamp").is_none() {
+                marked["metadata"]["deletionTimestamp"] = json!(now_ts());
+                marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+            }
+            if marked != obj {
+                let rv = self.next_rv();
+                marked["metadata"]["resourceVersion"] = json!(rv.to_string());
+                if let Some(s) = self.objects.get_mut(key) {
+                    s.obj = marked.clone();
+                }
+                self.emit(
+                    tx,
+                    ChangeKind::Modified,
+                    key,
+                    Some(obj.clone()),
+                    marked.clone(),
+                    rv,
+                );
+            }
+            let deps: Vec<Key> = self
+                .objects
+                .iter()
+                .filter(|(_, s)| owner_uids(&s.obj).contains(&uid))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for dep in deps {
+                let _ = self.delete_object(tx, &dep, "Foreground", None, false);
+            }
+            self.finish_foreground(tx);
+            let current = self.objects.get(key).map(|s| s.obj.clone());
+            return Ok(match current {
+                Some(o) => (false, o),
+                None => (true, marked),
+            });
+        }
         if !finalizers(&obj).is_empty() {
             if obj.pointer("/metadata/deletionTimestamp").is_some() {
                 return Ok((false, obj));
@@ -1205,6 +1496,33 @@ impl State {
             return Ok((false, marked));
         }
         self.remove_object(tx, key, obj.clone());
+        if rt.is_crd() {
+            // Deleting a CRD deletes every object of its kind, then the kind.
+            let group = obj
+                .pointer("/spec/group")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let plural = obj
+                .pointer("/spec/names/plural")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let instances: Vec<Key> = self
+                .objects
+                .keys()
+                .filter(|k| k.group == group && k.plural == plural)
+                .cloned()
+                .collect();
+            for k in instances {
+                if let Some(s) = self.objects.get(&k) {
+                    let last = s.obj.clone();
+                    self.remove_object(tx, &k, last);
+                }
+            }
+            self.types
+                .retain(|t| !(t.group == group && t.plural == plural));
+        }
         Ok((true, obj))
     }
 
@@ -1358,6 +1676,68 @@ impl State {
     }
 }
 
+/// The few built-in defaults and conversions a real apiserver applies that
+/// controllers notice: Secret `stringData` folded into base64 `data` and
+/// `type: Opaque`; Service `type: ClusterIP`, an allocated (or kept)
+/// `clusterIP`, port `protocol: TCP` and `targetPort` = `port`.
+fn builtin_defaults(plural: &str, mut obj: Value, old: Option<&Value>, serial: u64) -> Value {
+    use base64::Engine;
+    match plural {
+        "secrets" => {
+            let string_data = obj.as_object_mut().and_then(|m| m.remove("stringData"));
+            if let Some(Value::Object(sd)) = string_data {
+                if !obj.get("data").is_some_and(Value::is_object) {
+                    obj["data"] = json!({});
+                }
+                for (k, v) in sd {
+                    let text = v.as_str().unwrap_or_default().to_string();
+                    obj["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+                }
+            }
+            if obj.get("type").is_none_or(Value::is_null) {
+                obj["type"] = json!("Opaque");
+            }
+        }
+        "services" => {
+            if !obj.get("spec").is_some_and(Value::is_object) {
+                obj["spec"] = json!({});
+            }
+            let spec = &mut obj["spec"];
+            if spec.get("type").is_none_or(Value::is_null) {
+                spec["type"] = json!("ClusterIP");
+            }
+            if spec.get("clusterIP").is_none_or(|v| v.is_null() || v == "") {
+                let ip = old
+                    .and_then(|o| o.pointer("/spec/clusterIP"))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        json!(format!(
+                            "10.96.{}.{}",
+                            (serial / 250) % 250,
+                            serial % 250 + 1
+                        ))
+                    });
+                spec["clusterIP"] = ip.clone();
+                spec["clusterIPs"] = json!([ip]);
+            }
+            if let Some(Value::Array(ports)) = spec.get_mut("ports") {
+                for p in ports {
+                    if p.get("protocol").is_none_or(Value::is_null) {
+                        p["protocol"] = json!("TCP");
+                    }
+                    if p.get("targetPort").is_none_or(Value::is_null) {
+                        if let Some(port) = p.get("port").cloned() {
+                            p["targetPort"] = port;
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    obj
+}
+
 fn check_type_meta(obj: &Value, rt: &ResourceType) -> Result<(), ApiError> {
     if let Some(av) = obj
         .get("apiVersion")
@@ -1385,6 +1765,24 @@ fn check_type_meta(obj: &Value, rt: &ResourceType) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// The `meta.k8s.io/v1` PartialObjectMetadata(List) form of an object or
+/// list, as served for `Accept: ...;as=PartialObjectMetadata...`.
+fn partial_metadata(body: Value) -> Value {
+    let one = |o: &Value| {
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": o.get("metadata").cloned().unwrap_or(json!({}))})
+    };
+    match body.get("kind").and_then(Value::as_str) {
+        Some("Status") => body,
+        Some(k) if k.ends_with("List") && body.get("items").is_some() => json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+            "metadata": body.get("metadata").cloned().unwrap_or(json!({})),
+            "items": body["items"].as_array().map(|a| a.iter().map(one).collect::<Vec<_>>()).unwrap_or_default(),
+        }),
+        _ => one(&body),
+    }
 }
 
 fn with_version(mut obj: Value, rt: &ResourceType, version: &str) -> Value {
@@ -1682,6 +2080,29 @@ pub(crate) async fn handle(
         .unwrap_or("unknown")
         .to_string();
 
+    let accept = parts
+        .headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let meta_only = accept.contains("as=PartialObjectMetadata");
+    let delay = {
+        let mut st = inner.lock();
+        let idx = st.delays.iter().position(|d| d.matches(verb, &t.plural));
+        idx.map(|i| {
+            let d = &mut st.delays[i];
+            d.remaining = d.remaining.saturating_sub(1);
+            let by = d.by;
+            if d.remaining == 0 {
+                st.delays.remove(i);
+            }
+            by
+        })
+    };
+    if let Some(by) = delay {
+        tokio::time::sleep(by).await;
+    }
     let mut st = inner.lock();
     // Failure injection and the request log.
     let mut record = RequestRecord {
@@ -1782,7 +2203,7 @@ pub(crate) async fn handle(
                 }
             };
             st.requests.push(record);
-            return start_watch(&inner, st, rt, t.version.clone(), filter, &q);
+            return start_watch(&inner, st, rt, t.version.clone(), filter, &q, meta_only);
         }
         "create" => parse_body().and_then(|b| {
             st.create(&tx, &rt, &t.version, t.ns.as_deref(), b, &manager, dry_run)
@@ -1790,6 +2211,13 @@ pub(crate) async fn handle(
         }),
         "update" => parse_body().and_then(|b| {
             let name = t.name.clone().unwrap_or_default();
+            if rt.crd && meta_str(&b, "resourceVersion").is_none_or(str::is_empty) {
+                return Err(ApiError::invalid(
+                    &rt,
+                    &name,
+                    "metadata.resourceVersion: Invalid value: 0: must be specified for an update",
+                ));
+            }
             st.write_existing(
                 &tx,
                 &rt,
@@ -1905,7 +2333,11 @@ pub(crate) async fn handle(
         Ok((code, body)) => {
             record.code = code;
             st.requests.push(record);
-            respond(code, &body)
+            if meta_only {
+                respond(code, &partial_metadata(body))
+            } else {
+                respond(code, &body)
+            }
         }
         Err(e) => {
             record.code = e.code;
@@ -1916,6 +2348,8 @@ pub(crate) async fn handle(
 }
 
 struct WatchState {
+    disconnect: broadcast::Receiver<()>,
+    meta_only: bool,
     initial: VecDeque<Bytes>,
     rx: broadcast::Receiver<Arc<Change>>,
     filter: Filter,
@@ -1925,6 +2359,14 @@ struct WatchState {
     bookmarks: Option<tokio::time::Interval>,
     deadline: tokio::time::Instant,
     done: bool,
+}
+
+fn shape(obj: Value, meta_only: bool) -> Value {
+    if meta_only {
+        partial_metadata(obj)
+    } else {
+        obj
+    }
 }
 
 fn bookmark(rt: &ResourceType, version: &str, rv: u64, initial_end: bool) -> Bytes {
@@ -1945,6 +2387,7 @@ fn start_watch(
     version: String,
     filter: Filter,
     q: &HashMap<String, String>,
+    meta_only: bool,
 ) -> Response {
     let rv_param = q.get("resourceVersion").cloned().unwrap_or_default();
     let send_initial = q.get("sendInitialEvents").is_some_and(|s| s == "true");
@@ -1959,7 +2402,10 @@ fn start_watch(
     if send_initial || rv_param.is_empty() || rv_param == "0" {
         for (k, s) in st.objects.iter() {
             if filter.key_matches(&k.group, &k.plural, Some(&k.ns)) && filter.matches(&s.obj) {
-                initial.push_back(line("ADDED", &with_version(s.obj.clone(), &rt, &version)));
+                initial.push_back(line(
+                    "ADDED",
+                    &shape(with_version(s.obj.clone(), &rt, &version), meta_only),
+                ));
             }
         }
         if send_initial && allow_bookmarks {
@@ -1984,8 +2430,10 @@ fn start_watch(
             Ok(n) => {
                 for c in st.history.iter().filter(|c| c.resource_version > n) {
                     if let Some(kind) = filter.translate(c) {
-                        initial
-                            .push_back(line(kind, &with_version(c.object.clone(), &rt, &version)));
+                        initial.push_back(line(
+                            kind,
+                            &shape(with_version(c.object.clone(), &rt, &version), meta_only),
+                        ));
                     }
                 }
             }
@@ -1993,6 +2441,8 @@ fn start_watch(
     }
     let interval = st.bookmark_interval;
     let state = WatchState {
+        disconnect: inner.disconnect.subscribe(),
+        meta_only,
         initial,
         rx: inner.tx.subscribe(),
         filter,
@@ -2022,6 +2472,9 @@ fn start_watch(
                 }
             };
             tokio::select! {
+                // A broken connection or the deadline wins over pending events.
+                biased;
+                _ = s.disconnect.recv() => return None,
                 _ = tokio::time::sleep_until(s.deadline) => return None,
                 _ = tick => {
                     let b = bookmark(&s.rt, &s.version, s.last_rv, false);
@@ -2031,7 +2484,7 @@ fn start_watch(
                     Ok(c) => {
                         s.last_rv = c.resource_version;
                         if let Some(kind) = s.filter.translate(&c) {
-                            let b = line(kind, &with_version(c.object.clone(), &s.rt, &s.version));
+                            let b = line(kind, &shape(with_version(c.object.clone(), &s.rt, &s.version), s.meta_only));
                             return Some((Ok(b), s));
                         }
                     }

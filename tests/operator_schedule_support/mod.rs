@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::support::apiserver::ApiServer;
+use crate::support::compute_runner::ComputeRunner;
 
 /// One test's world: API server, storage volume, clock.
 pub struct World {
@@ -25,11 +26,24 @@ pub struct World {
     pub client: kube::Client,
     pub clock: Arc<ManualClock>,
     pub storage: Arc<dyn Storage>,
+    pub engine: Engine,
+    /// Runs a real postgres per compute Deployment (only when asked for).
+    pub runner: Option<ComputeRunner>,
     _dir: tempfile::TempDir,
 }
 
 impl World {
+    /// A world whose branches run no compute (storage only).
     pub async fn new(start: jiff::Timestamp) -> Self {
+        Self::build(start, false).await
+    }
+
+    /// A world where compute Deployments run a real postgres.
+    pub async fn with_computes(start: jiff::Timestamp) -> Self {
+        Self::build(start, true).await
+    }
+
+    async fn build(start: jiff::Timestamp, computes: bool) -> Self {
         let server = ApiServer::new();
         for crd in [
             Branch::crd(),
@@ -40,17 +54,26 @@ impl World {
             server.install_crd(&crd);
         }
         let dir = tempfile::tempdir().unwrap();
+        // The engine runs postgres as a non-root user: it must traverse.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let engine = Engine::open(EngineConfig {
             root: dir.path().join("vol"),
             ..Default::default()
         })
         .await
         .unwrap();
+        let client = server.client();
+        let runner = computes.then(|| ComputeRunner::start(client.clone(), engine.clone()));
         Self {
-            client: server.client(),
+            client,
             server,
             clock: Arc::new(ManualClock::new(start)),
-            storage: Arc::new(engine),
+            storage: Arc::new(engine.clone()),
+            engine,
+            runner,
             _dir: dir,
         }
     }
@@ -62,14 +85,19 @@ impl World {
             namespace: Some("default".into()),
             ready_requeue: Duration::from_millis(200),
             poll_interval: Duration::from_millis(200),
+            step_timeout: Duration::from_secs(120),
             ..Default::default()
+        };
+        let resolver: Arc<dyn controller::ComputeResolver> = match &self.runner {
+            Some(r) => Arc::new(r.resolver()),
+            None => Arc::new(ClusterDns),
         };
         let ctx = Context::with_clock(
             self.client.clone(),
             self.storage.clone(),
             config,
             Metrics::new(),
-            Arc::new(ClusterDns),
+            resolver,
             self.clock.clone(),
         );
         let (tx, rx) = oneshot::channel::<()>();

@@ -241,7 +241,7 @@ async fn create_run(
         return Err(Error::stalled(
             "BranchNotFound",
             format!(
-                "branch {:?} does not exist in namespace {ns}: no snapshot was taken for the run of {}; the next run tries again",
+                "branch {:?} does not exist in namespace {ns}: the run of {} waits for it (create the branch or fix spec.branch)",
                 sched.spec.branch,
                 plan::rfc3339(slot)
             ),

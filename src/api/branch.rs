@@ -49,7 +49,9 @@ use super::common::*;
     validation = Rule::new("(has(self.initSource) ? self.initSource : 'parent-data') == (has(oldSelf.initSource) ? oldSelf.initSource : 'parent-data')").message("spec.initSource is immutable").field_path(".initSource").reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(self.initSource) || self.initSource != 'schema-only' || has(self.parent)").message("initSource schema-only needs a parent to copy the schema from").field_path(".initSource").reason(Reason::FieldValueRequired),
     validation = Rule::new("!has(self.initSource) || self.initSource != 'schema-only' || !has(self.parent) || !(has(self.parent.lsn) || has(self.parent.timestamp))").message("initSource schema-only copies the parent's current schema: remove parent.lsn and parent.timestamp").field_path(".initSource"),
-    validation = Rule::new("!has(self.refresh) || has(self.parent)").message("refresh needs a parent to refresh from").field_path(".refresh").reason(Reason::FieldValueRequired)
+    validation = Rule::new("!has(self.refresh) || has(self.parent)").message("refresh needs a parent to refresh from").field_path(".refresh").reason(Reason::FieldValueRequired),
+    validation = Rule::new("!(has(self.parent) && has(self.fromSnapshot))").message("parent and fromSnapshot are mutually exclusive: a branch copies either a parent Branch or a Snapshot").field_path(".fromSnapshot"),
+    validation = Rule::new("has(self.fromSnapshot) == has(oldSelf.fromSnapshot) && (!has(self.fromSnapshot) || self.fromSnapshot == oldSelf.fromSnapshot)").message("spec.fromSnapshot is immutable: create a new Branch to copy another Snapshot").field_path(".fromSnapshot").reason(Reason::FieldValueForbidden)
 )]
 pub struct BranchSpec {
     /// The branch this one is copied from, and where in its history. Absent:
@@ -57,6 +59,13 @@ pub struct BranchSpec {
     /// changed nor removed after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// Create the branch from a Snapshot (same namespace) instead of a
+    /// parent: its data is a copy of the snapshot, and it is otherwise a
+    /// root branch (own passwords, no parent to refresh from). The Snapshot
+    /// must be ready to use. Exclusive with `parent`. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub from_snapshot: Option<String>,
     /// What to copy from the parent: all data (`parent-data`, default) or
     /// only the schema, roles and databases (`schema-only`, needs a parent).
     /// Immutable.

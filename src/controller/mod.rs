@@ -10,7 +10,9 @@
 pub mod apply;
 pub mod branch;
 pub mod metrics;
+pub mod restore;
 pub mod schedule;
+pub mod snapshot;
 pub mod status;
 
 use std::collections::HashMap;
@@ -49,6 +51,12 @@ pub struct Config {
     pub reporter: String,
     /// Instance reported in Events (the pod name).
     pub instance: Option<String>,
+    /// Most Snapshot objects holding a stored snapshot per namespace; one
+    /// more is Stalled `SnapshotQuotaExceeded` (default 10).
+    pub snapshot_quota: u32,
+    /// Test hook: stop the operator right after a restore records this
+    /// finalize step (see [`restore::FailPoint`]).
+    pub restore_fail_point: Option<restore::FailPoint>,
 }
 
 impl Default for Config {
@@ -62,6 +70,8 @@ impl Default for Config {
             poll_interval: Duration::from_secs(2),
             reporter: "pgbranch-operator".into(),
             instance: None,
+            snapshot_quota: 10,
+            restore_fail_point: None,
         }
     }
 }
@@ -293,11 +303,13 @@ where
 /// Starts every controller and runs until `shutdown` resolves (then lets
 /// reconciles in flight finish).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let shutdown = futures::FutureExt::shared(shutdown);
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::join!(
         branch::run(ctx.clone(), shutdown.clone()),
+        snapshot::run(ctx.clone(), shutdown.clone()),
+        restore::run(ctx.clone(), shutdown.clone()),
         schedule::run(ctx.clone(), shutdown.clone()),
-        branch::refresh::run(ctx.clone(), shutdown.clone()),
+        branch::refresh::run(ctx, shutdown),
     );
 }
 

@@ -5,4 +5,5 @@
 pub mod apiserver;
 pub mod branch_scenario;
 pub mod compute_runner;
+pub mod restore_harness;
 pub mod widget;

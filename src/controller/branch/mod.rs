@@ -18,6 +18,7 @@
 //! HasChildren); otherwise the compute is removed, then the timeline, then
 //! the Service and Secrets, then the finalizer.
 
+pub mod handover;
 pub mod refresh;
 pub mod sql;
 pub mod validate;
@@ -481,6 +482,7 @@ async fn ensure_timeline(
         };
     }
     if let Some(adopt) = branch.annotations().get(ANNOTATION_ADOPT_TIMELINE) {
+        handover::check_adoption(ctx, branch, adopt).await?;
         return adopt_timeline(ctx, branch, adopt, status).await.map(Ok);
     }
     let key = OpKey::new(uid.to_string()).map_err(|e| {
@@ -490,12 +492,16 @@ async fn ensure_timeline(
         )
     })?;
     let (source, source_connection) = match parent {
-        None => (
-            Source::Empty {
-                superuser_password: Some(Password(creds.superuser.clone())),
-            },
-            None,
-        ),
+        None => match handover::snapshot_source(ctx, branch).await? {
+            Some(Ok(source)) => (source, None),
+            Some(Err(done)) => return Ok(Err(done)),
+            None => (
+                Source::Empty {
+                    superuser_password: Some(Password(creds.superuser.clone())),
+                },
+                None,
+            ),
+        },
         Some(p) => {
             let ready = p
                 .status
@@ -591,6 +597,16 @@ async fn apply_steps(
 
     // Validate (pure).
     validate::validate_spec(branch).map_err(|i| Error::stalled(i.reason, i.message))?;
+    if let Some(to) = handover::handed_over(branch) {
+        return Ok(Done {
+            outcome: Outcome::ready(
+                "HandedOver",
+                format!("a restore is handing this branch's timeline and compute to branch {to}"),
+            ),
+            phase: "Ready",
+            requeue: Action::await_change(),
+        });
+    }
     let mut requeue = ctx.config.ready_requeue;
     if let Some(expires) = parse_expires(branch).map_err(|i| Error::stalled(i.reason, i.message))? {
         if now >= expires {
@@ -679,7 +695,14 @@ async fn apply_steps(
     let compute = &branch.spec.compute;
     let running = compute.enabled && !compute.suspended;
     let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let current = if compute.enabled {
+    let adopted = if compute.enabled {
+        handover::compute_for_timeline(ctx, branch, &tl.id, &uid).await?
+    } else {
+        None
+    };
+    let current = if adopted.is_some() {
+        adopted.clone()
+    } else if compute.enabled {
         let target = ComputeTarget {
             timeline_id: tl.id.as_str(),
             data_path: &tl.data_path,
@@ -712,7 +735,16 @@ async fn apply_steps(
         Some(old) if old != tl.id.as_str() && running && !compute_ready => old,
         _ => tl.id.to_string(),
     };
-    apply_owned(ctx, build_service(branch, &svc_timeline)?, &uid).await?;
+    apply_owned(
+        ctx,
+        handover::service_for(
+            build_service(branch, &svc_timeline)?,
+            adopted.as_ref(),
+            &svc_timeline,
+        ),
+        &uid,
+    )
+    .await?;
 
     // Computes of other timelines (after a swap) go once the Service moved.
     if svc_timeline == tl.id.as_str() {
@@ -1045,6 +1077,10 @@ async fn cleanup_steps(
         );
     }
     for id in timelines {
+        if handover::claimed_elsewhere(&all.items, &uid, &id) {
+            tracing::info!(branch = %name, timeline = %id, "timeline now belongs to another branch; keeping it");
+            continue;
+        }
         tracing::info!(branch = %name, timeline = %id, "deleting timeline");
         match with_deadline(ctx, "delete timeline", ctx.storage.delete_timeline(&id)).await {
             Ok(()) => {}

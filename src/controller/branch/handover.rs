@@ -1,0 +1,246 @@
+//! What the Branch controller does for snapshots and restores, kept apart
+//! from the main reconcile so its call sites stay few.
+//!
+//! * **`spec.fromSnapshot`**: a branch whose data is a copy of a Snapshot
+//!   ([`snapshot_source`]); its SQL step logs in with the superuser password
+//!   of the snapshot's branch (the one the copied data holds) and sets its
+//!   own.
+//! * **Adopting a timeline** (`pgbranch.dev/adopt-timeline: <id>`): a
+//!   restore's backup branch takes over the target's old timeline instead of
+//!   creating one ([`check_adoption`], then the controller's adoption). Honoured only on a Branch the
+//!   operator created for a restore: it must carry the label
+//!   `pgbranch.dev/restore-backup-of: <restore>`, and that SnapshotRestore's
+//!   status must name this branch as `backupBranch` and the timeline as the
+//!   target's old `targetTimelineId`. Anything else is Stalled
+//!   `AdoptTimelineRefused`: a user cannot take another branch's data by
+//!   writing an annotation.
+//! * **Handing a compute over** (`pgbranch.dev/handover-to: <branch>`, set
+//!   by a restore on its restored branch R when finalizing): R's controller
+//!   stops managing it ([`handed_over`]); the target branch T, once its
+//!   `status.timelineId` is R's timeline, adopts R's running Deployment
+//!   ([`compute_for_timeline`]: computes are found by their
+//!   `pgbranch.dev/timeline` label, not by name) instead of starting a second
+//!   postgres on the same data directory, and points its Service at that
+//!   Deployment's pods ([`service_for`]). A Deployment serving the timeline
+//!   that belongs to a branch which has not handed it over makes the
+//!   controller wait: two servers on one data directory corrupt it. An
+//!   adopted Deployment keeps running as it was started (its name and pod
+//!   template stay R's); changes to `spec.compute` apply from the next
+//!   timeline change.
+//! * **Cleanup** never deletes a timeline another Branch claims
+//!   ([`claimed_elsewhere`]), so removing R after a handover leaves T's data.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::{progressing, Done, ANNOTATION_ADOPT_TIMELINE};
+use crate::api::{
+    Branch, Snapshot, SnapshotRestore, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF,
+    LABEL_TIMELINE,
+};
+use crate::controller::apply::{holder, Holder};
+use crate::controller::{with_deadline, Context, Error};
+use crate::storage::{SnapshotId, Source, TimelineId};
+
+/// Annotation on a restored branch: the branch its compute is handed to.
+pub const ANNOTATION_HANDOVER_TO: &str = "pgbranch.dev/handover-to";
+
+fn annotation<'a>(b: &'a Branch, key: &str) -> Option<&'a str> {
+    b.annotations().get(key).map(String::as_str)
+}
+
+/// The branch this one's compute and timeline are being handed to, if any.
+pub fn handed_over(branch: &Branch) -> Option<&str> {
+    annotation(branch, ANNOTATION_HANDOVER_TO)
+}
+
+/// Where a `fromSnapshot` branch's data comes from. `None`: not a
+/// fromSnapshot branch; `Some(Err(done))`: wait (snapshot not ready yet).
+pub(super) async fn snapshot_source(
+    ctx: &Context,
+    branch: &Branch,
+) -> Result<Option<Result<Source, Done>>, Error> {
+    let Some(name) = &branch.spec.from_snapshot else {
+        return Ok(None);
+    };
+    let ns = branch.namespace().unwrap_or_default();
+    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(snap) = with_deadline(ctx, "read snapshot", api.get_opt(name)).await? else {
+        return Err(Error::stalled(
+            "SnapshotNotFound",
+            format!("snapshot {name:?} (spec.fromSnapshot) not found in namespace {ns}"),
+        ));
+    };
+    let st = snap.status.unwrap_or_default();
+    let Some(id) = st.snapshot_id.filter(|_| st.ready_to_use) else {
+        return Ok(Some(Err(progressing(
+            "WaitingForSnapshot",
+            format!("waiting for snapshot {name} to be ready to use"),
+            ctx.config.poll_interval,
+        ))));
+    };
+    let snapshot = SnapshotId::new(id).map_err(|e| {
+        Error::stalled(
+            "SnapshotNotFound",
+            format!("snapshot {name} has an invalid status.snapshotId: {e}"),
+        )
+    })?;
+    Ok(Some(Ok(Source::Snapshot { snapshot })))
+}
+
+/// Checks that an adopt annotation was put there by a restore (see the
+/// module doc), and waits while the restore's target still claims the
+/// timeline (the restore moves the target off it next).
+pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> Result<(), Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let refuse = |why: String| {
+        Error::stalled(
+            "AdoptTimelineRefused",
+            format!("annotation {ANNOTATION_ADOPT_TIMELINE} is honoured only on a restore's backup branch: {why}"),
+        )
+    };
+    let Some(restore) = branch.labels().get(LABEL_RESTORE_BACKUP_OF) else {
+        return Err(refuse(format!("no {LABEL_RESTORE_BACKUP_OF} label")));
+    };
+    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(r) = with_deadline(ctx, "read restore", api.get_opt(restore)).await? else {
+        return Err(refuse(format!("SnapshotRestore {restore} not found")));
+    };
+    let st = r.status.unwrap_or_default();
+    if st.backup_branch.as_deref() != Some(name.as_str())
+        || st.target_timeline_id.as_deref() != Some(id)
+    {
+        return Err(refuse(format!(
+            "SnapshotRestore {restore} did not make this branch the backup of timeline {id}"
+        )));
+    }
+    if let Some(target) = &r.spec.target {
+        let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+        if let Some(t) = with_deadline(ctx, "read branch", branches.get_opt(target)).await? {
+            if t.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id) {
+                return Err(Error::Waiting(format!(
+                    "timeline {id} is still branch {target}'s; restore {restore} moves it next"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The Deployment already serving `tl` that this branch must use instead of
+/// building its own: `Some` for a Deployment handed over to this branch
+/// (adopted here: owner reference and branch label move to this branch, the
+/// pods keep running). `None`: no other Deployment serves the timeline, go
+/// on as usual. Waits while another branch's Deployment still serves it.
+pub(super) async fn compute_for_timeline(
+    ctx: &Context,
+    branch: &Branch,
+    tl: &TimelineId,
+    uid: &str,
+) -> Result<Option<Deployment>, Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let own_name = crate::compute::deployment_name(&name, tl.as_str());
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let list = with_deadline(
+        ctx,
+        "list computes",
+        api.list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={tl}"))),
+    )
+    .await?;
+    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    for d in list.items {
+        let dname = d.name_any();
+        let h = holder(&d, uid);
+        if h == Holder::Owner {
+            if dname == own_name {
+                // Our own: the normal path keeps it applied.
+                continue;
+            }
+            // Adopted earlier.
+            return Ok(Some(d));
+        }
+        let owner = d
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true) && o.kind == "Branch")
+            .map(|o| o.name.clone());
+        let owner_branch = match &owner {
+            Some(o) => with_deadline(ctx, "read branch", branches.get_opt(o)).await?,
+            None => None,
+        };
+        let handed = owner_branch
+            .as_ref()
+            .and_then(|b| handed_over(b))
+            .is_some_and(|to| to == name);
+        if !handed {
+            if h == Holder::Nobody && dname == own_name {
+                // Ours by name and nobody else's: the normal path adopts it.
+                continue;
+            }
+            return Err(Error::Waiting(format!(
+                "timeline {tl} is still served by Deployment {dname}{}; waiting for it to stop",
+                owner.map(|o| format!(" of branch {o}")).unwrap_or_default()
+            )));
+        }
+        let oref = branch
+            .controller_owner_ref(&())
+            .ok_or_else(|| Error::stalled("InvalidObject", "the Branch has no UID"))?;
+        tracing::info!(branch = %name, deployment = %dname, timeline = %tl, "adopting the compute handed over by a restore");
+        let patch = json!({
+            "metadata": {
+                "ownerReferences": [oref],
+                "labels": { LABEL_BRANCH: name },
+            }
+        });
+        let live = with_deadline(
+            ctx,
+            "adopt compute",
+            api.patch(
+                &dname,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await?;
+        return Ok(Some(live));
+    }
+    Ok(None)
+}
+
+/// The branch's Service, selecting the pods of an adopted Deployment when
+/// it serves `timeline` (their pod labels are the handing branch's).
+pub(super) fn service_for(
+    mut svc: Service,
+    adopted: Option<&Deployment>,
+    timeline: &str,
+) -> Service {
+    let Some(d) = adopted else { return svc };
+    let tl = d.labels().get(LABEL_TIMELINE).map(String::as_str);
+    if tl != Some(timeline) {
+        return svc;
+    }
+    let sel = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone());
+    if let (Some(spec), Some(sel)) = (svc.spec.as_mut(), sel) {
+        spec.selector = Some(sel);
+    }
+    svc
+}
+
+/// Whether a Branch other than `uid` has `tl` as its current timeline.
+pub(super) fn claimed_elsewhere(all: &[Branch], uid: &str, tl: &TimelineId) -> bool {
+    all.iter().any(|b| {
+        b.uid().as_deref() != Some(uid)
+            && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(tl.as_str())
+    })
+}

@@ -1,0 +1,533 @@
+//! The Snapshot controller: one storage snapshot per Snapshot object.
+//!
+//! Apply: expiry (`spec.expiresAt` due → the object deletes itself) →
+//! already taken? (`status.snapshotId`: re-read it from storage, status is a
+//! cache) → the branch (missing → Stalled `BranchNotFound`; not Ready yet →
+//! Reconciling `WaitingForBranch`) → the per-branch operation lock (a
+//! SnapshotRestore that is `Restoring` or `Finalizing` the branch, as source,
+//! target or restored branch, makes the snapshot wait: Reconciling
+//! `WaitingForRestore`, the message names the restore) → the per-namespace
+//! quota ([`Config::snapshot_quota`](crate::controller::Config), counted over
+//! the Snapshots that hold or are taking a stored snapshot; over it →
+//! Stalled `SnapshotQuotaExceeded`, nothing taken) → the point (`lsn` or
+//! `timestamp`; invalid or outside the branch's restore window → Stalled
+//! `InvalidPoint` / `PointOutsideRestoreWindow`) → `create_snapshot` keyed by
+//! the object's UID (a retry or a crash never takes a second one; at head the
+//! branch's compute is reached with its superuser Secret so storage can
+//! `CHECKPOINT` it first) → polled until Ready → `readyToUse`.
+//!
+//! The quota count and the snapshot creation run under one lock in the
+//! operator, so two Snapshots created together cannot both take the last
+//! place.
+//!
+//! Cleanup (finalizer `pgbranch.dev/snapshot-cleanup`): `deletionPolicy:
+//! Delete` deletes the stored snapshot (found through status, or by the UID
+//! key when status was lost); `Retain` leaves it in storage.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::ListParams;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::{watcher, Controller};
+use kube::{Api, ResourceExt};
+
+use super::status::{apply_outcome, is_ready, write_status, Outcome};
+use super::{error_policy, with_deadline, Context, Error};
+use crate::api::{Branch, DeletionPolicy, RestorePhase, Snapshot, SnapshotRestore, SnapshotStatus};
+use crate::compute::{secret_value, service_name, superuser_secret_name};
+use crate::storage::{
+    ConnInfo, CreateSnapshot, Lsn, OpKey, Password, Point, SnapshotId, State, StorageError,
+    TimelineId,
+};
+
+/// The finalizer the Snapshot controller puts on every Snapshot.
+pub const FINALIZER: &str = "pgbranch.dev/snapshot-cleanup";
+const KIND: &str = "Snapshot";
+
+/// Serializes "count the namespace's snapshots, then take one" so the quota
+/// holds under concurrent reconciles (one operator runs at a time: leader
+/// election).
+static QUOTA_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs the Snapshot controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<Snapshot> = match &ctx.config.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let mut controller =
+        Controller::new(api, watcher::Config::default()).graceful_shutdown_on(shutdown);
+    if let Some(every) = ctx.config.resync_interval {
+        let ticks = futures::stream::unfold((), move |()| async move {
+            tokio::time::sleep(every).await;
+            Some(((), ()))
+        });
+        controller = controller.reconcile_all_on(ticks);
+    }
+    controller
+        .run(reconcile, error_policy::<Snapshot>, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
+            }
+        })
+        .await;
+}
+
+async fn reconcile(snap: Arc<Snapshot>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = snap.namespace().unwrap_or_default();
+    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let res = finalizer(&api, FINALIZER, snap.clone(), |ev| async {
+        match ev {
+            FinalizerEvent::Apply(s) => reconcile_apply(s, &ctx).await,
+            FinalizerEvent::Cleanup(s) => reconcile_cleanup(s, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(KIND, started.elapsed());
+    if res.is_ok() {
+        ctx.record_success(snap.as_ref());
+    }
+    res
+}
+
+/// How to reach the running compute of `branch` as its superuser (so the
+/// storage layer can `CHECKPOINT` it before a head copy). `None` when no
+/// compute runs or its Secret is not there.
+pub(crate) async fn branch_superuser_conn(
+    ctx: &Context,
+    branch: &Branch,
+) -> Result<Option<ConnInfo>, Error> {
+    if !branch.spec.compute.enabled || branch.spec.compute.suspended {
+        return Ok(None);
+    }
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let Some(password) = secret_password(ctx, &ns, &superuser_secret_name(&name)).await? else {
+        return Ok(None);
+    };
+    let (host, port) = ctx.resolver.resolve(&ns, &service_name(&name)).await?;
+    Ok(Some(ConnInfo {
+        host,
+        port,
+        user: "postgres".into(),
+        password: Some(Password(password)),
+        dbname: "postgres".into(),
+    }))
+}
+
+/// The `password` key of a Secret, if the Secret exists.
+pub(crate) async fn secret_password(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+) -> Result<Option<String>, Error> {
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(with_deadline(ctx, "read secret", api.get_opt(name))
+        .await?
+        .and_then(|s| secret_value(&s, "password")))
+}
+
+/// The restore (if any) that currently changes `branch`'s data: a
+/// SnapshotRestore in `Restoring` or `Finalizing` whose source, target or
+/// restored branch is `branch`.
+pub(crate) async fn blocking_restore(
+    ctx: &Context,
+    ns: &str,
+    branch: &str,
+    except_uid: Option<&str>,
+) -> Result<Option<(String, RestorePhase)>, Error> {
+    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), ns);
+    let list = with_deadline(ctx, "list restores", api.list(&ListParams::default())).await?;
+    let mut found: Vec<(String, RestorePhase)> = list
+        .items
+        .iter()
+        .filter(|r| r.uid().as_deref() != except_uid || except_uid.is_none())
+        .filter_map(|r| {
+            let phase = r.status.as_ref().and_then(|s| s.phase)?;
+            if !matches!(phase, RestorePhase::Restoring | RestorePhase::Finalizing) {
+                return None;
+            }
+            let st = r.status.as_ref();
+            let touches = r.spec.source.branch.as_deref() == Some(branch)
+                || r.spec.target.as_deref() == Some(branch)
+                || st.and_then(|s| s.restored_branch.as_deref()) == Some(branch)
+                || st.and_then(|s| s.backup_branch.as_deref()) == Some(branch);
+            touches.then(|| (r.name_any(), phase))
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found.into_iter().next())
+}
+
+/// Parses an RFC 3339 field.
+pub(crate) fn parse_time(field: &str, s: &str) -> Result<jiff::Timestamp, Error> {
+    s.parse::<jiff::Timestamp>().map_err(|e| {
+        Error::stalled(
+            "InvalidTimestamp",
+            format!("{field} {s:?} is not an RFC 3339 timestamp: {e}"),
+        )
+    })
+}
+
+/// The point of a spec's optional `lsn` / `timestamp`.
+pub(crate) fn parse_point(lsn: Option<&str>, timestamp: Option<&str>) -> Result<Point, Error> {
+    match (lsn, timestamp) {
+        (Some(_), Some(_)) => Err(Error::stalled(
+            "InvalidPoint",
+            "lsn and timestamp are mutually exclusive: set at most one",
+        )),
+        (Some(l), None) => l
+            .parse::<Lsn>()
+            .map(Point::Lsn)
+            .map_err(|e| Error::stalled("InvalidPoint", e.to_string())),
+        (None, Some(t)) => Ok(Point::Timestamp(
+            parse_time("timestamp", t)
+                .map_err(|e| Error::stalled("InvalidPoint", e.to_string()))?,
+        )),
+        (None, None) => Ok(Point::Head),
+    }
+}
+
+/// Storage errors that will not fix themselves, as Stalled reasons.
+pub(crate) fn storage_stalled(e: StorageError, what: &str) -> Error {
+    match &e {
+        StorageError::InvalidPoint { .. } => Error::stalled(
+            "PointOutsideRestoreWindow",
+            format!("{what}: the point is outside the restore window: {e}"),
+        ),
+        StorageError::InvalidArgument { .. } => {
+            Error::stalled("InvalidPoint", format!("{what}: {e}"))
+        }
+        StorageError::NotFound { .. } => Error::stalled("TimelineNotFound", format!("{what}: {e}")),
+        StorageError::Conflict { .. } => Error::stalled("StorageConflict", format!("{what}: {e}")),
+        StorageError::Unauthorized { .. } => {
+            Error::stalled("StorageUnauthorized", format!("{what}: {e}"))
+        }
+        _ => Error::Storage(e),
+    }
+}
+
+struct Done {
+    outcome: Outcome,
+    requeue: Action,
+}
+
+async fn reconcile_apply(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action, Error> {
+    let mut status = snap.status.clone().unwrap_or_default();
+    let result = apply_steps(&snap, ctx, &mut status).await;
+    let (done, err) = match result {
+        Ok(d) => (d, None),
+        Err(Error::Stalled { reason, message }) => {
+            tracing::warn!(snapshot = %snap.name_any(), %reason, %message, "stalled");
+            let requeue = Action::requeue(
+                if reason == "BranchNotFound" || reason == "SnapshotQuotaExceeded" {
+                    Duration::from_secs(30)
+                } else {
+                    ctx.config.ready_requeue
+                },
+            );
+            (
+                Done {
+                    outcome: Outcome::stalled(reason, message),
+                    requeue,
+                },
+                None,
+            )
+        }
+        Err(Error::Waiting(what)) => (
+            Done {
+                outcome: Outcome::progressing("Waiting", what),
+                requeue: Action::requeue(ctx.config.poll_interval),
+            },
+            None,
+        ),
+        Err(e @ Error::Kube(kube::Error::Api(_))) if e.reason() == "Conflict" => return Err(e),
+        Err(e) => (
+            Done {
+                outcome: Outcome::progressing(e.reason(), e.to_string()),
+                requeue: Action::await_change(),
+            },
+            Some(e),
+        ),
+    };
+    let generation = snap.metadata.generation;
+    status.observed_generation = generation;
+    apply_outcome(
+        &mut status.conditions,
+        &done.outcome,
+        generation,
+        jiff::Timestamp::now(),
+    );
+    write_status(
+        ctx,
+        snap.as_ref(),
+        snap.status.as_ref(),
+        &status,
+        &done.outcome,
+    )
+    .await?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(done.requeue),
+    }
+}
+
+fn record(status: &mut SnapshotStatus, s: &crate::storage::Snapshot) {
+    status.snapshot_id = Some(s.id.to_string());
+    status.timeline_id = Some(s.timeline.to_string());
+    if s.state == State::Ready {
+        status.lsn = s.lsn.map(|l| l.to_string());
+        status.created_at = Some(s.created_at.to_string());
+        status.size_bytes = Some(i64::try_from(s.size_bytes).unwrap_or(i64::MAX));
+        status.pg_major = Some(i64::from(s.pg_major));
+        status.ready_to_use = true;
+    } else {
+        status.ready_to_use = false;
+    }
+}
+
+async fn apply_steps(
+    snap: &Snapshot,
+    ctx: &Context,
+    status: &mut SnapshotStatus,
+) -> Result<Done, Error> {
+    let ns = snap.namespace().unwrap_or_default();
+    let name = snap.name_any();
+    let uid = snap
+        .uid()
+        .ok_or_else(|| Error::stalled("InvalidObject", "the Snapshot has no UID"))?;
+    let now = jiff::Timestamp::now();
+    let mut requeue = ctx.config.ready_requeue;
+
+    // Expiry.
+    if let Some(exp) = &snap.spec.expires_at {
+        let exp = parse_time("spec.expiresAt", exp)?;
+        if now >= exp {
+            tracing::info!(snapshot = %name, expires = %exp, "snapshot expired, deleting it");
+            let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+            with_deadline(
+                ctx,
+                "delete expired snapshot",
+                api.delete(&name, &Default::default()),
+            )
+            .await?;
+            return Ok(Done {
+                outcome: Outcome::progressing("Expired", format!("expired at {exp}; deleting")),
+                requeue: Action::await_change(),
+            });
+        }
+        requeue = requeue.min(exp.duration_since(now).unsigned_abs() + Duration::from_secs(1));
+    }
+
+    // Taken already (or being taken): storage is the truth.
+    if let Some(id) = status.snapshot_id.clone() {
+        let id = SnapshotId::new(id)
+            .map_err(|e| Error::stalled("SnapshotNotFound", format!("status.snapshotId: {e}")))?;
+        let s = match with_deadline(ctx, "get snapshot", ctx.storage.get_snapshot(&id)).await {
+            Ok(s) => s,
+            Err(Error::Storage(StorageError::NotFound { .. })) => {
+                status.ready_to_use = false;
+                return Err(Error::stalled(
+                    "SnapshotNotFound",
+                    format!("snapshot {id} no longer exists in storage"),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        return poll_done(ctx, status, &s, requeue);
+    }
+
+    // The branch.
+    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(branch) =
+        with_deadline(ctx, "read branch", branches.get_opt(&snap.spec.branch)).await?
+    else {
+        return Err(Error::stalled(
+            "BranchNotFound",
+            format!("branch {:?} not found in namespace {ns}", snap.spec.branch),
+        ));
+    };
+    let point = parse_point(snap.spec.lsn.as_deref(), snap.spec.timestamp.as_deref())?;
+
+    // One data-changing operation per branch.
+    if let Some((restore, phase)) = blocking_restore(ctx, &ns, &snap.spec.branch, None).await? {
+        return Ok(Done {
+            outcome: Outcome::progressing(
+                "WaitingForRestore",
+                format!(
+                    "SnapshotRestore {restore} is {phase:?} branch {}; the snapshot is taken when it is done",
+                    snap.spec.branch
+                ),
+            ),
+            requeue: Action::requeue(ctx.config.poll_interval),
+        });
+    }
+    let bst = branch.status.clone().unwrap_or_default();
+    let Some(timeline) = bst
+        .timeline_id
+        .clone()
+        .filter(|_| is_ready(&bst.conditions))
+    else {
+        return Ok(Done {
+            outcome: Outcome::progressing(
+                "WaitingForBranch",
+                format!("waiting for branch {} to be Ready", snap.spec.branch),
+            ),
+            requeue: Action::requeue(ctx.config.poll_interval),
+        });
+    };
+    let timeline = TimelineId::new(timeline)
+        .map_err(|e| Error::stalled("TimelineNotFound", format!("branch status: {e}")))?;
+    let key = OpKey::new(uid.clone())
+        .map_err(|e| Error::stalled("InvalidUid", format!("UID not usable as a key: {e}")))?;
+    let source_connection = match point {
+        Point::Head => branch_superuser_conn(ctx, &branch).await?,
+        _ => None,
+    };
+
+    // Quota, then create, under one lock.
+    let _guard = QUOTA_LOCK.lock().await;
+    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let all = with_deadline(ctx, "list snapshots", api.list(&ListParams::default())).await?;
+    let used = all
+        .items
+        .iter()
+        .filter(|s| s.uid().as_deref() != Some(uid.as_str()))
+        .filter(|s| s.status.as_ref().is_some_and(|st| st.snapshot_id.is_some()))
+        .count();
+    let quota = ctx.config.snapshot_quota as usize;
+    if used >= quota {
+        return Err(Error::stalled(
+            "SnapshotQuotaExceeded",
+            format!(
+                "namespace {ns} already has {used} snapshots (limit {quota}); delete a Snapshot to take this one"
+            ),
+        ));
+    }
+    tracing::info!(snapshot = %name, branch = %snap.spec.branch, %point, "taking snapshot");
+    let req = CreateSnapshot {
+        key,
+        timeline,
+        point,
+        source_connection,
+        label: Some(format!("{ns}/{name}")),
+    };
+    let s = with_deadline(ctx, "create snapshot", ctx.storage.create_snapshot(req))
+        .await
+        .map_err(|e| match e {
+            Error::Storage(s) => storage_stalled(s, &format!("branch {}", snap.spec.branch)),
+            e => e,
+        })?;
+    record(status, &s);
+    // Recorded before the lock is released, so the next count sees it.
+    let outcome = Outcome::progressing("TakingSnapshot", format!("taking snapshot {}", s.id));
+    let mut st = status.clone();
+    apply_outcome(
+        &mut st.conditions,
+        &outcome,
+        snap.metadata.generation,
+        jiff::Timestamp::now(),
+    );
+    st.observed_generation = snap.metadata.generation;
+    write_status(ctx, snap, snap.status.as_ref(), &st, &outcome).await?;
+    drop(_guard);
+    *status = st;
+    poll_done(ctx, status, &s, requeue)
+}
+
+fn poll_done(
+    ctx: &Context,
+    status: &mut SnapshotStatus,
+    s: &crate::storage::Snapshot,
+    requeue: Duration,
+) -> Result<Done, Error> {
+    record(status, s);
+    match s.state {
+        State::Ready => Ok(Done {
+            outcome: Outcome::ready(
+                "Ready",
+                format!(
+                    "snapshot {} of timeline {} at {} is ready to use",
+                    s.id,
+                    s.timeline,
+                    s.lsn.map(|l| l.to_string()).unwrap_or_default()
+                ),
+            ),
+            requeue: Action::requeue(requeue),
+        }),
+        State::Creating => Ok(Done {
+            outcome: Outcome::progressing(
+                "TakingSnapshot",
+                format!(
+                    "storage is taking snapshot {}{}",
+                    s.id,
+                    s.progress
+                        .as_ref()
+                        .map(|p| format!(": {}", p.step))
+                        .unwrap_or_default()
+                ),
+            ),
+            requeue: Action::requeue(ctx.config.poll_interval),
+        }),
+        State::Failed => Err(Error::stalled(
+            "SnapshotFailed",
+            format!(
+                "storage could not take snapshot {}: {}",
+                s.id,
+                s.error.clone().unwrap_or_else(|| "no reason given".into())
+            ),
+        )),
+        State::Deleting => Err(Error::stalled(
+            "SnapshotDeleting",
+            format!("snapshot {} is being deleted from storage", s.id),
+        )),
+    }
+}
+
+async fn reconcile_cleanup(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action, Error> {
+    let name = snap.name_any();
+    if snap.spec.deletion_policy == DeletionPolicy::Retain {
+        tracing::info!(snapshot = %name, id = ?snap.status.as_ref().and_then(|s| s.snapshot_id.clone()), "deletionPolicy Retain: keeping the stored snapshot");
+        return Ok(Action::await_change());
+    }
+    let mut ids = vec![];
+    match snap.status.as_ref().and_then(|s| s.snapshot_id.clone()) {
+        Some(id) => {
+            if let Ok(id) = SnapshotId::new(id) {
+                ids.push(id);
+            }
+        }
+        None => {
+            let uid = snap.uid().unwrap_or_default();
+            let all = with_deadline(ctx, "list snapshots", ctx.storage.list_snapshots()).await?;
+            ids.extend(
+                all.into_iter()
+                    .filter(|s| s.key.as_str() == uid)
+                    .map(|s| s.id),
+            );
+        }
+    }
+    for id in ids {
+        tracing::info!(snapshot = %name, id = %id, "deleting stored snapshot");
+        match with_deadline(ctx, "delete snapshot", ctx.storage.delete_snapshot(&id)).await {
+            Ok(()) => {}
+            Err(Error::Storage(StorageError::Busy { message })) => {
+                return Err(Error::Waiting(format!(
+                    "snapshot {id} is in use: {message}"
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Action::await_change())
+}

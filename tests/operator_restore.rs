@@ -1,0 +1,614 @@
+//! Tier 3: the SnapshotRestore controller with the real operator, engine
+//! (copy driver) and PostgreSQL — the seeds' workflows: promotion of a dev
+//! snapshot onto prod with rollback and a refresh of dev, a multi-step
+//! restore with preview, and a branch restored to its own past.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+
+use kube::Api;
+use pgbranch::api::{
+    RestorePhase, RestoreSource, SnapshotRestore, SnapshotRestoreSpec, SnapshotSpec,
+    LABEL_RESTORE_BACKUP_OF, LABEL_TIMELINE,
+};
+use serde_json::json;
+use support::restore_harness::*;
+
+fn from_snapshot(snapshot: &str, target: &str, finalize: bool) -> SnapshotRestoreSpec {
+    SnapshotRestoreSpec {
+        source: RestoreSource {
+            snapshot: Some(snapshot.into()),
+            ..Default::default()
+        },
+        target: Some(target.into()),
+        finalize,
+        preserve_under_name: None,
+    }
+}
+
+fn phase(r: &SnapshotRestore) -> Option<RestorePhase> {
+    r.status.as_ref().and_then(|s| s.phase)
+}
+
+pub async fn wait_completed(client: &kube::Client, name: &str) -> SnapshotRestore {
+    let r = wait_restore(client, name, "Completed or Failed", |r| {
+        matches!(
+            phase(r),
+            Some(RestorePhase::Completed) | Some(RestorePhase::Failed)
+        )
+    })
+    .await;
+    assert_eq!(phase(&r), Some(RestorePhase::Completed), "{:#?}", r.status);
+    let st = r.status.clone().unwrap();
+    assert_eq!(cond(&st.conditions, "Ready").unwrap().0, "True");
+    assert!(st.completed_at.is_some());
+    r
+}
+
+/// Connects through a Service with a fixed set of credentials in a loop and
+/// records the longest stretch during which it could not run `SELECT 1`.
+struct ClientLoop {
+    stop: Arc<AtomicBool>,
+    drops: Arc<std::sync::atomic::AtomicUsize>,
+    longest: Arc<Mutex<Duration>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClientLoop {
+    fn start(h: &Harness, service: &str, creds: (String, String, String)) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let longest = Arc::new(Mutex::new(Duration::ZERO));
+        let drops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, l, d) = (stop.clone(), longest.clone(), drops.clone());
+        let runner = h.runner.as_ref().unwrap().resolver();
+        let service = service.to_string();
+        let task = tokio::spawn(async move {
+            use pgbranch::controller::ComputeResolver;
+            let mut down_since: Option<Instant> = None;
+            let mut conn: Option<tokio_postgres::Client> = None;
+            while !s.load(Ordering::Relaxed) {
+                let mut ok = false;
+                if let Some(c) = &conn {
+                    ok = c.simple_query("SELECT 1").await.is_ok();
+                    if !ok {
+                        // The connection dropped: down from now until a
+                        // new one answers.
+                        conn = None;
+                        d.fetch_add(1, Ordering::Relaxed);
+                        down_since.get_or_insert_with(Instant::now);
+                    }
+                }
+                if !ok {
+                    if let Ok((host, port)) = runner.resolve(NS, &service).await {
+                        let r = tokio_postgres::Config::new()
+                            .host(&host)
+                            .port(port)
+                            .user(&creds.0)
+                            .password(&creds.1)
+                            .dbname(&creds.2)
+                            .connect_timeout(Duration::from_secs(2))
+                            .connect(tokio_postgres::NoTls)
+                            .await;
+                        if let Ok((c, cn)) = r {
+                            tokio::spawn(async move {
+                                let _ = cn.await;
+                            });
+                            ok = c.simple_query("SELECT 1").await.is_ok();
+                            conn = Some(c);
+                        }
+                    }
+                }
+                match (ok, down_since) {
+                    (false, None) => down_since = Some(Instant::now()),
+                    (true, Some(t)) => {
+                        // `t` may be from a dropped connection this round.
+                        let d = t.elapsed();
+                        let mut m = l.lock().unwrap();
+                        if d > *m {
+                            *m = d;
+                        }
+                        down_since = None;
+                    }
+                    _ => {}
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Some(t) = down_since {
+                let mut m = l.lock().unwrap();
+                *m = (*m).max(t.elapsed());
+            }
+        });
+        Self {
+            stop,
+            drops,
+            longest,
+            task,
+        }
+    }
+
+    /// (longest time without a working connection, connections dropped).
+    async fn finish(self) -> (Duration, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let d = *self.longest.lock().unwrap();
+        (d, self.drops.load(Ordering::Relaxed))
+    }
+}
+
+async fn exec(h: &Harness, branch: &str, sql: &str) {
+    h.connect_app(branch)
+        .await
+        .batch_execute(sql)
+        .await
+        .unwrap();
+}
+
+/// Exactly one compute per timeline, and the Service of `branch` selects a
+/// running one.
+async fn assert_one_compute_per_timeline(h: &Harness) {
+    let deploys: Api<Deployment> = Api::namespaced(h.client.clone(), NS);
+    let list = deploys.list(&ListParams::default()).await.unwrap();
+    let mut tls: Vec<String> = list
+        .items
+        .iter()
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
+        .filter_map(|d| d.metadata.labels.as_ref()?.get(LABEL_TIMELINE).cloned())
+        .collect();
+    let n = tls.len();
+    tls.sort();
+    tls.dedup();
+    assert_eq!(tls.len(), n, "two Deployments on one timeline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn promotion_rollback_and_refresh() {
+    let mut h = Harness::new().await;
+    h.start_operator(test_config());
+    let client = h.client.clone();
+    create_branch(&client, &shop_branch("prod")).await;
+    create_branch(&client, &shop_branch("dev")).await;
+    wait_branch_ready(&client, "prod").await;
+    wait_branch_ready(&client, "dev").await;
+    exec(
+        &h,
+        "prod",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
+    )
+    .await;
+    exec(
+        &h,
+        "dev",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(101, 105);",
+    )
+    .await;
+
+    for (name, branch) in [("prod-rollback-point", "prod"), ("dev-ready", "dev")] {
+        create_snapshot(
+            &client,
+            name,
+            SnapshotSpec {
+                branch: branch.into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    wait_snapshot_ready(&client, "prod-rollback-point").await;
+    wait_snapshot_ready(&client, "dev-ready").await;
+
+    let prod_app = app_credentials(&client, "prod").await;
+    let prod_su = secret_field(&client, "prod-superuser", "password").await;
+    let prod_before = branches(&client).get("prod").await.unwrap();
+    let old_tl = prod_before.status.clone().unwrap().timeline_id.unwrap();
+
+    // One-step restore of dev's snapshot onto prod.
+    let probe = ClientLoop::start(&h, "prod", prod_app.clone());
+    create_restore(&client, "promote", from_snapshot("dev-ready", "prod", true)).await;
+    let r = wait_completed(&client, "promote").await;
+    let (outage, drops) = probe.finish().await;
+    println!("promotion: a client of prod's Service lost {drops} connection(s); longest time without a working one: {outage:?}");
+    assert!(drops <= 2, "{drops} dropped connections");
+    let st = r.status.unwrap();
+    let backup = st.backup_branch.clone().unwrap();
+    assert!(backup.starts_with("prod-old-"), "{backup}");
+    assert_eq!(st.target_timeline_id.as_deref(), Some(old_tl.as_str()));
+    assert_eq!(st.finalize_step.as_deref(), Some("Cleanup"));
+
+    // Same Secret, same credentials, dev's rows.
+    assert_eq!(app_credentials(&client, "prod").await, prod_app);
+    assert_eq!(
+        secret_field(&client, "prod-superuser", "password").await,
+        prod_su
+    );
+    let c = h
+        .connect("prod", &prod_app.0, &prod_app.1, &prod_app.2)
+        .await
+        .unwrap();
+    assert_eq!(ids(&c).await, (101..=105).collect::<Vec<_>>());
+    h.connect("prod", "postgres", &prod_su, "postgres")
+        .await
+        .unwrap();
+    let dev_su = secret_field(&client, "dev-superuser", "password").await;
+    assert!(h
+        .connect("prod", "postgres", &dev_su, "postgres")
+        .await
+        .is_err());
+
+    let prod = wait_branch_ready(&client, "prod").await;
+    let pst = prod.status.unwrap();
+    assert_eq!(pst.timeline_id, st.restored_timeline_id);
+    assert_eq!(pst.history.len(), 1);
+    assert_eq!(pst.history[0].timeline_id, old_tl);
+    assert_eq!(pst.history[0].replaced_by, "promote");
+    assert_eq!(
+        pst.history[0].backup_branch.as_deref(),
+        Some(backup.as_str())
+    );
+    // The restored branch is gone; the backup keeps prod's old rows and
+    // credentials under its own name.
+    wait_gone(&branches(&client), "promote").await;
+    let b = wait_branch_ready(&client, &backup).await;
+    assert_eq!(
+        b.status.unwrap().timeline_id.as_deref(),
+        Some(old_tl.as_str())
+    );
+    assert_eq!(
+        b.metadata
+            .labels
+            .unwrap()
+            .get(LABEL_RESTORE_BACKUP_OF)
+            .map(String::as_str),
+        Some("promote")
+    );
+    assert!(b.metadata.owner_references.unwrap_or_default().is_empty());
+    assert_eq!(ids(&h.connect_app(&backup).await).await, vec![1, 2, 3]);
+    assert_one_compute_per_timeline(&h).await;
+
+    // Re-applying does nothing; deleting the completed restore undoes nothing.
+    let rv = restores(&client)
+        .get("promote")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        restores(&client)
+            .get("promote")
+            .await
+            .unwrap()
+            .metadata
+            .resource_version,
+        rv
+    );
+    restores(&client)
+        .delete("promote", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&restores(&client), "promote").await;
+    assert!(branches(&client).get_opt(&backup).await.unwrap().is_some());
+    assert_eq!(
+        ids(&h.connect_app("prod").await).await,
+        (101..=105).collect::<Vec<_>>()
+    );
+
+    // Roll back with the first snapshot.
+    create_restore(
+        &client,
+        "rollback",
+        from_snapshot("prod-rollback-point", "prod", true),
+    )
+    .await;
+    wait_completed(&client, "rollback").await;
+    assert_eq!(app_credentials(&client, "prod").await, prod_app);
+    assert_eq!(ids(&h.connect_app("prod").await).await, vec![1, 2, 3]);
+
+    // Refresh dev from prod's head.
+    let dev_app = app_credentials(&client, "dev").await;
+    create_restore(
+        &client,
+        "refresh-dev",
+        SnapshotRestoreSpec {
+            source: RestoreSource {
+                branch: Some("prod".into()),
+                ..Default::default()
+            },
+            target: Some("dev".into()),
+            finalize: true,
+            preserve_under_name: None,
+        },
+    )
+    .await;
+    wait_completed(&client, "refresh-dev").await;
+    assert_eq!(app_credentials(&client, "dev").await, dev_app);
+    assert_eq!(ids(&h.connect_app("dev").await).await, vec![1, 2, 3]);
+    assert_eq!(ids(&h.connect_app("prod").await).await, vec![1, 2, 3]);
+    assert_one_compute_per_timeline(&h).await;
+    h.shutdown().await;
+}
+
+async fn set_finalize(client: &kube::Client, name: &str) {
+    restores(client)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"finalize": true}})),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multi_step_preview_then_finalize_and_a_changed_target_stalls() {
+    let mut h = Harness::new().await;
+    h.start_operator(test_config());
+    let client = h.client.clone();
+    create_branch(&client, &shop_branch("prod")).await;
+    create_branch(&client, &shop_branch("dev")).await;
+    wait_branch_ready(&client, "prod").await;
+    wait_branch_ready(&client, "dev").await;
+    exec(
+        &h,
+        "prod",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
+    )
+    .await;
+    exec(
+        &h,
+        "dev",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(101, 105);",
+    )
+    .await;
+    create_snapshot(
+        &client,
+        "dev-snap",
+        SnapshotSpec {
+            branch: "dev".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_snapshot_ready(&client, "dev-snap").await;
+    let prod_app = app_credentials(&client, "prod").await;
+
+    // Preview: the restored data under its own name, Service and Secret.
+    create_restore(&client, "preview", from_snapshot("dev-snap", "prod", false)).await;
+    let r = wait_restore(&client, "preview", "AwaitingFinalize", |r| {
+        phase(r) == Some(RestorePhase::AwaitingFinalize)
+    })
+    .await;
+    let st = r.status.unwrap();
+    let ready = cond(&st.conditions, "Ready").unwrap();
+    assert_eq!(
+        (ready.0.as_str(), ready.1.as_str()),
+        ("True", "AwaitingFinalize")
+    );
+    assert_eq!(st.restored_branch.as_deref(), Some("preview"));
+    let preview_app = app_credentials(&client, "preview").await;
+    assert_ne!(
+        preview_app.1, prod_app.1,
+        "a preview never holds prod's password"
+    );
+    assert_eq!(
+        ids(&h.connect_app("preview").await).await,
+        (101..=105).collect::<Vec<_>>()
+    );
+    assert_eq!(ids(&h.connect_app("prod").await).await, vec![1, 2, 3]);
+
+    // Finalize: prod serves the previewed data with its own credentials.
+    set_finalize(&client, "preview").await;
+    wait_completed(&client, "preview").await;
+    assert_eq!(app_credentials(&client, "prod").await, prod_app);
+    let c = h
+        .connect("prod", &prod_app.0, &prod_app.1, &prod_app.2)
+        .await
+        .unwrap();
+    assert_eq!(ids(&c).await, (101..=105).collect::<Vec<_>>());
+    wait_gone(&branches(&client), "preview").await;
+    exec(&h, "prod", "INSERT INTO items VALUES (106)").await;
+
+    // A preview whose target moved meanwhile is refused at finalize.
+    create_restore(&client, "stale", from_snapshot("dev-snap", "prod", false)).await;
+    wait_restore(&client, "stale", "AwaitingFinalize", |r| {
+        phase(r) == Some(RestorePhase::AwaitingFinalize)
+    })
+    .await;
+    create_restore(
+        &client,
+        "winner",
+        SnapshotRestoreSpec {
+            source: RestoreSource {
+                branch: Some("dev".into()),
+                ..Default::default()
+            },
+            target: Some("prod".into()),
+            finalize: true,
+            preserve_under_name: None,
+        },
+    )
+    .await;
+    let winner = wait_completed(&client, "winner").await;
+    set_finalize(&client, "stale").await;
+    let stale = wait_restore(&client, "stale", "Failed", |r| {
+        phase(r) == Some(RestorePhase::Failed)
+    })
+    .await;
+    let stalled = cond(&stale.status.as_ref().unwrap().conditions, "Stalled").unwrap();
+    assert_eq!(
+        (stalled.0.as_str(), stalled.1.as_str()),
+        ("True", "TargetChanged"),
+        "{}",
+        stalled.2
+    );
+    assert!(stale.status.unwrap().backup_branch.is_some());
+    let prod = branches(&client).get("prod").await.unwrap();
+    assert_eq!(
+        prod.status.unwrap().timeline_id,
+        winner.status.unwrap().restored_timeline_id,
+        "nothing replaced by the stale restore"
+    );
+    assert_eq!(
+        ids(&h.connect_app("prod").await).await,
+        (101..=105).collect::<Vec<_>>()
+    );
+    assert_one_compute_per_timeline(&h).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_branch_restored_to_its_own_past_keeps_its_newer_rows_in_the_backup() {
+    let mut h = Harness::new().await;
+    h.start_operator(test_config());
+    let client = h.client.clone();
+    create_branch(&client, &shop_branch("prod")).await;
+    wait_branch_ready(&client, "prod").await;
+    exec(
+        &h,
+        "prod",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = jiff::Timestamp::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    exec(
+        &h,
+        "prod",
+        "INSERT INTO items SELECT generate_series(4, 6);",
+    )
+    .await;
+    let prod_app = app_credentials(&client, "prod").await;
+
+    let own_past = |preserve: Option<&str>| SnapshotRestoreSpec {
+        source: RestoreSource {
+            branch: Some("prod".into()),
+            timestamp: Some(before.to_string()),
+            ..Default::default()
+        },
+        target: Some("prod".into()),
+        finalize: true,
+        preserve_under_name: preserve.map(String::from),
+    };
+    // Without preserveUnderName the API refuses it (CEL).
+    let mut bad = SnapshotRestore::new("no-backup-name", own_past(None));
+    bad.metadata.namespace = Some(NS.into());
+    let err = restores(&client)
+        .create(&Default::default(), &bad)
+        .await
+        .expect_err("own history without preserveUnderName is refused");
+    assert!(err.to_string().contains("preserveUnderName"), "{err}");
+
+    let probe = ClientLoop::start(&h, "prod", prod_app.clone());
+    create_restore(&client, "rewind", own_past(Some("prod-before-rewind"))).await;
+    let r = wait_completed(&client, "rewind").await;
+    let (outage, drops) = probe.finish().await;
+    println!("restore to own past: a client of prod's Service lost {drops} connection(s); longest time without a working one: {outage:?}");
+    assert_eq!(
+        r.status.unwrap().backup_branch.as_deref(),
+        Some("prod-before-rewind")
+    );
+    assert_eq!(app_credentials(&client, "prod").await, prod_app);
+    assert_eq!(ids(&h.connect_app("prod").await).await, vec![1, 2, 3]);
+    wait_branch_ready(&client, "prod-before-rewind").await;
+    assert_eq!(
+        ids(&h.connect_app("prod-before-rewind").await).await,
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    assert_one_compute_per_timeline(&h).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finalize_resumes_after_the_operator_stops_at_each_step() {
+    use pgbranch::controller::restore::{FailPoint, FinalizeStep};
+    use tokio_util::sync::CancellationToken;
+
+    let mut h = Harness::new().await;
+    h.start_operator(test_config());
+    let client = h.client.clone();
+    create_branch(&client, &shop_branch("prod")).await;
+    wait_branch_ready(&client, "prod").await;
+    exec(
+        &h,
+        "prod",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
+    )
+    .await;
+    let snap = |b: &str| SnapshotSpec {
+        branch: b.into(),
+        ..Default::default()
+    };
+    create_snapshot(&client, "three", snap("prod")).await;
+    wait_snapshot_ready(&client, "three").await;
+    exec(&h, "prod", "INSERT INTO items VALUES (4)").await;
+    create_snapshot(&client, "four", snap("prod")).await;
+    wait_snapshot_ready(&client, "four").await;
+    let prod_app = app_credentials(&client, "prod").await;
+    h.stop_operator().await;
+
+    for (i, step) in FinalizeStep::ALL.into_iter().enumerate() {
+        let (source, rows) = if i % 2 == 0 {
+            ("three", vec![1, 2, 3])
+        } else {
+            ("four", vec![1, 2, 3, 4])
+        };
+        let name = format!("crash-{}", step.as_str().to_lowercase());
+        let crash = CancellationToken::new();
+        h.start_operator_until(
+            pgbranch::controller::Config {
+                restore_fail_point: Some(FailPoint {
+                    after_step: step,
+                    crash: crash.clone(),
+                }),
+                ..test_config()
+            },
+            crash,
+        );
+        create_restore(&client, &name, from_snapshot(source, "prod", true)).await;
+        h.wait_operator_stopped().await;
+        let r = restores(&client).get(&name).await.unwrap();
+        let st = r.status.clone().unwrap();
+        assert_eq!(st.finalize_step.as_deref(), Some(step.as_str()));
+        assert_eq!(phase(&r), Some(RestorePhase::Finalizing));
+        // Stopped mid-finalize: prod's Service still reaches a live
+        // compute, with prod's credentials.
+        let c = h
+            .connect("prod", &prod_app.0, &prod_app.1, &prod_app.2)
+            .await;
+        assert!(c.is_ok(), "after {}: {:?}", step.as_str(), c.err());
+        assert_one_compute_per_timeline(&h).await;
+
+        h.start_operator(test_config());
+        let r = wait_completed(&client, &name).await;
+        assert_eq!(app_credentials(&client, "prod").await, prod_app);
+        assert_eq!(
+            ids(&h.connect_app("prod").await).await,
+            rows,
+            "after a stop at {}",
+            step.as_str()
+        );
+        let prod = branches(&client).get("prod").await.unwrap();
+        assert_eq!(
+            prod.status.unwrap().timeline_id,
+            r.status.as_ref().unwrap().restored_timeline_id
+        );
+        assert_one_compute_per_timeline(&h).await;
+        // The backup is an ordinary branch: deleting it leaves prod alone.
+        let backup = r.status.unwrap().backup_branch.unwrap();
+        wait_branch_ready(&client, &backup).await;
+        branches(&client)
+            .delete(&backup, &DeleteParams::default())
+            .await
+            .unwrap();
+        wait_gone(&branches(&client), &backup).await;
+        assert_eq!(ids(&h.connect_app("prod").await).await, rows);
+        h.stop_operator().await;
+    }
+    h.shutdown().await;
+}

@@ -4,9 +4,8 @@
 //! deterministic names, prune beyond maxCount, stop while suspended and
 //! catch up with exactly one run after downtime.
 //!
-//! The Snapshot controller is not part of this build: where a test needs a
-//! Snapshot to be ready (or blocked by the quota) it writes that status the
-//! way the Snapshot controller would.
+//! The Snapshot controller runs too: the Snapshots a schedule creates are
+//! really taken (readyToUse), and the snapshot quota is the real one.
 
 #[path = "operator_schedule_support/mod.rs"]
 mod harness;
@@ -142,7 +141,7 @@ async fn cron_schedule_creates_named_snapshots_at_the_right_times_and_prunes() {
         st.next_schedule_time,
         Some(s(1).strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
     );
-    w.set_snapshot_status(&n1, true, None).await;
+    w.wait_snapshot_ready(&n1).await;
     eventually(10, "lastSuccessfulTime", || async {
         status_of(&w, "nightly").await.last_successful_time
     })
@@ -177,7 +176,7 @@ async fn cron_schedule_creates_named_snapshots_at_the_right_times_and_prunes() {
                 .then_some(())
         })
         .await;
-        w.set_snapshot_status(&names[k as usize], true, None).await;
+        w.wait_snapshot_ready(&names[k as usize]).await;
     }
     // Ready: n1 (kept), s1, s2, s3 → count keeps s2, s3; s1 pruned.
     settle_on(&w, &[names[0].clone(), names[2].clone(), names[3].clone()]).await;
@@ -292,7 +291,8 @@ async fn a_restart_after_downtime_makes_exactly_one_catch_up_run() {
 async fn a_run_blocked_by_the_quota_warns_and_retention_still_prunes() {
     let t0 = jiff::Timestamp::now();
     let w = World::new(t0).await;
-    let _op = w.start();
+    // Room for two stored snapshots in the namespace.
+    let _op = w.start_with(|c| c.snapshot_quota = 2);
     w.branch("prod", None).await;
     let sched = w
         .create::<SnapshotSchedule>(schedule(
@@ -303,20 +303,17 @@ async fn a_run_blocked_by_the_quota_warns_and_retention_still_prunes() {
     let created = sched.metadata.creation_timestamp.unwrap().0;
     let slot = |k: i64| plus(created, 2 * 3600 * k);
     let name = |k: i64| format!("every2h-{}", stamp(slot(k)));
-    for k in 1..=3 {
+    for k in 1..=2 {
         w.clock.set(plus(slot(k), 1));
         eventually(20, &format!("run {k}"), || async {
             w.snapshot_names().await.contains(&name(k)).then_some(())
         })
         .await;
-        if k < 3 {
-            w.set_snapshot_status(&name(k), true, None).await;
-        }
+        w.wait_snapshot_ready(&name(k)).await;
     }
-    // Run 3 is refused by the quota.
-    w.set_snapshot_status(&name(3), false, Some("SnapshotQuotaExceeded"))
-        .await;
-    let st = eventually(10, "Stalled SnapshotQuotaExceeded", || async {
+    // Run 3 is refused by the quota (the Snapshot controller's verdict).
+    w.clock.set(plus(slot(3), 1));
+    let st = eventually(30, "Stalled SnapshotQuotaExceeded", || async {
         let st = status_of(&w, "every2h").await;
         st.conditions
             .iter()
@@ -340,9 +337,17 @@ async fn a_run_blocked_by_the_quota_warns_and_retention_still_prunes() {
             .then_some(())
     })
     .await;
-    // Retention still prunes: at slot 3 + 1h, run 1 is 5h old... and goes.
+    // Retention still prunes: an hour later run 1 is over 5h old and goes,
+    // which frees a place: run 3 is taken after all, and the schedule is
+    // healthy again.
     w.clock.set(plus(slot(3), 3600 + 2));
     settle_on(&w, &[name(2), name(3)]).await;
+    w.wait_snapshot_ready(&name(3)).await;
+    eventually(20, "Ready again", || async {
+        let st = status_of(&w, "every2h").await;
+        (ready_reason(&st) == Some(("True".into(), "Scheduled".into()))).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

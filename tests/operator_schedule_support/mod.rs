@@ -81,13 +81,19 @@ impl World {
     /// Starts the operator (all controllers), polling often so moves of the
     /// clock are noticed within a fraction of a second.
     pub fn start(&self) -> Operator {
-        let config = Config {
+        self.start_with(|_| {})
+    }
+
+    /// [`World::start`] with changes to the operator's settings.
+    pub fn start_with(&self, tweak: impl FnOnce(&mut Config)) -> Operator {
+        let mut config = Config {
             namespace: Some("default".into()),
             ready_requeue: Duration::from_millis(200),
             poll_interval: Duration::from_millis(200),
             step_timeout: Duration::from_secs(120),
             ..Default::default()
         };
+        tweak(&mut config);
         let resolver: Arc<dyn controller::ComputeResolver> = match &self.runner {
             Some(r) => Arc::new(r.resolver()),
             None => Arc::new(ClusterDns),
@@ -147,6 +153,16 @@ impl World {
         .await
     }
 
+    /// Waits until the Snapshot `name` is ready to use (taken by the real
+    /// Snapshot controller).
+    pub async fn wait_snapshot_ready(&self, name: &str) {
+        eventually(60, &format!("Snapshot {name} readyToUse"), || async {
+            let s = self.api::<Snapshot>().get_opt(name).await.unwrap()?;
+            s.status.filter(|st| st.ready_to_use).map(|_| ())
+        })
+        .await;
+    }
+
     /// Snapshot names, sorted.
     pub async fn snapshot_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -160,32 +176,6 @@ impl World {
             .collect();
         v.sort();
         v
-    }
-
-    /// Plays the snapshot controller's part where it is not part of this
-    /// build: marks a Snapshot ready (or stalled with `reason`).
-    pub async fn set_snapshot_status(&self, name: &str, ready: bool, stalled: Option<&str>) {
-        let now = jiff::Timestamp::now().to_string();
-        let mut conditions = vec![json!({
-            "type": "Ready", "status": if ready {"True"} else {"False"},
-            "reason": if ready {"Ready"} else {stalled.unwrap_or("Creating")},
-            "message": "", "lastTransitionTime": now,
-        })];
-        if let Some(reason) = stalled {
-            conditions.push(json!({
-                "type": "Stalled", "status": "True", "reason": reason,
-                "message": "the namespace's snapshot quota (3) is used up",
-                "lastTransitionTime": now,
-            }));
-        }
-        self.api::<Snapshot>()
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"readyToUse": ready, "conditions": conditions}})),
-            )
-            .await
-            .unwrap();
     }
 }
 

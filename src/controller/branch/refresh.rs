@@ -158,21 +158,33 @@ async fn blocker(
         }
         Some(_) => {}
     }
+    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let list = with_deadline(ctx, "list snapshots", snaps.list(&ListParams::default())).await?;
+    Ok(operation_under_way(&name, restores, &list.items))
+}
+
+/// Another operation on branch `name`, if one is under way: a
+/// SnapshotRestore that targets it or reads it and has neither completed
+/// nor failed (pending, restoring, awaiting finalize or finalizing), or a
+/// Snapshot of it that is neither ready nor stalled.
+pub fn operation_under_way(
+    name: &str,
+    restores: &[SnapshotRestore],
+    snapshots: &[Snapshot],
+) -> Option<String> {
     let busy_restore = restores.iter().find(|r| {
         !phase_done(r)
             && r.meta().deletion_timestamp.is_none()
-            && (r.spec.target.as_deref() == Some(name.as_str())
-                || r.spec.source.branch.as_deref() == Some(name.as_str()))
+            && (r.spec.target.as_deref() == Some(name)
+                || r.spec.source.branch.as_deref() == Some(name))
     });
     if let Some(r) = busy_restore {
-        return Ok(Some(format!(
+        return Some(format!(
             "SnapshotRestore {} on this branch is under way",
             r.name_any()
-        )));
+        ));
     }
-    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let list = with_deadline(ctx, "list snapshots", snaps.list(&ListParams::default())).await?;
-    let busy_snap = list.items.iter().find(|s| {
+    let busy_snap = snapshots.iter().find(|s| {
         s.spec.branch == name
             && s.meta().deletion_timestamp.is_none()
             && s.status.as_ref().is_none_or(|st| {
@@ -183,13 +195,7 @@ async fn blocker(
                         .any(|c| c.type_ == STALLED && c.status == "True")
             })
     });
-    if let Some(s) = busy_snap {
-        return Ok(Some(format!(
-            "Snapshot {} of this branch is being taken",
-            s.name_any()
-        )));
-    }
-    Ok(None)
+    busy_snap.map(|s| format!("Snapshot {} of this branch is being taken", s.name_any()))
 }
 
 async fn create_refresh(
@@ -516,6 +522,110 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{SnapshotRestoreStatus, SnapshotSpec, SnapshotStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn restore(
+        name: &str,
+        target: &str,
+        source: &str,
+        phase: Option<RestorePhase>,
+    ) -> SnapshotRestore {
+        let mut r = SnapshotRestore::new(
+            name,
+            SnapshotRestoreSpec {
+                source: RestoreSource {
+                    branch: Some(source.into()),
+                    ..Default::default()
+                },
+                target: Some(target.into()),
+                finalize: true,
+                preserve_under_name: None,
+            },
+        );
+        r.status = phase.map(|p| SnapshotRestoreStatus {
+            phase: Some(p),
+            ..Default::default()
+        });
+        r
+    }
+
+    fn snapshot(name: &str, branch: &str, ready: bool, stalled: bool) -> Snapshot {
+        let mut s = Snapshot::new(
+            name,
+            SnapshotSpec {
+                branch: branch.into(),
+                ..Default::default()
+            },
+        );
+        let mut st = SnapshotStatus {
+            ready_to_use: ready,
+            ..Default::default()
+        };
+        if stalled {
+            st.conditions.push(Condition {
+                type_: STALLED.into(),
+                status: "True".into(),
+                reason: "SnapshotQuotaExceeded".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
+            });
+        }
+        s.status = Some(st);
+        s
+    }
+
+    #[test]
+    fn operations_that_block_a_refresh() {
+        let none: &[Snapshot] = &[];
+        assert_eq!(operation_under_way("dev", &[], none), None);
+        for phase in [
+            None,
+            Some(RestorePhase::Pending),
+            Some(RestorePhase::Restoring),
+            Some(RestorePhase::AwaitingFinalize),
+            Some(RestorePhase::Finalizing),
+        ] {
+            let onto = [restore("r", "dev", "prod", phase)];
+            assert!(
+                operation_under_way("dev", &onto, none).is_some(),
+                "{phase:?}"
+            );
+            // dev as the source of a restore elsewhere also counts.
+            let from = [restore("r", "qa", "dev", phase)];
+            assert!(
+                operation_under_way("dev", &from, none).is_some(),
+                "{phase:?}"
+            );
+        }
+        for phase in [RestorePhase::Completed, RestorePhase::Failed] {
+            let done = [restore("r", "dev", "prod", Some(phase))];
+            assert_eq!(operation_under_way("dev", &done, none), None);
+        }
+        let elsewhere = [restore("r", "qa", "prod", None)];
+        assert_eq!(operation_under_way("dev", &elsewhere, none), None);
+
+        let taking = [snapshot("s", "dev", false, false)];
+        let msg = operation_under_way("dev", &[], &taking).unwrap();
+        assert!(msg.contains("Snapshot s"), "{msg}");
+        let mut unstarted = snapshot("s", "dev", false, false);
+        unstarted.status = None;
+        assert!(operation_under_way("dev", &[], &[unstarted]).is_some());
+        assert_eq!(
+            operation_under_way("dev", &[], &[snapshot("s", "dev", true, false)]),
+            None
+        );
+        assert_eq!(
+            operation_under_way("dev", &[], &[snapshot("s", "dev", false, true)]),
+            None,
+            "a stalled snapshot is not under way"
+        );
+        assert_eq!(
+            operation_under_way("dev", &[], &[snapshot("s", "prod", false, false)]),
+            None
+        );
+    }
 
     #[test]
     fn refresh_names_are_branch_names() {

@@ -1,12 +1,11 @@
 //! Tier 3: scheduled refresh of a Branch from its parent, with the real
-//! operator (`controller::run()`), the in-process API server, the real
-//! storage engine and a clock the test moves. One SnapshotRestore per slot,
-//! none while another operation on the branch is under way (the slot is
-//! skipped, the next one runs), one catch-up run after downtime.
-//!
-//! The SnapshotRestore controller is not part of this build: where a test
-//! needs a restore to be finished it writes that status the way the restore
-//! controller would.
+//! operator (`controller::run()`: Branch, Snapshot, SnapshotRestore and the
+//! refresh controllers), the in-process API server, the real storage engine,
+//! real postgres computes and a clock the test moves. One SnapshotRestore
+//! per slot that really resets the branch to its parent's data behind the
+//! same Service and credentials, none while another operation on the branch
+//! is under way (the slot is skipped, the next one runs), one catch-up run
+//! after downtime, the pre-refresh backup deleted unless used.
 
 #[path = "operator_schedule_support/mod.rs"]
 mod harness;
@@ -18,7 +17,7 @@ use harness::{eventually, next_utc, plus, stamp, World};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::ResourceExt;
-use pgbranch::api::{Branch, Snapshot, SnapshotRestore};
+use pgbranch::api::{Branch, RestorePhase, SnapshotRestore};
 use serde_json::json;
 
 fn rfc(t: jiff::Timestamp) -> String {
@@ -71,39 +70,58 @@ async fn settle_on(w: &World, want: &[String]) {
     assert_eq!(restore_names(w).await, want, "and nothing more");
 }
 
-async fn finish_restore(w: &World, name: &str) {
-    w.api::<SnapshotRestore>()
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Completed"}})),
-        )
-        .await
-        .unwrap();
+async fn wait_phase(w: &World, name: &str, phase: RestorePhase) -> SnapshotRestore {
+    eventually(
+        180,
+        &format!("SnapshotRestore {name} {phase:?}"),
+        || async {
+            let r = w.api::<SnapshotRestore>().get_opt(name).await.unwrap()?;
+            let p = r.status.as_ref().and_then(|s| s.phase);
+            if p == Some(RestorePhase::Failed) {
+                panic!("restore {name} failed: {:?}", r.status);
+            }
+            (p == Some(phase)).then_some(r)
+        },
+    )
+    .await
 }
 
-async fn skipped_events(w: &World) -> usize {
-    let events: Api<K8sEvent> = Api::namespaced(w.client.clone(), "default");
-    events
-        .list(&ListParams::default())
+async fn ids(c: &tokio_postgres::Client) -> Vec<i32> {
+    c.query("SELECT id FROM items ORDER BY id", &[])
         .await
         .unwrap()
-        .items
         .iter()
-        .filter(|e| e.reason.as_deref() == Some("RefreshSkipped"))
-        .map(|e| e.series.as_ref().map_or(1, |s| s.count as usize))
-        .sum()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 #[tokio::test]
-async fn refresh_runs_once_per_slot_and_never_over_another_operation() {
+async fn refresh_resets_the_branch_once_per_slot_and_never_over_another_operation() {
     let t0 = jiff::Timestamp::now();
-    let w = World::new(t0).await;
+    let w = World::with_computes(t0).await;
     let op = w.start();
-    w.branch("prod", None).await;
-    w.branch("dev", Some("prod")).await;
+    w.branch_with_compute("prod", None).await;
     wait_ready(&w, "prod").await;
+    let prod = w.connect_app("prod").await;
+    prod.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items VALUES (1), (2);",
+    )
+    .await
+    .unwrap();
+    w.branch_with_compute("dev", Some("prod")).await;
     wait_ready(&w, "dev").await;
+    // dev drifts away from prod; prod moves on.
+    let dev = w.connect_app("dev").await;
+    dev.batch_execute("INSERT INTO items VALUES (100); CREATE TABLE scratch (x int);")
+        .await
+        .unwrap();
+    prod.execute("INSERT INTO items VALUES (3)", &[])
+        .await
+        .unwrap();
+    let dev_password = w.secret_field("dev-app", "password").await;
+    // A branch made from dev's current data: it will need dev's old data.
+    w.branch("feature", Some("dev")).await;
+    wait_ready(&w, "feature").await;
 
     // Turning refresh on announces the next slot; nothing runs at once,
     // even though 03:00 of earlier days has passed.
@@ -130,7 +148,10 @@ async fn refresh_runs_once_per_slot_and_never_over_another_operation() {
     // Slot 1: one SnapshotRestore of the parent at head onto dev.
     w.clock.set(plus(s1, 20));
     let r1 = format!("dev-refresh-{}", stamp(s1));
-    settle_on(&w, std::slice::from_ref(&r1)).await;
+    eventually(20, "refresh 1", || async {
+        restore_names(&w).await.contains(&r1).then_some(())
+    })
+    .await;
     let r = w.api::<SnapshotRestore>().get(&r1).await.unwrap();
     assert_eq!(r.spec.source.branch.as_deref(), Some("prod"));
     assert_eq!(r.spec.source.lsn, None);
@@ -145,58 +166,88 @@ async fn refresh_runs_once_per_slot_and_never_over_another_operation() {
     let st = branch_status(&w, "dev").await;
     assert_eq!(st.last_refresh_time, Some(rfc(s1)));
     assert_eq!(st.next_refresh_time, Some(rfc(s(1))));
+    let done = wait_phase(&w, &r1, RestorePhase::Completed).await;
+    wait_ready(&w, "dev").await;
 
-    // Slot 2 while restore 1 is still under way: skipped, not queued.
+    // dev holds prod's data now, behind the same Service and password.
+    let dev = w.connect_app("dev").await;
+    assert_eq!(ids(&dev).await, vec![1, 2, 3]);
+    assert!(dev.query("SELECT 1 FROM scratch", &[]).await.is_err());
+    assert_eq!(w.secret_field("dev-app", "password").await, dev_password);
+    // The backup of dev's old data stays: feature descends from it.
+    let b1 = done.status.and_then(|s| s.backup_branch).unwrap();
+    eventually(30, "RefreshBackupKept", || async {
+        (event_count(&w, "RefreshBackupKept").await > 0).then_some(())
+    })
+    .await;
+    assert!(w.api::<Branch>().get_opt(&b1).await.unwrap().is_some());
+
+    // Slot 2 while a restore of dev is pending: skipped, not queued.
+    w.create::<SnapshotRestore>(json!({
+        "apiVersion": "pgbranch.dev/v1alpha1", "kind": "SnapshotRestore",
+        "metadata": {"name": "held", "namespace": "default"},
+        "spec": {"source": {"snapshot": "not-taken-yet"}, "target": "dev", "finalize": false},
+    }))
+    .await;
     w.clock.set(plus(s(1), 20));
     eventually(
-        10,
+        20,
         "nextRefreshTime moves past the skipped slot",
         || async {
             (branch_status(&w, "dev").await.next_refresh_time == Some(rfc(s(2)))).then_some(())
         },
     )
     .await;
-    settle_on(&w, std::slice::from_ref(&r1)).await;
-    assert!(skipped_events(&w).await >= 1);
+    settle_on(&w, &[r1.clone(), "held".to_string()]).await;
+    assert!(event_count(&w, "RefreshSkipped").await >= 1);
     assert_eq!(
         branch_status(&w, "dev").await.last_refresh_time,
         Some(rfc(s1))
     );
-    // The restore finishes later that day: still no refresh until slot 3.
-    finish_restore(&w, &r1).await;
+    // The other operation goes away later that day: still nothing until
+    // the next slot.
+    w.api::<SnapshotRestore>()
+        .delete("held", &Default::default())
+        .await
+        .unwrap();
     w.clock.set(plus(s(1), 3600));
     settle_on(&w, std::slice::from_ref(&r1)).await;
 
-    // Slot 3 while a Snapshot of dev is being taken: skipped too.
-    w.create::<Snapshot>(json!({
-        "apiVersion": "pgbranch.dev/v1alpha1", "kind": "Snapshot",
-        "metadata": {"name": "dev-manual", "namespace": "default"},
-        "spec": {"branch": "dev"},
-    }))
-    .await;
+    // Slot 3, nothing under way: the second refresh; its backup is not
+    // used by anyone and goes.
+    prod.execute("INSERT INTO items VALUES (4)", &[])
+        .await
+        .unwrap();
     w.clock.set(plus(s(2), 20));
-    eventually(10, "slot 3 skipped", || async {
-        (branch_status(&w, "dev").await.next_refresh_time == Some(rfc(s(3)))).then_some(())
+    let r3 = format!("dev-refresh-{}", stamp(s(2)));
+    eventually(20, "refresh 3", || async {
+        restore_names(&w).await.contains(&r3).then_some(())
     })
     .await;
-    settle_on(&w, std::slice::from_ref(&r1)).await;
-    w.set_snapshot_status("dev-manual", true, None).await;
+    let done = wait_phase(&w, &r3, RestorePhase::Completed).await;
+    wait_ready(&w, "dev").await;
+    assert_eq!(ids(&w.connect_app("dev").await).await, vec![1, 2, 3, 4]);
+    let b3 = done.status.and_then(|s| s.backup_branch).unwrap();
+    eventually(120, "backup of refresh 3 deleted", || async {
+        w.api::<Branch>()
+            .get_opt(&b3)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(w.api::<Branch>().get_opt(&b1).await.unwrap().is_some());
 
-    // Slot 4, nothing under way: the second refresh.
-    w.clock.set(plus(s(3), 20));
-    let r4 = format!("dev-refresh-{}", stamp(s(3)));
-    settle_on(&w, &[r1.clone(), r4.clone()]).await;
-    finish_restore(&w, &r4).await;
-
-    // Downtime over slots 5..7: one catch-up refresh (the latest), not three.
+    // Downtime over three slots: one catch-up refresh (the latest).
     op.stop().await;
-    w.clock.set(plus(s(6), 7200));
+    w.clock.set(plus(s(5), 7200));
     let _op = w.start();
-    let r7 = format!("dev-refresh-{}", stamp(s(6)));
-    settle_on(&w, &[r1, r4, r7]).await;
+    let r6 = format!("dev-refresh-{}", stamp(s(5)));
+    settle_on(&w, &[r1, r3, r6]).await;
     let st = branch_status(&w, "dev").await;
-    assert_eq!(st.last_refresh_time, Some(rfc(s(6))));
-    assert_eq!(st.next_refresh_time, Some(rfc(s(7))));
+    assert_eq!(st.last_refresh_time, Some(rfc(s(5))));
+    assert_eq!(st.next_refresh_time, Some(rfc(s(6))));
 }
 
 #[tokio::test]
@@ -234,7 +285,6 @@ async fn preserve_names_the_backup_and_suspend_stops_refreshes() {
         r.spec.preserve_under_name,
         Some(format!("dev-old-{}", slot.strftime("%Y%m%d%H%M%S")))
     );
-    finish_restore(&w, &name).await;
 
     // Suspended: no next refresh, and none runs.
     w.api::<Branch>()
@@ -269,104 +319,6 @@ async fn preserve_names_the_backup_and_suspend_stops_refreshes() {
     })
     .await;
     settle_on(&w, std::slice::from_ref(&name)).await;
-}
-
-async fn backup_branch(w: &World, name: &str, of: &str) {
-    w.create::<Branch>(json!({
-        "apiVersion": "pgbranch.dev/v1alpha1", "kind": "Branch",
-        "metadata": {"name": name, "namespace": "default",
-                     "labels": {"pgbranch.dev/restore-backup-of": of}},
-        "spec": {"compute": {"enabled": false}},
-    }))
-    .await;
-}
-
-async fn finish_with_backup(w: &World, restore: &str, backup: &str) {
-    w.api::<SnapshotRestore>()
-        .patch_status(
-            restore,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Completed", "backupBranch": backup}})),
-        )
-        .await
-        .unwrap();
-}
-
-async fn event_reasons(w: &World) -> Vec<String> {
-    let events: Api<K8sEvent> = Api::namespaced(w.client.clone(), "default");
-    events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .filter_map(|e| e.reason.clone())
-        .collect()
-}
-
-#[tokio::test]
-async fn without_preserve_the_backup_of_a_completed_refresh_is_deleted_unless_used() {
-    let t0 = jiff::Timestamp::now();
-    let w = World::new(t0).await;
-    let _op = w.start();
-    w.branch("prod", None).await;
-    w.branch("dev", Some("prod")).await;
-    wait_ready(&w, "prod").await;
-    wait_ready(&w, "dev").await;
-    w.api::<Branch>()
-        .patch(
-            "dev",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"refresh": {"schedule": "30 4 * * *"}}})),
-        )
-        .await
-        .unwrap();
-    let s1 = next_utc(t0, 4, 30);
-    eventually(20, "nextRefreshTime", || async {
-        (branch_status(&w, "dev").await.next_refresh_time == Some(rfc(s1))).then_some(())
-    })
-    .await;
-
-    // Run 1 completes (as the restore controller would report it) and left
-    // a backup branch nobody uses: it is deleted.
-    w.clock.set(plus(s1, 10));
-    let r1 = format!("dev-refresh-{}", stamp(s1));
-    settle_on(&w, std::slice::from_ref(&r1)).await;
-    backup_branch(&w, "dev-old-1", &r1).await;
-    wait_ready(&w, "dev-old-1").await;
-    finish_with_backup(&w, &r1, "dev-old-1").await;
-    eventually(60, "backup dev-old-1 deleted", || async {
-        w.api::<Branch>()
-            .get_opt("dev-old-1")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
-    assert!(event_reasons(&w)
-        .await
-        .contains(&"RefreshBackupDeleted".to_string()));
-
-    // Run 2's backup has a child branch: it stays, and a Warning says why.
-    let s2 = plus(s1, 86_400);
-    w.clock.set(plus(s2, 10));
-    let r2 = format!("dev-refresh-{}", stamp(s2));
-    settle_on(&w, &[r1.clone(), r2.clone()]).await;
-    backup_branch(&w, "dev-old-2", &r2).await;
-    w.branch("feature", Some("dev-old-2")).await;
-    finish_with_backup(&w, &r2, "dev-old-2").await;
-    eventually(20, "RefreshBackupKept", || async {
-        event_reasons(&w)
-            .await
-            .contains(&"RefreshBackupKept".to_string())
-            .then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let kept = w.api::<Branch>().get("dev-old-2").await.unwrap();
-    assert!(kept.metadata.deletion_timestamp.is_none());
-    assert_eq!(event_count(&w, "RefreshBackupKept").await, 1, "warned once");
 }
 
 /// How many times an event with `reason` was published (series included).

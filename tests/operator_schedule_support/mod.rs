@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::CustomResourceExt;
 use pgbranch::api::{Branch, Snapshot, SnapshotRestore, SnapshotSchedule};
 use pgbranch::controller::schedule::ManualClock;
@@ -151,6 +151,55 @@ impl World {
             "spec": spec,
         }))
         .await
+    }
+
+    /// A Branch with a running compute (needs [`World::with_computes`]).
+    pub async fn branch_with_compute(&self, name: &str, parent: Option<&str>) -> Branch {
+        let mut spec = json!({});
+        if let Some(p) = parent {
+            spec["parent"] = json!({"branch": p});
+        }
+        self.create(json!({
+            "apiVersion": "pgbranch.dev/v1alpha1", "kind": "Branch",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }))
+        .await
+    }
+
+    /// A field of a Secret.
+    pub async fn secret_field(&self, secret: &str, key: &str) -> String {
+        let s = self
+            .api::<k8s_openapi::api::core::v1::Secret>()
+            .get(secret)
+            .await
+            .unwrap();
+        let bytes = s.data.unwrap_or_default().remove(key).unwrap();
+        String::from_utf8(bytes.0).unwrap()
+    }
+
+    /// Connects to `branch` through its Service with its `<branch>-app`
+    /// Secret, as an application would.
+    pub async fn connect_app(&self, branch: &str) -> tokio_postgres::Client {
+        let runner = self.runner.as_ref().expect("a world with computes");
+        let port = runner
+            .resolve_service("default", branch)
+            .await
+            .unwrap_or_else(|| panic!("no compute behind Service {branch}"));
+        let secret = format!("{branch}-app");
+        let (c, conn) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(port)
+            .user(self.secret_field(&secret, "user").await)
+            .password(self.secret_field(&secret, "password").await)
+            .dbname(self.secret_field(&secret, "dbname").await)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {branch}: {e}"));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        c
     }
 
     /// Waits until the Snapshot `name` is ready to use (taken by the real

@@ -300,6 +300,39 @@ where
     }
 }
 
+/// Awaits a controller's run (`running`: its stream driven to the end),
+/// but once `shutdown` has fired, returns at once if the controller's
+/// store was never filled — its kind could not be listed (its CRD is not
+/// installed, or RBAC forbids it). kube-runtime holds a controller's runner
+/// until its store is ready, so such a controller would never finish its
+/// graceful shutdown (the operator would hang on SIGTERM); with nothing ever
+/// listed, no reconcile can be in flight.
+pub async fn until_stopped<K>(
+    kind: &'static str,
+    store: kube::runtime::reflector::Store<K>,
+    shutdown: impl Future<Output = ()>,
+    running: impl Future<Output = ()>,
+) where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let never_listed = async {
+        shutdown.await;
+        if futures::FutureExt::now_or_never(store.wait_until_ready()).is_none() {
+            tracing::warn!(
+                kind,
+                "stopping a controller whose kind was never listed (is its CRD installed?)"
+            );
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = running => {}
+        () = never_listed => {}
+    }
+}
+
 /// Starts every controller and runs until `shutdown` resolves (then lets
 /// reconciles in flight finish).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {

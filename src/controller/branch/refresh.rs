@@ -86,19 +86,22 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    Controller::new(branches, watcher::Config::default())
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let controller = Controller::new(branches, watcher::Config::default())
         .owns(
             restores,
             watcher::Config::default().labels(LABEL_REFRESH_OF),
         )
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone());
+    let store = controller.store();
+    let running = controller
         .run(reconcile, error_policy::<Branch>, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "refresh reconcile did not complete");
             }
-        })
-        .await;
+        });
+    crate::controller::until_stopped("Branch", store, shutdown, running).await;
 }
 
 fn phase_done(r: &SnapshotRestore) -> bool {

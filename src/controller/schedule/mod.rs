@@ -52,6 +52,7 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let client = ctx.client.clone();
     let (schedules, snapshots): (Api<SnapshotSchedule>, Api<Snapshot>) = match &ctx.config.namespace
     {
@@ -63,7 +64,7 @@ pub async fn run(
     };
     let mut controller = Controller::new(schedules, watcher::Config::default())
         .owns(snapshots, watcher::Config::default().labels(LABEL_SCHEDULE))
-        .graceful_shutdown_on(shutdown);
+        .graceful_shutdown_on(shutdown.clone());
     if let Some(every) = ctx.config.resync_interval {
         let ticks = futures::stream::unfold((), move |()| async move {
             tokio::time::sleep(every).await;
@@ -71,15 +72,16 @@ pub async fn run(
         });
         controller = controller.reconcile_all_on(ticks);
     }
-    controller
+    let store = controller.store();
+    let running = controller
         .run(reconcile, error_policy::<SnapshotSchedule>, ctx)
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
                 Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
             }
-        })
-        .await;
+        });
+    super::until_stopped(KIND, store, shutdown, running).await;
 }
 
 async fn reconcile(sched: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Action, Error> {

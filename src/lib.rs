@@ -14,4 +14,5 @@ pub mod api;
 pub mod cli;
 pub mod compute;
 pub mod controller;
+pub mod local;
 pub mod storage;

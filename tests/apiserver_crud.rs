@@ -890,3 +890,55 @@ async fn secrets_fold_string_data_and_services_get_cluster_ips() {
         .unwrap();
     assert_eq!(updated.spec.unwrap().cluster_ip, Some(ip));
 }
+
+#[tokio::test]
+async fn workloads_get_the_defaults_a_real_apiserver_stores() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let server = ApiServer::new();
+    let deployments: Api<Deployment> = Api::namespaced(server.client(), "default");
+    let d: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [{
+                "name": "postgres", "image": "postgres:15", "ports": [{"containerPort": 5432}],
+                "readinessProbe": {"exec": {"command": ["pg_isready"]}},
+            }]}},
+        },
+    }))
+    .unwrap();
+    let created = deployments
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
+    let spec = created.spec.unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.revision_history_limit, Some(10));
+    assert_eq!(
+        spec.strategy.unwrap().type_.as_deref(),
+        Some("RollingUpdate")
+    );
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirst"));
+    let c = &pod.containers[0];
+    assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    assert_eq!(
+        c.termination_message_path.as_deref(),
+        Some("/dev/termination-log")
+    );
+    assert_eq!(
+        c.ports.as_ref().unwrap()[0].protocol.as_deref(),
+        Some("TCP")
+    );
+    assert_eq!(c.readiness_probe.as_ref().unwrap().period_seconds, Some(10));
+
+    // applying the same desired state again (without the defaults) is a no-op
+    let rv = created.metadata.resource_version.clone();
+    let cfg = serde_json::to_value(&d).unwrap();
+    let again = deployments
+        .patch("d", &PatchParams::apply("op").force(), &Patch::Apply(&cfg))
+        .await
+        .unwrap();
+    assert_eq!(again.metadata.resource_version, rv);
+}

@@ -14,7 +14,7 @@ use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use kube::{CustomResourceExt, ResourceExt};
-use serde_json::json;
+use serde_json::{json, Value};
 use support::apiserver::envtest::TestCluster;
 use support::widget::{widget, Widget};
 
@@ -69,6 +69,30 @@ async fn crud_conflicts_and_selectors_match() {
             (422, "Invalid".into()),
             "{on}"
         );
+
+        // metadata is validated on every kind
+        let bad_label = cm("l", &[("app", "has spaces")]);
+        assert_eq!(
+            code(cms.create(&pp, &bad_label).await.unwrap_err()),
+            (422, "Invalid".into()),
+            "{on}"
+        );
+        let long_value = "x".repeat(64);
+        let bad_label = cm("l", &[("app", long_value.as_str())]);
+        assert_eq!(
+            code(cms.create(&pp, &bad_label).await.unwrap_err()).0,
+            422,
+            "{on}"
+        );
+        let mut bad_finalizer = cm("f", &[]);
+        bad_finalizer.metadata.finalizers = Some(vec!["not a name".into()]);
+        assert_eq!(
+            code(cms.create(&pp, &bad_finalizer).await.unwrap_err()).0,
+            422,
+            "{on}"
+        );
+        let ok = cm("ok", &[("pgbranch.dev/branch", "main"), ("empty", "")]);
+        cms.create(&pp, &ok).await.unwrap();
 
         let mut stale = a.clone();
         stale.data = Some(BTreeMap::from([("k".into(), "1".into())]));
@@ -210,6 +234,17 @@ async fn status_generation_and_finalizers_match() {
             "{on}: the main endpoint ignores status"
         );
 
+        // custom resources refuse strategic merge patches
+        let err = widgets
+            .patch(
+                "w",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"size": 5}})),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(code(err).0, 415, "{on}");
+
         // custom resources refuse a PUT without resourceVersion
         let mut blind = widget("w", 3);
         blind.metadata.finalizers = Some(vec!["test/hold".into()]);
@@ -282,5 +317,64 @@ async fn watches_match() {
             }
         }
         assert_eq!(seen, ["MODIFIED a", "DELETED a"], "{on}");
+    }
+}
+
+#[tokio::test]
+async fn built_in_validation_matches() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    for cluster in TestCluster::all().await {
+        let on = cluster.name();
+        let ns = namespace(&cluster).await;
+        let deployments: Api<Deployment> = Api::namespaced(cluster.client(), &ns);
+        let deployment = |labels: Value, image: Value| -> Deployment {
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "db"}},
+                    "template": {"metadata": {"labels": labels},
+                                 "spec": {"containers": [{"name": "postgres", "image": image}]}},
+                },
+            }))
+            .unwrap()
+        };
+        let pp = PostParams::default();
+        let mismatch = deployment(json!({"app": "web"}), json!("postgres:15"));
+        assert_eq!(
+            code(deployments.create(&pp, &mismatch).await.unwrap_err()),
+            (422, "Invalid".into()),
+            "{on}"
+        );
+        let no_image = deployment(json!({"app": "db"}), json!(null));
+        assert_eq!(
+            code(deployments.create(&pp, &no_image).await.unwrap_err()).0,
+            422,
+            "{on}"
+        );
+        deployments
+            .create(&pp, &deployment(json!({"app": "db"}), json!("postgres:15")))
+            .await
+            .unwrap();
+        let err = deployments
+            .patch(
+                "d",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"spec": {"selector": {"matchLabels": {"app": "db", "x": "y"}},
+                "template": {"metadata": {"labels": {"app": "db", "x": "y"}}}}}),
+                ),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(code(err).0, 422, "{on}: the selector is immutable");
+
+        let cms: Api<ConfigMap> = Api::namespaced(cluster.client(), &ns);
+        let mut bad_key = cm("k", &[]);
+        bad_key.data = Some(BTreeMap::from([("no spaces".to_string(), "v".to_string())]));
+        assert_eq!(
+            code(cms.create(&pp, &bad_key).await.unwrap_err()).0,
+            422,
+            "{on}"
+        );
     }
 }

@@ -36,12 +36,30 @@ fn gadget_crd() -> CustomResourceDefinition {
                                 "origin": {"type": "string",
                                     "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "origin is immutable"}]},
                                 "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                                "params": {
+                                    "type": "array",
+                                    "x-kubernetes-list-type": "map",
+                                    "x-kubernetes-list-map-keys": ["name"],
+                                    "items": {"type": "object", "properties": {
+                                        "name": {"type": "string"}, "value": {"type": "string"},
+                                    }},
+                                },
                             },
                             "x-kubernetes-validations": [
                                 {"rule": "!(has(self.lsn) && has(self.timestamp))", "message": "lsn and timestamp are mutually exclusive"}
                             ],
                         },
-                        "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
+                        "status": {"type": "object", "properties": {
+                            "phase": {"type": "string"},
+                            "conditions": {
+                                "type": "array",
+                                "x-kubernetes-list-type": "map",
+                                "x-kubernetes-list-map-keys": ["type"],
+                                "items": {"type": "object", "required": ["type", "status"], "properties": {
+                                    "type": {"type": "string"}, "status": {"type": "string"}, "reason": {"type": "string"},
+                                }},
+                            },
+                        }},
                     },
                 }},
             }],
@@ -230,4 +248,136 @@ async fn updating_a_crd_updates_what_is_served() {
         Api::namespaced_with(server.client(), "default", &ApiResource::from_gvk(&gvk));
     let got = v2api.get("m").await.unwrap();
     assert_eq!(got.types.unwrap().api_version, "test.pgbranch.dev/v2");
+}
+
+#[tokio::test]
+async fn apply_merges_associative_lists_by_key() {
+    let server = ApiServer::new();
+    server.install_crd(&gadget_crd());
+    let api = gadgets(&server);
+    api.create(
+        &PostParams::default(),
+        &gadget("g", json!({"mode": "fast"})),
+    )
+    .await
+    .unwrap();
+    let cond = |t: &str, st: &str| json!({"type": t, "status": st});
+    let status = |conds: Vec<Value>| json!({"apiVersion": "test.pgbranch.dev/v1", "kind": "Gadget", "status": {"conditions": conds}});
+    let ap = |m: &str| PatchParams::apply(m);
+    api.patch_status(
+        "g",
+        &ap("branch-controller"),
+        &Patch::Apply(status(vec![
+            cond("Ready", "False"),
+            cond("Reconciling", "True"),
+        ])),
+    )
+    .await
+    .unwrap();
+    // another manager owns its own entry of the same list
+    api.patch_status(
+        "g",
+        &ap("restore-controller"),
+        &Patch::Apply(status(vec![cond("Restoring", "True")])),
+    )
+    .await
+    .unwrap();
+    let types = |o: &DynamicObject| -> Vec<String> {
+        o.data["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}={}",
+                    c["type"].as_str().unwrap(),
+                    c["status"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let both = api.get("g").await.unwrap();
+    assert_eq!(
+        types(&both),
+        ["Ready=False", "Reconciling=True", "Restoring=True"]
+    );
+
+    // the first manager drops Reconciling and flips Ready: the other entry stays
+    let after = api
+        .patch_status(
+            "g",
+            &ap("branch-controller"),
+            &Patch::Apply(status(vec![cond("Ready", "True")])),
+        )
+        .await
+        .unwrap();
+    assert_eq!(types(&after), ["Ready=True", "Restoring=True"]);
+
+    // changing an entry another manager owns conflicts, unless forced
+    let err = api
+        .patch_status(
+            "g",
+            &ap("branch-controller"),
+            &Patch::Apply(status(vec![
+                cond("Ready", "True"),
+                cond("Restoring", "False"),
+            ])),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 409));
+    let forced = api
+        .patch_status(
+            "g",
+            &ap("branch-controller").force(),
+            &Patch::Apply(status(vec![
+                cond("Ready", "True"),
+                cond("Restoring", "False"),
+            ])),
+        )
+        .await
+        .unwrap();
+    assert_eq!(types(&forced), ["Ready=True", "Restoring=False"]);
+}
+
+#[tokio::test]
+async fn apply_drops_associative_list_entries_it_no_longer_applies() {
+    let server = ApiServer::new();
+    server.install_crd(&gadget_crd());
+    let api = gadgets(&server);
+    let spec = |params: Value| {
+        json!({"apiVersion": "test.pgbranch.dev/v1", "kind": "Gadget", "metadata": {"name": "p"},
+               "spec": {"mode": "fast", "params": params}})
+    };
+    let ap = PatchParams::apply("op");
+    api.patch(
+        "p",
+        &ap,
+        &Patch::Apply(spec(
+            json!([{"name": "a", "value": "1"}, {"name": "b", "value": "2"}]),
+        )),
+    )
+    .await
+    .unwrap();
+    // a user adds an entry of their own with an update
+    let mut live = api.get("p").await.unwrap();
+    live.data["spec"]["params"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "user", "value": "u"}));
+    api.replace("p", &PostParams::default(), &live)
+        .await
+        .unwrap();
+    let after = api
+        .patch(
+            "p",
+            &ap,
+            &Patch::Apply(spec(json!([{"name": "a", "value": "1"}]))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        after.data["spec"]["params"],
+        json!([{"name": "a", "value": "1"}, {"name": "user", "value": "u"}])
+    );
 }

@@ -17,6 +17,7 @@ use pgbranch::api::{
     RestorePhase, RestoreSource, SnapshotRestore, SnapshotRestoreSpec, SnapshotSpec,
     LABEL_RESTORE_BACKUP_OF, LABEL_TIMELINE,
 };
+use pgbranch::storage::Storage;
 use serde_json::json;
 use support::restore_harness::*;
 
@@ -202,6 +203,21 @@ async fn promotion_rollback_and_refresh() {
     wait_snapshot_ready(&client, "prod-rollback-point").await;
     wait_snapshot_ready(&client, "dev-ready").await;
 
+    // A child of prod's current data: re-parented to the backup by status.
+    let mut feature = pgbranch::api::Branch::new(
+        "feature",
+        pgbranch::api::BranchSpec {
+            parent: Some(pgbranch::api::ParentRef {
+                branch: "prod".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    feature.metadata.namespace = Some(NS.into());
+    create_branch(&client, &feature).await;
+    wait_branch_ready(&client, "feature").await;
+
     let prod_app = app_credentials(&client, "prod").await;
     let prod_su = secret_field(&client, "prod-superuser", "password").await;
     let prod_before = branches(&client).get("prod").await.unwrap();
@@ -269,6 +285,34 @@ async fn promotion_rollback_and_refresh() {
     assert!(b.metadata.owner_references.unwrap_or_default().is_empty());
     assert_eq!(ids(&h.connect_app(&backup).await).await, vec![1, 2, 3]);
     assert_one_compute_per_timeline(&h).await;
+    let f = branches(&client).get("feature").await.unwrap();
+    assert_eq!(
+        f.spec.parent.as_ref().unwrap().branch,
+        "prod",
+        "spec untouched"
+    );
+    let fst = f.status.unwrap();
+    assert_eq!(fst.parent_branch.as_deref(), Some(backup.as_str()));
+    assert_eq!(fst.parent_timeline_id.as_deref(), Some(old_tl.as_str()));
+    assert_eq!(ids(&h.connect_app("feature").await).await, vec![1, 2, 3]);
+
+    // Every transition was an Event on the restore.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("promote"))
+        .filter_map(|e| e.reason)
+        .collect();
+    for want in ["Restoring", "Finalizing", "FinalizeStep", "Completed"] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "no {want} event in {reasons:?}"
+        );
+    }
 
     // Re-applying does nothing; deleting the completed restore undoes nothing.
     let rv = restores(&client)
@@ -458,6 +502,109 @@ async fn multi_step_preview_then_finalize_and_a_changed_target_stalls() {
         (101..=105).collect::<Vec<_>>()
     );
     assert_one_compute_per_timeline(&h).await;
+
+    // A Service someone else took over is never retargeted.
+    create_restore(&client, "blocked", from_snapshot("dev-snap", "dev", false)).await;
+    wait_restore(&client, "blocked", "AwaitingFinalize", |r| {
+        phase(r) == Some(RestorePhase::AwaitingFinalize)
+    })
+    .await;
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), NS);
+    let dev_sel = services.get("dev").await.unwrap().spec.unwrap().selector;
+    services
+        .patch(
+            "dev",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {
+                "ownerReferences": null,
+                "labels": {"argocd.argoproj.io/instance": "shop"},
+            }})),
+        )
+        .await
+        .unwrap();
+    set_finalize(&client, "blocked").await;
+    let r = wait_restore(&client, "blocked", "Stalled ServiceNotOwned", |r| {
+        r.status.as_ref().is_some_and(|s| {
+            cond(&s.conditions, "Stalled")
+                .is_some_and(|c| c.0 == "True" && c.1 == "ServiceNotOwned")
+        })
+    })
+    .await;
+    assert_eq!(phase(&r), Some(RestorePhase::AwaitingFinalize));
+    assert!(r.status.unwrap().finalize_step.is_none());
+    assert_eq!(
+        services.get("dev").await.unwrap().spec.unwrap().selector,
+        dev_sel
+    );
+    // Not finalizing: deleting it is not held back.
+    restores(&client)
+        .delete("blocked", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&restores(&client), "blocked").await;
+
+    // The restored branch takes the restore's name: a taken name fails.
+    let mut taken = pgbranch::api::Branch::new(
+        "taken",
+        pgbranch::api::BranchSpec {
+            compute: pgbranch::api::ComputeSpec {
+                enabled: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    taken.metadata.namespace = Some(NS.into());
+    create_branch(&client, &taken).await;
+    create_restore(&client, "taken", from_snapshot("dev-snap", "prod", false)).await;
+    let r = wait_restore(&client, "taken", "Failed", |r| {
+        phase(r) == Some(RestorePhase::Failed)
+    })
+    .await;
+    let c = cond(&r.status.unwrap().conditions, "Stalled").unwrap();
+    assert_eq!(c.1, "NameTaken", "{}", c.2);
+
+    // The adopt annotation written by a user on a branch the operator did
+    // not make is refused: nobody takes a timeline by annotation.
+    let orphan = h
+        .engine
+        .create_timeline(pgbranch::storage::CreateTimeline {
+            key: pgbranch::storage::OpKey::new("orphan").unwrap(),
+            source: pgbranch::storage::Source::Empty {
+                superuser_password: None,
+            },
+            source_connection: None,
+            label: None,
+        })
+        .await
+        .unwrap();
+    let mut intruder = pgbranch::api::Branch::new(
+        "intruder",
+        pgbranch::api::BranchSpec {
+            compute: pgbranch::api::ComputeSpec {
+                enabled: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    intruder.metadata.namespace = Some(NS.into());
+    intruder.metadata.annotations = Some(
+        [(
+            pgbranch::controller::branch::ANNOTATION_ADOPT_TIMELINE.to_string(),
+            orphan.id.to_string(),
+        )]
+        .into(),
+    );
+    create_branch(&client, &intruder).await;
+    let b = wait_branch(&client, "intruder", "Stalled AdoptTimelineRefused", |b| {
+        b.status.as_ref().is_some_and(|s| {
+            cond(&s.conditions, "Stalled")
+                .is_some_and(|c| c.0 == "True" && c.1 == "AdoptTimelineRefused")
+        })
+    })
+    .await;
+    assert!(b.status.unwrap().timeline_id.is_none());
     h.shutdown().await;
 }
 
@@ -584,6 +731,26 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
         assert!(c.is_ok(), "after {}: {:?}", step.as_str(), c.err());
         assert_one_compute_per_timeline(&h).await;
 
+        if step == FinalizeStep::Passwords {
+            // One data-changing operation per branch: a snapshot of prod
+            // waits while the restore is finalizing it.
+            h.start_snapshot_controller_only(test_config());
+            create_snapshot(&client, "during", snap("prod")).await;
+            let s = wait_snapshot(&client, "during", "WaitingForRestore", |s| {
+                s.status.as_ref().is_some_and(|st| {
+                    cond(&st.conditions, "Reconciling")
+                        .is_some_and(|c| c.0 == "True" && c.1 == "WaitingForRestore")
+                })
+            })
+            .await;
+            let msg = cond(&s.status.unwrap().conditions, "Reconciling")
+                .unwrap()
+                .2;
+            assert!(msg.contains(&name), "{msg}");
+            h.stop_operator().await;
+            assert_eq!(h.engine.list_snapshots().await.unwrap().len(), 2);
+        }
+
         h.start_operator(test_config());
         let r = wait_completed(&client, &name).await;
         assert_eq!(app_credentials(&client, "prod").await, prod_app);
@@ -608,6 +775,11 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
             .unwrap();
         wait_gone(&branches(&client), &backup).await;
         assert_eq!(ids(&h.connect_app("prod").await).await, rows);
+        if step == FinalizeStep::Passwords {
+            // The waiting snapshot is taken once the restore is done: of
+            // prod's restored data.
+            wait_snapshot_ready(&client, "during").await;
+        }
         h.stop_operator().await;
     }
     h.shutdown().await;

@@ -24,6 +24,38 @@ struct Volume {
     root: PathBuf,
 }
 
+impl Drop for Volume {
+    /// Read-only btrfs subvolumes (bases, snapshots) survive a plain
+    /// recursive delete: remove every subvolume under the volume first, so
+    /// the test filesystem does not fill up across tests.
+    fn drop(&mut self) {
+        if self.kind != DriverKind::Btrfs {
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let mut subvols: Vec<PathBuf> = walkdir::WalkDir::new(&self.root)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_type().is_dir() && e.metadata().map(|m| m.ino() == 256).unwrap_or(false)
+            })
+            .map(|e| e.into_path())
+            .collect();
+        subvols.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in subvols {
+            let _ = std::process::Command::new("btrfs")
+                .args(["property", "set", "-ts"])
+                .arg(&p)
+                .args(["ro", "false"])
+                .output();
+            let _ = std::process::Command::new("btrfs")
+                .args(["subvolume", "delete"])
+                .arg(&p)
+                .output();
+        }
+    }
+}
+
 /// One fresh volume root per available driver.
 fn volumes(test: &str) -> Vec<Volume> {
     let mut out = Vec::new();
@@ -96,6 +128,7 @@ async fn root_timeline(e: &Engine, k: &str) -> TimelineId {
         .await
         .unwrap();
     assert_eq!(t.state, State::Creating);
+    assert!(t.progress.is_some(), "a creating timeline reports progress");
     wait_timeline_ready(e, &t.id, WAIT).await.unwrap().id
 }
 
@@ -189,7 +222,28 @@ async fn head_branch_of_running_server_is_independent() {
             Err(StorageError::Busy { .. })
         ));
         s.stop(StopMode::Fast).await.unwrap();
+
+        // Archiving set by the user on the parent is never inherited.
+        sql(&p, "ALTER SYSTEM SET archive_command = '/bin/true'").await;
+        sql(&p, "SELECT pg_reload_conf()").await;
+        let b2 = branch(&e, "child-2", &root, Point::Head, Some(conn(&p)))
+            .await
+            .unwrap();
+        let s = e.start_postgres(&b2, free_port()).await.unwrap();
+        let ac = one_str(&s, "SHOW archive_command").await;
+        assert!(ac.contains(&format!("wal/{b2}")), "{ac}");
+        s.stop(StopMode::Fast).await.unwrap();
         p.stop(StopMode::Immediate).await.unwrap();
+
+        // WAL kept outside the data directory is refused, not shared.
+        let data = e.data_dir(&root);
+        let moved = data.join("wal-elsewhere");
+        std::fs::rename(data.join("pg_wal"), &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, data.join("pg_wal")).unwrap();
+        let err = branch(&e, "symlinked", &root, Point::Head, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::InvalidArgument { .. }), "{err}");
     }
 }
 
@@ -228,6 +282,7 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
         }
         sql(&p, "SELECT pg_switch_wal()").await;
         let c = conn(&p);
+        let mut first_lsn_branch = None;
         for k in [0usize, 2] {
             let b = branch(
                 &e,
@@ -248,6 +303,7 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
             s.stop(StopMode::Fast).await.unwrap();
             let info = e.get_timeline(&b).await.unwrap();
             assert_eq!(info.lineage.parent_lsn, Some(lsns[k]));
+            first_lsn_branch.get_or_insert(b);
         }
         let mut pitr_branch = None;
         for k in [1usize, 3] {
@@ -287,6 +343,35 @@ async fn point_in_time_branches_hold_exactly_the_commits() {
         want.push(9999);
         assert_eq!(ids(&s).await, want);
         s.stop(StopMode::Fast).await.unwrap();
+
+        // Lineage: points before a branch was made are in its parent's
+        // history up to the branch point (at an LSN and at a time).
+        let bw = e.get_timeline(&b).await.unwrap().restore_window.unwrap();
+        let rw = e.get_timeline(&root).await.unwrap().restore_window.unwrap();
+        assert_eq!(
+            bw.oldest, rw.oldest,
+            "window of {b} does not reach back through its parent"
+        );
+        for (key, point, n) in [
+            ("anc-lsn", Point::Lsn(lsns[1]), 20),
+            ("anc-ts", Point::Timestamp(times[0]), 10),
+        ] {
+            let old = branch(&e, key, &b, point, None).await.unwrap();
+            let s = e.start_postgres(&old, free_port()).await.unwrap();
+            assert_eq!(ids(&s).await, (1..=n).collect::<Vec<_>>(), "{key}");
+            s.stop(StopMode::Fast).await.unwrap();
+        }
+        // ...but never the parent's history after the branch point.
+        let early = first_lsn_branch.unwrap();
+        match branch(&e, "after-bp", &early, Point::Lsn(lsns[2]), None).await {
+            Err(StorageError::InvalidPoint { .. }) => {}
+            Ok(t) => {
+                let s = e.start_postgres(&t, free_port()).await.unwrap();
+                assert_eq!(ids(&s).await, (1..=10).collect::<Vec<_>>());
+                s.stop(StopMode::Fast).await.unwrap();
+            }
+            Err(other) => panic!("{other}"),
+        }
         // The volume belongs to one engine at a time.
         let second = Engine::open(EngineConfig {
             root: v.root.clone(),
@@ -368,6 +453,19 @@ async fn chains_keys_deletes_and_sizes() {
     for v in volumes("chains") {
         eprintln!("driver {}", v.kind);
         let e = open(&v).await;
+        let info = e.info().await.unwrap();
+        assert_eq!(info.driver, v.kind);
+        if v.kind != DriverKind::Copy {
+            // Probing finds the copy-on-write method of the filesystem.
+            let probed = Engine::open(EngineConfig {
+                root: v.root.with_file_name("probe"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            assert_eq!(probed.driver(), v.kind);
+        }
+        assert!(info.pg_major >= 14, "{info:?}");
         let root = root_timeline(&e, "root").await;
         // Idempotent keys.
         let again = e
@@ -433,6 +531,22 @@ async fn chains_keys_deletes_and_sizes() {
         }
         assert_eq!(e.list_timelines().await.unwrap().len(), 4);
 
+        // "Now" on a stopped timeline: everything it wrote is archived, so
+        // a time after its last commit is reachable without a connection.
+        let now = branch(
+            &e,
+            "at-now",
+            &chain[3],
+            Point::Timestamp(jiff::Timestamp::now()),
+            None,
+        )
+        .await
+        .unwrap();
+        let s = e.start_postgres(&now, free_port()).await.unwrap();
+        assert_eq!(ids(&s).await, vec![1, 2, 3, 4]);
+        s.stop(StopMode::Fast).await.unwrap();
+        e.delete_timeline(&now).await.unwrap();
+
         // Sizes, then deleting the parents leaves the grandchild whole.
         let leaf = chain[3].clone();
         let t = e.get_timeline(&leaf).await.unwrap();
@@ -495,6 +609,38 @@ async fn snapshots_restore_twice_and_at_points() {
             .unwrap();
         let snap = wait_snapshot_ready(&e, &snap.id, WAIT).await.unwrap();
         assert!(snap.lsn.is_some() && snap.size_bytes > 1_000_000);
+
+        // Without a connection: crash-consistent on btrfs, refused elsewhere.
+        let r = e
+            .create_snapshot(CreateSnapshot {
+                key: key("snap-nocon"),
+                timeline: root.clone(),
+                point: Point::Head,
+                source_connection: None,
+                label: None,
+            })
+            .await;
+        match v.kind {
+            DriverKind::Btrfs => {
+                let s = wait_snapshot_ready(&e, &r.unwrap().id, WAIT).await.unwrap();
+                let t = e
+                    .create_timeline(CreateTimeline {
+                        key: key("restore-nocon"),
+                        source: Source::Snapshot {
+                            snapshot: s.id.clone(),
+                        },
+                        source_connection: None,
+                        label: None,
+                    })
+                    .await
+                    .unwrap();
+                let t = wait_timeline_ready(&e, &t.id, WAIT).await.unwrap();
+                let srv = e.start_postgres(&t.id, free_port()).await.unwrap();
+                assert_eq!(ids(&srv).await, (1..=10).collect::<Vec<_>>());
+                srv.stop(StopMode::Fast).await.unwrap();
+            }
+            _ => assert!(matches!(r, Err(StorageError::Busy { .. })), "{r:?}"),
+        }
         sql(&p, "INSERT INTO t SELECT generate_series(11, 20)").await;
         let lsn20: Lsn = one_str(&p, "SELECT pg_current_wal_lsn()::text")
             .await
@@ -607,7 +753,12 @@ async fn schema_only_copies_structure_without_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "helper process of crash_mid_operation_then_retry_with_same_key"]
 async fn crash_child() {
-    let root = std::env::var("CRASH_ROOT").unwrap();
+    let Ok(root) = std::env::var("CRASH_ROOT") else {
+        eprintln!(
+            "crash_child runs only as the child of crash_mid_operation_then_retry_with_same_key"
+        );
+        return;
+    };
     let kind: DriverKind = std::env::var("CRASH_DRIVER").unwrap().parse().unwrap();
     let e = Engine::open(EngineConfig {
         root: root.into(),
@@ -781,4 +932,51 @@ fn postgres_processes_under(dir: &std::path::Path) -> usize {
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .filter(|c| c.contains("postgres") && c.contains(&needle))
         .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_archive_is_an_invalid_point_not_a_wrong_copy() {
+    let v = volumes("damaged_archive").remove(0);
+    let e = open(&v).await;
+    let root = root_timeline(&e, "root").await;
+    let p = e.start_postgres(&root, free_port()).await.unwrap();
+    sql(
+        &p,
+        "CREATE TABLE t (id int primary key); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    sql(&p, "SELECT pg_switch_wal()").await;
+    sql(&p, "INSERT INTO t VALUES (2)").await;
+    let lsn: Lsn = one_str(&p, "SELECT pg_current_wal_lsn()::text")
+        .await
+        .parse()
+        .unwrap();
+    p.stop(StopMode::Fast).await.unwrap(); // archives everything
+    let w = e.get_timeline(&root).await.unwrap().restore_window.unwrap();
+    assert!(w.newest.lsn >= lsn, "{w}");
+    // Lose the first archived segment: replay cannot reach the point.
+    let wal = v.root.join("wal").join(root.as_str());
+    let mut segs: Vec<_> = std::fs::read_dir(&wal)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.len() == 24)
+        .collect();
+    segs.sort();
+    std::fs::remove_file(wal.join(&segs[0])).unwrap();
+    let err = branch(&e, "damaged", &root, Point::Lsn(lsn), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::InvalidPoint { .. }), "{err}");
+    // The failed attempt left nothing behind but its record.
+    let failed: Vec<_> = e
+        .list_timelines()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.state == State::Failed)
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert!(!e.data_dir(&failed[0].id).exists());
+    e.delete_timeline(&failed[0].id).await.unwrap();
 }

@@ -17,7 +17,7 @@ use support::*;
 struct Fixture {
     srv: ServerGuard,
     engine: pgbranch::storage::engine::Engine,
-    dir: tempfile::TempDir,
+    dir: TestDir,
     http: reqwest::Client,
 }
 
@@ -391,4 +391,82 @@ async fn busy_and_conflict_statuses() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
+}
+
+/// The real binary: token from the environment, requests carrying
+/// passwords are served and logged without them, SIGTERM stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binary_keeps_secrets_out_of_its_log() {
+    let dir = temp_dir_in(None);
+    let data = dir.path().join("volume");
+    std::fs::create_dir(&data).unwrap();
+    let srv = Serve::start(&data, dir.path(), None).await;
+    let secret = "pw-SECRET-4711";
+    let t = srv
+        .client
+        .create_timeline(CreateTimeline {
+            key: key("root"),
+            source: Source::Empty {
+                superuser_password: Some(Password(secret.into())),
+            },
+            source_connection: None,
+            label: None,
+        })
+        .await
+        .unwrap();
+    let t = pgbranch::storage::wait::wait_timeline_ready(&srv.client, &t.id, READY_TIMEOUT)
+        .await
+        .unwrap();
+    // A head copy naming a source connection with a password (the source
+    // is not running: the engine copies it stopped).
+    let b = srv
+        .client
+        .create_timeline(CreateTimeline {
+            key: key("child"),
+            source: Source::Timeline {
+                timeline: t.id.clone(),
+                point: Point::Head,
+            },
+            source_connection: Some(ConnInfo {
+                host: "127.0.0.1".into(),
+                port: free_port(),
+                user: "postgres".into(),
+                password: Some(Password(secret.into())),
+                dbname: "postgres".into(),
+            }),
+            label: None,
+        })
+        .await
+        .unwrap();
+    let _ = pgbranch::storage::wait::wait_timeline_ready(&srv.client, &b.id, READY_TIMEOUT).await;
+    let unauthorized = HttpStorage::new(
+        srv.client.base_url().as_ref(),
+        Some("wrong-token-XYZ".into()),
+    )
+    .unwrap()
+    .info()
+    .await;
+    assert!(matches!(
+        unauthorized,
+        Err(StorageError::Unauthorized { .. })
+    ));
+    srv.stop().await;
+
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(log.contains("storage service listening"), "{log}");
+    assert!(log.contains("/v1/timelines"), "requests are logged: {log}");
+    assert!(
+        log.contains("request refused"),
+        "refusals are logged: {log}"
+    );
+    assert!(
+        log.contains("storage service stopped"),
+        "graceful stop: {log}"
+    );
+    assert!(!log.contains(secret), "a password reached the log");
+    assert!(!log.contains(TOKEN), "the token reached the log");
+    assert!(
+        !log.contains("wrong-token-XYZ"),
+        "a presented token reached the log"
+    );
 }

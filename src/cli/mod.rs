@@ -2,6 +2,7 @@
 //! service, CRD generation and local mode.
 
 pub mod crd;
+pub mod local;
 pub mod operator;
 pub mod storage;
 
@@ -24,6 +25,8 @@ pub enum Command {
     Storage(storage::StorageCommand),
     /// Print the CustomResourceDefinitions (YAML), or write one file per kind.
     Crd(crd::CrdArgs),
+    /// Branches on this machine, no cluster: `pgbranch local init`.
+    Local(local::LocalArgs),
 }
 
 /// Errors that end the program with a message.
@@ -45,5 +48,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Operator(args) => operator::run(args).await,
         Command::Storage(cmd) => storage::run(cmd).await,
         Command::Crd(args) => crd::run(args),
+        Command::Local(args) => local::run(args).await,
     }
 }

@@ -57,6 +57,10 @@ pub struct OperatorArgs {
     /// Seconds between full resyncs of every object (0: off).
     #[arg(long, env = "PGBRANCH_RESYNC_SECONDS", default_value_t = 0)]
     pub resync_seconds: u64,
+    /// Most Snapshots (holding a stored snapshot) per namespace; one more is
+    /// Stalled with reason SnapshotQuotaExceeded.
+    #[arg(long, env = "PGBRANCH_SNAPSHOT_QUOTA", default_value_t = 10)]
+    pub snapshot_quota: u32,
 }
 
 /// Flags of the computes the operator creates.
@@ -123,6 +127,7 @@ impl OperatorArgs {
             resync_interval: (self.resync_seconds > 0)
                 .then(|| Duration::from_secs(self.resync_seconds)),
             instance: Some(self.identity()),
+            snapshot_quota: self.snapshot_quota,
             ..Config::default()
         })
     }

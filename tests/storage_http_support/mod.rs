@@ -4,8 +4,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
 
 use pgbranch::storage::engine::{Engine, EngineConfig};
 use pgbranch::storage::http::server::{self, Auth};
@@ -31,8 +34,51 @@ pub fn drivers_to_test(test: &str) -> Vec<(DriverKind, Option<PathBuf>)> {
     v
 }
 
+/// A temp dir removed on drop, btrfs subvolumes inside it included (a
+/// plain recursive remove cannot remove those).
+pub struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .map(|d| d.path())
+            .unwrap_or(Path::new("/nonexistent"))
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let Some(d) = self.0.take() else { return };
+        delete_subvolumes(d.path());
+        drop(d);
+    }
+}
+
+/// Deletes every btrfs subvolume under `dir`, deepest first.
+fn delete_subvolumes(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let mut subvols: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_dir())
+        .filter(|e| e.metadata().map(|m| m.ino() == 256).unwrap_or(false))
+        .map(|e| e.into_path())
+        .collect();
+    subvols.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for sv in subvols {
+        let _ = std::process::Command::new("btrfs")
+            .args(["subvolume", "delete"])
+            .arg(&sv)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// A temp dir the `postgres` user can traverse.
-pub fn temp_dir_in(parent: Option<&Path>) -> tempfile::TempDir {
+pub fn temp_dir_in(parent: Option<&Path>) -> TestDir {
     let d = match parent {
         Some(p) => tempfile::Builder::new()
             .prefix("pgbranch-test-")
@@ -44,7 +90,7 @@ pub fn temp_dir_in(parent: Option<&Path>) -> tempfile::TempDir {
             .unwrap(),
     };
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
+    TestDir(Some(d))
 }
 
 pub fn engine_config(root: &Path, driver: DriverKind) -> EngineConfig {
@@ -104,10 +150,11 @@ pub struct Backend {
     pub storage: Arc<dyn Storage>,
     pub engine: Engine,
     pub server: Option<ServerGuard>,
-    pub dir: tempfile::TempDir,
+    pub dir: TestDir,
 }
 
 pub const TOKEN: &str = "test-token-0123456789";
+pub const TOKEN_ENV: &str = "PGBRANCH_STORAGE_TOKEN";
 
 impl Backend {
     pub async fn new(driver: DriverKind, parent: Option<&Path>, http: bool) -> Backend {
@@ -219,4 +266,77 @@ pub async fn count_rows(c: &tokio_postgres::Client, table: &str) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// A running `pgbranch storage serve`, SIGKILLed on drop.
+pub struct Serve {
+    pub child: tokio::process::Child,
+    pub client: HttpStorage,
+}
+
+impl Serve {
+    /// Starts the binary on `data` (copy driver), logging to
+    /// `logs/serve.log`; the token comes from `token_file`, else from the
+    /// environment variable.
+    pub async fn start(data: &Path, logs: &Path, token_file: Option<&Path>) -> Serve {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join("serve.log"))
+            .unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgbranch"));
+        cmd.args(["storage", "serve"]);
+        match token_file {
+            Some(f) => {
+                cmd.arg("--token-file").arg(f).env_remove(TOKEN_ENV);
+            }
+            None => {
+                cmd.env(TOKEN_ENV, TOKEN);
+            }
+        }
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0", "--driver", "copy"])
+            .arg("--data-dir")
+            .arg(data)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+            .await
+            .expect("server did not start in 120 s")
+            .unwrap()
+            .unwrap_or_else(|| {
+                panic!(
+                    "server exited: {}",
+                    std::fs::read_to_string(logs.join("serve.log")).unwrap_or_default()
+                )
+            });
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        let client = HttpStorage::new(&format!("http://{addr}"), Some(TOKEN.into())).unwrap();
+        Serve { child, client }
+    }
+
+    pub async fn sigkill(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let st = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("server did not stop on SIGTERM")
+            .unwrap();
+        assert!(st.success(), "server exit status after SIGTERM: {st}");
+    }
 }

@@ -64,7 +64,24 @@ impl Harness {
         .await
         .expect("engine opens");
         let runner = ComputeRunner::start(client.clone(), engine.clone());
-        let metrics = Metrics::new();
+        let mut h = Self {
+            client,
+            engine,
+            runner,
+            metrics: Metrics::new(),
+            stop: None,
+            operator: AbortOnDrop(None),
+            _dir: dir,
+        };
+        h.start_operator();
+        h
+    }
+
+    /// Starts an operator (a fresh Context and metrics) on the same API
+    /// server, engine and computes. Panics if one is running.
+    pub fn start_operator(&mut self) {
+        assert!(self.operator.0.is_none(), "an operator is already running");
+        self.metrics = Metrics::new();
         let config = Config {
             namespace: Some(NS.into()),
             resync_interval: Some(Duration::from_secs(1)),
@@ -72,26 +89,29 @@ impl Harness {
             step_timeout: Duration::from_secs(120),
             ..Config::default()
         };
-        let storage: Arc<dyn Storage> = Arc::new(engine.clone());
+        let storage: Arc<dyn Storage> = Arc::new(self.engine.clone());
         let ctx = Context::new(
-            client.clone(),
+            self.client.clone(),
             storage,
             config,
-            metrics.clone(),
-            Arc::new(runner.resolver()),
+            self.metrics.clone(),
+            Arc::new(self.runner.resolver()),
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let operator = tokio::spawn(controller::run(ctx, async move {
             let _ = rx.await;
         }));
-        Self {
-            client,
-            engine,
-            runner,
-            metrics,
-            stop: Some(tx),
-            operator: AbortOnDrop(Some(operator)),
-            _dir: dir,
+        self.stop = Some(tx);
+        self.operator = AbortOnDrop(Some(operator));
+    }
+
+    /// Kills the operator wherever it is (reconciles in flight are dropped
+    /// at their next await), as a crash would.
+    pub async fn crash_operator(&mut self) {
+        self.stop = None;
+        if let Some(op) = self.operator.0.take() {
+            op.abort();
+            let _ = op.await;
         }
     }
 
@@ -362,6 +382,11 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     assert!(
         head_st.parent_lsn.is_some(),
         "parentLsn recorded: {head_st:?}"
+    );
+    assert_eq!(head_st.parent_branch.as_deref(), Some("main"));
+    assert_eq!(
+        head_st.parent_timeline_id.as_deref(),
+        Some(main_tl.as_str())
     );
     assert_eq!(
         head_st

@@ -134,6 +134,26 @@ impl Harness {
         self.op = Some(Operator { stop: crash, task });
     }
 
+    /// Starts only the Snapshot controller (to watch it wait for a restore
+    /// that is stopped mid-way).
+    pub fn start_snapshot_controller_only(&mut self, config: Config) {
+        assert!(self.op.is_none(), "operator already running");
+        let storage: Arc<dyn Storage> = Arc::new(self.engine.clone());
+        let ctx = Context::new(
+            self.client.clone(),
+            storage,
+            config,
+            Metrics::new(),
+            Arc::new(self.runner().resolver()),
+        );
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(controller::snapshot::run(ctx, async move {
+            s.cancelled().await
+        }));
+        self.op = Some(Operator { stop, task });
+    }
+
     /// Waits for the operator to end on its own (a fail point fired).
     pub async fn wait_operator_stopped(&mut self) {
         let op = self.op.take().expect("operator running");

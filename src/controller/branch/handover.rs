@@ -7,13 +7,14 @@
 //!   own.
 //! * **Adopting a timeline** (`pgbranch.dev/adopt-timeline: <id>`): a
 //!   restore's backup branch takes over the target's old timeline instead of
-//!   creating one ([`check_adoption`], then the controller's adoption). Honoured only on a Branch the
-//!   operator created for a restore: it must carry the label
-//!   `pgbranch.dev/restore-backup-of: <restore>`, and that SnapshotRestore's
-//!   status must name this branch as `backupBranch` and the timeline as the
-//!   target's old `targetTimelineId`. Anything else is Stalled
-//!   `AdoptTimelineRefused`: a user cannot take another branch's data by
-//!   writing an annotation.
+//!   creating one ([`check_adoption`], then the controller's adoption).
+//!   Honoured only on a backup branch the operator made: one labelled
+//!   `pgbranch.dev/restore-backup-of: <restore>` whose SnapshotRestore's
+//!   status names it as `backupBranch` of that timeline (its old
+//!   `targetTimelineId`), or one that a Branch's `status.history` (written
+//!   only by the operator) names as the `backupBranch` of that timeline.
+//!   Anything else is Stalled `AdoptTimelineRefused`: a user cannot take
+//!   another branch's data by writing an annotation.
 //! * **Handing a compute over** (`pgbranch.dev/handover-to: <branch>`, set
 //!   by a restore on its restored branch R when finalizing): R's controller
 //!   stops managing it ([`handed_over`]); the target branch T, once its
@@ -91,8 +92,8 @@ pub(super) async fn snapshot_source(
     Ok(Some(Ok(Source::Snapshot { snapshot })))
 }
 
-/// Checks that an adopt annotation was put there by a restore (see the
-/// module doc), and waits while the restore's target still claims the
+/// Checks that an adopt annotation was put there by the operator (see the
+/// module doc), and waits while a restore's target still claims the
 /// timeline (the restore moves the target off it next).
 pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> Result<(), Error> {
     let ns = branch.namespace().unwrap_or_default();
@@ -100,35 +101,56 @@ pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> 
     let refuse = |why: String| {
         Error::stalled(
             "AdoptTimelineRefused",
-            format!("annotation {ANNOTATION_ADOPT_TIMELINE} is honoured only on a restore's backup branch: {why}"),
+            format!("annotation {ANNOTATION_ADOPT_TIMELINE} is honoured only on a backup branch the operator made: {why}"),
         )
     };
-    let Some(restore) = branch.labels().get(LABEL_RESTORE_BACKUP_OF) else {
-        return Err(refuse(format!("no {LABEL_RESTORE_BACKUP_OF} label")));
-    };
-    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(r) = with_deadline(ctx, "read restore", api.get_opt(restore)).await? else {
-        return Err(refuse(format!("SnapshotRestore {restore} not found")));
-    };
-    let st = r.status.unwrap_or_default();
-    if st.backup_branch.as_deref() != Some(name.as_str())
-        || st.target_timeline_id.as_deref() != Some(id)
-    {
-        return Err(refuse(format!(
-            "SnapshotRestore {restore} did not make this branch the backup of timeline {id}"
-        )));
-    }
-    if let Some(target) = &r.spec.target {
-        let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-        if let Some(t) = with_deadline(ctx, "read branch", branches.get_opt(target)).await? {
-            if t.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id) {
-                return Err(Error::Waiting(format!(
-                    "timeline {id} is still branch {target}'s; restore {restore} moves it next"
-                )));
+    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(restore) = branch.labels().get(LABEL_RESTORE_BACKUP_OF) {
+        let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
+        let Some(r) = with_deadline(ctx, "read restore", api.get_opt(restore)).await? else {
+            return Err(refuse(format!("SnapshotRestore {restore} not found")));
+        };
+        let st = r.status.unwrap_or_default();
+        if st.backup_branch.as_deref() != Some(name.as_str())
+            || st.target_timeline_id.as_deref() != Some(id)
+        {
+            return Err(refuse(format!(
+                "SnapshotRestore {restore} did not make this branch the backup of timeline {id}"
+            )));
+        }
+        if let Some(target) = &r.spec.target {
+            if let Some(t) = with_deadline(ctx, "read branch", branches.get_opt(target)).await? {
+                if t.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id) {
+                    return Err(Error::Waiting(format!(
+                        "timeline {id} is still branch {target}'s; restore {restore} moves it next"
+                    )));
+                }
             }
         }
+        return Ok(());
     }
-    Ok(())
+    // Otherwise a Branch's status history (written only by the operator)
+    // must name this branch as the backup of that timeline. A timeline
+    // another Branch serves is reported by the adoption itself.
+    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    let served = all.items.iter().any(|b| {
+        b.uid() != branch.uid()
+            && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id)
+    });
+    let recorded = all.items.iter().any(|b| {
+        b.status.as_ref().is_some_and(|s| {
+            s.history
+                .iter()
+                .any(|h| h.timeline_id == id && h.backup_branch.as_deref() == Some(name.as_str()))
+        })
+    });
+    if served || recorded {
+        Ok(())
+    } else {
+        Err(refuse(format!(
+            "no {LABEL_RESTORE_BACKUP_OF} label, and no Branch's status.history names {name} as the backup of timeline {id}"
+        )))
+    }
 }
 
 /// The Deployment already serving `tl` that this branch must use instead of

@@ -88,18 +88,17 @@ pub async fn run(
         ),
     };
     let owned = watcher::Config::default().labels(LABEL_BRANCH);
-    let mut controller = Controller::new(branches.clone(), watcher::Config::default())
+    let controller = Controller::new(branches.clone(), watcher::Config::default());
+    let store = controller.store();
+    let mut controller = controller
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
         .owns(secrets, owned)
-        // A child's changes (e.g. its deletion) wake its parent, which may
-        // be waiting for its children to go.
-        .watches(branches, watcher::Config::default(), |child: Branch| {
-            let ns = child.namespace();
-            child
-                .spec
-                .parent
-                .and_then(|p| ns.map(|ns| ObjectRef::<Branch>::new(&p.branch).within(&ns)))
+        // A branch's changes wake its parent (which may wait for its
+        // children to go) and its children (which may wait for it to be
+        // Ready, or for it to exist).
+        .watches(branches, watcher::Config::default(), move |b: Branch| {
+            related_branches(&b, &store.state())
         })
         .graceful_shutdown_on(shutdown);
     if let Some(every) = ctx.config.resync_interval {
@@ -118,6 +117,45 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The Branch holding the data `b` was copied from: `status.parentBranch`
+/// (moved by a restore of the parent to its backup branch), else
+/// `spec.parent.branch`.
+pub fn effective_parent(b: &Branch) -> Option<String> {
+    b.status
+        .as_ref()
+        .and_then(|s| s.parent_branch.clone())
+        .or_else(|| b.spec.parent.as_ref().map(|p| p.branch.clone()))
+}
+
+/// The parent and the children of `b` (children found in `known`, the
+/// controller's cache of Branches).
+fn related_branches(b: &Branch, known: &[Arc<Branch>]) -> Vec<ObjectRef<Branch>> {
+    let Some(ns) = b.namespace() else {
+        return vec![];
+    };
+    let name = b.name_any();
+    let mut out: Vec<ObjectRef<Branch>> = b
+        .spec
+        .parent
+        .iter()
+        .map(|p| p.branch.clone())
+        .chain(effective_parent(b))
+        .map(|p| ObjectRef::new(&p).within(&ns))
+        .collect();
+    out.dedup();
+    out.extend(
+        known
+            .iter()
+            .filter(|c| c.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|c| {
+                c.spec.parent.as_ref().is_some_and(|p| p.branch == name)
+                    || effective_parent(c).as_deref() == Some(name.as_str())
+            })
+            .map(|c| ObjectRef::from_obj(c.as_ref())),
+    );
+    out
 }
 
 async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -178,6 +216,16 @@ async fn finish(
         // Our own status write raced with another writer: re-read first.
         Err(e @ Error::Kube(kube::Error::Api(_))) if e.reason() == "Conflict" => return Err(e),
         Err(Error::Waiting(what)) => (progressing("Waiting", what, ctx.config.poll_interval), None),
+        // A hiccup (storage or API unreachable, a timeout) on a branch that
+        // is serving does not make it unready: retry without a status write.
+        Err(e)
+            if e.is_retryable()
+                && branch.status.as_ref().is_some_and(|s| {
+                    crate::api::conditions::is_ready_for(&s.conditions, branch.metadata.generation)
+                }) =>
+        {
+            return Err(e)
+        }
         Err(e) => (
             Done {
                 outcome: Outcome::progressing(e.reason(), e.to_string()),
@@ -516,6 +564,25 @@ async fn ensure_timeline(
                 )));
             };
             let ptl = TimelineId::new(ptl).map_err(storage_stalled)?;
+            // One copy of a parent at a time: two backup-mode copies of one
+            // running server at once have been seen to fail the first
+            // ("WAL ends before end of online backup", copy driver).
+            let stored = with_deadline(ctx, "list timelines", ctx.storage.list_timelines()).await?;
+            if let Some(other) = stored.iter().find(|t| {
+                t.state == State::Creating
+                    && t.lineage.parent.as_ref() == Some(&ptl)
+                    && t.key.as_str() != uid
+            }) {
+                return Ok(Err(progressing(
+                    "WaitingForParentCopy",
+                    format!(
+                        "another copy of the parent branch {} is in progress (timeline {}); this one starts after it",
+                        p.name_any(),
+                        other.id
+                    ),
+                    ctx.config.poll_interval,
+                )));
+            }
             let source = if branch.spec.init_source == Some(InitSource::SchemaOnly) {
                 Source::SchemaOnly { timeline: ptl }
             } else {
@@ -561,6 +628,9 @@ async fn ensure_timeline(
 fn record_timeline(status: &mut BranchStatus, tl: &Timeline) {
     status.timeline_id = Some(tl.id.to_string());
     status.parent_lsn = tl.lineage.parent_lsn.map(|l| l.to_string());
+    if status.parent_timeline_id.is_none() {
+        status.parent_timeline_id = tl.lineage.parent.as_ref().map(|p| p.to_string());
+    }
     let lsn = tl.lsn.map(|l| l.to_string());
     let size = i64::try_from(tl.logical_size_bytes).unwrap_or(i64::MAX);
     let significant = match status.logical_size_bytes {
@@ -656,6 +726,10 @@ async fn apply_steps(
         Err(done) => return Ok(done),
     };
     record_timeline(status, &tl);
+    if status.parent_branch.is_none() {
+        // Set once; a restore of the parent moves it to the backup branch.
+        status.parent_branch = branch.spec.parent.as_ref().map(|p| p.branch.clone());
+    }
     match tl.state {
         State::Ready => {}
         State::Creating => {
@@ -1012,7 +1086,7 @@ async fn cleanup_steps(
     let mut children: Vec<String> = all
         .items
         .iter()
-        .filter(|b| b.spec.parent.as_ref().is_some_and(|p| p.branch == name))
+        .filter(|b| effective_parent(b).as_deref() == Some(name.as_str()))
         .map(|b| b.name_any())
         .collect();
     children.sort();
@@ -1137,6 +1211,71 @@ mod tests {
             exclusive_bytes: None,
             restore_window: None,
         }
+    }
+
+    #[test]
+    fn related_branches_are_parent_and_children() {
+        use crate::api::{BranchSpec, ParentRef};
+        let mk = |name: &str, ns: &str, parent: Option<&str>| {
+            let mut b = Branch::new(
+                name,
+                BranchSpec {
+                    parent: parent.map(|p| ParentRef {
+                        branch: p.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            );
+            b.metadata.namespace = Some(ns.into());
+            Arc::new(b)
+        };
+        let known = vec![
+            mk("main", "a", None),
+            mk("dev", "a", Some("main")),
+            mk("dev2", "a", Some("main")),
+            mk("other", "b", Some("main")),
+            mk("grandchild", "a", Some("dev")),
+        ];
+        let mut names: Vec<String> = related_branches(&known[0], &known)
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["dev", "dev2"]);
+        let names: Vec<String> = related_branches(&known[1], &known)
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        assert_eq!(names, vec!["main", "grandchild"]);
+    }
+
+    #[test]
+    fn a_restore_moves_the_effective_parent() {
+        use crate::api::{BranchSpec, ParentRef};
+        let mut b = Branch::new(
+            "dev",
+            BranchSpec {
+                parent: Some(ParentRef {
+                    branch: "prod".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        assert_eq!(effective_parent(&b).as_deref(), Some("prod"));
+        b.status = Some(BranchStatus {
+            parent_branch: Some("prod-old-20240101000000".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            effective_parent(&b).as_deref(),
+            Some("prod-old-20240101000000")
+        );
+        assert_eq!(
+            effective_parent(&Branch::new("root", BranchSpec::default())),
+            None
+        );
     }
 
     #[test]

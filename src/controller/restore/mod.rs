@@ -28,11 +28,15 @@
 //! * **AwaitingFinalize** (`finalize: false`) — Ready, reason
 //!   `AwaitingFinalize`: preview R through its own Service `<R>` and Secret
 //!   `<R>-app`; set `finalize: true` to go on.
-//! * **Finalizing** — first the target is checked again (same UID, same
-//!   timeline, else Stalled `TargetChanged` and nothing is replaced) and its
-//!   Service must be the operator's (owner reference to the target Branch,
-//!   no other field manager of its selector, no GitOps marker), else Stalled
-//!   `ServiceNotOwned`. Then these steps, each idempotent and recorded in
+//! * **Finalizing** — before the phase moves here (and again before step
+//!   3) the target is checked again (same UID, same timeline, else Stalled
+//!   `TargetChanged`, phase Failed, nothing replaced) and its Service must be
+//!   the operator's (owner reference to the target Branch, no other field
+//!   manager of its selector, no GitOps marker), else Stalled
+//!   `ServiceNotOwned` and the restore stays where it was, re-checked every
+//!   30 s. A target without a running compute skips the SQL of step 1 (its
+//!   controller sets the passwords when the compute starts) and the
+//!   adoption of step 4. Then these steps, each idempotent and recorded in
 //!   `status.finalizeStep` once done, so an operator restarted at any point
 //!   resumes at the right one:
 //!   1. `Passwords` — R is marked `pgbranch.dev/handover-to: <target>` (its
@@ -700,10 +704,46 @@ async fn restoring(
             "the target was not resolved when the restore started",
         ));
     }
+    // Checked before the phase moves: a restore refused here is not
+    // Finalizing (its deletion is not held back).
+    precheck(run, st).await?;
     st.phase = Some(RestorePhase::Finalizing);
     st.progress = Some("finalizing".into());
     run.save(st).await?;
     Ok(None)
+}
+
+/// The target is still the one resolved at the start (same UID, same
+/// timeline) and its Service is the operator's to retarget.
+async fn precheck(run: &Run<'_>, st: &SnapshotRestoreStatus) -> Result<(), Error> {
+    let ctx = run.ctx;
+    let tname = run.r.spec.target.clone().unwrap_or_default();
+    let branches = branch_api(ctx, &run.ns);
+    let target = with_deadline(ctx, "read target", branches.get_opt(&tname)).await?;
+    let Some(target) = target.filter(|t| t.uid() == st.target_uid) else {
+        return Err(Error::stalled(
+            "TargetChanged",
+            format!("branch {tname} was deleted or created again since the restore started; nothing was replaced"),
+        ));
+    };
+    let current = target.status.as_ref().and_then(|s| s.timeline_id.clone());
+    if current != st.target_timeline_id {
+        return Err(Error::stalled(
+            "TargetChanged",
+            format!(
+                "branch {tname} moved to timeline {} since the restore started (it was on {}); nothing was replaced",
+                current.unwrap_or_default(),
+                st.target_timeline_id.clone().unwrap_or_default()
+            ),
+        ));
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
+    let svc = with_deadline(ctx, "read service", services.get_opt(&service_name(&tname))).await?;
+    check_service_owned(
+        svc.as_ref(),
+        &target,
+        st.target_uid.as_deref().unwrap_or_default(),
+    )
 }
 
 /// The restored Branch R.
@@ -1014,10 +1054,12 @@ async fn finalizing(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> Result
             deploys.list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={t_new}"))),
         )
         .await?;
-        let adopted = new
-            .items
-            .iter()
-            .any(|d| holder(d, &target_uid) == Holder::Owner);
+        let runs = target.spec.compute.enabled && !target.spec.compute.suspended;
+        let adopted = !runs
+            || new
+                .items
+                .iter()
+                .any(|d| holder(d, &target_uid) == Holder::Owner);
         if !(on_new && !old_running && adopted) {
             st.progress = Some(format!(
                 "waiting for branch {tname} to take over the compute of timeline {t_new} and stop the one of {t_old}"
@@ -1117,6 +1159,13 @@ async fn target_credentials(
 async fn set_target_passwords(run: &Run<'_>, target: &Branch, rname: &str) -> Result<(), Error> {
     let ctx = run.ctx;
     let ns = &run.ns;
+    if !target.spec.compute.enabled || target.spec.compute.suspended {
+        // The restored branch has the target's compute spec: nothing runs.
+        // The target's controller sets its passwords when its compute next
+        // starts (the data's source branch's password is its fallback).
+        tracing::info!(restore = %run.name, "no compute runs: passwords are set when the target's compute starts");
+        return Ok(());
+    }
     let all = target_credentials(ctx, ns, target).await?;
     let su = all[0].2.clone();
     let mut fallback = vec![];
@@ -1317,6 +1366,90 @@ mod tests {
         assert_eq!(
             default_backup_name("abcdefghijklmnopqrstuvwxy-z", at),
             "abcdefghijklmnopqrstuvwxy-old-20260102030405"
+        );
+    }
+
+    fn svc_of(owner_uid: Option<&str>, manager: Option<(&str, &str)>) -> Service {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+            FieldsV1, ManagedFieldsEntry, OwnerReference,
+        };
+        let mut s = Service::default();
+        s.metadata.name = Some("prod".into());
+        if let Some(uid) = owner_uid {
+            s.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "pgbranch.dev/v1alpha1".into(),
+                kind: "Branch".into(),
+                name: "prod".into(),
+                uid: uid.into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]);
+        }
+        if let Some((m, fields)) = manager {
+            s.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+                manager: Some(m.into()),
+                fields_v1: Some(FieldsV1(serde_json::from_str(fields).unwrap())),
+                ..Default::default()
+            }]);
+        }
+        s
+    }
+
+    #[test]
+    fn only_the_operators_service_is_retargeted() {
+        let t = Branch::new("prod", BranchSpec::default());
+        let reason = |r: Result<(), Error>| r.err().map(|e| e.reason());
+        assert_eq!(
+            reason(check_service_owned(None, &t, "u1")).as_deref(),
+            Some("ServiceNotOwned")
+        );
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u1"), None)),
+                &t,
+                "u1"
+            )),
+            None
+        );
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u2"), None)),
+                &t,
+                "u1"
+            ))
+            .as_deref(),
+            Some("ServiceNotOwned")
+        );
+        assert_eq!(
+            reason(check_service_owned(Some(&svc_of(None, None)), &t, "u1")).as_deref(),
+            Some("ServiceNotOwned")
+        );
+        let ours = r#"{"f:spec":{"f:selector":{}}}"#;
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u1"), Some((FIELD_MANAGER, ours)))),
+                &t,
+                "u1"
+            )),
+            None
+        );
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u1"), Some(("argocd-controller", ours)))),
+                &t,
+                "u1"
+            ))
+            .as_deref(),
+            Some("ServiceNotOwned")
+        );
+        let labels_only = r#"{"f:metadata":{"f:labels":{"f:team":{}}}}"#;
+        assert_eq!(
+            reason(check_service_owned(
+                Some(&svc_of(Some("u1"), Some(("kubectl", labels_only)))),
+                &t,
+                "u1"
+            )),
+            None
         );
     }
 

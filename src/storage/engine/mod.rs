@@ -6,6 +6,7 @@
 //! timelines/<id>/pgdata       the timeline's data directory (what a compute runs on)
 //! timelines/<id>/base         read-only copy of pgdata as created: the first PITR base
 //! timelines/<id>/postgres.log log of servers started by Engine::start_postgres
+//! timelines/<id>/engine.log   log of the engine's private servers (recovery, replay)
 //! snapshots/<id>/pgdata       a snapshot (read-only by convention; -r subvolume on btrfs)
 //! wal/<id>/                   the timeline's own WAL archive (filled by its archive_command)
 //! tmp/                        work directories, emptied at open
@@ -27,6 +28,9 @@
 //!   in one session; `backup_label`/`tablespace_map` written into the copy and
 //!   `pg_wal` re-copied after the stop;
 //! * running, non-atomic driver, no connection: refused with `Busy`.
+//!
+//! Head snapshots of a running server with a connection always use backup
+//! mode (also on btrfs), so they can serve as PITR bases of their timeline.
 //!
 //! # Fix-ups on every writable copy
 //! `postmaster.pid`, `postmaster.opts`, `recovery.signal`, `standby.signal`
@@ -52,7 +56,10 @@
 //! the metadata store with every commit record's time). For times, the
 //! newest end is the latest of: the newest archived commit, the base, and
 //! the moment of the last `pg_switch_wal()` the engine asked for (every
-//! commit before that moment is archived).
+//! commit before that moment is archived) or, for a stopped timeline
+//! (no `postmaster.pid`) with no segment waiting in
+//! `pg_wal/archive_status/*.ready`, the present moment: a suspended branch
+//! can be branched at "five minutes ago" after its last commit.
 //!
 //! A copy at a point = the newest base at or before it, cloned; then a
 //! private server replays the timeline's own archive with
@@ -78,10 +85,16 @@
 //! committing within the same microseconds may be ordered differently in
 //! WAL than in time). [`Storage::resolve_point`] returns that LSN.
 //!
-//! Points before the oldest base, after the newest archived record, or in
-//! the future are refused with `InvalidPoint` and the window. Points inside
-//! the parent's history before a timeline was created are reached by
-//! branching the parent, not by following lineage (not implemented).
+//! **Lineage**: a point before a timeline's own oldest base is looked up in
+//! its parent (recursively, while the ancestors exist and are not
+//! schema-only copies): the parent's history up to the branch point
+//! (`lineage.parent_lsn`) is the child's history too, replayed from the
+//! parent's bases and archive. A point in the parent's history after the
+//! branch point is refused. The reported window starts at the oldest
+//! reachable ancestor base.
+//!
+//! Points before the reachable window, after the newest archived record, or
+//! in the future are refused with `InvalidPoint` and the window.
 //!
 //! Snapshots at a past point are replayed and promoted like a branch and
 //! stored read-only; snapshots at head taken in backup mode or of a stopped
@@ -99,6 +112,12 @@
 //! key (carrying the secrets again) resumes it. An unfinished delete is
 //! finished. A failed create stays `Failed` (same key, same result) until it
 //! is deleted.
+//!
+//! Private servers (recovery, replay, schema dumps) get `PR_SET_PDEATHSIG`
+//! so they die with the engine; any left running on a directory that is
+//! cleaned at open is stopped first. For crash tests,
+//! `PGBRANCH_ENGINE_CRASH_AT=<progress step>` makes the engine SIGKILL
+//! itself when an operation enters that step.
 //!
 //! One engine process owns a volume at a time (`engine.lock`, flock);
 //! a second [`Engine::open`] on it fails with `Busy`.
@@ -124,9 +143,9 @@ use serde::{Deserialize, Serialize};
 pub use pg::{PgServer, StopMode};
 
 use crate::storage::{
-    ConnInfo, CreateSnapshot, CreateTimeline, DriverKind, Lineage, Lsn, Point, PointInfo, Progress,
-    RestoreWindow, Snapshot, SnapshotId, Source, State, Storage, StorageError, StorageInfo,
-    Timeline, TimelineId,
+    ConnInfo, CreateSnapshot, CreateTimeline, DriverKind, Lineage, Lsn, Password, Point, PointInfo,
+    Progress, RestoreWindow, Snapshot, SnapshotId, Source, State, Storage, StorageError,
+    StorageInfo, Timeline, TimelineId,
 };
 use driver::Driver;
 use meta::{BaseRow, Meta, Recorded, SnapshotRow, TimelineRow};
@@ -172,6 +191,8 @@ struct Inner {
     meta: Meta,
     in_use: Mutex<HashMap<String, usize>>,
     index_lock: tokio::sync::Mutex<()>,
+    /// Recently measured sizes (logical, exclusive) by "t:<id>"/"s:<id>".
+    sizes: Mutex<HashMap<String, (std::time::Instant, Sizes)>>,
     /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
     _volume_lock: nix::fcntl::Flock<fs::File>,
 }
@@ -208,7 +229,7 @@ struct StoredRequest {
 #[derive(Debug, Clone)]
 enum TlPlan {
     Empty {
-        password: Option<String>,
+        password: Option<Password>,
     },
     SchemaOnly {
         src: TimelineId,
@@ -218,8 +239,9 @@ enum TlPlan {
         src: TimelineId,
         conn: Option<ConnInfo>,
     },
+    /// `base.timeline` is the source or, for a point before the source
+    /// was made, the ancestor whose archive is replayed.
     Replay {
-        src: TimelineId,
         base: BaseRow,
         target: Lsn,
     },
@@ -335,6 +357,12 @@ fn segno_of(name: &str, seg_size: u64) -> Option<u64> {
     let lo = u64::from_str_radix(&name[16..24], 16).ok()?;
     Some(hi * (0x1_0000_0000 / seg_size) + lo)
 }
+
+/// Logical and exclusive bytes of an object.
+type Sizes = (u64, Option<u64>);
+
+/// How long measured sizes are reused.
+const SIZE_TTL: Duration = Duration::from_secs(10);
 
 const MANAGED_KEYS: &[&str] = &[
     "archive_mode",
@@ -492,6 +520,7 @@ impl Engine {
                 meta,
                 in_use: Mutex::new(HashMap::new()),
                 index_lock: tokio::sync::Mutex::new(()),
+                sizes: Mutex::new(HashMap::new()),
                 _volume_lock: volume_lock,
             }),
         };
@@ -523,11 +552,16 @@ impl Engine {
         self.inner.root.join("tmp")
     }
 
+    /// The shell command that archives one WAL file into the timeline's own
+    /// archive: never overwrites (an existing file must be identical),
+    /// fsyncs the copy before an atomic rename, then fsyncs the directory.
+    /// PostgreSQL cuts the expanded command off at 1024 bytes, so the
+    /// archive path is written once, into a shell variable.
     fn archive_command(root: &Path, id: &TimelineId) -> String {
         let d = root.join("wal").join(id.as_str());
         let d = d.display();
         format!(
-            "if [ -f \"{d}/%f\" ]; then cmp -s \"%p\" \"{d}/%f\"; else cp \"%p\" \"{d}/%f.tmp\" && sync \"{d}/%f.tmp\" && mv \"{d}/%f.tmp\" \"{d}/%f\" && sync \"{d}\"; fi"
+            "d=\"{d}\"; f=\"$d/%f\"; if [ -f \"$f\" ]; then cmp -s \"%p\" \"$f\"; else cp \"%p\" \"$f.tmp\" && sync \"$f.tmp\" && mv \"$f.tmp\" \"$f\" && sync \"$d\"; fi"
         )
     }
 
@@ -579,6 +613,7 @@ impl Engine {
                     log: &log,
                     timeout: Duration::from_secs(600),
                     tied: false,
+                    replay_progress: None,
                 },
             )
             .await
@@ -589,6 +624,16 @@ impl Engine {
         data: &Path,
         archive: Option<&TimelineId>,
         log: &Path,
+    ) -> Result<PgServer, StorageError> {
+        self.private_server_with(data, archive, log, None).await
+    }
+
+    async fn private_server_with(
+        &self,
+        data: &Path,
+        archive: Option<&TimelineId>,
+        log: &Path,
+        replay_progress: Option<&(dyn Fn(Lsn) + Send + Sync)>,
     ) -> Result<PgServer, StorageError> {
         self.inner
             .pg
@@ -601,6 +646,7 @@ impl Engine {
                     log,
                     timeout: Duration::from_secs(3600),
                     tied: true,
+                    replay_progress,
                 },
             )
             .await
@@ -617,6 +663,34 @@ impl Engine {
             .await
             .map_err(|e| io_err(what, e))?
             .map_err(|e| io_err(what, e))
+    }
+
+    /// Sizes of an object, measured at most every [`SIZE_TTL`] (walking a
+    /// large data directory or `btrfs filesystem du` is not free, and
+    /// callers poll).
+    async fn measured(
+        &self,
+        key: String,
+        f: impl FnOnce(&Inner) -> std::io::Result<(u64, Option<u64>)> + Send + 'static,
+    ) -> Result<(u64, Option<u64>), StorageError> {
+        if let Ok(c) = self.inner.sizes.lock() {
+            if let Some((at, v)) = c.get(&key) {
+                if at.elapsed() < SIZE_TTL {
+                    return Ok(*v);
+                }
+            }
+        }
+        let v = self.blocking("measuring sizes", f).await?;
+        if let Ok(mut c) = self.inner.sizes.lock() {
+            c.insert(key, (std::time::Instant::now(), v));
+        }
+        Ok(v)
+    }
+
+    fn forget_sizes(&self, key: &str) {
+        if let Ok(mut c) = self.inner.sizes.lock() {
+            c.remove(key);
+        }
     }
 
     async fn clone_dir(&self, src: &Path, dst: &Path, readonly: bool) -> Result<(), StorageError> {
@@ -645,6 +719,29 @@ impl Engine {
             inner: self.inner.clone(),
             keys,
         }
+    }
+
+    /// Takes `key` only when nobody holds it.
+    fn try_acquire(&self, key: String) -> Option<InUse> {
+        let mut m = self.inner.in_use.lock().ok()?;
+        if m.contains_key(&key) {
+            return None;
+        }
+        m.insert(key.clone(), 1);
+        drop(m);
+        Some(InUse {
+            inner: self.inner.clone(),
+            keys: vec![key],
+        })
+    }
+
+    /// One guard holding `guard`'s objects and `more`.
+    fn join(&self, guard: InUse, more: Vec<String>) -> InUse {
+        let mut keys = guard.keys.clone();
+        keys.extend(more);
+        let joined = self.acquire(keys);
+        drop(guard);
+        joined
     }
 
     fn in_use(&self, key: &str) -> bool {
@@ -774,11 +871,19 @@ impl Engine {
     async fn replay(
         &self,
         data: &Path,
-        src: &TimelineId,
+        base: &BaseRow,
         target: Lsn,
         archive: Option<&TimelineId>,
         log: &Path,
+        report: &(dyn Fn(Option<u8>) + Send + Sync),
     ) -> Result<(), StorageError> {
+        let src = &base.timeline;
+        let from = base.lsn.0;
+        let on_lsn = move |l: Lsn| {
+            let span = target.0.saturating_sub(from).max(1);
+            let done = l.0.saturating_sub(from).min(span);
+            report(Some((done * 100 / span) as u8));
+        };
         let wal = self.wal_dir(src);
         let rc = format!(
             "# Written by pgbranch for a point-in-time replay; removed after it.\n\
@@ -795,18 +900,25 @@ impl Engine {
         self.inner
             .pg
             .write_file(&data.join("recovery.signal"), "")?;
-        let srv = match self.private_server(data, archive, log).await {
+        let srv = match self
+            .private_server_with(data, archive, log, Some(&on_lsn))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 let tail = pg::log_tail(log);
                 if tail.contains("recovery ended before configured recovery target was reached")
                     || tail.contains("before consistent recovery point")
                 {
+                    let window = match self.inner.meta.timeline(src)? {
+                        Some(row) => self.reported_window(&row).await.unwrap_or(None),
+                        None => None,
+                    };
                     return Err(StorageError::InvalidPoint {
                         message: format!(
-                            "WAL replay ended before reaching {target}: the point is not in the archived WAL"
+                            "WAL replay ended before reaching {target}: the point is not in the archived WAL of timeline {src}"
                         ),
-                        window: None,
+                        window,
                     });
                 }
                 return Err(e);
@@ -904,8 +1016,16 @@ impl Engine {
         let _ = fs::remove_file(work.join("postmaster.pid"));
         // WAL written during the copy, up to the backup's end.
         let (s, w) = (src.join("pg_wal"), work.join("pg_wal"));
-        self.blocking("re-copying pg_wal", move |_| recopy_wal(&s, &w))
-            .await?;
+        // "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)"
+        let start_seg = labelfile
+            .lines()
+            .find_map(|l| l.strip_prefix("START WAL LOCATION:"))
+            .and_then(|l| l.split("(file ").nth(1))
+            .map(|f| f.trim_end_matches(')').trim().to_string());
+        self.blocking("re-copying pg_wal", move |_| {
+            recopy_wal(&s, &w, start_seg.as_deref())
+        })
+        .await?;
         self.inner.pg.chown_tree(&work.join("pg_wal"))?;
         if work != dst {
             self.clone_dir(&work, dst, true).await?;
@@ -964,8 +1084,13 @@ impl Engine {
             .arg("-t")
             .arg(tli.to_string())
             .arg("-s")
-            .arg(Lsn(start).to_string())
-            .stdout(std::process::Stdio::piped())
+            .arg(Lsn(start).to_string());
+        // Without an end, pg_waldump waits ~5 s for the segment after the
+        // newest one to appear; stop at the end of the newest archived one.
+        if let Some(end_seg) = segno_of(&newest, seg) {
+            cmd.arg("-e").arg(Lsn((end_seg + 1) * seg).to_string());
+        }
+        cmd.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let out = cmd
             .output()
@@ -1025,6 +1150,31 @@ impl Engine {
         }))
     }
 
+    /// When the timeline's server is stopped (no `postmaster.pid`) and
+    /// every WAL segment it wrote is archived (no `.ready` status file),
+    /// its archive holds every commit ever made: records that as of now.
+    async fn archive_complete_if_stopped(&self, t: &TimelineRow) -> Result<bool, StorageError> {
+        let data = self.data_dir(&t.id);
+        if data.join("postmaster.pid").exists() {
+            return Ok(false);
+        }
+        let pending = fs::read_dir(data.join("pg_wal").join("archive_status"))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".ready"))
+            })
+            .unwrap_or(true);
+        if pending {
+            return Ok(false);
+        }
+        let now = jiff::Timestamp::now();
+        let _g = self.inner.index_lock.lock().await;
+        let mut idx = self.inner.meta.wal_index(&t.id)?;
+        idx.complete_time = Some(idx.complete_time.map_or(now, |c| c.max(now)));
+        self.inner.meta.record_wal_scan(&t.id, &idx, &[])?;
+        Ok(true)
+    }
+
     /// `pg_switch_wal()` on the source and wait for the segment to reach the
     /// archive, so every commit before now is archived.
     async fn switch_wal(&self, t: &TimelineRow, conn: &ConnInfo) -> Result<(), StorageError> {
@@ -1056,7 +1206,94 @@ impl Engine {
 
     /// Checks a point against the window and finds the base and LSN to
     /// replay to.
+    /// Like [`Self::resolve_own`], and for a point before the timeline's
+    /// own window, follows lineage: the parent's history up to the branch
+    /// point is this timeline's history too (replayed from the parent's
+    /// bases and archive while the parent exists).
     async fn resolve_target(
+        &self,
+        t: &TimelineRow,
+        point: &Point,
+        conn: Option<&ConnInfo>,
+    ) -> Result<(BaseRow, Lsn), StorageError> {
+        match self.resolve_own(t, point, conn).await {
+            Err(StorageError::InvalidPoint {
+                message,
+                window: Some(w),
+            }) if point_before(point, &w) => {
+                if let Some(found) = self.resolve_in_parent(t, point).await? {
+                    return Ok(found);
+                }
+                let window = self.reported_window(t).await?.or(Some(w));
+                Err(StorageError::InvalidPoint { message, window })
+            }
+            r => r,
+        }
+    }
+
+    fn resolve_in_parent<'a>(
+        &'a self,
+        t: &'a TimelineRow,
+        point: &'a Point,
+    ) -> futures::future::BoxFuture<'a, Result<Option<(BaseRow, Lsn)>, StorageError>> {
+        Box::pin(async move {
+            let Some(parent) = self.lineage_parent(t)? else {
+                return Ok(None);
+            };
+            let Ok((base, target)) = self.resolve_target(&parent, point, None).await else {
+                return Ok(None);
+            };
+            // Only the parent's history up to the branch point is ours.
+            let ours = match (t.lineage.parent_lsn, point) {
+                (Some(bp), _) => target <= bp,
+                // Crash-consistent head copies do not know their LSN: only
+                // commits made before the copy was asked for are certain.
+                (None, Point::Timestamp(ts)) => *ts <= t.created_at,
+                (None, _) => false,
+            };
+            Ok(ours.then_some((base, target)))
+        })
+    }
+
+    /// The parent whose history this timeline continues, if it still exists.
+    fn lineage_parent(&self, t: &TimelineRow) -> Result<Option<TimelineRow>, StorageError> {
+        if t.lineage.schema_only {
+            return Ok(None);
+        }
+        let Some(p) = &t.lineage.parent else {
+            return Ok(None);
+        };
+        Ok(self
+            .inner
+            .meta
+            .timeline(p)?
+            .filter(|r| r.state == State::Ready))
+    }
+
+    /// The window a user can reach: the timeline's own, extended back
+    /// through its ancestors' history while they exist.
+    fn reported_window<'a>(
+        &'a self,
+        t: &'a TimelineRow,
+    ) -> futures::future::BoxFuture<'a, Result<Option<RestoreWindow>, StorageError>> {
+        Box::pin(async move {
+            let Some(mut w) = self.window(t).await? else {
+                return Ok(None);
+            };
+            if let Some(parent) = self.lineage_parent(t)? {
+                if let Some(pw) = self.reported_window(&parent).await? {
+                    if pw.oldest.lsn < w.oldest.lsn || pw.oldest.time < w.oldest.time {
+                        w.oldest = pw.oldest;
+                    }
+                }
+            }
+            Ok(Some(w))
+        })
+    }
+
+    /// Checks a point against the timeline's own window and finds the base
+    /// and LSN to replay to.
+    async fn resolve_own(
         &self,
         t: &TimelineRow,
         point: &Point,
@@ -1115,7 +1352,10 @@ impl Engine {
                     });
                 }
                 if Some(*ts) > w.newest.time {
-                    if let Some(c) = conn {
+                    if self.archive_complete_if_stopped(t).await? {
+                        // A stopped source has archived all it wrote.
+                        w = self.window(t).await?.ok_or_else(no_window)?;
+                    } else if let Some(c) = conn {
                         self.switch_wal(t, c).await?;
                         w = self.window(t).await?.ok_or_else(no_window)?;
                     }
@@ -1169,7 +1409,7 @@ impl Engine {
         match &req.source {
             Source::Empty { superuser_password } => Ok((
                 TlPlan::Empty {
-                    password: superuser_password.as_ref().map(|p| p.0.clone()),
+                    password: superuser_password.clone(),
                 },
                 Lineage {
                     parent: None,
@@ -1221,19 +1461,12 @@ impl Engine {
                     ));
                 }
                 let (base, target) = self.resolve_target(&row, point, conn.as_ref()).await?;
+                let guard = self.join(guard, base_keys(&base));
                 let lineage = Lineage {
                     parent_lsn: Some(target),
                     ..lineage
                 };
-                Ok((
-                    TlPlan::Replay {
-                        src: timeline.clone(),
-                        base,
-                        target,
-                    },
-                    lineage,
-                    guard,
-                ))
+                Ok((TlPlan::Replay { base, target }, lineage, guard))
             }
             Source::Snapshot { snapshot } => {
                 let guard = self.acquire(vec![format!("s:{snapshot}")]);
@@ -1316,6 +1549,16 @@ impl Engine {
         );
     }
 
+    fn progress_pct_t(&self, id: &TimelineId, step: &str, percent: Option<u8>) {
+        let _ = self.inner.meta.set_timeline_progress(
+            id,
+            Some(Progress {
+                step: step.to_string(),
+                percent,
+            }),
+        );
+    }
+
     async fn remove_timeline_dirs(&self, id: &TimelineId) {
         let dir = self.tl_dir(id);
         for sub in ["pgdata", "base"] {
@@ -1348,7 +1591,7 @@ impl Engine {
                 self.create_data_dir(&data).await?;
                 self.inner
                     .pg
-                    .initdb(&data, password.as_deref(), &self.tmp())
+                    .initdb(&data, password.as_ref().map(|p| p.0.as_str()), &self.tmp())
                     .await?;
                 self.write_hba(&data)?;
                 self.fixups(&data, Some(id))?;
@@ -1370,14 +1613,18 @@ impl Engine {
                 self.progress_t(id, "recovering the copy");
                 self.normalize(&data, Some(id), &log).await?;
             }
-            TlPlan::Replay { src, base, target } => {
+            TlPlan::Replay { base, target } => {
                 self.progress_t(id, "cloning the base");
                 self.clone_dir(&self.inner.root.join(&base.path), &data, false)
                     .await?;
                 self.fixups(&data, Some(id))?;
                 if target > base.lsn {
                     self.progress_t(id, "replaying WAL");
-                    self.replay(&data, &src, target, Some(id), &log).await?;
+                    // The archive of the base's timeline: this source's, or
+                    // an ancestor's for a point before the source was made.
+                    let report = |pct: Option<u8>| self.progress_pct_t(id, "replaying WAL", pct);
+                    self.replay(&data, &base, target, Some(id), &log, &report)
+                        .await?;
                 } else {
                     self.normalize(&data, Some(id), &log).await?;
                 }
@@ -1511,10 +1758,14 @@ impl Engine {
             .meta
             .timeline(&id)?
             .ok_or_else(|| StorageError::not_found("timeline", &id))?;
-        if row.state == State::Creating && row.interrupted && !self.in_use(&format!("t:{id}")) {
+        let own = if row.state == State::Creating && row.interrupted {
+            self.try_acquire(format!("t:{id}"))
+        } else {
+            None
+        };
+        if let Some(guard_self) = own {
             // Resume with the caller's secrets.
             let (plan, lineage, guard) = self.plan_timeline(req).await?;
-            let guard_self = self.acquire(vec![format!("t:{id}")]);
             self.inner.meta.set_timeline_progress(
                 &id,
                 Some(Progress {
@@ -1524,11 +1775,8 @@ impl Engine {
             )?;
             self.inner.meta.mark_resumed_t(&id)?;
             self.remove_timeline_dirs(&id).await;
-            let mut keys = guard.keys.clone();
-            keys.extend(guard_self.keys.clone());
+            let guard = self.join(guard, guard_self.keys.clone());
             drop(guard_self);
-            drop(guard);
-            let guard = self.acquire(keys);
             self.spawn_timeline(id.clone(), plan, lineage, guard);
         }
         self.get_timeline(&id).await
@@ -1557,7 +1805,7 @@ impl Engine {
             let data = self.data_dir(&id);
             let base = self.tl_dir(&id).join("base");
             let (logical, excl) = self
-                .blocking("measuring a timeline", move |i| {
+                .measured(format!("t:{id}"), move |i| {
                     let logical = driver::tree_size(&data);
                     let excl = match (
                         i.driver.exclusive_bytes(&data),
@@ -1572,7 +1820,7 @@ impl Engine {
                 .await?;
             t.logical_size_bytes = logical;
             t.exclusive_bytes = excl;
-            t.restore_window = self.window(&row).await?;
+            t.restore_window = self.reported_window(&row).await?;
             t.lsn = t.restore_window.as_ref().map(|w| w.newest.lsn);
         }
         Ok(t)
@@ -1589,6 +1837,7 @@ impl Engine {
             return Ok((SnPlan::Head { conn }, guard));
         }
         let (base, target) = self.resolve_target(&row, &req.point, conn.as_ref()).await?;
+        let guard = self.join(guard, base_keys(&base));
         Ok((SnPlan::Replay { base, target }, guard))
     }
 
@@ -1666,7 +1915,17 @@ impl Engine {
                     self.fixups(&work, None)?;
                     if target > base.lsn {
                         progress("replaying WAL");
-                        self.replay(&work, timeline, target, None, &log).await?;
+                        let report = |pct: Option<u8>| {
+                            let _ = self.inner.meta.set_snapshot_progress(
+                                id,
+                                Some(Progress {
+                                    step: "replaying WAL".into(),
+                                    percent: pct,
+                                }),
+                            );
+                        };
+                        self.replay(&work, &base, target, None, &log, &report)
+                            .await?;
                     } else {
                         self.normalize(&work, None, &log).await?;
                     }
@@ -1704,7 +1963,7 @@ impl Engine {
         if row.state == State::Ready {
             let data = self.snap_dir(&row.id).join("pgdata");
             let (size, excl) = self
-                .blocking("measuring a snapshot", move |i| {
+                .measured(format!("s:{}", row.id), move |i| {
                     Ok((driver::tree_size(&data), i.driver.exclusive_bytes(&data)))
                 })
                 .await?;
@@ -1742,11 +2001,7 @@ impl Engine {
                             match self.plan_timeline(&req).await {
                                 Ok((plan, lineage, guard)) => {
                                     tracing::info!(timeline = %t.id, "resuming an interrupted create");
-                                    let g2 = self.acquire(vec![format!("t:{}", t.id)]);
-                                    let mut keys = guard.keys.clone();
-                                    keys.extend(g2.keys.clone());
-                                    drop((guard, g2));
-                                    let guard = self.acquire(keys);
+                                    let guard = self.join(guard, vec![format!("t:{}", t.id)]);
                                     self.spawn_timeline(t.id.clone(), plan, lineage, guard);
                                 }
                                 Err(e) => {
@@ -1810,6 +2065,25 @@ impl Engine {
     }
 }
 
+/// The objects a replay from `base` reads: its timeline's archive and, for
+/// a snapshot base, the snapshot.
+fn base_keys(base: &BaseRow) -> Vec<String> {
+    let mut keys = vec![format!("t:{}", base.timeline)];
+    if let Some(s) = &base.snapshot {
+        keys.push(format!("s:{s}"));
+    }
+    keys
+}
+
+/// Whether a point lies before the start of a window.
+fn point_before(p: &Point, w: &RestoreWindow) -> bool {
+    match p {
+        Point::Head => false,
+        Point::Lsn(l) => *l < w.oldest.lsn,
+        Point::Timestamp(t) => w.oldest.time.is_some_and(|o| *t < o),
+    }
+}
+
 /// Fault injection for crash tests: when `PGBRANCH_ENGINE_CRASH_AT` names
 /// the step an operation is entering (its progress text), the engine
 /// process kills itself with SIGKILL there, as a crash would.
@@ -1820,8 +2094,9 @@ fn crash_point(step: &str) {
     }
 }
 
-/// Copies the WAL segments and history files of `src` over those in `dst`.
-fn recopy_wal(src: &Path, dst: &Path) -> std::io::Result<()> {
+/// Copies the WAL segments (from the backup's start segment on, when
+/// known) and history files of `src` over those in `dst`.
+fn recopy_wal(src: &Path, dst: &Path, start_seg: Option<&str>) -> std::io::Result<()> {
     for e in fs::read_dir(src)? {
         let e = match e {
             Ok(e) => e,
@@ -1829,8 +2104,12 @@ fn recopy_wal(src: &Path, dst: &Path) -> std::io::Result<()> {
         };
         let name = e.file_name();
         let n = name.to_string_lossy();
-        let wanted =
-            (n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit())) || n.ends_with(".history");
+        let segment = n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit());
+        let needed = match start_seg {
+            Some(s) if s.len() == 24 && segment => n[8..] >= s[8..],
+            _ => true,
+        };
+        let wanted = (segment && needed) || n.ends_with(".history");
         if !wanted {
             continue;
         }
@@ -1919,11 +2198,7 @@ impl Storage for Engine {
         {
             Recorded::New => {
                 tracing::info!(timeline = %id, key = %req.key, source = %identity_timeline(&req.source), "creating a timeline");
-                let g = self.acquire(vec![format!("t:{id}")]);
-                let mut keys = guard.keys.clone();
-                keys.extend(g.keys.clone());
-                drop((guard, g));
-                let guard = self.acquire(keys);
+                let guard = self.join(guard, vec![format!("t:{id}")]);
                 self.spawn_timeline(id.clone(), plan, lineage, guard);
                 self.get_timeline(&id).await
             }
@@ -1982,6 +2257,7 @@ impl Storage for Engine {
             });
         }
         tracing::info!(timeline = %id, "deleting a timeline");
+        self.forget_sizes(&format!("t:{id}"));
         self.remove_timeline_dirs(id).await;
         self.inner.meta.delete_timeline(id)
     }
@@ -2033,11 +2309,7 @@ impl Storage for Engine {
         match self.inner.meta.insert_snapshot(&identity, &row)? {
             Recorded::New => {
                 tracing::info!(snapshot = %id, key = %req.key, timeline = %req.timeline, point = %req.point, "creating a snapshot");
-                let g = self.acquire(vec![format!("s:{id}")]);
-                let mut keys = guard.keys.clone();
-                keys.extend(g.keys.clone());
-                drop((guard, g));
-                let guard = self.acquire(keys);
+                let guard = self.join(guard, vec![format!("s:{id}")]);
                 self.spawn_snapshot(id.clone(), req.timeline.clone(), plan, guard);
                 self.get_snapshot(&id).await
             }
@@ -2091,6 +2363,7 @@ impl Storage for Engine {
             });
         }
         tracing::info!(snapshot = %id, "deleting a snapshot");
+        self.forget_sizes(&format!("s:{id}"));
         self.delete_dir(&self.snap_dir(id).join("pgdata")).await?;
         let _ = fs::remove_dir_all(self.snap_dir(id));
         self.inner.meta.delete_snapshot(id)
@@ -2118,16 +2391,103 @@ impl Engine {
         let Some(row) = self.inner.meta.snapshot(id)? else {
             return Ok(());
         };
-        if row.state == State::Creating && row.interrupted && !self.in_use(&format!("s:{id}")) {
+        let own = if row.state == State::Creating && row.interrupted {
+            self.try_acquire(format!("s:{id}"))
+        } else {
+            None
+        };
+        if let Some(guard_self) = own {
             let (plan, guard) = self.plan_snapshot(req).await?;
             self.inner.meta.mark_resumed_s(id)?;
-            let g = self.acquire(vec![format!("s:{id}")]);
-            let mut keys = guard.keys.clone();
-            keys.extend(g.keys.clone());
-            drop((guard, g));
-            let guard = self.acquire(keys);
+            let guard = self.join(guard, guard_self.keys.clone());
+            drop(guard_self);
             self.spawn_snapshot(id.clone(), row.timeline.clone(), plan, guard);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_segment_numbers() {
+        let seg = 16 * 1024 * 1024;
+        assert_eq!(segno_of("000000010000000000000001", seg), Some(1));
+        assert_eq!(segno_of("0000000200000001000000FF", seg), Some(256 + 255));
+        assert_eq!(segno_of("000000010000000000000001.partial", seg), None);
+        assert_eq!(segno_of("00000002.history", seg), None);
+    }
+
+    #[test]
+    fn archive_command_is_durable_and_never_overwrites() {
+        let id = TimelineId::new("abc").unwrap();
+        let c = Engine::archive_command(Path::new("/vol"), &id);
+        assert!(c.starts_with("d=\"/vol/wal/abc\"; f=\"$d/%f\";"));
+        assert!(
+            c.contains("cmp -s"),
+            "an existing segment must be compared, not replaced"
+        );
+        assert!(c.contains("sync \"$f.tmp\"") && c.contains("mv \"$f.tmp\" \"$f\""));
+        assert!(!c.contains('\''), "must embed in a single-quoted setting");
+    }
+
+    #[test]
+    fn archive_command_fits_postgres_limit_with_long_roots() {
+        // PostgreSQL truncates the expanded command at 1024 bytes; a long
+        // volume path must not push it over (it did when the path was
+        // repeated in every clause).
+        let id = TimelineId::new("a".repeat(63)).unwrap();
+        let root = PathBuf::from(format!("/{}", "r".repeat(400)));
+        let c = Engine::archive_command(&root, &id);
+        let expanded = c
+            .replace("%f", "000000010000000000000001.partial")
+            .replace("%p", "pg_wal/000000010000000000000001.partial");
+        assert!(expanded.len() < 1024, "{} bytes", expanded.len());
+        assert_eq!(c.matches(&*root.to_string_lossy()).count(), 1);
+    }
+
+    #[test]
+    fn request_identity_ignores_secrets_but_not_the_source() {
+        let a = Source::Empty {
+            superuser_password: Some(Password("one".into())),
+        };
+        let b = Source::Empty {
+            superuser_password: Some(Password("two".into())),
+        };
+        assert_eq!(identity_timeline(&a), identity_timeline(&b));
+        assert!(!identity_timeline(&a).contains("one"));
+        let t = TimelineId::new("t").unwrap();
+        let head = Source::Timeline {
+            timeline: t.clone(),
+            point: Point::Head,
+        };
+        let lsn = Source::Timeline {
+            timeline: t,
+            point: Point::Lsn(Lsn(5)),
+        };
+        assert_ne!(identity_timeline(&head), identity_timeline(&lsn));
+    }
+
+    #[test]
+    fn points_before_a_window() {
+        let w = RestoreWindow {
+            oldest: PointInfo {
+                lsn: Lsn(100),
+                time: Some(jiff::Timestamp::from_second(1000).unwrap()),
+            },
+            newest: PointInfo {
+                lsn: Lsn(200),
+                time: Some(jiff::Timestamp::from_second(2000).unwrap()),
+            },
+        };
+        assert!(point_before(&Point::Lsn(Lsn(99)), &w));
+        assert!(!point_before(&Point::Lsn(Lsn(100)), &w));
+        assert!(point_before(
+            &Point::Timestamp(jiff::Timestamp::from_second(999).unwrap()),
+            &w
+        ));
+        assert!(!point_before(&Point::Head, &w));
     }
 }

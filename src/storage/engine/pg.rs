@@ -70,6 +70,8 @@ pub(crate) struct StartOpts<'a> {
     pub timeout: Duration,
     /// Dies with the engine (private servers).
     pub tied: bool,
+    /// Called with `pg_last_wal_replay_lsn()` while the server recovers.
+    pub replay_progress: Option<&'a (dyn Fn(Lsn) + Send + Sync)>,
 }
 
 /// Fields of `pg_controldata` the engine uses.
@@ -215,6 +217,7 @@ impl PgEnv {
             log,
             timeout,
             tied,
+            replay_progress,
         } = opts;
         let sock = std::env::temp_dir().join(format!(
             "pgbranch-s-{}",
@@ -269,7 +272,7 @@ impl PgEnv {
             child: Some(child),
             pid,
         };
-        match server.wait_ready(timeout).await {
+        match server.wait_ready(timeout, replay_progress).await {
             Ok(()) => Ok(server),
             Err(e) => {
                 server.kill_now();
@@ -356,7 +359,11 @@ impl PgServer {
         log_tail(&self.log)
     }
 
-    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), StorageError> {
+    async fn wait_ready(
+        &mut self,
+        timeout: Duration,
+        progress: Option<&(dyn Fn(Lsn) + Send + Sync)>,
+    ) -> Result<(), StorageError> {
         let start = Instant::now();
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -370,10 +377,15 @@ impl PgServer {
                 }
             }
             if let Ok(c) = self.connect("postgres").await {
-                if let Ok(row) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                let q = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text";
+                if let Ok(row) = c.query_one(q, &[]).await {
                     let in_recovery: bool = row.get(0);
                     if !in_recovery {
                         return Ok(());
+                    }
+                    let replayed: Option<String> = row.get(1);
+                    if let (Some(f), Some(l)) = (progress, replayed.and_then(|l| l.parse().ok())) {
+                        f(l);
                     }
                 }
             }
@@ -538,5 +550,28 @@ mod tests {
         let l = "rmgr: Heap        len (rec/tot):     54/   150, tx:        722, lsn: 0/01500428, prev 0/015003F0, desc: INSERT off 2 flags 0x00";
         assert_eq!(parse_waldump_line(l).unwrap().1, None);
         assert!(parse_waldump_line("pg_waldump: error: could not find file").is_none());
+    }
+}
+
+#[cfg(test)]
+mod controldata_tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_fields_the_engine_needs() {
+        let out = "pg_control version number:            1300\n\
+Database cluster state:               shut down\n\
+Latest checkpoint location:           0/1500708\n\
+Latest checkpoint's REDO location:    0/1500708\n\
+Latest checkpoint's TimeLineID:       3\n\
+Bytes per WAL segment:                16777216\n";
+        let cd = parse_controldata(out).unwrap();
+        assert!(cd.clean());
+        assert_eq!(cd.checkpoint, Lsn(0x1500708));
+        assert_eq!(cd.tli, 3);
+        assert_eq!(cd.seg_size, 16 * 1024 * 1024);
+        let running = out.replace("shut down", "in production");
+        assert!(!parse_controldata(&running).unwrap().clean());
+        assert!(parse_controldata("garbage").is_err());
     }
 }

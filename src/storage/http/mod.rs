@@ -120,3 +120,69 @@ impl ReasonCode for StorageError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Lsn, PointInfo, RestoreWindow};
+
+    fn every_variant() -> Vec<StorageError> {
+        vec![
+            StorageError::not_found("timeline", "abc"),
+            StorageError::invalid("bad id"),
+            StorageError::InvalidPoint {
+                message: "before the window".into(),
+                window: Some(RestoreWindow {
+                    oldest: PointInfo {
+                        lsn: Lsn(0x1_0000_0028),
+                        time: None,
+                    },
+                    newest: PointInfo {
+                        lsn: Lsn(0x2_0000_0000),
+                        time: Some("2024-05-01T12:00:00Z".parse().unwrap()),
+                    },
+                }),
+            },
+            StorageError::Conflict {
+                message: "key reused".into(),
+            },
+            StorageError::Busy {
+                message: "compute running".into(),
+            },
+            StorageError::Unavailable {
+                message: "disk hiccup".into(),
+            },
+            StorageError::Unauthorized {
+                message: "wrong token".into(),
+            },
+            StorageError::internal("boom"),
+        ]
+    }
+
+    #[test]
+    fn error_bodies_round_trip_every_variant() {
+        for e in every_variant() {
+            let json = serde_json::to_string(&ErrorBody::from_error(&e)).unwrap();
+            let back: ErrorBody = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.error.as_ref(), Some(&e), "{json}");
+            assert_eq!(back.message, e.to_string());
+            // The code tag inside the error and the top-level code agree.
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(v["code"], v["error"]["code"], "{json}");
+        }
+    }
+
+    #[test]
+    fn statuses_tell_retryable_from_terminal() {
+        for e in every_variant() {
+            let s = status_of(&e);
+            assert!(s.is_client_error() || s.is_server_error(), "{e:?}");
+            if e.is_retryable() {
+                assert!(
+                    s == ::http::StatusCode::LOCKED || s == ::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "{e:?} -> {s}"
+                );
+            }
+        }
+    }
+}

@@ -78,7 +78,8 @@
 //! * Patches: JSON patch (all six ops, `test` failures → 422 Invalid),
 //!   merge patch, strategic merge patch (treated as a merge patch: lists
 //!   are replaced, never merged by key; `$patch` directives are not
-//!   understood), server-side apply (below).
+//!   understood; refused with 415 for custom resources, as on a real
+//!   apiserver), server-side apply (below).
 //! * Status subresource: `/status` PUT/PATCH/apply change only `status`
 //!   (other changes in the body are ignored) and never bump `generation`;
 //!   the main endpoint ignores changes to `status`; `status` is dropped on
@@ -104,6 +105,16 @@
 //! * Errors are `metav1.Status` JSON with code and reason: 400 BadRequest,
 //!   403 Forbidden, 404 NotFound, 409 AlreadyExists / Conflict, 410
 //!   Expired, 415 UnsupportedMediaType, 422 Invalid.
+//! * Metadata is validated on every kind (422 Invalid): names (DNS
+//!   subdomain; DNS label for namespaces and services), label keys and
+//!   values, annotation keys and total size, finalizer names, owner
+//!   references (required fields, at most one controller).
+//! * Built-in kinds: Deployments/StatefulSets/ReplicaSets need a selector
+//!   that matches the template labels (immutable afterwards) and
+//!   containers with DNS-label names and images (Pods too); Services need
+//!   ports in 1..=65535, named when several, and keep their `clusterIP`;
+//!   ConfigMap/Secret keys must be valid config keys; a Secret's `type` is
+//!   immutable.
 //! * Deleting a CRD deletes every object of its kind, then the kind.
 //! * Schema pass on every write of a custom resource: null dropping,
 //!   pruning, defaults, structural checks and CEL rules from the CRD's
@@ -128,8 +139,10 @@
 //! # Server-side apply
 //!
 //! Each object keeps, out of band, which field manager owns which field
-//! (objects are walked; lists and scalars are whole fields) and what each
-//! manager applied last. An apply: creates the object when missing (201);
+//! (objects are walked; so are associative lists — `x-kubernetes-list-type:
+//! map` in a CRD schema, e.g. `status.conditions` keyed by `type` — whose
+//! entries are merged by key and owned field by field; other lists and
+//! scalars are whole fields) and what each manager applied last. An apply: creates the object when missing (201);
 //! 409 Conflict (reason `Conflict`, one `FieldManagerConflict` cause per
 //! field) when it would change a field another manager owns, unless
 //! `force=true`, which takes the fields over; removes fields this manager
@@ -159,19 +172,20 @@
 //!   cost is accepted here). Not covered: `pattern`, `format`,
 //!   `oneOf`/`anyOf`/`allOf`/`not`, `uniqueItems`, `x-kubernetes-list-type`
 //!   uniqueness, `messageExpression` evaluation details, validation
-//!   ratcheting of unchanged fields, and metadata validation beyond the
-//!   name. Built-in kinds are not validated at all (any JSON object with a
-//!   valid name is accepted). [`ApiServer::set_schema_validation`] turns the
+//!   ratcheting of unchanged fields. Built-in kinds get only the checks
+//!   listed above (a real apiserver validates far more: resource
+//!   quantities, probes, volumes, security contexts, ...). [`ApiServer::set_schema_validation`] turns the
 //!   pass off.
 //! * No conversion between versions: an object is stored once per
 //!   group/resource and served at any version of its kind with
 //!   `apiVersion` rewritten. core/v1 and events.k8s.io/v1 events are
 //!   separate stores (a real apiserver serves one store in both shapes).
 //! * No `metadata.managedFields` in objects (ownership is kept out of
-//!   band); lists are atomic for apply (no `listType=map` merging by key, so
-//!   two managers cannot share one list, e.g. `status.conditions`); apply
-//!   conflicts are reported against managers by name only, not by
-//!   API version/operation.
+//!   band). Associative lists are understood only from CRD schemas: lists
+//!   of built-in kinds (containers, ports, env, ...) and `listType=set` are
+//!   atomic for apply, so two managers cannot share one. Apply conflicts
+//!   are reported against managers by name only, not by API
+//!   version/operation.
 //! * Strategic merge patch = JSON merge patch.
 //! * Garbage collection runs synchronously inside the request that removes
 //!   an owner (a real one is asynchronous, so a test sees dependents gone
@@ -186,15 +200,22 @@
 //!   namespace once empty (no `kubernetes` spec finalizer).
 //! * `metadata.generation` is kept on every kind (a real apiserver keeps
 //!   it only where the kind's strategy does, e.g. not on ConfigMaps).
-//! * Built-in defaulting is limited to Secrets (`stringData` folded into
-//!   base64 `data`, `type: Opaque`) and Services (`type: ClusterIP`, an
-//!   allocated `clusterIP` kept across updates, port `protocol: TCP`,
-//!   `targetPort` = `port`). Deployments, StatefulSets, Pods and the rest
-//!   get none of the defaults a real apiserver fills in (strategy,
-//!   `revisionHistoryLimit`, `restartPolicy`, `terminationMessagePath`,
-//!   ...): a controller that compares such objects field by field with its
-//!   desired state looks calm here and churns on a cluster — use
-//!   server-side apply, or compare only the fields you set.
+//! * Built-in defaulting covers Secrets (`stringData` folded into base64
+//!   `data`, `type: Opaque`), Services (`type: ClusterIP`, an allocated
+//!   `clusterIP` kept across updates, port `protocol: TCP`, `targetPort` =
+//!   `port`), Deployments/StatefulSets/ReplicaSets (`replicas`,
+//!   `revisionHistoryLimit`, `progressDeadlineSeconds`, update strategies,
+//!   `podManagementPolicy`, PVC retention policy) and pod specs in Pods and
+//!   templates (`restartPolicy`, `terminationGracePeriodSeconds`,
+//!   `dnsPolicy`, `securityContext`, `schedulerName`,
+//!   `enableServiceLinks`, container
+//!   `terminationMessagePath`/`Policy`, `imagePullPolicy`, port
+//!   `protocol`, probe timings). Not covered: quantity canonicalisation
+//!   (`"1000m"` stays `"1000m"`, a real apiserver stores `"1"`),
+//!   `volumeClaimTemplates`/volume defaults, field defaults added by newer
+//!   Kubernetes versions. A controller comparing
+//!   such fields one by one with its desired state may still churn on a
+//!   cluster and not here — prefer server-side apply.
 //! * No controllers: Deployments get no pods or status, Services no
 //!   endpoints, pods never run; tests play those parts themselves.
 //! * When the last finalizer is removed from a deleting object, watchers see

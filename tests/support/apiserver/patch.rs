@@ -33,6 +33,23 @@ fn escape(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
 }
 
+/// The index of the element of an associative list (`x-kubernetes-list-type:
+/// map`) named by a key token: the JSON object of its key fields, e.g.
+/// `{"type":"Ready"}`. Used by server-side apply field paths only.
+fn select(items: &[Value], token: &str) -> Option<usize> {
+    if !token.starts_with('{') {
+        return None;
+    }
+    let keys: Map<String, Value> = serde_json::from_str(token).ok()?;
+    items
+        .iter()
+        .position(|item| keys.iter().all(|(k, v)| item.get(k) == Some(v)))
+}
+
+fn array_index(items: &[Value], token: &str) -> Option<usize> {
+    select(items, token).or_else(|| token.parse().ok())
+}
+
 fn parent_mut<'a>(doc: &'a mut Value, tokens: &[String]) -> Result<&'a mut Value, PatchError> {
     let mut cur = doc;
     for t in tokens {
@@ -41,9 +58,8 @@ fn parent_mut<'a>(doc: &'a mut Value, tokens: &[String]) -> Result<&'a mut Value
                 .get_mut(t)
                 .ok_or_else(|| PatchError::Apply(format!("path segment {t:?} not found")))?,
             Value::Array(a) => {
-                let i: usize = t
-                    .parse()
-                    .map_err(|_| PatchError::Apply(format!("invalid array index {t:?}")))?;
+                let i = array_index(a, t)
+                    .ok_or_else(|| PatchError::Apply(format!("invalid array index {t:?}")))?;
                 a.get_mut(i)
                     .ok_or_else(|| PatchError::Apply(format!("array index {i} out of bounds")))?
             }
@@ -58,7 +74,7 @@ fn get<'a>(doc: &'a Value, tokens: &[String]) -> Option<&'a Value> {
     for t in tokens {
         cur = match cur {
             Value::Object(m) => m.get(t)?,
-            Value::Array(a) => a.get(t.parse::<usize>().ok()?)?,
+            Value::Array(a) => a.get(array_index(a, t)?)?,
             _ => return None,
         };
     }
@@ -104,9 +120,8 @@ fn remove(doc: &mut Value, tokens: &[String]) -> Result<Value, PatchError> {
             .remove(last)
             .ok_or_else(|| PatchError::Apply(format!("path {last:?} not found"))),
         Value::Array(a) => {
-            let i: usize = last
-                .parse()
-                .map_err(|_| PatchError::Apply(format!("invalid array index {last:?}")))?;
+            let i = array_index(a, last)
+                .ok_or_else(|| PatchError::Apply(format!("invalid array index {last:?}")))?;
             if i >= a.len() {
                 return Err(PatchError::Apply(format!("array index {i} out of bounds")));
             }
@@ -203,13 +218,79 @@ pub fn merge_patch(doc: &mut Value, patch: &Value) {
     }
 }
 
-/// Leaf fields of `v` as JSON pointer → value. Objects are walked; arrays
-/// and scalars are leaves (lists are atomic for field ownership).
-pub fn leaves(v: &Value, prefix: &str, out: &mut std::collections::BTreeMap<String, Value>) {
+/// The schema of a property of an object schema.
+pub fn child_schema<'a>(schema: Option<&'a Value>, key: &str) -> Option<&'a Value> {
+    let s = schema?;
+    s.get("properties")
+        .and_then(|p| p.get(key))
+        .or_else(|| s.get("additionalProperties").filter(|a| a.is_object()))
+}
+
+/// The key fields of an associative list schema (`x-kubernetes-list-type:
+/// map`), if it is one.
+fn map_keys(schema: Option<&Value>) -> Option<Vec<String>> {
+    let s = schema?;
+    if s.get("x-kubernetes-list-type").and_then(Value::as_str) != Some("map") {
+        return None;
+    }
+    let keys: Vec<String> = s
+        .get("x-kubernetes-list-map-keys")?
+        .as_array()?
+        .iter()
+        .filter_map(|k| k.as_str().map(String::from))
+        .collect();
+    (!keys.is_empty()).then_some(keys)
+}
+
+/// The key token of an element of an associative list.
+fn key_token(item: &Value, keys: &[String]) -> Option<String> {
+    let mut sel = Map::new();
+    for k in keys {
+        sel.insert(k.clone(), item.get(k)?.clone());
+    }
+    serde_json::to_string(&Value::Object(sel)).ok()
+}
+
+/// Leaf fields of `v` as JSON pointer → value. Objects are walked; so are
+/// associative lists (`x-kubernetes-list-type: map` in `schema`), whose
+/// elements are named by their keys; other lists and scalars are leaves.
+pub fn leaves(
+    v: &Value,
+    schema: Option<&Value>,
+    prefix: &str,
+    out: &mut std::collections::BTreeMap<String, Value>,
+) {
     match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, child) in m {
-                leaves(child, &format!("{prefix}/{}", escape(k)), out);
+                leaves(
+                    child,
+                    child_schema(schema, k),
+                    &format!("{prefix}/{}", escape(k)),
+                    out,
+                );
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            let keys = map_keys(schema);
+            let tokens: Option<Vec<String>> = keys
+                .as_ref()
+                .and_then(|ks| items.iter().map(|i| key_token(i, ks)).collect());
+            match tokens {
+                Some(tokens) => {
+                    let item_schema = schema.and_then(|s| s.get("items"));
+                    for (item, token) in items.iter().zip(tokens) {
+                        leaves(
+                            item,
+                            item_schema,
+                            &format!("{prefix}/{}", escape(&token)),
+                            out,
+                        );
+                    }
+                }
+                None => {
+                    out.insert(prefix.to_string(), v.clone());
+                }
             }
         }
         _ => {
@@ -218,16 +299,73 @@ pub fn leaves(v: &Value, prefix: &str, out: &mut std::collections::BTreeMap<Stri
     }
 }
 
-/// Removes the field at `pointer` if present, then removes parent objects
-/// that became empty (down to, not including, the top level).
-pub fn remove_path(doc: &mut Value, pointer: &str) {
-    let Ok(tokens) = pointer_tokens(pointer) else {
-        return;
-    };
+/// Merges an applied configuration into a live object: objects merge,
+/// associative lists merge element by element (matched by their keys),
+/// `null` removes, everything else replaces.
+pub fn merge_apply(live: &mut Value, cfg: &Value, schema: Option<&Value>) {
+    match (&mut *live, cfg) {
+        (Value::Object(lm), Value::Object(cm)) => {
+            for (k, cv) in cm {
+                if cv.is_null() {
+                    lm.remove(k);
+                    continue;
+                }
+                let sub = child_schema(schema, k);
+                match lm.get_mut(k) {
+                    Some(lv) => merge_apply(lv, cv, sub),
+                    None => {
+                        let mut fresh = Value::Null;
+                        merge_apply(&mut fresh, cv, sub);
+                        lm.insert(k.clone(), fresh);
+                    }
+                }
+            }
+        }
+        (Value::Array(la), Value::Array(ca)) if map_keys(schema).is_some() => {
+            let keys = map_keys(schema).unwrap_or_default();
+            let item_schema = schema.and_then(|s| s.get("items"));
+            for ce in ca {
+                let found = key_token(ce, &keys).and_then(|t| select(la, &t));
+                match found {
+                    Some(i) => merge_apply(&mut la[i], ce, item_schema),
+                    None => la.push(ce.clone()),
+                }
+            }
+        }
+        (l, Value::Object(_)) => {
+            *l = Value::Object(Map::new());
+            merge_apply(l, cfg, schema);
+        }
+        (l, c) => *l = c.clone(),
+    }
+}
+
+/// A pointer's tokens with associative-list keys resolved to indices, if
+/// the field exists.
+fn resolve(doc: &Value, pointer: &str) -> Option<Vec<String>> {
+    let tokens = pointer_tokens(pointer).ok()?;
+    let mut resolved = Vec::with_capacity(tokens.len());
+    let mut cur = doc;
+    for t in &tokens {
+        let (token, next) = match cur {
+            Value::Object(m) => (t.clone(), m.get(t)?),
+            Value::Array(a) => {
+                let i = array_index(a, t)?;
+                (i.to_string(), a.get(i)?)
+            }
+            _ => return None,
+        };
+        resolved.push(token);
+        cur = next;
+    }
+    Some(resolved)
+}
+
+fn remove_resolved(doc: &mut Value, tokens: &[String]) {
     if tokens.is_empty() {
         return;
     }
-    let _ = remove(doc, &tokens);
+    let _ = remove(doc, tokens);
     for depth in (1..tokens.len()).rev() {
         let parent = &tokens[..depth];
         match get(doc, parent) {
@@ -237,6 +375,38 @@ pub fn remove_path(doc: &mut Value, pointer: &str) {
             _ => break,
         }
     }
+}
+
+fn cmp_tokens(a: &[String], b: &[String]) -> std::cmp::Ordering {
+    for (x, y) in a.iter().zip(b) {
+        let o = match (x.parse::<usize>(), y.parse::<usize>()) {
+            (Ok(i), Ok(j)) => i.cmp(&j),
+            _ => x.cmp(y),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
+/// Removes the fields at `pointers` that are present (associative-list
+/// elements addressed by key), then the objects and list elements that
+/// became empty (down to, not including, the top level).
+pub fn remove_paths(doc: &mut Value, pointers: &[String]) {
+    let mut all: Vec<Vec<String>> = pointers.iter().filter_map(|p| resolve(doc, p)).collect();
+    // Highest indices first, so removing an element never shifts another
+    // path's index.
+    all.sort_by(|a, b| cmp_tokens(b, a));
+    all.dedup();
+    for tokens in all {
+        remove_resolved(doc, &tokens);
+    }
+}
+
+/// Removes one field (see [`remove_paths`]).
+pub fn remove_path(doc: &mut Value, pointer: &str) {
+    remove_paths(doc, &[pointer.to_string()]);
 }
 
 /// Value at a JSON pointer.

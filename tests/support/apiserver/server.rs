@@ -12,7 +12,9 @@ use axum::response::Response;
 use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
 
-use super::patch::{get_path, json_patch, leaves, merge_patch, remove_path, PatchError};
+use super::patch::{
+    child_schema, get_path, json_patch, leaves, merge_apply, merge_patch, remove_paths, PatchError,
+};
 use super::selector::{FieldSelector, LabelSelector};
 use super::{Change, ChangeKind, Failure, RequestRecord};
 
@@ -353,6 +355,232 @@ fn valid_name(name: &str, label: bool) -> Result<(), String> {
     Ok(())
 }
 
+fn qualified_name_ok(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    name_ok && prefix.is_none_or(|p| valid_name(p, false).is_ok())
+}
+
+fn label_value_ok(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+/// The metadata checks every kind gets: label keys and values, annotation
+/// keys and size, finalizer names, owner references.
+fn validate_meta(obj: &Value) -> Vec<String> {
+    let mut errs = Vec::new();
+    if let Some(labels) = obj.pointer("/metadata/labels").and_then(Value::as_object) {
+        for (k, v) in labels {
+            if !qualified_name_ok(k) {
+                errs.push(format!("metadata.labels: Invalid value: {k:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (63 at most), with an optional DNS subdomain prefix and '/'"));
+            }
+            match v.as_str() {
+                Some(v) if label_value_ok(v) => {}
+                _ => errs.push(format!("metadata.labels: Invalid value: {v}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (63 at most)")),
+            }
+        }
+    }
+    if let Some(annotations) = obj
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+    {
+        let mut total = 0;
+        for (k, v) in annotations {
+            if !qualified_name_ok(k) {
+                errs.push(format!(
+                    "metadata.annotations: Invalid value: {k:?}: not a qualified name"
+                ));
+            }
+            if !v.is_string() {
+                errs.push(format!(
+                    "metadata.annotations.{k}: Invalid value: annotation values must be strings"
+                ));
+            }
+            total += k.len() + v.as_str().map_or(0, str::len);
+        }
+        if total > 256 * 1024 {
+            errs.push("metadata.annotations: Too long: must have at most 262144 bytes".into());
+        }
+    }
+    for f in finalizers(obj) {
+        if !qualified_name_ok(&f) {
+            errs.push(format!(
+                "metadata.finalizers: Invalid value: {f:?}: not a qualified name"
+            ));
+        }
+    }
+    if let Some(refs) = obj
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+    {
+        for (i, r) in refs.iter().enumerate() {
+            for f in ["apiVersion", "kind", "name", "uid"] {
+                if r.get(f).and_then(Value::as_str).is_none_or(str::is_empty) {
+                    errs.push(format!("metadata.ownerReferences[{i}].{f}: Required value"));
+                }
+            }
+        }
+        let controllers = refs
+            .iter()
+            .filter(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+            .count();
+        if controllers > 1 {
+            errs.push("metadata.ownerReferences: Invalid value: only one reference can have Controller set to true".into());
+        }
+    }
+    errs
+}
+
+fn selector_matches_labels(sel: &Value, labels: Option<&Value>) -> bool {
+    let labels = labels
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    super::admission::selector_matches(Some(sel), &labels)
+}
+
+/// The checks of built-in kinds that catch controller bugs: workload
+/// selectors and templates, container names and images, Service ports,
+/// ConfigMap/Secret keys, immutable fields.
+fn validate_builtin(group: &str, plural: &str, obj: &Value, old: Option<&Value>) -> Vec<String> {
+    let mut errs = Vec::new();
+    let spec = obj.get("spec");
+    match (group, plural) {
+        ("apps", "deployments" | "statefulsets" | "replicasets") => {
+            let sel = spec.and_then(|s| s.get("selector"));
+            let empty = sel.is_none_or(|s| {
+                s.get("matchLabels")
+                    .and_then(Value::as_object)
+                    .is_none_or(Map::is_empty)
+                    && s.get("matchExpressions")
+                        .and_then(Value::as_array)
+                        .is_none_or(Vec::is_empty)
+            });
+            if empty {
+                errs.push("spec.selector: Required value".into());
+            } else if let Some(sel) = sel {
+                let labels = spec.and_then(|s| s.pointer("/template/metadata/labels"));
+                if !selector_matches_labels(sel, labels) {
+                    errs.push("spec.template.metadata.labels: Invalid value: `selector` does not match template `labels`".into());
+                }
+            }
+            if let Some(old_sel) = old.and_then(|o| o.pointer("/spec/selector")) {
+                if sel != Some(old_sel) {
+                    errs.push("spec.selector: Invalid value: field is immutable".into());
+                }
+            }
+            let containers = spec.and_then(|s| s.pointer("/template/spec/containers"));
+            validate_containers(containers, "spec.template.spec.containers", &mut errs);
+        }
+        ("", "pods") => {
+            validate_containers(
+                spec.and_then(|s| s.get("containers")),
+                "spec.containers",
+                &mut errs,
+            );
+        }
+        ("", "services") => {
+            let ports = spec.and_then(|s| s.get("ports")).and_then(Value::as_array);
+            let kind = spec
+                .and_then(|s| s.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("ClusterIP");
+            let headless = spec
+                .and_then(|s| s.get("clusterIP"))
+                .and_then(Value::as_str)
+                == Some("None");
+            if ports.is_none_or(Vec::is_empty) && kind != "ExternalName" && !headless {
+                errs.push("spec.ports: Required value".into());
+            }
+            let ports = ports.cloned().unwrap_or_default();
+            for (i, p) in ports.iter().enumerate() {
+                let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
+                if !(1..=65535).contains(&port) {
+                    errs.push(format!("spec.ports[{i}].port: Invalid value: {port}: must be between 1 and 65535, inclusive"));
+                }
+                if ports.len() > 1
+                    && p.get("name")
+                        .and_then(Value::as_str)
+                        .is_none_or(str::is_empty)
+                {
+                    errs.push(format!("spec.ports[{i}].name: Required value"));
+                }
+            }
+            let old_ip = old.and_then(|o| o.pointer("/spec/clusterIP"));
+            if old_ip.is_some() && spec.and_then(|s| s.get("clusterIP")) != old_ip {
+                errs.push("spec.clusterIP: Invalid value: field is immutable".into());
+            }
+        }
+        ("", "configmaps" | "secrets") => {
+            for field in ["data", "binaryData", "stringData"] {
+                if let Some(m) = obj.get(field).and_then(Value::as_object) {
+                    for k in m.keys() {
+                        let ok = !k.is_empty()
+                            && k.len() <= 253
+                            && k.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+                        if !ok {
+                            errs.push(format!("{field}[{k:?}]: Invalid value: a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
+                        }
+                    }
+                }
+            }
+            if plural == "secrets" {
+                if let (Some(o), Some(n)) = (old.and_then(|o| o.get("type")), obj.get("type")) {
+                    if o != n {
+                        errs.push("type: Invalid value: field is immutable".into());
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    errs
+}
+
+fn validate_containers(containers: Option<&Value>, path: &str, errs: &mut Vec<String>) {
+    let list = containers
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if list.is_empty() {
+        errs.push(format!("{path}: Required value"));
+    }
+    let mut names = BTreeSet::new();
+    for (i, c) in list.iter().enumerate() {
+        match c.get("name").and_then(Value::as_str) {
+            Some(n) if valid_name(n, true).is_ok() => {
+                if !names.insert(n.to_string()) {
+                    errs.push(format!("{path}[{i}].name: Duplicate value: {n:?}"));
+                }
+            }
+            other => errs.push(format!(
+                "{path}[{i}].name: Invalid value: {other:?}: must be a DNS label"
+            )),
+        }
+        if c.get("image")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            errs.push(format!("{path}[{i}].image: Required value"));
+        }
+    }
+}
+
 fn random_suffix() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
@@ -395,18 +623,28 @@ fn tracked(obj: &Value, rt: &ResourceType, sub: Option<&str>) -> Value {
     Value::Object(out)
 }
 
-fn leaf_map(v: &Value) -> BTreeMap<String, Value> {
+/// Field paths and values of `v` (see [`leaves`]); `schema` is the
+/// object's CRD schema, when it has one.
+fn leaf_map(v: &Value, schema: Option<&Value>) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     if let Value::Object(m) = v {
         for (k, child) in m {
             leaves(
                 child,
+                child_schema(schema, k),
                 &format!("/{}", k.replace('~', "~0").replace('/', "~1")),
                 &mut out,
             );
         }
     }
     out
+}
+
+impl ResourceType {
+    /// The schema used for field ownership (the first version's).
+    fn ownership_schema(&self) -> Option<&Value> {
+        self.schemas.values().next()
+    }
 }
 
 /// Everything but metadata (and status when it is a subresource): changes
@@ -622,11 +860,43 @@ impl State {
         obj: Value,
         old: Option<&Value>,
     ) -> Result<Value, ApiError> {
-        let obj = if rt.group.is_empty() {
-            builtin_defaults(&rt.plural, obj, old, self.rv + 1)
-        } else {
-            obj
+        let meta_errors = validate_meta(&obj);
+        if !meta_errors.is_empty() {
+            let name = meta_str(&obj, "name").unwrap_or("").to_string();
+            return Err(ApiError {
+                details: Some(json!({"name": name, "group": rt.group, "kind": rt.kind,
+                    "causes": meta_errors.iter().map(|m| json!({"reason": "FieldValueInvalid", "message": m})).collect::<Vec<_>>()})),
+                ..ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "{} {name:?} is invalid: [{}]",
+                        rt.kind,
+                        meta_errors.join(", ")
+                    ),
+                )
+            });
+        }
+        let obj = match rt.group.as_str() {
+            "" => builtin_defaults(&rt.plural, obj, old, self.rv + 1),
+            "apps" => workload_defaults(&rt.plural, obj),
+            _ => obj,
         };
+        if !rt.crd {
+            let errors = validate_builtin(&rt.group, &rt.plural, &obj, old);
+            if !errors.is_empty() {
+                let name = meta_str(&obj, "name").unwrap_or("").to_string();
+                return Err(ApiError {
+                    details: Some(json!({"name": name, "group": rt.group, "kind": rt.kind,
+                        "causes": errors.iter().map(|m| json!({"reason": "FieldValueInvalid", "message": m})).collect::<Vec<_>>()})),
+                    ..ApiError::new(
+                        422,
+                        "Invalid",
+                        format!("{} {name:?} is invalid: [{}]", rt.kind, errors.join(", ")),
+                    )
+                });
+            }
+        }
         if !rt.crd || !self.validate_schemas {
             return Ok(obj);
         }
@@ -1010,7 +1280,7 @@ impl State {
         };
         match ownership {
             Ownership::Update(manager) => {
-                for p in leaf_map(&tracked(obj, rt, None)).into_keys() {
+                for p in leaf_map(&tracked(obj, rt, None), rt.ownership_schema()).into_keys() {
                     stored.owners.entry(p).or_default().insert(manager.clone());
                 }
             }
@@ -1176,8 +1446,8 @@ impl State {
             Ownership::Update(manager) => {
                 let mut owners = cur.owners.clone();
                 let mut applied = cur.applied.clone();
-                let before = leaf_map(&tracked(&old, rt, sub));
-                let after = leaf_map(&tracked(&new, rt, sub));
+                let before = leaf_map(&tracked(&old, rt, sub), rt.ownership_schema());
+                let after = leaf_map(&tracked(&new, rt, sub), rt.ownership_schema());
                 for (p, v) in &after {
                     if before.get(p) != Some(v) {
                         // An update takes the field over; appliers lose it.
@@ -1569,7 +1839,7 @@ impl State {
             }
         }
         let applied_part = tracked(&config, rt, sub);
-        let new_leaves = leaf_map(&applied_part);
+        let new_leaves = leaf_map(&applied_part, rt.ownership_schema());
         let Some(cur) = self.objects.get(key).cloned() else {
             if sub.is_some() {
                 return Err(ApiError::not_found(rt, &key.name));
@@ -1629,6 +1899,7 @@ impl State {
         let mut applied = cur.applied.clone();
         let prev = applied.get(manager).cloned().unwrap_or_default();
         let mut new = live.clone();
+        let mut to_remove = Vec::new();
         for p in prev.iter().filter(|p| !new_leaves.contains_key(*p)) {
             let others = owners
                 .get(p)
@@ -1640,10 +1911,11 @@ impl State {
                 }
             }
             if !others {
-                remove_path(&mut new, p);
+                to_remove.push(p.clone());
             }
         }
-        merge_patch(&mut new, &applied_part);
+        remove_paths(&mut new, &to_remove);
+        merge_apply(&mut new, &applied_part, rt.ownership_schema());
         for (p, v) in &new_leaves {
             let changed = get_path(&live, p) != Some(v);
             if force || changed {
@@ -1661,7 +1933,7 @@ impl State {
             }
         }
         applied.insert(manager.to_string(), new_leaves.keys().cloned().collect());
-        let after = leaf_map(&tracked(&new, rt, sub));
+        let after = leaf_map(&tracked(&new, rt, sub), rt.ownership_schema());
         owners.retain(|p, _| after.contains_key(p) || sub.is_none() && p.starts_with("/status"));
         let obj = self.write_existing(
             tx,
@@ -1680,6 +1952,126 @@ impl State {
 /// controllers notice: Secret `stringData` folded into base64 `data` and
 /// `type: Opaque`; Service `type: ClusterIP`, an allocated (or kept)
 /// `clusterIP`, port `protocol: TCP` and `targetPort` = `port`.
+/// Sets `v[key]` to `default` when absent or null.
+fn default_field(v: &mut Value, key: &str, default: Value) {
+    if let Value::Object(m) = v {
+        if m.get(key).is_none_or(Value::is_null) {
+            m.insert(key.to_string(), default);
+        }
+    }
+}
+
+fn probe_defaults(probe: &mut Value) {
+    if !probe.is_object() {
+        return;
+    }
+    default_field(probe, "timeoutSeconds", json!(1));
+    default_field(probe, "periodSeconds", json!(10));
+    default_field(probe, "successThreshold", json!(1));
+    default_field(probe, "failureThreshold", json!(3));
+    if let Some(get) = probe.get_mut("httpGet") {
+        default_field(get, "scheme", json!("HTTP"));
+        default_field(get, "path", json!("/"));
+    }
+}
+
+/// The defaults a real apiserver gives a PodSpec and its containers.
+fn pod_spec_defaults(spec: &mut Value) {
+    if !spec.is_object() {
+        return;
+    }
+    default_field(spec, "restartPolicy", json!("Always"));
+    default_field(spec, "terminationGracePeriodSeconds", json!(30));
+    default_field(spec, "dnsPolicy", json!("ClusterFirst"));
+    default_field(spec, "securityContext", json!({}));
+    default_field(spec, "schedulerName", json!("default-scheduler"));
+    default_field(spec, "enableServiceLinks", json!(true));
+    for list in ["initContainers", "containers"] {
+        let Some(Value::Array(containers)) = spec.get_mut(list) else {
+            continue;
+        };
+        for c in containers {
+            default_field(c, "terminationMessagePath", json!("/dev/termination-log"));
+            default_field(c, "terminationMessagePolicy", json!("File"));
+            let image = c
+                .get("image")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let tag = image
+                .rsplit('/')
+                .next()
+                .and_then(|last| last.split_once(':'))
+                .map(|(_, t)| t.to_string());
+            let pull = if image.contains('@') || tag.as_deref().is_some_and(|t| t != "latest") {
+                "IfNotPresent"
+            } else {
+                "Always"
+            };
+            default_field(c, "imagePullPolicy", json!(pull));
+            if let Some(Value::Array(ports)) = c.get_mut("ports") {
+                for p in ports {
+                    default_field(p, "protocol", json!("TCP"));
+                }
+            }
+            for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                if let Some(p) = c.get_mut(probe) {
+                    probe_defaults(p);
+                }
+            }
+        }
+    }
+}
+
+/// The defaults of apps/v1 workloads and their pod templates.
+fn workload_defaults(plural: &str, mut obj: Value) -> Value {
+    let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) else {
+        return obj;
+    };
+    match plural {
+        "deployments" => {
+            default_field(spec, "replicas", json!(1));
+            default_field(spec, "revisionHistoryLimit", json!(10));
+            default_field(spec, "progressDeadlineSeconds", json!(600));
+            default_field(spec, "strategy", json!({}));
+            let strategy = &mut spec["strategy"];
+            default_field(strategy, "type", json!("RollingUpdate"));
+            if strategy["type"] == "RollingUpdate" {
+                default_field(strategy, "rollingUpdate", json!({}));
+                default_field(
+                    &mut strategy["rollingUpdate"],
+                    "maxUnavailable",
+                    json!("25%"),
+                );
+                default_field(&mut strategy["rollingUpdate"], "maxSurge", json!("25%"));
+            }
+        }
+        "statefulsets" => {
+            default_field(spec, "replicas", json!(1));
+            default_field(spec, "revisionHistoryLimit", json!(10));
+            default_field(spec, "podManagementPolicy", json!("OrderedReady"));
+            default_field(spec, "updateStrategy", json!({}));
+            let strategy = &mut spec["updateStrategy"];
+            default_field(strategy, "type", json!("RollingUpdate"));
+            if strategy["type"] == "RollingUpdate" {
+                default_field(strategy, "rollingUpdate", json!({}));
+                default_field(&mut strategy["rollingUpdate"], "partition", json!(0));
+            }
+            default_field(
+                spec,
+                "persistentVolumeClaimRetentionPolicy",
+                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+            );
+        }
+        "replicasets" => default_field(spec, "replicas", json!(1)),
+        _ => {}
+    }
+    if let Some(pod) = spec.pointer_mut("/template/spec") {
+        pod_spec_defaults(pod);
+    }
+    obj
+}
+
 fn builtin_defaults(plural: &str, mut obj: Value, old: Option<&Value>, serial: u64) -> Value {
     use base64::Engine;
     match plural {
@@ -1696,6 +2088,11 @@ fn builtin_defaults(plural: &str, mut obj: Value, old: Option<&Value>, serial: u
             }
             if obj.get("type").is_none_or(Value::is_null) {
                 obj["type"] = json!("Opaque");
+            }
+        }
+        "pods" => {
+            if let Some(spec) = obj.get_mut("spec") {
+                pod_spec_defaults(spec);
             }
         }
         "services" => {
@@ -2244,6 +2641,11 @@ pub(crate) async fn handle(
                         }
                     }
                 }
+                "application/strategic-merge-patch+json" if rt.crd => Err(ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    "strategic merge patch is not supported for custom resources: use a JSON merge patch, a JSON patch or server-side apply",
+                )),
                 "application/json-patch+json" | "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
                     match (parse_body(), st.objects.get(&k).map(|s| s.obj.clone())) {
                         (Err(e), _) => Err(e),

@@ -47,6 +47,9 @@ pub struct Config {
     pub step_timeout: Duration,
     /// How long to wait between polls of something under way.
     pub poll_interval: Duration,
+    /// How often the fast-moving status fields (`lsn`, sizes) are refreshed
+    /// (at most); between refreshes an unchanged branch causes no writes.
+    pub stats_interval: Duration,
     /// Name reported in Events.
     pub reporter: String,
     /// Instance reported in Events (the pod name).
@@ -68,6 +71,7 @@ impl Default for Config {
             resync_interval: None,
             step_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_secs(2),
+            stats_interval: Duration::from_secs(60),
             reporter: "pgbranch-operator".into(),
             instance: None,
             snapshot_quota: 10,
@@ -107,6 +111,8 @@ pub struct Context {
     pub clock: Arc<dyn schedule::Clock>,
     /// Consecutive failures per object, for the error policy's backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// When each object's status stats were last refreshed (by UID).
+    stats: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Context {
@@ -152,6 +158,7 @@ impl Context {
             resolver,
             clock,
             failures: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
         })
     }
 
@@ -165,6 +172,24 @@ impl Context {
         let n = f.entry(Self::failures_key(obj)).or_insert(0);
         *n = n.saturating_add(1);
         *n
+    }
+
+    /// Whether the stats of the object `uid` are due for a refresh:
+    /// `stats_interval` passed since the last one. The first time an object
+    /// is seen they are due only when its status has none (`has_stats`
+    /// false): a restarted operator does not rewrite every status at once.
+    /// Marks them refreshed when due.
+    pub fn stats_due(&self, uid: &str, has_stats: bool) -> bool {
+        let now = std::time::Instant::now();
+        let mut m = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let due = match m.get(uid) {
+            Some(last) => now.duration_since(*last) >= self.config.stats_interval,
+            None => !has_stats,
+        };
+        if due || !m.contains_key(uid) {
+            m.insert(uid.to_string(), now);
+        }
+        due
     }
 
     /// Forgets the failures of an object after a successful reconcile.

@@ -87,6 +87,9 @@ impl Harness {
             resync_interval: Some(Duration::from_secs(1)),
             poll_interval: Duration::from_millis(300),
             step_timeout: Duration::from_secs(120),
+            // lsn/size refresh (at most once per interval) stays out of the
+            // steady-state windows the tests measure.
+            stats_interval: Duration::from_secs(600),
             ..Config::default()
         };
         let storage: Arc<dyn Storage> = Arc::new(self.engine.clone());
@@ -543,6 +546,11 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         .expect("create orphan");
     let b = wait_stalled(client, "orphan", "ParentNotFound").await;
     assert!(condition(&b, "Stalled").unwrap().2.contains("nope"));
+    // Fixing the cause clears Stalled: the missing parent appears.
+    api.create(&pp, &branch("nope", BranchSpec::default()))
+        .await
+        .expect("create nope");
+    wait_ready(client, "orphan").await;
     api.create(
         &pp,
         &child("future", "main", Some("FF/FFFFFFFF".into()), None),
@@ -654,6 +662,10 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     for n in ["past", "head", "future", "orphan", "main"] {
         wait_gone(client, n).await;
     }
+    api.delete("nope", &DeleteParams::default())
+        .await
+        .expect("delete nope");
+    wait_gone(client, "nope").await;
 
     // Everything is gone: timelines, computes, Services, Secrets.
     let left = h.engine.list_timelines().await.expect("list timelines");

@@ -33,7 +33,7 @@ use pgbranch::controller::{ComputeResolver, Error as ControllerError};
 use pgbranch::storage::engine::{Engine, PgServer, StopMode};
 use pgbranch::storage::TimelineId;
 use serde_json::json;
-use tokio::sync::Mutex;
+use std::sync::Mutex;
 use tokio::task::JoinHandle;
 
 struct Running {
@@ -95,7 +95,7 @@ impl ComputeRunner {
                             let gone: Vec<Key> = me
                                 .running
                                 .lock()
-                                .await
+                                .unwrap()
                                 .keys()
                                 .filter(|k| !seen.contains(k))
                                 .cloned()
@@ -132,7 +132,7 @@ impl ComputeRunner {
         self.inner
             .running
             .lock()
-            .await
+            .unwrap()
             .values()
             .map(|r| r.timeline.clone())
             .collect()
@@ -141,7 +141,7 @@ impl ComputeRunner {
     /// Stops every server.
     pub async fn shutdown(self) {
         self.task.abort();
-        let keys: Vec<Key> = self.inner.running.lock().await.keys().cloned().collect();
+        let keys: Vec<Key> = self.inner.running.lock().unwrap().keys().cloned().collect();
         for k in keys {
             self.inner.stop(&k).await;
         }
@@ -152,9 +152,10 @@ impl Drop for ComputeRunner {
     fn drop(&mut self) {
         self.task.abort();
         // PgServer's Drop kills what is left.
-        if let Ok(mut r) = self.inner.running.try_lock() {
-            r.clear();
-        }
+        // Never held across an await, so this cannot block for long; a
+        // poisoned lock still holds the servers.
+        let mut r = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        r.clear();
     }
 }
 
@@ -168,7 +169,7 @@ impl Inner {
         let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1) >= 1
             && d.metadata.deletion_timestamp.is_none();
         let timeline = d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default();
-        let running = self.running.lock().await.contains_key(&k);
+        let running = self.running.lock().unwrap().contains_key(&k);
         if want && !running {
             let Ok(id) = TimelineId::new(timeline.clone()) else {
                 eprintln!("compute runner: bad timeline label {timeline:?}");
@@ -184,7 +185,7 @@ impl Inner {
                             .and_then(|s| s.template.metadata.as_ref())
                             .and_then(|m| m.labels.clone())
                             .unwrap_or_default();
-                        self.running.lock().await.insert(
+                        self.running.lock().unwrap().insert(
                             k.clone(),
                             Running {
                                 server,
@@ -243,7 +244,7 @@ impl Inner {
     }
 
     async fn stop(&self, k: &Key) {
-        let r = self.running.lock().await.remove(k);
+        let r = self.running.lock().unwrap().remove(k);
         if let Some(r) = r {
             if let Err(e) = r.server.stop(StopMode::Fast).await {
                 eprintln!("compute runner: stopping {}/{}: {e}", k.0, k.1);
@@ -255,7 +256,7 @@ impl Inner {
         let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
         let svc = api.get_opt(name).await.ok()??;
         let sel = svc.spec?.selector?;
-        let running = self.running.lock().await;
+        let running = self.running.lock().unwrap();
         running
             .iter()
             .filter(|((rns, _), _)| rns == ns)

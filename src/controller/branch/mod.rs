@@ -623,24 +623,20 @@ async fn ensure_timeline(
     Ok(Ok(tl))
 }
 
-/// Copies what storage says about the timeline into status (sizes only when
-/// they moved by 1 % or more, so an idle branch causes no writes).
-fn record_timeline(status: &mut BranchStatus, tl: &Timeline) {
+/// Copies what storage says about the timeline into status. The fields
+/// that move with every write (`lsn`, `logicalSizeBytes`) are taken only when
+/// `refresh_stats` (first time, or the stats interval passed): a busy
+/// database must not turn every reconcile into a status write.
+fn record_timeline(status: &mut BranchStatus, tl: &Timeline, refresh_stats: bool) {
     status.timeline_id = Some(tl.id.to_string());
     status.parent_lsn = tl.lineage.parent_lsn.map(|l| l.to_string());
     if status.parent_timeline_id.is_none() {
         status.parent_timeline_id = tl.lineage.parent.as_ref().map(|p| p.to_string());
     }
-    let lsn = tl.lsn.map(|l| l.to_string());
-    let size = i64::try_from(tl.logical_size_bytes).unwrap_or(i64::MAX);
-    let significant = match status.logical_size_bytes {
-        None => true,
-        Some(old) => (size - old).unsigned_abs().saturating_mul(100) >= old.unsigned_abs(),
-    };
-    if significant || lsn != status.lsn {
-        status.logical_size_bytes = Some(size);
+    if refresh_stats || status.logical_size_bytes.is_none() {
+        status.lsn = tl.lsn.map(|l| l.to_string());
+        status.logical_size_bytes = Some(i64::try_from(tl.logical_size_bytes).unwrap_or(i64::MAX));
     }
-    status.lsn = lsn;
     status.created_at = Some(tl.created_at.to_string());
     status.pg_major = Some(i64::from(tl.pg_major));
 }
@@ -725,7 +721,13 @@ async fn apply_steps(
         Ok(tl) => tl,
         Err(done) => return Ok(done),
     };
-    record_timeline(status, &tl);
+    let moved = status.timeline_id.as_deref()
+        != branch
+            .status
+            .as_ref()
+            .and_then(|s| s.timeline_id.as_deref());
+    let refresh = moved || ctx.stats_due(&uid, status.logical_size_bytes.is_some());
+    record_timeline(status, &tl, refresh);
     if status.parent_branch.is_none() {
         // Set once; a restore of the parent moves it to the backup branch.
         status.parent_branch = branch.spec.parent.as_ref().map(|p| p.branch.clone());
@@ -1279,23 +1281,19 @@ mod tests {
     }
 
     #[test]
-    fn status_records_timeline_and_ignores_size_jitter() {
+    fn status_records_timeline_and_refreshes_stats_only_when_due() {
         let mut st = BranchStatus::default();
-        record_timeline(&mut st, &timeline(1_000_000, 100));
+        record_timeline(&mut st, &timeline(1_000_000, 100), false);
         assert_eq!(st.timeline_id.as_deref(), Some("abcdef0123456789"));
         assert_eq!(st.parent_lsn.as_deref(), Some("1/10"));
         assert_eq!(st.pg_major, Some(15));
-        assert_eq!(st.logical_size_bytes, Some(1_000_000));
-        record_timeline(&mut st, &timeline(1_004_000, 100));
-        assert_eq!(st.logical_size_bytes, Some(1_000_000), "0.4% is jitter");
-        record_timeline(&mut st, &timeline(1_020_000, 100));
-        assert_eq!(st.logical_size_bytes, Some(1_020_000));
-        record_timeline(&mut st, &timeline(1_021_000, 200));
-        assert_eq!(
-            st.logical_size_bytes,
-            Some(1_021_000),
-            "new LSN refreshes size"
-        );
+        assert_eq!(st.logical_size_bytes, Some(1_000_000), "first time: taken");
+        assert_eq!(st.lsn.as_deref(), Some("0/64"));
+        record_timeline(&mut st, &timeline(2_000_000, 200), false);
+        assert_eq!(st.logical_size_bytes, Some(1_000_000), "not due: kept");
+        assert_eq!(st.lsn.as_deref(), Some("0/64"));
+        record_timeline(&mut st, &timeline(2_000_000, 200), true);
+        assert_eq!(st.logical_size_bytes, Some(2_000_000));
         assert_eq!(st.lsn.as_deref(), Some("0/C8"));
     }
 }

@@ -285,6 +285,15 @@ async fn preserve_names_the_backup_and_suspend_stops_refreshes() {
         r.spec.preserve_under_name,
         Some(format!("dev-old-{}", slot.strftime("%Y%m%d%H%M%S")))
     );
+    // The refresh completes (no compute: no SQL step) and its backup stays.
+    let done = wait_phase(&w, &name, RestorePhase::Completed).await;
+    let backup = format!("dev-old-{}", slot.strftime("%Y%m%d%H%M%S"));
+    assert_eq!(
+        done.status.and_then(|s| s.backup_branch),
+        Some(backup.clone())
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(w.api::<Branch>().get_opt(&backup).await.unwrap().is_some());
 
     // Suspended: no next refresh, and none runs.
     w.api::<Branch>()

@@ -11,6 +11,7 @@ pub mod apply;
 pub mod branch;
 pub mod metrics;
 pub mod restore;
+pub mod schedule;
 pub mod snapshot;
 pub mod status;
 
@@ -106,6 +107,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub resolver: Arc<dyn ComputeResolver>,
+    /// The time schedules run by (tests move it by hand).
+    pub clock: Arc<dyn schedule::Clock>,
     /// Consecutive failures per object, for the error policy's backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// When each object's status stats were last refreshed (by UID).
@@ -119,6 +122,25 @@ impl Context {
         config: Config,
         metrics: Metrics,
         resolver: Arc<dyn ComputeResolver>,
+    ) -> Arc<Self> {
+        Self::with_clock(
+            client,
+            storage,
+            config,
+            metrics,
+            resolver,
+            Arc::new(schedule::SystemClock),
+        )
+    }
+
+    /// [`Context::new`] with the clock schedules run by.
+    pub fn with_clock(
+        client: Client,
+        storage: Arc<dyn Storage>,
+        config: Config,
+        metrics: Metrics,
+        resolver: Arc<dyn ComputeResolver>,
+        clock: Arc<dyn schedule::Clock>,
     ) -> Arc<Self> {
         let recorder = Recorder::new(
             client.clone(),
@@ -134,6 +156,7 @@ impl Context {
             metrics,
             recorder,
             resolver,
+            clock,
             failures: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
         })
@@ -302,6 +325,39 @@ where
     }
 }
 
+/// Awaits a controller's run (`running`: its stream driven to the end),
+/// but once `shutdown` has fired, returns at once if the controller's
+/// store was never filled — its kind could not be listed (its CRD is not
+/// installed, or RBAC forbids it). kube-runtime holds a controller's runner
+/// until its store is ready, so such a controller would never finish its
+/// graceful shutdown (the operator would hang on SIGTERM); with nothing ever
+/// listed, no reconcile can be in flight.
+pub async fn until_stopped<K>(
+    kind: &'static str,
+    store: kube::runtime::reflector::Store<K>,
+    shutdown: impl Future<Output = ()>,
+    running: impl Future<Output = ()>,
+) where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let never_listed = async {
+        shutdown.await;
+        if futures::FutureExt::now_or_never(store.wait_until_ready()).is_none() {
+            tracing::warn!(
+                kind,
+                "stopping a controller whose kind was never listed (is its CRD installed?)"
+            );
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = running => {}
+        () = never_listed => {}
+    }
+}
+
 /// Starts every controller and runs until `shutdown` resolves (then lets
 /// reconciles in flight finish).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
@@ -309,7 +365,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     tokio::join!(
         branch::run(ctx.clone(), shutdown.clone()),
         snapshot::run(ctx.clone(), shutdown.clone()),
-        restore::run(ctx, shutdown),
+        restore::run(ctx.clone(), shutdown.clone()),
+        schedule::run(ctx.clone(), shutdown.clone()),
+        branch::refresh::run(ctx, shutdown),
     );
 }
 

@@ -19,6 +19,7 @@
 //! the Service and Secrets, then the finalizer.
 
 pub mod handover;
+pub mod refresh;
 pub mod sql;
 pub mod validate;
 

@@ -169,6 +169,7 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let client = ctx.client.clone();
     let (restores, branches): (Api<SnapshotRestore>, Api<Branch>) = match &ctx.config.namespace {
         Some(ns) => (
@@ -179,7 +180,7 @@ pub async fn run(
     };
     let mut controller = Controller::new(restores, watcher::Config::default())
         .owns(branches, watcher::Config::default().labels(LABEL_RESTORE))
-        .graceful_shutdown_on(shutdown);
+        .graceful_shutdown_on(shutdown.clone());
     if let Some(every) = ctx.config.resync_interval {
         let ticks = futures::stream::unfold((), move |()| async move {
             tokio::time::sleep(every).await;
@@ -187,15 +188,16 @@ pub async fn run(
         });
         controller = controller.reconcile_all_on(ticks);
     }
-    controller
+    let store = controller.store();
+    let running = controller
         .run(reconcile, error_policy::<SnapshotRestore>, ctx)
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
                 Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
             }
-        })
-        .await;
+        });
+    super::until_stopped(KIND, store, shutdown, running).await;
 }
 
 async fn reconcile(r: Arc<SnapshotRestore>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -57,12 +57,13 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let api: Api<Snapshot> = match &ctx.config.namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
     let mut controller =
-        Controller::new(api, watcher::Config::default()).graceful_shutdown_on(shutdown);
+        Controller::new(api, watcher::Config::default()).graceful_shutdown_on(shutdown.clone());
     if let Some(every) = ctx.config.resync_interval {
         let ticks = futures::stream::unfold((), move |()| async move {
             tokio::time::sleep(every).await;
@@ -70,15 +71,16 @@ pub async fn run(
         });
         controller = controller.reconcile_all_on(ticks);
     }
-    controller
+    let store = controller.store();
+    let running = controller
         .run(reconcile, error_policy::<Snapshot>, ctx)
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
                 Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
             }
-        })
-        .await;
+        });
+    super::until_stopped(KIND, store, shutdown, running).await;
 }
 
 async fn reconcile(snap: Arc<Snapshot>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -1,0 +1,646 @@
+//! Scheduled refresh of a Branch from its parent (`spec.refresh`).
+//!
+//! Its own small controller over Branches (so a refresh problem never
+//! blocks the Branch's own reconcile). At each slot of `spec.refresh.schedule`
+//! (cron in `timeZone`, the same planning as SnapshotSchedules: see
+//! [`crate::controller::schedule::plan`]) it creates one `SnapshotRestore`:
+//! source the parent at its head, target this branch, `finalize: true`,
+//! named `<branch>-refresh-<yyyymmddhhmm>` of the slot (a retry finds it),
+//! owned by the branch and labelled `pgbranch.dev/refresh-of: <branch>`.
+//! The SnapshotRestore controller does the rest; the connection string and
+//! credentials do not change.
+//!
+//! * A slot runs only once announced: `status.nextRefreshTime` is written
+//!   first, and a run happens when the clock passes it. Turning refresh on
+//!   (or resuming it) therefore never refreshes at once — it waits for the
+//!   next slot; after operator downtime the missed slots make (at most) one
+//!   catch-up run, the latest.
+//! * Never while another operation on the branch is under way (a
+//!   SnapshotRestore targeting or reading it that has not completed or
+//!   failed, a Snapshot of it being taken), nor while the branch or its
+//!   parent is not Ready: the slot is skipped (Warning event
+//!   `RefreshSkipped`) and the refresh waits for the next slot.
+//! * `preserve: true` names the backup of the pre-refresh data
+//!   `<branch>-old-<yyyymmddhhmmss>` of the slot (`preserveUnderName`). The
+//!   restore controller always keeps a backup branch; with `preserve: false`
+//!   (the default) this controller deletes that backup branch once the
+//!   restore has completed — unless other branches now descend from it
+//!   (their `status.parentBranch`), in which case it is kept and said so.
+//! * Finished refresh restores beyond the newest [`KEEP_FINISHED`] are
+//!   deleted (deleting a completed restore undoes nothing).
+//!
+//! Status: `lastRefreshTime` (the slot of the last refresh started) and
+//! `nextRefreshTime` (absent while suspended or when the schedule is
+//! invalid: a Warning event `InvalidRefreshSchedule` says why).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::api::{
+    backup_branch_name, Branch, RestorePhase, RestoreSource, Snapshot, SnapshotRestore,
+    SnapshotRestoreSpec, FIELD_MANAGER, LABEL_RESTORE_BACKUP_OF, MAX_BRANCH_NAME_LEN, READY,
+    STALLED,
+};
+use crate::controller::apply::{holder, Holder};
+use crate::controller::schedule::plan::{self, Cadence};
+use crate::controller::schedule::ANNOTATION_SCHEDULED_AT;
+use crate::controller::{error_policy, with_deadline, Context, Error};
+
+/// Label on a refresh's SnapshotRestore: the refreshed branch.
+pub const LABEL_REFRESH_OF: &str = "pgbranch.dev/refresh-of";
+/// Annotation on a refresh's SnapshotRestore: whether its backup is kept.
+pub const ANNOTATION_PRESERVE: &str = "pgbranch.dev/refresh-preserve";
+/// Annotation on a refresh's SnapshotRestore once its backup branch was
+/// dealt with (`deleted` or `kept`), so it is looked at (and warned about)
+/// once.
+pub const ANNOTATION_BACKUP_HANDLED: &str = "pgbranch.dev/refresh-backup";
+/// Finished refresh restores kept per branch (for `kubectl get`).
+pub const KEEP_FINISHED: usize = 3;
+
+/// The name of the SnapshotRestore of the refresh of `branch` at `slot`
+/// (a valid Branch name: the restore's preview branch takes it).
+pub fn refresh_name(branch: &str, slot: jiff::Timestamp) -> String {
+    plan::run_name_max(branch, "-refresh", slot, MAX_BRANCH_NAME_LEN)
+}
+
+/// Runs the refresh controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (branches, restores): (Api<Branch>, Api<SnapshotRestore>) = match &ctx.config.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let controller = Controller::new(branches, watcher::Config::default())
+        .owns(
+            restores,
+            watcher::Config::default().labels(LABEL_REFRESH_OF),
+        )
+        .graceful_shutdown_on(shutdown.clone());
+    let store = controller.store();
+    let running = controller
+        .run(reconcile, error_policy::<Branch>, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "refresh reconcile did not complete");
+            }
+        });
+    crate::controller::until_stopped("Branch", store, shutdown, running).await;
+}
+
+fn phase_done(r: &SnapshotRestore) -> bool {
+    matches!(
+        r.status.as_ref().and_then(|s| s.phase),
+        Some(RestorePhase::Completed | RestorePhase::Failed)
+    )
+}
+
+fn is_ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.status == "True")
+}
+
+async fn publish(ctx: &Context, branch: &Branch, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Refresh".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &branch.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish event");
+    }
+}
+
+async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if branch.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let res = reconcile_refresh(&branch, &ctx).await;
+    if res.is_ok() {
+        ctx.record_success(branch.as_ref());
+    }
+    res
+}
+
+/// What keeps a refresh from running now, if anything.
+async fn blocker(
+    ctx: &Context,
+    branch: &Branch,
+    parent: &str,
+    restores: &[SnapshotRestore],
+) -> Result<Option<String>, Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    if !is_ready(&branch.status.clone().unwrap_or_default().conditions) {
+        return Ok(Some(format!("branch {name} is not Ready")));
+    }
+    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    match with_deadline(ctx, "read parent", branches.get_opt(parent)).await? {
+        None => return Ok(Some(format!("the parent branch {parent} does not exist"))),
+        Some(p) if !is_ready(&p.status.clone().unwrap_or_default().conditions) => {
+            return Ok(Some(format!("the parent branch {parent} is not Ready")))
+        }
+        Some(_) => {}
+    }
+    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let list = with_deadline(ctx, "list snapshots", snaps.list(&ListParams::default())).await?;
+    Ok(operation_under_way(&name, restores, &list.items))
+}
+
+/// Another operation on branch `name`, if one is under way: a
+/// SnapshotRestore that targets it or reads it and has neither completed
+/// nor failed (pending, restoring, awaiting finalize or finalizing), or a
+/// Snapshot of it that is neither ready nor stalled.
+pub fn operation_under_way(
+    name: &str,
+    restores: &[SnapshotRestore],
+    snapshots: &[Snapshot],
+) -> Option<String> {
+    let busy_restore = restores.iter().find(|r| {
+        !phase_done(r)
+            && r.meta().deletion_timestamp.is_none()
+            && (r.spec.target.as_deref() == Some(name)
+                || r.spec.source.branch.as_deref() == Some(name))
+    });
+    if let Some(r) = busy_restore {
+        return Some(format!(
+            "SnapshotRestore {} on this branch is under way",
+            r.name_any()
+        ));
+    }
+    let busy_snap = snapshots.iter().find(|s| {
+        s.spec.branch == name
+            && s.meta().deletion_timestamp.is_none()
+            && s.status.as_ref().is_none_or(|st| {
+                !st.ready_to_use
+                    && !st
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == STALLED && c.status == "True")
+            })
+    });
+    busy_snap.map(|s| format!("Snapshot {} of this branch is being taken", s.name_any()))
+}
+
+async fn create_refresh(
+    ctx: &Context,
+    branch: &Branch,
+    parent: &str,
+    slot: jiff::Timestamp,
+    preserve: bool,
+) -> Result<SnapshotRestore, Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let owner = branch
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::Waiting("the branch has no uid yet".into()))?;
+    let rname = refresh_name(&name, slot);
+    let restore = SnapshotRestore {
+        metadata: ObjectMeta {
+            name: Some(rname.clone()),
+            namespace: Some(ns.clone()),
+            labels: Some(BTreeMap::from([(
+                LABEL_REFRESH_OF.to_string(),
+                plan::label_value(&name),
+            )])),
+            annotations: Some(BTreeMap::from([
+                (ANNOTATION_SCHEDULED_AT.to_string(), plan::rfc3339(slot)),
+                (ANNOTATION_PRESERVE.to_string(), preserve.to_string()),
+            ])),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: SnapshotRestoreSpec {
+            source: RestoreSource {
+                branch: Some(parent.to_string()),
+                ..Default::default()
+            },
+            target: Some(name.clone()),
+            finalize: true,
+            preserve_under_name: preserve.then(|| backup_branch_name(&name, slot)),
+        },
+        status: None,
+    };
+    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match with_deadline(ctx, "create restore", api.create(&params, &restore)).await {
+        Ok(r) => {
+            tracing::info!(branch = %name, restore = %rname, slot = %plan::rfc3339(slot), "refresh started");
+            publish(
+                ctx,
+                branch,
+                EventType::Normal,
+                "RefreshStarted",
+                format!(
+                    "refreshing from {parent} (the run of {}): SnapshotRestore {rname}",
+                    plan::rfc3339(slot)
+                ),
+            )
+            .await;
+            Ok(r)
+        }
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
+            with_deadline(ctx, "read restore", api.get_opt(&rname))
+                .await?
+                .ok_or_else(|| Error::Waiting(format!("SnapshotRestore {rname} is being replaced")))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// With `preserve: false`: deletes the backup branch a completed refresh
+/// left, unless branches descend from it. Returns whether nothing is left
+/// to do for this restore.
+async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Result<bool, Error> {
+    let preserve = r
+        .annotations()
+        .get(ANNOTATION_PRESERVE)
+        .is_none_or(|v| v != "false");
+    let completed = matches!(
+        r.status.as_ref().and_then(|s| s.phase),
+        Some(RestorePhase::Completed)
+    );
+    let handled = r.annotations().contains_key(ANNOTATION_BACKUP_HANDLED);
+    if preserve || !completed || handled {
+        return Ok(true);
+    }
+    let Some(backup) = r.status.as_ref().and_then(|s| s.backup_branch.clone()) else {
+        return Ok(true);
+    };
+    let ns = branch.namespace().unwrap_or_default();
+    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(b) = with_deadline(ctx, "read backup", branches.get_opt(&backup)).await? else {
+        mark_handled(ctx, r, "deleted").await?;
+        return Ok(true);
+    };
+    let made_by_it = b.labels().get(LABEL_RESTORE_BACKUP_OF) == Some(&r.name_any());
+    if !made_by_it {
+        mark_handled(ctx, r, "kept").await?;
+        return Ok(true);
+    }
+    if b.meta().deletion_timestamp.is_some() {
+        return Ok(false);
+    }
+    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    let dependants: Vec<String> = all
+        .items
+        .iter()
+        .filter(|c| {
+            c.spec.parent.as_ref().is_some_and(|p| p.branch == backup)
+                || c.status.as_ref().and_then(|s| s.parent_branch.as_deref())
+                    == Some(backup.as_str())
+        })
+        .map(|c| c.name_any())
+        .collect();
+    if !dependants.is_empty() {
+        publish(
+            ctx,
+            branch,
+            EventType::Warning,
+            "RefreshBackupKept",
+            format!(
+                "kept backup branch {backup} of refresh {} although preserve is false: branches {} descend from it",
+                r.name_any(),
+                dependants.join(", ")
+            ),
+        )
+        .await;
+        mark_handled(ctx, r, "kept").await?;
+        return Ok(true);
+    }
+    tracing::info!(branch = %branch.name_any(), backup = %backup, "deleting the pre-refresh backup (preserve is false)");
+    match with_deadline(
+        ctx,
+        "delete backup",
+        branches.delete(&backup, &DeleteParams::background()),
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => return Ok(true),
+        Err(e) => return Err(e),
+    }
+    publish(
+        ctx,
+        branch,
+        EventType::Normal,
+        "RefreshBackupDeleted",
+        format!(
+            "deleted backup branch {backup} of refresh {} (preserve is false)",
+            r.name_any()
+        ),
+    )
+    .await;
+    Ok(false)
+}
+
+/// Records on a refresh's SnapshotRestore that its backup was dealt with.
+async fn mark_handled(ctx: &Context, r: &SnapshotRestore, how: &str) -> Result<(), Error> {
+    let api: Api<SnapshotRestore> =
+        Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"annotations": {ANNOTATION_BACKUP_HANDLED: how}}});
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match with_deadline(
+        ctx,
+        "annotate restore",
+        api.patch(&r.name_any(), &params, &Patch::Merge(&patch)),
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// (Branch UID, generation) pairs already warned about an invalid refresh
+/// schedule, so the Warning is published once per spec change, not on
+/// every pass.
+static WARNED_INVALID: LazyLock<Mutex<HashSet<(String, i64)>>> =
+    LazyLock::new(|| Mutex::new(HashSet::new()));
+
+fn first_warning(uid: &str, generation: Option<i64>) -> bool {
+    let mut set = WARNED_INVALID.lock().unwrap_or_else(|p| p.into_inner());
+    set.insert((uid.to_string(), generation.unwrap_or(0)))
+}
+
+async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Error> {
+    let now = ctx.clock.now();
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let uid = branch.uid().unwrap_or_default();
+    let status = branch.status.clone().unwrap_or_default();
+    let restore_api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
+    let all_restores = with_deadline(
+        ctx,
+        "list restores",
+        restore_api.list(&ListParams::default()),
+    )
+    .await?
+    .items;
+    let mut ours: Vec<&SnapshotRestore> = all_restores
+        .iter()
+        .filter(|r| r.labels().contains_key(LABEL_REFRESH_OF) && holder(*r, &uid) == Holder::Owner)
+        .collect();
+
+    // Finished refreshes: drop unwanted backups, keep the newest few.
+    ours.sort_by_key(|r| {
+        std::cmp::Reverse(
+            r.annotations()
+                .get(ANNOTATION_SCHEDULED_AT)
+                .cloned()
+                .unwrap_or_default(),
+        )
+    });
+    let mut finished = 0;
+    for r in &ours {
+        if !phase_done(r) || r.meta().deletion_timestamp.is_some() {
+            continue;
+        }
+        let settled = drop_backup(ctx, branch, r).await?;
+        finished += 1;
+        if finished > KEEP_FINISHED && settled {
+            match with_deadline(
+                ctx,
+                "delete restore",
+                restore_api.delete(&r.name_any(), &DeleteParams::background()),
+            )
+            .await
+            {
+                Ok(_) => {}
+                Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    let mut last = status.last_refresh_time.clone();
+    let mut next = None;
+    let mut wait = ctx.config.ready_requeue;
+    if let (Some(refresh), Some(parent)) = (&branch.spec.refresh, &branch.spec.parent) {
+        match Cadence::cron(&refresh.schedule, refresh.time_zone.as_deref()) {
+            Err(e) if first_warning(&uid, branch.metadata.generation) => {
+                publish(
+                    ctx,
+                    branch,
+                    EventType::Warning,
+                    "InvalidRefreshSchedule",
+                    format!("spec.refresh: {e}; no refresh runs until it is fixed"),
+                )
+                .await;
+            }
+            Err(_) => {}
+            Ok(_) if refresh.suspend => {}
+            Ok(cadence) => {
+                let announced = status
+                    .next_refresh_time
+                    .as_deref()
+                    .and_then(plan::parse_time);
+                let slot = cadence.latest_at_or_before(now);
+                if let (Some(a), Some(s)) = (announced, slot) {
+                    let already = last.as_deref().and_then(plan::parse_time) >= Some(s);
+                    if a <= now && s >= a && !already {
+                        let rname = refresh_name(&name, s);
+                        // Our own run for this slot is not "another operation".
+                        let mine = all_restores.iter().any(|r| r.name_any() == rname);
+                        let blocked = if mine {
+                            None
+                        } else {
+                            blocker(ctx, branch, &parent.branch, &all_restores).await?
+                        };
+                        match blocked {
+                            None => {
+                                create_refresh(ctx, branch, &parent.branch, s, refresh.preserve)
+                                    .await?;
+                                last = Some(plan::rfc3339(s));
+                            }
+                            Some(why) => {
+                                tracing::info!(branch = %name, slot = %plan::rfc3339(s), reason = %why, "refresh skipped");
+                                publish(
+                                    ctx,
+                                    branch,
+                                    EventType::Warning,
+                                    "RefreshSkipped",
+                                    format!(
+                                        "skipped the refresh of {}: {why}; waiting for the next slot",
+                                        plan::rfc3339(s)
+                                    ),
+                                )
+                                .await;
+                            }
+                        }
+                    }
+                }
+                next = cadence.next_after(now);
+                if let Some(n) = next {
+                    wait = wait.min(plan::until(now, n).max(Duration::from_secs(1)));
+                }
+            }
+        }
+    }
+
+    let next_text = next.map(plan::rfc3339);
+    if last != status.last_refresh_time || next_text != status.next_refresh_time {
+        let api: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({"status": {"lastRefreshTime": last, "nextRefreshTime": next_text}});
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        with_deadline(
+            ctx,
+            "write refresh status",
+            api.patch_status(&name, &params, &Patch::Merge(&patch)),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(wait))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{SnapshotRestoreStatus, SnapshotSpec, SnapshotStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn restore(
+        name: &str,
+        target: &str,
+        source: &str,
+        phase: Option<RestorePhase>,
+    ) -> SnapshotRestore {
+        let mut r = SnapshotRestore::new(
+            name,
+            SnapshotRestoreSpec {
+                source: RestoreSource {
+                    branch: Some(source.into()),
+                    ..Default::default()
+                },
+                target: Some(target.into()),
+                finalize: true,
+                preserve_under_name: None,
+            },
+        );
+        r.status = phase.map(|p| SnapshotRestoreStatus {
+            phase: Some(p),
+            ..Default::default()
+        });
+        r
+    }
+
+    fn snapshot(name: &str, branch: &str, ready: bool, stalled: bool) -> Snapshot {
+        let mut s = Snapshot::new(
+            name,
+            SnapshotSpec {
+                branch: branch.into(),
+                ..Default::default()
+            },
+        );
+        let mut st = SnapshotStatus {
+            ready_to_use: ready,
+            ..Default::default()
+        };
+        if stalled {
+            st.conditions.push(Condition {
+                type_: STALLED.into(),
+                status: "True".into(),
+                reason: "SnapshotQuotaExceeded".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
+            });
+        }
+        s.status = Some(st);
+        s
+    }
+
+    #[test]
+    fn operations_that_block_a_refresh() {
+        let none: &[Snapshot] = &[];
+        assert_eq!(operation_under_way("dev", &[], none), None);
+        for phase in [
+            None,
+            Some(RestorePhase::Pending),
+            Some(RestorePhase::Restoring),
+            Some(RestorePhase::AwaitingFinalize),
+            Some(RestorePhase::Finalizing),
+        ] {
+            let onto = [restore("r", "dev", "prod", phase)];
+            assert!(
+                operation_under_way("dev", &onto, none).is_some(),
+                "{phase:?}"
+            );
+            // dev as the source of a restore elsewhere also counts.
+            let from = [restore("r", "qa", "dev", phase)];
+            assert!(
+                operation_under_way("dev", &from, none).is_some(),
+                "{phase:?}"
+            );
+        }
+        for phase in [RestorePhase::Completed, RestorePhase::Failed] {
+            let done = [restore("r", "dev", "prod", Some(phase))];
+            assert_eq!(operation_under_way("dev", &done, none), None);
+        }
+        let elsewhere = [restore("r", "qa", "prod", None)];
+        assert_eq!(operation_under_way("dev", &elsewhere, none), None);
+
+        let taking = [snapshot("s", "dev", false, false)];
+        let msg = operation_under_way("dev", &[], &taking).unwrap();
+        assert!(msg.contains("Snapshot s"), "{msg}");
+        let mut unstarted = snapshot("s", "dev", false, false);
+        unstarted.status = None;
+        assert!(operation_under_way("dev", &[], &[unstarted]).is_some());
+        assert_eq!(
+            operation_under_way("dev", &[], &[snapshot("s", "dev", true, false)]),
+            None
+        );
+        assert_eq!(
+            operation_under_way("dev", &[], &[snapshot("s", "dev", false, true)]),
+            None,
+            "a stalled snapshot is not under way"
+        );
+        assert_eq!(
+            operation_under_way("dev", &[], &[snapshot("s", "prod", false, false)]),
+            None
+        );
+    }
+
+    #[test]
+    fn refresh_names_are_branch_names() {
+        let t: jiff::Timestamp = "2026-03-29T01:00:00Z".parse().unwrap();
+        assert_eq!(refresh_name("dev", t), "dev-refresh-202603290100");
+        let long = "a".repeat(44);
+        let n = refresh_name(&long, t);
+        assert!(crate::api::validate_branch_name(&n).is_ok(), "{n}");
+        assert_eq!(n, refresh_name(&long, t));
+        assert_ne!(
+            n,
+            refresh_name(&long, "2026-03-30T01:00:00Z".parse().unwrap())
+        );
+    }
+}

@@ -184,3 +184,71 @@ async fn operator_binary_elects_serves_health_reconciles_and_stops_on_sigterm() 
     );
     drop(served);
 }
+
+/// An operator started before its CRDs are installed (or without RBAC to
+/// list them) still stops on SIGTERM: kube-runtime alone would wait forever
+/// for the never-filled stores of its controllers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_without_crds_still_stops_on_sigterm() {
+    let server = ApiServer::new();
+    let served = server.serve().await;
+    let dir = tempfile::Builder::new()
+        .prefix("pgbranch-cli-")
+        .tempdir()
+        .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, served.kubeconfig_yaml()).unwrap();
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_pgbranch"))
+        .args([
+            "operator",
+            "--storage",
+            &format!("embedded:{}", dir.path().join("volume").display()),
+            "--volume-host-path",
+            "/srv/pgbranch",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--lease-namespace",
+            "default",
+            "--pod-name",
+            "operator-0",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("operator.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(Some(child));
+    let leases: Api<Lease> = Api::namespaced(server.client(), "default");
+    eventually("the Lease is held by operator-0", || async {
+        let l = leases.get_opt("pgbranch-operator").await.ok()??;
+        (l.spec?.holder_identity.as_deref() == Some("operator-0")).then_some(())
+    })
+    .await;
+    // Let the controllers start and fail to list their kinds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut child = guard.0.take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+            panic!("operator without CRDs did not exit after SIGTERM; log:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}

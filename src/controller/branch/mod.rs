@@ -87,9 +87,11 @@ pub async fn run(
             Api::all(client.clone()),
         ),
     };
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let owned = watcher::Config::default().labels(LABEL_BRANCH);
     let controller = Controller::new(branches.clone(), watcher::Config::default());
     let store = controller.store();
+    let own_store = store.clone();
     let mut controller = controller
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
@@ -100,7 +102,7 @@ pub async fn run(
         .watches(branches, watcher::Config::default(), move |b: Branch| {
             related_branches(&b, &store.state())
         })
-        .graceful_shutdown_on(shutdown);
+        .graceful_shutdown_on(shutdown.clone());
     if let Some(every) = ctx.config.resync_interval {
         let ticks = futures::stream::unfold((), move |()| async move {
             tokio::time::sleep(every).await;
@@ -108,15 +110,17 @@ pub async fn run(
         });
         controller = controller.reconcile_all_on(ticks);
     }
-    controller
+    let running = controller
         .run(reconcile, error_policy::<Branch>, ctx)
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
                 Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
             }
-        })
-        .await;
+        });
+    // Without the Branch CRD installed the store never fills and
+    // kube-runtime would never finish a graceful shutdown.
+    super::until_stopped(KIND, own_store, shutdown, running).await;
 }
 
 /// The Branch holding the data `b` was copied from: `status.parentBranch`

@@ -47,8 +47,10 @@ pub trait Storage: Send + Sync + 'static {
     /// Delete a snapshot; deleting a missing one is not an error.
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError>;
 
-    /// The LSN a timestamp resolves to on a timeline (the end of the last
-    /// transaction committed at or before it), refused outside the window.
+    /// The LSN a timestamp resolves to on a timeline: the start of the
+    /// commit record of the last transaction committed at or before it. A
+    /// branch at that LSN (recovery targets are inclusive) holds exactly the
+    /// transactions committed by the timestamp. Refused outside the window.
     async fn resolve_point(
         &self,
         timeline: &TimelineId,

@@ -208,6 +208,9 @@ image_runs_pgbranch() {
 check "Dockerfile builds and runs the pgbranch binary" image_runs_pgbranch
 
 # --- Argo CD health checks ------------------------------------------------------
+check "Argo CD health.lua generated from argo/health/ (scripts/argo_health.py)" \
+  offline "$PY" scripts/argo_health.py --check
+
 check "Argo CD health.lua pass their test data (lua5.1)" \
   offline "$PY" scripts/check_argo_health.py argo/resource_customizations
 

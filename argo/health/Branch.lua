@@ -1,0 +1,13 @@
+if ready ~= nil and ready.status == "True" then
+  hs.status = "Healthy"
+  hs.message = describe(ready, "{{KIND}} is ready")
+  return hs
+end
+
+hs.status = "Progressing"
+if reconciling ~= nil and reconciling.status == "True" then
+  hs.message = describe(reconciling, "Reconciling")
+else
+  hs.message = describe(ready, "Waiting for {{KIND}} to become ready")
+end
+return hs

@@ -38,7 +38,12 @@ macro_rules! conformance {
     )* };
 }
 
-conformance!(branches_and_snapshots, idempotency_keys, refusals);
+conformance!(
+    branches_and_snapshots,
+    idempotency_keys,
+    refusals,
+    read_replicas
+);
 
 fn assert_not_found<T: std::fmt::Debug>(r: Result<T, StorageError>, what: &str) {
     match r {
@@ -368,4 +373,196 @@ async fn refusals(b: &Backend) {
     let tls = s.list_timelines().await.unwrap();
     assert_eq!(tls.len(), 1, "{tls:?}");
     assert!(s.list_snapshots().await.unwrap().is_empty());
+}
+
+/// Polls `f` until it returns true (60 s).
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..600 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not reached within 60 s");
+}
+
+/// Read replicas of a running primary: a copy that streams from it (rows
+/// written after the copy appear), refuses writes, is made once per
+/// ordinal, cannot be deleted while it runs, and goes with its timeline.
+async fn read_replicas(b: &Backend) {
+    let s = &*b.storage;
+    let root = create_ready_timeline(s, "primary", empty_source())
+        .await
+        .unwrap();
+    let pport = free_port();
+    let primary = b.engine.start_postgres(&root.id, pport).await.unwrap();
+    let c = connect(pport).await;
+    c.batch_execute(
+        "CREATE TABLE t (i int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 100);",
+    )
+    .await
+    .unwrap();
+    let conn = ConnInfo {
+        host: "127.0.0.1".into(),
+        port: pport,
+        user: "postgres".into(),
+        password: Some(Password(SUPERUSER_PASSWORD.into())),
+        dbname: "postgres".into(),
+    };
+    let req = |ordinal: u32, conn: Option<ConnInfo>| CreateReplica {
+        timeline: root.id.clone(),
+        ordinal,
+        source_connection: conn,
+    };
+
+    if b.engine.driver() != DriverKind::Btrfs {
+        // A running primary cannot be copied by a walking driver without
+        // backup mode.
+        match s.create_replica(req(0, None)).await {
+            Err(StorageError::Busy { .. }) => {}
+            other => panic!("replica of a running primary without a connection: {other:?}"),
+        }
+        assert!(s.list_replicas(&root.id).await.unwrap().is_empty());
+    }
+    match s.create_replica(req(MAX_REPLICA_ORDINAL + 1, None)).await {
+        Err(StorageError::InvalidArgument { .. }) => {}
+        other => panic!("out-of-range ordinal: {other:?}"),
+    }
+
+    let r0 = s.create_replica(req(0, Some(conn.clone()))).await.unwrap();
+    assert_eq!(r0.state, State::Ready);
+    assert_eq!(r0.ordinal, 0);
+    assert_eq!(
+        r0.data_path,
+        format!("timelines/{}/replicas/0/pgdata", root.id)
+    );
+    let data = b.dir.path().join(&r0.data_path);
+    assert!(data.join("standby.signal").exists());
+    for f in ["pgbranch.conf", "postgresql.auto.conf", "postgresql.conf"] {
+        let text = std::fs::read_to_string(data.join(f)).unwrap();
+        assert!(!text.contains(SUPERUSER_PASSWORD), "{f} holds the password");
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.trim_start().starts_with("primary_conninfo")),
+            "{f} sets primary_conninfo"
+        );
+    }
+    // Same ordinal again: the same replica, not a second copy.
+    std::fs::write(data.join("pgbranch-test-marker"), "kept").unwrap();
+    let again = s.create_replica(req(0, Some(conn.clone()))).await.unwrap();
+    assert_eq!(again, r0);
+    assert!(
+        data.join("pgbranch-test-marker").exists(),
+        "the replica was copied again"
+    );
+    std::fs::remove_file(data.join("pgbranch-test-marker")).unwrap();
+
+    // Rows written after the copy reach the replica by streaming.
+    c.batch_execute("INSERT INTO t SELECT generate_series(101, 200);")
+        .await
+        .unwrap();
+    let rport = free_port();
+    let conninfo = format!("host=127.0.0.1 port={pport} user=postgres application_name=replica-0");
+    let replica = b
+        .engine
+        .start_replica_postgres(
+            &root.id,
+            0,
+            rport,
+            &conninfo,
+            Some(&Password(SUPERUSER_PASSWORD.into())),
+        )
+        .await
+        .unwrap();
+    let rc = connect(rport).await;
+    let in_recovery: bool = rc
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "a replica is a standby");
+    eventually("rows written after the copy on the replica", || async {
+        count_rows(&rc, "t").await == 200
+    })
+    .await;
+    eventually("the replica streams from the primary", || async {
+        c.query_opt(
+            "SELECT 1 FROM pg_stat_replication WHERE application_name = 'replica-0' AND state = 'streaming'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_some()
+    })
+    .await;
+    c.batch_execute("INSERT INTO t VALUES (201);")
+        .await
+        .unwrap();
+    eventually("a row written while streaming", || async {
+        count_rows(&rc, "t").await == 201
+    })
+    .await;
+    let err = rc
+        .batch_execute("INSERT INTO t VALUES (1000);")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("read-only transaction")
+            || format!("{err:?}").contains("read-only transaction"),
+        "{err:?}"
+    );
+
+    // A running replica can be neither deleted nor lose its timeline.
+    match s.delete_replica(&root.id, 0).await {
+        Err(StorageError::Busy { .. }) => {}
+        other => panic!("delete of a running replica: {other:?}"),
+    }
+    let r1 = s.create_replica(req(1, Some(conn.clone()))).await.unwrap();
+    let listed: Vec<u32> = s
+        .list_replicas(&root.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.ordinal)
+        .collect();
+    assert_eq!(listed, vec![0, 1]);
+    drop(rc);
+    replica.stop(StopMode::Fast).await.unwrap();
+    s.delete_replica(&root.id, 0).await.unwrap();
+    s.delete_replica(&root.id, 0).await.unwrap();
+    assert!(!data.exists(), "the replica's directory is gone");
+    let listed: Vec<u32> = s
+        .list_replicas(&root.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.ordinal)
+        .collect();
+    assert_eq!(listed, vec![1]);
+
+    // A stopped primary is copied as it is; deleting the timeline takes
+    // every replica with it.
+    drop(c);
+    primary.stop(StopMode::Fast).await.unwrap();
+    let r2 = s.create_replica(req(2, None)).await.unwrap();
+    assert_eq!(r2.state, State::Ready);
+    s.delete_timeline(&root.id).await.unwrap();
+    wait_timeline_gone(s, &root.id).await;
+    assert!(s.list_replicas(&root.id).await.unwrap().is_empty());
+    for r in [&r1, &r2] {
+        assert!(
+            !b.dir.path().join(&r.data_path).exists(),
+            "{} survived its timeline",
+            r.data_path
+        );
+    }
+    match s.create_replica(req(0, None)).await {
+        Err(StorageError::NotFound { .. }) => {}
+        other => panic!("replica of a deleted timeline: {other:?}"),
+    }
 }

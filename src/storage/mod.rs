@@ -47,6 +47,21 @@ pub trait Storage: Send + Sync + 'static {
     /// Delete a snapshot; deleting a missing one is not an error.
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError>;
 
+    /// Creates (or finds) the read replica `req.ordinal` of a Ready
+    /// timeline: a copy of its data directory (running or not) set up as a
+    /// hot standby of it. Idempotent by (timeline, ordinal): the same call
+    /// again returns the same replica without copying again. Returns once
+    /// the copy is made (`Ready`): with copy-on-write, about a second
+    /// whatever the database size.
+    async fn create_replica(&self, req: CreateReplica) -> Result<Replica, StorageError>;
+    /// The replicas of a timeline, by ordinal.
+    async fn list_replicas(&self, timeline: &TimelineId) -> Result<Vec<Replica>, StorageError>;
+    /// Deletes a replica's data directory. Deleting a missing replica is not
+    /// an error; one whose postgres still runs is refused with `Busy`.
+    /// Deleting a timeline deletes its replicas.
+    async fn delete_replica(&self, timeline: &TimelineId, ordinal: u32)
+        -> Result<(), StorageError>;
+
     /// The LSN a timestamp resolves to on a timeline: the start of the
     /// commit record of the last transaction committed at or before it. A
     /// branch at that LSN (recovery targets are inclusive) holds exactly the

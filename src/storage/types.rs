@@ -325,6 +325,50 @@ pub struct Snapshot {
     pub exclusive_bytes: Option<u64>,
 }
 
+/// The highest replica ordinal a timeline may have (ordinals run 0..=15).
+pub const MAX_REPLICA_ORDINAL: u32 = 15;
+
+/// Checks a replica ordinal against [`MAX_REPLICA_ORDINAL`].
+pub fn validate_replica_ordinal(ordinal: u32) -> Result<(), StorageError> {
+    if ordinal > MAX_REPLICA_ORDINAL {
+        return Err(StorageError::invalid(format!(
+            "replica ordinal {ordinal} is out of range (0-{MAX_REPLICA_ORDINAL})"
+        )));
+    }
+    Ok(())
+}
+
+/// Request to create (or find) the read replica `ordinal` of a timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateReplica {
+    pub timeline: TimelineId,
+    pub ordinal: u32,
+    /// A connection to the timeline's running compute: on drivers that
+    /// cannot snapshot a running server atomically, the copy is taken in
+    /// backup mode through it. Without it a running primary is copied
+    /// crash-consistently (atomic drivers) or refused (`Busy`).
+    #[serde(default)]
+    pub source_connection: Option<ConnInfo>,
+}
+
+/// A read replica of a timeline: a copy-on-write copy of its data
+/// directory set up as a hot standby (`standby.signal`, `restore_command`
+/// from the timeline's archive). The compute that runs it passes
+/// `primary_conninfo` (and the password, in the environment); nothing
+/// secret is written into the data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replica {
+    pub timeline: TimelineId,
+    pub ordinal: u32,
+    pub state: State,
+    /// The data directory relative to the volume root
+    /// (`timelines/<id>/replicas/<ordinal>/pgdata`).
+    pub data_path: String,
+    pub created_at: jiff::Timestamp,
+}
+
 /// Copy-on-write method in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

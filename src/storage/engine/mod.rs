@@ -10,6 +10,7 @@
 //! snapshots/<id>/pgdata       a snapshot (read-only by convention; -r subvolume on btrfs)
 //! wal/<id>/                   the timeline's own WAL archive (filled by its archive_command)
 //! tmp/                        work directories, emptied at open
+//! timelines/<id>/replicas/<n>/pgdata  read replica n of the timeline (see [`replica`])
 //! ```
 //!
 //! # Drivers
@@ -129,6 +130,7 @@
 mod driver;
 mod meta;
 mod pg;
+mod replica;
 
 use std::collections::HashMap;
 use std::fs;
@@ -143,9 +145,9 @@ use serde::{Deserialize, Serialize};
 pub use pg::{PgServer, StopMode};
 
 use crate::storage::{
-    ConnInfo, CreateSnapshot, CreateTimeline, DriverKind, Lineage, Lsn, Password, Point, PointInfo,
-    Progress, RestoreWindow, Snapshot, SnapshotId, Source, State, Storage, StorageError,
-    StorageInfo, Timeline, TimelineId,
+    ConnInfo, CreateReplica, CreateSnapshot, CreateTimeline, DriverKind, Lineage, Lsn, Password,
+    Point, PointInfo, Progress, Replica, RestoreWindow, Snapshot, SnapshotId, Source, State,
+    Storage, StorageError, StorageInfo, Timeline, TimelineId,
 };
 use driver::Driver;
 use meta::{BaseRow, Meta, Recorded, SnapshotRow, TimelineRow};
@@ -1965,6 +1967,7 @@ impl Engine {
     // -------------------------------------------------------------- recovery
 
     async fn recover(&self) -> Result<(), StorageError> {
+        self.recover_replicas().await?;
         for t in self.inner.meta.timelines()? {
             match t.state {
                 State::Deleting => {
@@ -2267,6 +2270,7 @@ impl Storage for Engine {
                 message: format!("timeline {id} has a running postgres; stop its compute first"),
             });
         }
+        self.check_replicas_stopped(id)?;
         self.inner
             .meta
             .set_timeline_state(id, State::Deleting, None)?;
@@ -2280,6 +2284,7 @@ impl Storage for Engine {
         }
         tracing::info!(timeline = %id, "deleting a timeline");
         self.forget_sizes(&format!("t:{id}"));
+        self.remove_replicas(id).await?;
         self.remove_timeline_dirs(id).await;
         self.inner.meta.delete_timeline(id)
     }
@@ -2401,6 +2406,22 @@ impl Storage for Engine {
             .resolve_target(&row, &Point::Timestamp(timestamp), None)
             .await?;
         Ok(lsn)
+    }
+
+    async fn create_replica(&self, req: CreateReplica) -> Result<Replica, StorageError> {
+        self.create_replica_impl(req).await
+    }
+
+    async fn list_replicas(&self, timeline: &TimelineId) -> Result<Vec<Replica>, StorageError> {
+        self.list_replicas_impl(timeline).await
+    }
+
+    async fn delete_replica(
+        &self,
+        timeline: &TimelineId,
+        ordinal: u32,
+    ) -> Result<(), StorageError> {
+        self.delete_replica_impl(timeline, ordinal).await
     }
 }
 

@@ -210,6 +210,29 @@ impl PgEnv {
     /// go to `log`. Waits until it accepts connections on its socket and
     /// `pg_is_in_recovery()` is false.
     pub async fn start(&self, dir: &Path, opts: StartOpts<'_>) -> Result<PgServer, StorageError> {
+        self.start_with(dir, opts, false, &[]).await
+    }
+
+    /// Starts a hot standby: like [`Self::start`], with extra environment
+    /// variables (e.g. `PGPASSWORD` for the WAL receiver's libpq, so no
+    /// password is in the arguments or the data directory); returns once it
+    /// accepts read-only connections (still in recovery).
+    pub async fn start_standby(
+        &self,
+        dir: &Path,
+        opts: StartOpts<'_>,
+        env: &[(String, String)],
+    ) -> Result<PgServer, StorageError> {
+        self.start_with(dir, opts, true, env).await
+    }
+
+    async fn start_with(
+        &self,
+        dir: &Path,
+        opts: StartOpts<'_>,
+        standby: bool,
+        env: &[(String, String)],
+    ) -> Result<PgServer, StorageError> {
         let StartOpts {
             port,
             listen,
@@ -244,6 +267,9 @@ impl PgEnv {
         for (k, v) in settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         // A killed engine must not leave the server in its process group's
         // way; the handle stops it explicitly.
         cmd.stdout(logf)
@@ -272,7 +298,7 @@ impl PgEnv {
             child: Some(child),
             pid,
         };
-        match server.wait_ready(timeout, replay_progress).await {
+        match server.wait_ready(timeout, replay_progress, standby).await {
             Ok(()) => Ok(server),
             Err(e) => {
                 server.kill_now();
@@ -363,6 +389,7 @@ impl PgServer {
         &mut self,
         timeout: Duration,
         progress: Option<&(dyn Fn(Lsn) + Send + Sync)>,
+        standby: bool,
     ) -> Result<(), StorageError> {
         let start = Instant::now();
         loop {
@@ -380,7 +407,7 @@ impl PgServer {
                 let q = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text";
                 if let Ok(row) = c.query_one(q, &[]).await {
                     let in_recovery: bool = row.get(0);
-                    if !in_recovery {
+                    if !in_recovery || standby {
                         return Ok(());
                     }
                     let replayed: Option<String> = row.get(1);

@@ -11,8 +11,8 @@ use serde::Serialize;
 use super::server::ResolveResponse;
 use super::ErrorBody;
 use crate::storage::{
-    CreateSnapshot, CreateTimeline, Lsn, Snapshot, SnapshotId, Storage, StorageError, StorageInfo,
-    Timeline, TimelineId,
+    CreateReplica, CreateSnapshot, CreateTimeline, Lsn, Replica, Snapshot, SnapshotId, Storage,
+    StorageError, StorageInfo, Timeline, TimelineId,
 };
 
 /// Time allowed for one request, connection included, by default. Every
@@ -252,6 +252,36 @@ impl Storage for HttpStorage {
 
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError> {
         self.delete(&format!("v1/snapshots/{id}")).await
+    }
+
+    async fn create_replica(&self, req: CreateReplica) -> Result<Replica, StorageError> {
+        let body = super::server::CreateReplicaBody {
+            source_connection: req.source_connection,
+        };
+        self.call(
+            Method::PUT,
+            &format!("v1/timelines/{}/replicas/{}", req.timeline, req.ordinal),
+            Some(&body),
+        )
+        .await
+    }
+
+    async fn list_replicas(&self, timeline: &TimelineId) -> Result<Vec<Replica>, StorageError> {
+        self.call(
+            Method::GET,
+            &format!("v1/timelines/{timeline}/replicas"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    async fn delete_replica(
+        &self,
+        timeline: &TimelineId,
+        ordinal: u32,
+    ) -> Result<(), StorageError> {
+        self.delete(&format!("v1/timelines/{timeline}/replicas/{ordinal}"))
+            .await
     }
 
     async fn resolve_point(

@@ -11,6 +11,9 @@
 //! | `GET /v1/timelines/{id}` | `get_timeline` |
 //! | `DELETE /v1/timelines/{id}` (204) | `delete_timeline` |
 //! | `GET /v1/timelines/{id}/resolve?timestamp=RFC3339` | `resolve_point` |
+//! | `PUT /v1/timelines/{id}/replicas/{ordinal}` (body `{sourceConnection}`) | `create_replica` |
+//! | `GET /v1/timelines/{id}/replicas` | `list_replicas` |
+//! | `DELETE /v1/timelines/{id}/replicas/{ordinal}` (204) | `delete_replica` |
 //! | `POST /v1/snapshots` (body `CreateSnapshot`) | `create_snapshot` |
 //! | `GET /v1/snapshots` | `list_snapshots` |
 //! | `GET /v1/snapshots/{id}` | `get_snapshot` |

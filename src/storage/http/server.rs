@@ -12,7 +12,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -148,6 +148,11 @@ pub fn router_with_limit(storage: Arc<dyn Storage>, auth: Auth, body_limit: usiz
             get(get_timeline).delete(delete_timeline),
         )
         .route("/v1/timelines/{id}/resolve", get(resolve_point))
+        .route("/v1/timelines/{id}/replicas", get(list_replicas))
+        .route(
+            "/v1/timelines/{id}/replicas/{ordinal}",
+            put(create_replica).delete(delete_replica),
+        )
         .route("/v1/snapshots", get(list_snapshots).post(create_snapshot))
         .route(
             "/v1/snapshots/{id}",
@@ -332,6 +337,62 @@ async fn resolve_point(
 #[derive(Debug, serde::Serialize, Deserialize)]
 pub struct ResolveResponse {
     pub lsn: crate::storage::Lsn,
+}
+
+/// Timeline id and replica ordinal of a replica route.
+fn replica_path(p: Result<Path<(String, String)>, PathRejection>) -> ApiResult<(TimelineId, u32)> {
+    let Path((id, ordinal)) = p?;
+    let id = TimelineId::new(id)?;
+    let ordinal: u32 = ordinal.parse().map_err(|_| {
+        StorageError::invalid(format!(
+            "replica ordinal {ordinal:?} is not a number (0-{})",
+            crate::storage::MAX_REPLICA_ORDINAL
+        ))
+    })?;
+    crate::storage::validate_replica_ordinal(ordinal)?;
+    Ok((id, ordinal))
+}
+
+/// The body of `PUT /v1/timelines/{id}/replicas/{ordinal}`.
+#[derive(Debug, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateReplicaBody {
+    #[serde(default)]
+    pub source_connection: Option<crate::storage::ConnInfo>,
+}
+
+async fn create_replica(
+    State(st): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<CreateReplicaBody>, JsonRejection>,
+) -> ApiResult<Response> {
+    let (timeline, ordinal) = replica_path(p)?;
+    let Json(body) = body?;
+    tracing::info!(timeline = %timeline, ordinal, "create replica");
+    let req = crate::storage::CreateReplica {
+        timeline,
+        ordinal,
+        source_connection: body.source_connection,
+    };
+    Ok(Json(st.storage.create_replica(req).await?).into_response())
+}
+
+async fn list_replicas(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = timeline_id(p)?;
+    Ok(Json(st.storage.list_replicas(&id).await?).into_response())
+}
+
+async fn delete_replica(
+    State(st): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Response> {
+    let (timeline, ordinal) = replica_path(p)?;
+    tracing::info!(timeline = %timeline, ordinal, "delete replica");
+    st.storage.delete_replica(&timeline, ordinal).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn create_snapshot(

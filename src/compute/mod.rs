@@ -14,21 +14,25 @@
 //! * the `Secret` `<branch>-superuser` with the `postgres` role's password;
 //! * a `Secret` `<branch>-<role>` for every further declared role.
 //!
-//! Not built yet: `spec.compute.readReplicas`. A read replica needs its own
-//! data directory kept in sync by streaming replication (a storage-layer
-//! operation: base backup of the primary into a replica timeline), then a
-//! second Deployment labelled `pgbranch.dev/role: replica` with
-//! `primary_conninfo` pointing at the Service, and a `<branch>-ro` Service.
-//! TODO: until then the field is accepted and ignored.
+//! * for `spec.compute.readReplicas: N`, N replica Deployments
+//!   `<branch>-<timeline prefix>-r<n>` (n = 0..N-1), each running postgres as
+//!   a hot standby on its own copy-on-write copy of the primary's data
+//!   directory (made by the storage layer, `timelines/<id>/replicas/<n>`),
+//!   streaming from the Service `<branch>` (`primary_conninfo` on the command
+//!   line, the superuser password as `PGPASSWORD` from the
+//!   `<branch>-superuser` Secret: never in arguments or data directories);
+//! * when N > 0, the Service `<branch>-ro`, selecting the replicas of the
+//!   current timeline (and the `ro-host`/`ro-uri` keys in the credentials
+//!   Secrets).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, ExecAction, HostPathVolumeSource,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HostPathVolumeSource,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, Secret, SecurityContext, Service, ServicePort,
-    ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service,
+    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -115,6 +119,21 @@ pub fn deployment_name(branch: &str, timeline_id: &str) -> String {
     format!("{branch}-{prefix}")
 }
 
+/// Label on a replica compute: its ordinal (`0`, `1`, ...).
+pub const LABEL_REPLICA_ORDINAL: &str = "pgbranch.dev/replica-ordinal";
+
+/// Name of the Deployment of read replica `ordinal` of a branch's timeline:
+/// `<branch>-<timeline prefix>-r<ordinal>` (44 + 1 + 8 + 3 characters at
+/// most: a valid DNS label).
+pub fn replica_deployment_name(branch: &str, timeline_id: &str, ordinal: u32) -> String {
+    format!("{}-r{ordinal}", deployment_name(branch, timeline_id))
+}
+
+/// Name of the read-only Service of a branch (its replicas).
+pub fn ro_service_name(branch: &str) -> String {
+    format!("{branch}-ro")
+}
+
 /// Name of the Service of a branch (its stable address).
 pub fn service_name(branch: &str) -> String {
     branch.to_string()
@@ -155,6 +174,33 @@ pub fn primary_selector(branch: &str, timeline_id: &str) -> BTreeMap<String, Str
         (LABEL_TIMELINE.to_string(), timeline_id.to_string()),
         (LABEL_ROLE.to_string(), "primary".to_string()),
     ])
+}
+
+/// The selector of read replica `ordinal` of a timeline.
+pub fn replica_selector(branch: &str, timeline_id: &str, ordinal: u32) -> BTreeMap<String, String> {
+    let mut sel = replicas_selector(branch, timeline_id);
+    sel.insert(LABEL_REPLICA_ORDINAL.to_string(), ordinal.to_string());
+    sel
+}
+
+/// The selector of every read replica of a timeline (the `-ro` Service's).
+pub fn replicas_selector(branch: &str, timeline_id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_BRANCH.to_string(), branch.to_string()),
+        (LABEL_TIMELINE.to_string(), timeline_id.to_string()),
+        (LABEL_ROLE.to_string(), "replica".to_string()),
+    ])
+}
+
+/// How many replica Deployments a branch wants, and whether they run:
+/// `spec.compute.readReplicas` when the compute is enabled (0 otherwise);
+/// running unless suspended.
+pub fn desired_replicas(branch: &Branch) -> (u32, bool) {
+    let c = &branch.spec.compute;
+    if !c.enabled {
+        return (0, false);
+    }
+    (u32::try_from(c.read_replicas).unwrap_or(0), !c.suspended)
 }
 
 /// The Branch's own labels that may be propagated (everything but the GitOps
@@ -211,19 +257,100 @@ pub fn build_deployment(
     cfg: &ComputeConfig,
 ) -> Result<Deployment, ComputeError> {
     let name = branch.name_any();
-    let selector = primary_selector(&name, target.timeline_id);
+    compute_deployment(
+        branch,
+        PodPlan {
+            name: deployment_name(&name, target.timeline_id),
+            selector: primary_selector(&name, target.timeline_id),
+            data_path: target.data_path,
+            extra_args: vec![],
+            extra_env: vec![],
+        },
+        cfg,
+    )
+}
+
+/// What a read replica Deployment runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaTarget<'a> {
+    /// The timeline whose primary it follows.
+    pub timeline_id: &'a str,
+    pub ordinal: u32,
+    /// The replica's data directory relative to the volume root
+    /// (`timelines/<id>/replicas/<n>/pgdata`).
+    pub data_path: &'a str,
+}
+
+/// The Deployment of a read replica: the primary's pod (image, parameters,
+/// probes, security context, volume) on the replica's data directory, as a
+/// hot standby streaming from the branch's Service. `primary_conninfo` has
+/// no password: libpq reads `PGPASSWORD`, taken from the superuser Secret.
+pub fn build_replica_deployment(
+    branch: &Branch,
+    target: &ReplicaTarget<'_>,
+    cfg: &ComputeConfig,
+) -> Result<Deployment, ComputeError> {
+    let name = branch.name_any();
+    let namespace = branch
+        .namespace()
+        .ok_or(ComputeError::MissingMeta("namespace"))?;
+    let deployment = replica_deployment_name(&name, target.timeline_id, target.ordinal);
+    let conninfo = format!(
+        "primary_conninfo=host={} port={PG_PORT} user=postgres application_name={deployment}",
+        service_host(&name, &namespace)
+    );
+    compute_deployment(
+        branch,
+        PodPlan {
+            selector: replica_selector(&name, target.timeline_id, target.ordinal),
+            name: deployment,
+            data_path: target.data_path,
+            extra_args: vec!["-c".into(), conninfo],
+            extra_env: vec![EnvVar {
+                name: "PGPASSWORD".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: superuser_secret_name(&name),
+                        key: "password".into(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+        },
+        cfg,
+    )
+}
+
+/// The parts of a compute Deployment that differ between the primary and
+/// its replicas.
+struct PodPlan<'a> {
+    name: String,
+    /// The Deployment's selector; also on the pods and the Deployment.
+    selector: BTreeMap<String, String>,
+    data_path: &'a str,
+    extra_args: Vec<String>,
+    extra_env: Vec<EnvVar>,
+}
+
+/// A compute Deployment: stock postgres on a data directory of the storage
+/// volume; one replica (0 when suspended or disabled); `Recreate`, so two
+/// servers never share a data directory.
+fn compute_deployment(
+    branch: &Branch,
+    plan: PodPlan<'_>,
+    cfg: &ComputeConfig,
+) -> Result<Deployment, ComputeError> {
+    let selector = plan.selector;
     let mut labels = selector.clone();
     labels.insert(LABEL_COMPONENT.into(), "compute".into());
-    let metadata = meta(
-        branch,
-        deployment_name(&name, target.timeline_id),
-        labels.clone(),
-    )?;
+    let metadata = meta(branch, plan.name, labels.clone())?;
     let mut pod_labels = metadata.labels.clone().unwrap_or_default();
     pod_labels.extend(labels);
 
     let mount = cfg.mount_path.trim_end_matches('/');
-    let pgdata = format!("{mount}/{}", target.data_path.trim_start_matches('/'));
+    let pgdata = format!("{mount}/{}", plan.data_path.trim_start_matches('/'));
     let mut args = vec![
         "-D".to_string(),
         pgdata.clone(),
@@ -236,6 +363,13 @@ pub fn build_deployment(
         args.push("-c".into());
         args.push(format!("{k}={v}"));
     }
+    args.extend(plan.extra_args);
+    let mut env = vec![EnvVar {
+        name: "PGDATA".into(),
+        value: Some(pgdata),
+        ..Default::default()
+    }];
+    env.extend(plan.extra_env);
     let image = branch
         .spec
         .compute
@@ -294,11 +428,7 @@ pub fn build_deployment(
         image: Some(image),
         command: Some(vec!["postgres".into()]),
         args: Some(args),
-        env: Some(vec![EnvVar {
-            name: "PGDATA".into(),
-            value: Some(pgdata),
-            ..Default::default()
-        }]),
+        env: Some(env),
         ports: Some(vec![ContainerPort {
             name: Some("postgres".into()),
             container_port: PG_PORT,
@@ -405,16 +535,39 @@ fn default_resources() -> ResourceRequirements {
 /// branch's current timeline.
 pub fn build_service(branch: &Branch, timeline_id: &str) -> Result<Service, ComputeError> {
     let name = branch.name_any();
-    let metadata = meta(
+    postgres_service(
         branch,
         service_name(&name),
+        primary_selector(&name, timeline_id),
+    )
+}
+
+/// The Service `<branch>-ro`: the read replicas of the branch's current
+/// timeline.
+pub fn build_ro_service(branch: &Branch, timeline_id: &str) -> Result<Service, ComputeError> {
+    let name = branch.name_any();
+    postgres_service(
+        branch,
+        ro_service_name(&name),
+        replicas_selector(&name, timeline_id),
+    )
+}
+
+fn postgres_service(
+    branch: &Branch,
+    name: String,
+    selector: BTreeMap<String, String>,
+) -> Result<Service, ComputeError> {
+    let metadata = meta(
+        branch,
+        name,
         BTreeMap::from([(LABEL_COMPONENT.to_string(), "compute".to_string())]),
     )?;
     Ok(Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
-            selector: Some(primary_selector(&name, timeline_id)),
+            selector: Some(selector),
             ports: Some(vec![ServicePort {
                 name: Some("postgres".into()),
                 port: PG_PORT,
@@ -529,7 +682,16 @@ pub fn build_credentials_secret(
     if !annotations.is_empty() {
         metadata.annotations = Some(annotations);
     }
-    let data = connection_data(creds, &host, &fqdn)
+    let mut data = connection_data(creds, &host, &fqdn);
+    if desired_replicas(branch).0 > 0 {
+        let ro_host = format!("{}.{namespace}.svc", ro_service_name(&branch_name));
+        let ro = connection_data(creds, &ro_host, &ro_host);
+        data.insert("ro-host".into(), ro_host.clone());
+        if let Some(uri) = ro.get("uri") {
+            data.insert("ro-uri".into(), uri.clone());
+        }
+    }
+    let data = data
         .into_iter()
         .map(|(k, v)| (k, ByteString(v.into_bytes())))
         .collect();
@@ -850,6 +1012,169 @@ mod tests {
         assert!(!is_up_to_date(&a, &other));
         let unstamped = build_service(&b, "aaaa").unwrap();
         assert!(!is_up_to_date(&unstamped, &a));
+    }
+
+    fn replica_target() -> ReplicaTarget<'static> {
+        ReplicaTarget {
+            timeline_id: "a1b2c3d4e5f60718",
+            ordinal: 1,
+            data_path: "timelines/a1b2c3d4e5f60718/replicas/1/pgdata",
+        }
+    }
+
+    fn with_replicas(name: &str, n: i32) -> Branch {
+        let mut b = branch(name);
+        b.spec.compute.read_replicas = n;
+        b
+    }
+
+    #[test]
+    fn replica_deployment_is_a_standby_of_the_branch_service() {
+        let b = with_replicas("dev", 2);
+        let d = build_replica_deployment(&b, &replica_target(), &cfg()).unwrap();
+        assert_eq!(d.metadata.name.as_deref(), Some("dev-a1b2c3d4-r1"));
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+        let sel = spec.selector.match_labels.unwrap();
+        assert_eq!(sel.get(LABEL_ROLE).map(String::as_str), Some("replica"));
+        assert_eq!(
+            sel.get(LABEL_REPLICA_ORDINAL).map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            sel.get(LABEL_TIMELINE).map(String::as_str),
+            Some("a1b2c3d4e5f60718")
+        );
+        let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
+        for (k, v) in &sel {
+            assert_eq!(pod_labels.get(k), Some(v), "pod lacks {k}");
+        }
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        let args = c.args.as_ref().unwrap();
+        assert_eq!(
+            args[1],
+            "/var/lib/pgbranch/timelines/a1b2c3d4e5f60718/replicas/1/pgdata"
+        );
+        assert!(
+            args.contains(
+                &"primary_conninfo=host=dev.team-a.svc port=5432 user=postgres application_name=dev-a1b2c3d4-r1"
+                    .to_string()
+            ),
+            "{args:?}"
+        );
+        // Same pod as the primary otherwise.
+        let primary = build_deployment(&b, &target(), &cfg()).unwrap();
+        let ppod = primary.spec.unwrap().template.spec.unwrap();
+        let pc = &ppod.containers[0];
+        assert_eq!(c.security_context, pc.security_context);
+        assert_eq!(c.readiness_probe, pc.readiness_probe);
+        assert_eq!(c.liveness_probe, pc.liveness_probe);
+        assert_eq!(c.image, pc.image);
+        assert_eq!(pod.volumes, ppod.volumes);
+        assert_eq!(pod.security_context, ppod.security_context);
+    }
+
+    #[test]
+    fn replica_password_comes_from_the_superuser_secret_only() {
+        let b = with_replicas("dev", 1);
+        let d = build_replica_deployment(&b, &replica_target(), &cfg()).unwrap();
+        let c = &d.spec.unwrap().template.spec.unwrap().containers[0];
+        let env = c.env.as_ref().unwrap();
+        let pw = env.iter().find(|e| e.name == "PGPASSWORD").unwrap();
+        assert_eq!(pw.value, None, "no literal password in the pod spec");
+        let r = pw
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(r.name, "dev-superuser");
+        assert_eq!(r.key, "password");
+        for a in c.args.as_ref().unwrap() {
+            assert!(!a.contains("password"), "password in args: {a}");
+        }
+    }
+
+    #[test]
+    fn suspended_or_disabled_replicas_do_not_run() {
+        let mut b = with_replicas("dev", 2);
+        assert_eq!(desired_replicas(&b), (2, true));
+        b.spec.compute.suspended = true;
+        assert_eq!(desired_replicas(&b), (2, false));
+        let d = build_replica_deployment(&b, &replica_target(), &cfg()).unwrap();
+        assert_eq!(d.spec.unwrap().replicas, Some(0));
+        b.spec.compute.suspended = false;
+        b.spec.compute.enabled = false;
+        assert_eq!(desired_replicas(&b), (0, false));
+    }
+
+    #[test]
+    fn ro_service_selects_the_current_timelines_replicas() {
+        let b = with_replicas("dev", 2);
+        let s = build_ro_service(&b, "a1b2c3d4e5f60718").unwrap();
+        assert_eq!(s.metadata.name.as_deref(), Some("dev-ro"));
+        let spec = s.spec.unwrap();
+        assert_eq!(spec.ports.unwrap()[0].port, 5432);
+        let sel = spec.selector.unwrap();
+        assert_eq!(sel, replicas_selector("dev", "a1b2c3d4e5f60718"));
+        assert_eq!(sel.get(LABEL_ROLE).map(String::as_str), Some("replica"));
+        assert!(
+            !sel.contains_key(LABEL_REPLICA_ORDINAL),
+            "selects every replica"
+        );
+        // Every replica's pods match it; the primary's do not.
+        for n in 0..2 {
+            let t = ReplicaTarget {
+                ordinal: n,
+                ..replica_target()
+            };
+            let d = build_replica_deployment(&b, &t, &cfg()).unwrap();
+            let labels = d.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+            assert!(sel.iter().all(|(k, v)| labels.get(k) == Some(v)));
+        }
+        let p = build_deployment(&b, &target(), &cfg()).unwrap();
+        let labels = p.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        assert!(!sel.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    }
+
+    #[test]
+    fn credentials_name_the_ro_service_only_with_replicas() {
+        let creds = RoleCredentials {
+            user: "app".into(),
+            password: "pw".into(),
+            database: "shop".into(),
+        };
+        let mk = |b: &Branch| {
+            build_credentials_secret(b, app_secret_name("dev"), &creds, &cfg(), BTreeMap::new())
+                .unwrap()
+        };
+        let sec = mk(&with_replicas("dev", 1));
+        assert_eq!(secret_value(&sec, "ro-host").unwrap(), "dev-ro.team-a.svc");
+        assert_eq!(
+            secret_value(&sec, "ro-uri").unwrap(),
+            "postgresql://app:pw@dev-ro.team-a.svc:5432/shop"
+        );
+        let sec = mk(&branch("dev"));
+        assert!(secret_value(&sec, "ro-host").is_none());
+    }
+
+    #[test]
+    fn replica_names_fit_a_dns_label_for_the_longest_branch() {
+        let name = "a".repeat(crate::api::names::MAX_BRANCH_NAME_LEN);
+        let d = replica_deployment_name(
+            &name,
+            "0123456789abcdef",
+            crate::storage::MAX_REPLICA_ORDINAL,
+        );
+        assert!(crate::api::names::validate_dns_label(&d).is_ok(), "{d}");
+        assert!(crate::api::names::validate_dns_label(&ro_service_name(&name)).is_ok());
+        assert_eq!(
+            replica_deployment_name("dev", "0123456789abcdef", 0),
+            "dev-01234567-r0"
+        );
     }
 
     #[test]

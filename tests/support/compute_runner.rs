@@ -13,6 +13,12 @@
 //! running compute whose pod labels it matches, so tests (and, through
 //! [`RunnerResolver`], the operator) connect "through the Service".
 //!
+//! A replica Deployment (`pgbranch.dev/role: replica`) gets a hot standby
+//! on its replica's data directory through [`Engine::start_replica_postgres`]:
+//! the `primary_conninfo` of its arguments with the host and port rewritten
+//! to the local port of the primary the Service named by the host selects,
+//! and `PGPASSWORD` read from the Secret its env's `secretKeyRef` names.
+//!
 //! Where it differs from a kubelet: postgres runs as the engine's run-as
 //! user on 127.0.0.1 (not in a container, not with the pod's image, probes
 //! or resources); one process per Deployment whatever `replicas` says;
@@ -24,14 +30,15 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use pgbranch::api::LABEL_TIMELINE;
+use pgbranch::api::{LABEL_ROLE, LABEL_TIMELINE};
+use pgbranch::compute::{secret_value, LABEL_REPLICA_ORDINAL};
 use pgbranch::controller::{ComputeResolver, Error as ControllerError};
 use pgbranch::storage::engine::{Engine, PgServer, StopMode};
-use pgbranch::storage::TimelineId;
+use pgbranch::storage::{Password, TimelineId};
 use serde_json::json;
 use std::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -127,6 +134,16 @@ impl ComputeRunner {
         self.inner.resolve(ns, name).await
     }
 
+    /// The local port of the server of the Deployment `ns/name`.
+    pub fn deployment_port(&self, ns: &str, name: &str) -> Option<u16> {
+        self.inner
+            .running
+            .lock()
+            .unwrap()
+            .get(&(ns.to_string(), name.to_string()))
+            .map(|r| r.server.port)
+    }
+
     /// Timelines with a running server.
     pub async fn running_timelines(&self) -> Vec<String> {
         self.inner
@@ -175,9 +192,18 @@ impl Inner {
                 eprintln!("compute runner: bad timeline label {timeline:?}");
                 return;
             };
+            let replica = d.labels().get(LABEL_ROLE).map(String::as_str) == Some("replica");
             let mut last = None;
-            for _ in 0..5 {
-                match self.engine.start_postgres(&id, free_port()).await {
+            for _ in 0..if replica { 40 } else { 5 } {
+                let started = if replica {
+                    self.start_replica(d, &id).await
+                } else {
+                    self.engine
+                        .start_postgres(&id, free_port())
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                match started {
                     Ok(server) => {
                         let pod_labels = d
                             .spec
@@ -212,6 +238,69 @@ impl Inner {
         if d.metadata.deletion_timestamp.is_none() {
             self.report(d, want).await;
         }
+    }
+
+    /// A hot standby for a replica Deployment (see the module docs).
+    async fn start_replica(&self, d: &Deployment, id: &TimelineId) -> Result<PgServer, String> {
+        let ns = d.namespace().unwrap_or_default();
+        let ordinal: u32 = d
+            .labels()
+            .get(LABEL_REPLICA_ORDINAL)
+            .and_then(|o| o.parse().ok())
+            .ok_or("no replica ordinal label")?;
+        let container = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers.first())
+            .ok_or("no container")?;
+        let conninfo = container
+            .args
+            .iter()
+            .flatten()
+            .find_map(|a| a.strip_prefix("primary_conninfo="))
+            .ok_or("no primary_conninfo argument")?;
+        let mut local = vec![];
+        for kv in conninfo.split_whitespace() {
+            match kv.split_once('=') {
+                Some(("host", h)) => {
+                    let svc = h.split('.').next().unwrap_or(h);
+                    let port = self
+                        .resolve(&ns, svc)
+                        .await
+                        .ok_or_else(|| format!("no running primary behind Service {ns}/{svc}"))?;
+                    local.push("host=127.0.0.1".to_string());
+                    local.push(format!("port={port}"));
+                }
+                Some(("port", _)) => {}
+                _ => local.push(kv.to_string()),
+            }
+        }
+        let secret_ref = container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "PGPASSWORD")
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .ok_or("no PGPASSWORD secretKeyRef")?;
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let secret = secrets
+            .get(&secret_ref.name)
+            .await
+            .map_err(|e| format!("reading Secret {}: {e}", secret_ref.name))?;
+        let password = secret_value(&secret, &secret_ref.key)
+            .ok_or_else(|| format!("Secret {} has no {}", secret_ref.name, secret_ref.key))?;
+        self.engine
+            .start_replica_postgres(
+                id,
+                ordinal,
+                free_port(),
+                &local.join(" "),
+                Some(&Password(password)),
+            )
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn report(&self, d: &Deployment, up: bool) {

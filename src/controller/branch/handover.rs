@@ -40,7 +40,7 @@ use serde_json::json;
 use super::{progressing, Done, ANNOTATION_ADOPT_TIMELINE};
 use crate::api::{
     Branch, Snapshot, SnapshotRestore, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF,
-    LABEL_TIMELINE,
+    LABEL_ROLE, LABEL_TIMELINE,
 };
 use crate::controller::apply::{holder, Holder};
 use crate::controller::{with_deadline, Context, Error};
@@ -176,6 +176,10 @@ pub(super) async fn compute_for_timeline(
     .await?;
     let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
     for d in list.items {
+        // Read replicas follow a primary; they are never the compute.
+        if d.labels().get(LABEL_ROLE).map(String::as_str) == Some("replica") {
+            continue;
+        }
         let dname = d.name_any();
         let h = holder(&d, uid);
         if h == Holder::Owner {

@@ -4,7 +4,8 @@
 //! so a password is never lost) → timeline (idempotent by the Branch UID,
 //! polled until Ready, never waited on) → compute Deployment and Service →
 //! once the compute is ready, credentials and declarative roles/databases
-//! over SQL → Ready.
+//! over SQL → read replicas and the `-ro` Service ([`replicas`]) → Ready
+//! (its message counts the ready replicas, e.g. `2/2 read replicas ready`).
 //!
 //! The branch's current timeline is `status.timelineId`. When it changes (a
 //! restore moves the branch to a new timeline), the controller brings up the
@@ -20,6 +21,7 @@
 
 pub mod handover;
 pub mod refresh;
+pub mod replicas;
 pub mod sql;
 pub mod validate;
 
@@ -45,8 +47,8 @@ use crate::api::{
 };
 use crate::compute::{
     app_secret_name, build_credentials_secret, build_deployment, build_service, content_hash,
-    role_secret_name, secret_value, service_host, service_name, superuser_secret_name,
-    ComputeTarget, RoleCredentials, ANNOTATION_SQL_APPLIED, PG_PORT,
+    ro_service_name, role_secret_name, secret_value, service_host, service_name,
+    superuser_secret_name, ComputeTarget, RoleCredentials, ANNOTATION_SQL_APPLIED, PG_PORT,
 };
 use crate::storage::{
     ConnInfo, CreateTimeline, OpKey, Password, Source, State, StorageError, Timeline, TimelineId,
@@ -853,7 +855,14 @@ async fn apply_steps(
         user: app_user.clone(),
     });
 
+    let replaced = replaced_timelines(ctx, branch, status, &uid).await?;
     if !running {
+        if replicas::reconcile(ctx, branch, &tl.id, &replaced, &uid, false)
+            .await?
+            .pending
+        {
+            requeue = requeue.min(ctx.config.poll_interval);
+        }
         let (reason, phase) = if compute.enabled {
             ("Suspended", "Suspended")
         } else {
@@ -869,6 +878,7 @@ async fn apply_steps(
         });
     }
     if !compute_ready || svc_timeline != tl.id.as_str() {
+        replicas::reconcile(ctx, branch, &tl.id, &replaced, &uid, false).await?;
         return Ok(progressing(
             "StartingCompute",
             format!("waiting for the compute of timeline {} to be ready", tl.id),
@@ -954,23 +964,49 @@ async fn apply_steps(
         .await?;
     }
 
-    let replicas_note = if compute.read_replicas > 0 {
-        "; readReplicas is not supported yet and was ignored"
-    } else {
-        ""
-    };
+    let replicas = replicas::reconcile(ctx, branch, &tl.id, &replaced, &uid, true).await?;
+    if !replicas.settled() {
+        requeue = requeue.min(ctx.config.poll_interval);
+    }
     Ok(Done {
         outcome: Outcome::ready(
             "Ready",
             format!(
-                "branch is ready at {}:{PG_PORT} (timeline {}){replicas_note}",
+                "branch is ready at {}:{PG_PORT} (timeline {}){}",
                 service_host(&name, &ns),
-                tl.id
+                tl.id,
+                replicas.note()
             ),
         ),
         phase: "Ready",
         requeue: Action::requeue(requeue),
     })
+}
+
+/// Timelines this branch served before a restore replaced them
+/// (`status.history`) that no other Branch serves now: their read replicas
+/// are this branch's to remove.
+async fn replaced_timelines(
+    ctx: &Context,
+    branch: &Branch,
+    status: &BranchStatus,
+    uid: &str,
+) -> Result<Vec<TimelineId>, Error> {
+    let history: Vec<TimelineId> = status
+        .history
+        .iter()
+        .filter_map(|h| TimelineId::new(h.timeline_id.clone()).ok())
+        .collect();
+    if history.is_empty() {
+        return Ok(history);
+    }
+    let branches: Api<Branch> =
+        Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
+    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    Ok(history
+        .into_iter()
+        .filter(|t| !handover::claimed_elsewhere(&all.items, uid, t))
+        .collect())
 }
 
 /// Superuser passwords the data of `tl` may still carry besides the
@@ -1180,6 +1216,7 @@ async fn cleanup_steps(
     }
 
     delete_owned::<Service>(ctx, &ns, &service_name(&name), &uid).await?;
+    delete_owned::<Service>(ctx, &ns, &ro_service_name(&name), &uid).await?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let owned = with_deadline(
         ctx,

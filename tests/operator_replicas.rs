@@ -1,0 +1,224 @@
+//! Tier 3: read replicas (`spec.compute.readReplicas`) with the real
+//! operator (`controller::run()`) against the in-process API server, the
+//! real storage engine (copy driver) and real PostgreSQL: the primary and
+//! hot standbys streaming from it, started by the local compute runner.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, CustomResourceExt, ResourceExt};
+use pgbranch::api::{Branch, BranchSpec, ComputeSpec, LABEL_BRANCH, LABEL_ROLE};
+use pgbranch::storage::{Storage, TimelineId};
+use serde_json::json;
+use support::apiserver::ApiServer;
+use support::branch_scenario::{
+    branch, branches, condition, connect, connect_app, secret_field, wait_branch, Harness, NS,
+};
+use tokio_postgres::NoTls;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn ready_with(b: &Branch, note: &str) -> bool {
+    condition(b, "Ready").is_some_and(|c| c.0 == "True" && c.2.contains(note))
+        && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
+}
+
+async fn set_replicas(h: &Harness, name: &str, n: i32) {
+    branches(&h.client)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"compute": {"readReplicas": n}}})),
+        )
+        .await
+        .expect("patch readReplicas");
+}
+
+/// Polls `f` until it returns `Some`; panics after [`WAIT`].
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "{what}: not reached in {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A session on a local port as the branch's app user.
+async fn connect_port(h: &Harness, name: &str, port: u16) -> tokio_postgres::Client {
+    let secret = format!("{name}-app");
+    let user = secret_field(&h.client, &secret, "user").await;
+    let pw = secret_field(&h.client, &secret, "password").await;
+    let db = secret_field(&h.client, &secret, "dbname").await;
+    let (c, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(&user)
+        .password(&pw)
+        .dbname(&db)
+        .connect(NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to port {port}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
+async fn count(c: &tokio_postgres::Client) -> Option<i64> {
+    c.query_one("SELECT count(*) FROM items", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0))
+}
+
+async fn replica_deployments(h: &Harness, name: &str) -> Vec<String> {
+    let api: Api<Deployment> = Api::namespaced(h.client.clone(), NS);
+    api.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name},{LABEL_ROLE}=replica")))
+        .await
+        .expect("list deployments")
+        .items
+        .iter()
+        .map(|d| d.name_any())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_replicas_stream_from_the_primary_and_scale() {
+    let server = ApiServer::new();
+    server.install_crd(&Branch::crd());
+    server.create_namespace(NS);
+    let h = Harness::start(server.client()).await;
+    let client = &h.client;
+    let spec = BranchSpec {
+        compute: ComputeSpec {
+            read_replicas: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    branches(client)
+        .create(&PostParams::default(), &branch("main", spec))
+        .await
+        .expect("create main");
+    let b = wait_branch(client, "main", "Ready with 1/1 replicas", |b| {
+        ready_with(b, "1/1 read replicas ready")
+    })
+    .await;
+    let tl = TimelineId::new(b.status.unwrap().timeline_id.unwrap()).unwrap();
+    assert_eq!(
+        secret_field(client, "main-app", "ro-host").await,
+        format!("main-ro.{NS}.svc")
+    );
+
+    // Rows written through <branch> appear through <branch>-ro.
+    let primary = connect_app(&h, "main").await;
+    primary
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items SELECT generate_series(1, 10);",
+        )
+        .await
+        .expect("write on the primary");
+    let user = secret_field(client, "main-app", "user").await;
+    let pw = secret_field(client, "main-app", "password").await;
+    let db = secret_field(client, "main-app", "dbname").await;
+    let ro = connect(&h, "main-ro", &user, &pw, &db)
+        .await
+        .expect("connect through main-ro");
+    eventually("rows on the replica", || async {
+        (count(&ro).await == Some(10)).then_some(())
+    })
+    .await;
+    let in_recovery: bool = ro
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "main-ro serves a standby");
+    let err = ro
+        .batch_execute("INSERT INTO items VALUES (1000)")
+        .await
+        .expect_err("a write through main-ro must fail");
+    assert!(
+        format!("{err:?}").contains("read-only transaction"),
+        "{err:?}"
+    );
+    // The primary's Service still reaches the primary.
+    let in_recovery: bool = primary
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_recovery);
+
+    // Two replicas, both serving.
+    set_replicas(&h, "main", 2).await;
+    wait_branch(client, "main", "Ready with 2/2 replicas", |b| {
+        ready_with(b, "2/2 read replicas ready")
+    })
+    .await;
+    let mut names = replica_deployments(&h, "main").await;
+    names.sort();
+    let prefix = &tl.as_str()[..8];
+    assert_eq!(
+        names,
+        vec![format!("main-{prefix}-r0"), format!("main-{prefix}-r1")]
+    );
+    primary
+        .batch_execute("INSERT INTO items SELECT generate_series(11, 20)")
+        .await
+        .unwrap();
+    for n in &names {
+        let port = eventually(&format!("{n} running"), || async {
+            h.runner.deployment_port(NS, n)
+        })
+        .await;
+        let c = connect_port(&h, "main", port).await;
+        eventually(&format!("rows on {n}"), || async {
+            (count(&c).await == Some(20)).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(h.engine.list_replicas(&tl).await.unwrap().len(), 2);
+
+    // Steady state: no API writes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.reset_counts();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        server.write_count(),
+        0,
+        "writes in steady state: {:#?}",
+        server.writes()
+    );
+
+    // Zero: Deployments, the -ro Service and the storage replicas go.
+    set_replicas(&h, "main", 0).await;
+    let b = wait_branch(client, "main", "Ready without replicas", |b| {
+        ready_with(b, "branch is ready") && !ready_with(b, "read replicas")
+    })
+    .await;
+    assert!(!condition(&b, "Ready").unwrap().2.contains("replica"));
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    eventually("replicas removed", || async {
+        let deployments = replica_deployments(&h, "main").await;
+        let svc = services.get_opt("main-ro").await.unwrap();
+        let stored = h.engine.list_replicas(&tl).await.unwrap();
+        (deployments.is_empty() && svc.is_none() && stored.is_empty()).then_some(())
+    })
+    .await;
+    // The primary kept serving throughout.
+    assert_eq!(count(&primary).await, Some(20));
+    drop((primary, ro));
+    h.shutdown().await;
+}

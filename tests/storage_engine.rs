@@ -11,8 +11,8 @@ use std::time::Duration;
 use pgbranch::storage::engine::{Engine, EngineConfig, PgServer, StopMode};
 use pgbranch::storage::wait::{wait_snapshot_ready, wait_timeline_ready};
 use pgbranch::storage::{
-    ConnInfo, CreateSnapshot, CreateTimeline, DriverKind, Lsn, OpKey, Password, Point, Source,
-    State, Storage, StorageError, TimelineId,
+    ConnInfo, CreateReplica, CreateSnapshot, CreateTimeline, DriverKind, Lsn, OpKey, Password,
+    Point, Source, State, Storage, StorageError, TimelineId,
 };
 
 const PW: &str = "test-secret-pw";
@@ -780,6 +780,9 @@ async fn crash_child() {
             let s = e.create_snapshot(r).await.unwrap();
             wait_snapshot_ready(&e, &s.id, WAIT).await.unwrap();
         }
+        CrashReq::Replica(r) => {
+            e.create_replica(r).await.unwrap();
+        }
     }
     // Reaching here means the crash point was never hit.
     std::process::exit(3);
@@ -788,6 +791,7 @@ async fn crash_child() {
 enum CrashReq {
     Timeline(CreateTimeline),
     Snapshot(CreateSnapshot),
+    Replica(CreateReplica),
 }
 
 fn crash_request(op: &str, source: &str) -> CrashReq {
@@ -819,6 +823,11 @@ fn crash_request(op: &str, source: &str) -> CrashReq {
             point: Point::Head,
             source_connection: None,
             label: None,
+        }),
+        "replica" => CrashReq::Replica(CreateReplica {
+            timeline: src,
+            ordinal: 0,
+            source_connection: None,
         }),
         _ => panic!("unknown op {op}"),
     }
@@ -852,6 +861,7 @@ async fn crash_mid_operation_then_retry_with_same_key() {
             (&*format!("lsn:{lsn5}"), "replaying WAL", Some(5)),
             (&*format!("lsn:{lsn5}"), "private server running", Some(5)),
             ("snapshot:", "copying the source", Some(10)),
+            ("replica:", "configuring the replica", Some(10)),
         ];
         for (op, step, rows) in cases {
             eprintln!("crash during {op} at {step:?}");
@@ -915,6 +925,18 @@ async fn crash_mid_operation_then_retry_with_same_key() {
                     assert_eq!(e.create_snapshot(r).await.unwrap().id, s.id);
                     assert_eq!(e.list_snapshots().await.unwrap().len(), before);
                     e.delete_snapshot(&s.id).await.unwrap();
+                }
+                CrashReq::Replica(r) => {
+                    // The half-made replica is gone, directory and all.
+                    assert!(e.list_replicas(&root).await.unwrap().is_empty());
+                    let dir = v.root.join(format!("timelines/{root}/replicas/0"));
+                    assert!(!dir.exists(), "{} survived the restart", dir.display());
+                    let made = e.create_replica(r.clone()).await.unwrap();
+                    assert_eq!(made.state, State::Ready);
+                    assert!(v.root.join(&made.data_path).join("standby.signal").exists());
+                    assert_eq!(e.create_replica(r).await.unwrap(), made);
+                    assert_eq!(e.list_replicas(&root).await.unwrap().len(), 1);
+                    e.delete_replica(&root, 0).await.unwrap();
                 }
             }
         }

@@ -139,6 +139,7 @@ impl Engine {
         let label = format!("pgbranch-{tl}-replica-{n}");
         self.copy_head(tl, &data, conn, want_backup, false, &label)
             .await?;
+        super::crash_point("configuring the replica");
         self.standby_config(&data, tl)?;
         self.inner.pg.chown(&data)?;
         fs::set_permissions(&data, fs::Permissions::from_mode(0o700))

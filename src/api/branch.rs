@@ -172,7 +172,13 @@ pub struct ComputeSpec {
     /// CPU and memory of the postgres container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Read-only replicas beside the primary, 0 to 5.
+    /// Read-only replicas beside the primary, 0 to 5: hot standbys streaming
+    /// from it, each on its own copy-on-write copy of the primary's data
+    /// (ready in seconds whatever the size), as Deployments
+    /// `<branch>-<timeline>-r<n>` behind the Service `<branch>-ro` (also in
+    /// the app Secret as `ro-host`/`ro-uri`). Writes through `-ro` fail.
+    /// Scaled to zero while suspended; lowering it removes the extra
+    /// replicas and their data. Not inherited by child branches.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 5").message("readReplicas must be between 0 and 5"))]
     pub read_replicas: i32,

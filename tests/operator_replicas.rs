@@ -222,3 +222,152 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
     drop((primary, ro));
     h.shutdown().await;
 }
+
+/// A branch moved to another timeline (what a restore's finalize writes)
+/// gets replicas of the new data; the old timeline's replicas go, from the
+/// cluster and from storage. A child of a branch with replicas has none
+/// unless it asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_follow_a_timeline_change_and_are_not_inherited() {
+    let server = ApiServer::new();
+    server.install_crd(&Branch::crd());
+    server.create_namespace(NS);
+    let h = Harness::start(server.client()).await;
+    let client = &h.client;
+    let api = branches(client);
+    let spec = BranchSpec {
+        compute: ComputeSpec {
+            read_replicas: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &branch("prod", spec))
+        .await
+        .expect("create prod");
+    let b = wait_branch(client, "prod", "Ready with 1/1 replicas", |b| {
+        ready_with(b, "1/1 read replicas ready")
+    })
+    .await;
+    let old_tl = TimelineId::new(b.status.unwrap().timeline_id.unwrap()).unwrap();
+    let primary = connect_app(&h, "prod").await;
+    primary
+        .batch_execute(
+            "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
+        )
+        .await
+        .unwrap();
+
+    // A child without readReplicas: no replicas of its own.
+    api.create(
+        &PostParams::default(),
+        &branch(
+            "dev",
+            BranchSpec {
+                parent: Some(pgbranch::api::ParentRef {
+                    branch: "prod".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("create dev");
+    let dev = wait_branch(client, "dev", "Ready", |b| ready_with(b, "branch is ready")).await;
+    assert!(!condition(&dev, "Ready").unwrap().2.contains("replica"));
+    assert!(replica_deployments(&h, "dev").await.is_empty());
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    assert!(services.get_opt("dev-ro").await.unwrap().is_none());
+    let dev_tl = TimelineId::new(dev.status.unwrap().timeline_id.unwrap()).unwrap();
+    assert!(h.engine.list_replicas(&dev_tl).await.unwrap().is_empty());
+    api.delete("dev", &Default::default()).await.unwrap();
+    support::branch_scenario::wait_gone(client, "dev").await;
+
+    // Copy prod's data (rows 1-3) into a new timeline, then write row 4 on
+    // the old one only.
+    let su = secret_field(client, "prod-superuser", "password").await;
+    let port = h.runner.resolve_service(NS, "prod").await.unwrap();
+    let copy = h
+        .engine
+        .create_timeline(pgbranch::storage::CreateTimeline {
+            key: pgbranch::storage::OpKey::new("swap-with-replicas").unwrap(),
+            source: pgbranch::storage::Source::Timeline {
+                timeline: old_tl.clone(),
+                point: pgbranch::storage::Point::Head,
+            },
+            source_connection: Some(pgbranch::storage::ConnInfo {
+                host: "127.0.0.1".into(),
+                port,
+                user: "postgres".into(),
+                password: Some(pgbranch::storage::Password(su)),
+                dbname: "postgres".into(),
+            }),
+            label: None,
+        })
+        .await
+        .unwrap();
+    pgbranch::storage::wait::wait_timeline_ready(&h.engine, &copy.id, WAIT)
+        .await
+        .unwrap();
+    primary
+        .batch_execute("INSERT INTO items VALUES (4)")
+        .await
+        .unwrap();
+    drop(primary);
+    api.patch_status(
+        "prod",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "timelineId": copy.id.to_string(),
+            "history": [{
+                "timelineId": old_tl.to_string(),
+                "replacedBy": "restore-1",
+                "replacedAt": jiff::Timestamp::now().to_string(),
+            }],
+        }})),
+    )
+    .await
+    .unwrap();
+    wait_branch(
+        client,
+        "prod",
+        "Ready on the new timeline with 1/1 replicas",
+        |b| ready_with(b, copy.id.as_str()) && ready_with(b, "1/1 read replicas ready"),
+    )
+    .await;
+    assert_eq!(
+        replica_deployments(&h, "prod").await,
+        vec![format!("prod-{}-r0", &copy.id.as_str()[..8])]
+    );
+    let user = secret_field(client, "prod-app", "user").await;
+    let pw = secret_field(client, "prod-app", "password").await;
+    let db = secret_field(client, "prod-app", "dbname").await;
+    // The -ro Service reaches a replica of the new data (rows 1-3, not 4).
+    let rows = eventually("the new replica serves the new data", || async {
+        let port = h
+            .runner
+            .deployment_port(NS, &format!("prod-{}-r0", &copy.id.as_str()[..8]))?;
+        let c = connect_port(&h, "prod", port).await;
+        count(&c).await
+    })
+    .await;
+    assert_eq!(rows, 3);
+    let ro = connect(&h, "prod-ro", &user, &pw, &db).await.unwrap();
+    assert_eq!(count(&ro).await, Some(3));
+    eventually(
+        "the old timeline's replicas removed from storage",
+        || async {
+            h.engine
+                .list_replicas(&old_tl)
+                .await
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(h.engine.list_replicas(&copy.id).await.unwrap().len(), 1);
+    drop(ro);
+    h.shutdown().await;
+}

@@ -824,3 +824,65 @@ fn pct_encodes_everything_but_unreserved() {
     assert_eq!(pct("aZ09-._~"), "aZ09-._~");
     assert_eq!(pct("p@ss:w/rd%"), "p%40ss%3Aw%2Frd%25");
 }
+
+/// `readReplicas`: a hot standby behind `<branch>-ro` (the Secret's
+/// `ro-uri`) serves the primary's rows and refuses writes.
+#[tokio::test]
+async fn read_replica_serves_reads() {
+    let Some(env) = env("read_replica_serves_reads").await else {
+        return;
+    };
+    let ns = TestNamespace::create(&env, "replicas").await;
+    let n = ns.name.as_str();
+    let branches: Api<Branch> = Api::namespaced(env.client.clone(), n);
+    let mut main = root("main");
+    main.spec.compute.read_replicas = 1;
+    create(&env, n, main).await;
+    wait_for(&env, &branches, "main", "1/1 read replicas ready", |b| {
+        condition(b, "Ready")
+            .is_some_and(|c| c.status == "True" && c.message.contains("1/1 read replicas ready"))
+    })
+    .await;
+    write_two_batches(&env, n, "main").await;
+    let secret = secret_data(&env, n, "main-app").await;
+    assert_eq!(secret["ro-host"], format!("main-ro.{n}.svc"));
+    uri_secret(&env, n, "main-ro-uri", &secret["ro-uri"]).await;
+    let all = [rows(1..=10, "first"), rows(11..=20, "second")].concat();
+    let start = std::time::Instant::now();
+    loop {
+        let run = run_sql_pod(
+            &env,
+            n,
+            "main-ro-uri",
+            &["SELECT id, note FROM items ORDER BY id"],
+        )
+        .await;
+        let got: Vec<String> = run
+            .output
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        if run.exit_code == 0 && got == all {
+            break;
+        }
+        assert!(
+            start.elapsed() < env.timeout,
+            "main-ro never served the rows: {run:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    }
+    let run = run_sql_pod(
+        &env,
+        n,
+        "main-ro-uri",
+        &["INSERT INTO items VALUES (999, 'via ro')"],
+    )
+    .await;
+    assert!(
+        run.output.contains("read-only transaction"),
+        "a write through main-ro must fail: {run:?}"
+    );
+    wait_namespace_healthy(&env, n).await;
+    ns.delete_and_wait(&env).await;
+}

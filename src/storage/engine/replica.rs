@@ -75,7 +75,7 @@ impl Engine {
     ) -> Result<Replica, StorageError> {
         validate_replica_ordinal(req.ordinal)?;
         let (tl, n) = (&req.timeline, req.ordinal);
-        let Some(_own) = self.try_acquire(Self::replica_key(tl, n)) else {
+        let Some(own) = self.try_acquire(Self::replica_key(tl, n)) else {
             return Err(StorageError::Busy {
                 message: format!("replica {n} of timeline {tl} is being created or deleted"),
             });
@@ -86,8 +86,22 @@ impl Engine {
             }
         }
         // The timeline must not go while it is copied.
-        let _source = self.acquire(vec![format!("t:{tl}")]);
+        let source = self.acquire(vec![format!("t:{tl}")]);
         self.ready_timeline(tl)?;
+        // The copy runs to its end even when the caller goes away (an HTTP
+        // client that timed out): a retry then finds it made (or `Busy`
+        // while it is still under way) instead of starting over.
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _guards = (own, source);
+            me.make_replica(req).await
+        })
+        .await
+        .map_err(|e| io_err("creating a replica", e))?
+    }
+
+    async fn make_replica(&self, req: CreateReplica) -> Result<Replica, StorageError> {
+        let (tl, n) = (&req.timeline, req.ordinal);
         self.remove_replica_dirs(tl, n).await?;
         let row = ReplicaRow {
             timeline: tl.clone(),

@@ -203,6 +203,42 @@ async fn bad_input_gets_a_json_error_naming_the_problem() {
     let r = f.post("/v1/timelines", &big).send().await.unwrap();
     error_body(r, StatusCode::PAYLOAD_TOO_LARGE, "InvalidArgument").await;
 
+    // Replica ordinals: numbers within range only.
+    for (ordinal, says) in [
+        ("abc", "not a number"),
+        ("-1", "not a number"),
+        ("99", "out of range"),
+        ("4294967296", "not a number"),
+    ] {
+        for method in [reqwest::Method::PUT, reqwest::Method::DELETE] {
+            let r = f
+                .http
+                .request(
+                    method.clone(),
+                    f.url(&format!("/v1/timelines/abc/replicas/{ordinal}")),
+                )
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let b = error_body(r, StatusCode::BAD_REQUEST, "InvalidArgument").await;
+            assert!(b.message.contains(says), "{method} {ordinal}: {b:?}");
+        }
+    }
+    // A replica of a missing timeline.
+    let r = f
+        .http
+        .put(f.url("/v1/timelines/no-such/replicas/0"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    error_body(r, StatusCode::NOT_FOUND, "NotFound").await;
+
     let r = f.get("/v1/no/such/route").send().await.unwrap();
     error_body(r, StatusCode::NOT_FOUND, "NotFound").await;
 
@@ -254,6 +290,15 @@ async fn path_traversal_is_refused() {
             (reqwest::Method::DELETE, format!("/v1/timelines/{id}")),
             (reqwest::Method::GET, format!("/v1/snapshots/{id}")),
             (reqwest::Method::DELETE, format!("/v1/snapshots/{id}")),
+            (reqwest::Method::GET, format!("/v1/timelines/{id}/replicas")),
+            (
+                reqwest::Method::PUT,
+                format!("/v1/timelines/{id}/replicas/0"),
+            ),
+            (
+                reqwest::Method::DELETE,
+                format!("/v1/timelines/{id}/replicas/0"),
+            ),
         ] {
             let r = f
                 .http

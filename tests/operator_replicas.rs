@@ -27,15 +27,19 @@ fn ready_with(b: &Branch, note: &str) -> bool {
         && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
 }
 
-async fn set_replicas(h: &Harness, name: &str, n: i32) {
+async fn set_compute(h: &Harness, name: &str, compute: serde_json::Value) {
     branches(&h.client)
         .patch(
             name,
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"compute": {"readReplicas": n}}})),
+            &Patch::Merge(json!({"spec": {"compute": compute}})),
         )
         .await
-        .expect("patch readReplicas");
+        .expect("patch spec.compute");
+}
+
+async fn set_replicas(h: &Harness, name: &str, n: i32) {
+    set_compute(h, name, json!({"readReplicas": n})).await;
 }
 
 /// Polls `f` until it returns `Some`; panics after [`WAIT`].
@@ -161,6 +165,40 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
         .get(0);
     assert!(!in_recovery);
 
+    // Suspended: the replica is scaled to zero and keeps its data; resumed,
+    // it serves again from the same data directory (not a new copy).
+    let prefix = &tl.as_str()[..8];
+    let r0 = format!("main-{prefix}-r0");
+    let kept = h.engine.replica_data_dir(&tl, 0).join("pgbranch-test-kept");
+    std::fs::write(&kept, "kept").unwrap();
+    drop((primary, ro));
+    set_compute(&h, "main", json!({"suspended": true})).await;
+    wait_branch(client, "main", "Suspended", |b| {
+        condition(b, "Ready").is_some_and(|c| c.1 == "Suspended")
+            && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
+    })
+    .await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    eventually("the replica scaled to zero", || async {
+        let d = deploys.get(&r0).await.unwrap();
+        let zero = d.spec.and_then(|s| s.replicas) == Some(0);
+        (zero && h.runner.deployment_port(NS, &r0).is_none()).then_some(())
+    })
+    .await;
+    assert_eq!(h.engine.list_replicas(&tl).await.unwrap().len(), 1);
+    assert!(kept.exists(), "the replica's data is kept while suspended");
+    set_compute(&h, "main", json!({"suspended": false})).await;
+    wait_branch(client, "main", "resumed with 1/1 replicas", |b| {
+        ready_with(b, "1/1 read replicas ready")
+    })
+    .await;
+    assert!(kept.exists(), "resumed on the same data directory");
+    let primary = connect_app(&h, "main").await;
+    let ro = connect(&h, "main-ro", &user, &pw, &db)
+        .await
+        .expect("connect through main-ro after resume");
+    assert_eq!(count(&ro).await, Some(10));
+
     // Two replicas, both serving.
     set_replicas(&h, "main", 2).await;
     wait_branch(client, "main", "Ready with 2/2 replicas", |b| {
@@ -169,7 +207,6 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
     .await;
     let mut names = replica_deployments(&h, "main").await;
     names.sort();
-    let prefix = &tl.as_str()[..8];
     assert_eq!(
         names,
         vec![format!("main-{prefix}-r0"), format!("main-{prefix}-r1")]

@@ -7,7 +7,8 @@
 //!   the primary's connection where the driver needs backup mode), then its
 //!   Deployment `<branch>-<tl8>-r<n>` is applied;
 //! * suspended: the Deployments of existing replicas are scaled to 0, data
-//!   kept; compute disabled: no replica Deployments (data removed, as N = 0);
+//!   kept; they are scaled up again once the primary serves after a resume;
+//!   compute disabled: no replica Deployments (data removed, as N = 0);
 //! * Deployments of other timelines (after a restore or refresh) or of
 //!   ordinals ≥ N are deleted; a storage replica is deleted only once no
 //!   Deployment of ours is left for it (storage refuses, `Busy`, while its
@@ -94,13 +95,16 @@ pub(super) fn plan(o: &Observed<'_>) -> Plan {
             .iter()
             .any(|r| r.timeline == *o.current && r.ordinal == n && r.state == State::Ready)
     };
-    let (create, apply) = if o.running && o.primary_ready {
-        (
+    let (create, apply) = match (o.running, o.primary_ready) {
+        (true, true) => (
             (0..o.wanted).filter(|n| !ready_stored(*n)).collect(),
             (0..o.wanted).collect(),
-        )
-    } else {
-        (vec![], (0..o.wanted).filter(|n| ready_stored(*n)).collect())
+        ),
+        // Suspended: existing replicas are scaled to zero, data kept.
+        (false, _) => (vec![], (0..o.wanted).filter(|n| ready_stored(*n)).collect()),
+        // The primary is starting (or moving): replicas are left as they
+        // are until it serves.
+        (true, false) => (vec![], vec![]),
     };
     Plan {
         delete_deployments,
@@ -305,7 +309,8 @@ mod tests {
         o.primary_ready = false;
         let p = plan(&o);
         assert!(p.create.is_empty(), "no copy before the primary is ready");
-        assert_eq!(p.apply, vec![0], "existing replicas keep their Deployment");
+        assert!(p.apply.is_empty(), "replicas wait for the primary");
+        assert!(p.delete_deployments.is_empty() && p.delete_stored.is_empty());
     }
 
     #[test]

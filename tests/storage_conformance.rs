@@ -545,6 +545,28 @@ async fn read_replicas(b: &Backend) {
         .collect();
     assert_eq!(listed, vec![1]);
 
+    // Replica 1 never streams (its primary_conninfo leads nowhere): it
+    // catches up from the timeline's WAL archive (restore_command).
+    c.batch_execute("INSERT INTO t SELECT generate_series(300, 399);")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT pg_switch_wal();").await.unwrap();
+    let lport = free_port();
+    let nowhere = format!("host=127.0.0.1 port={} user=postgres", free_port());
+    let lone = b
+        .engine
+        .start_replica_postgres(&root.id, 1, lport, &nowhere, None)
+        .await
+        .unwrap();
+    let lc = connect(lport).await;
+    eventually(
+        "rows from the archive on a replica that cannot stream",
+        || async { count_rows(&lc, "t").await == 301 },
+    )
+    .await;
+    drop(lc);
+    lone.stop(StopMode::Fast).await.unwrap();
+
     // A stopped primary is copied as it is; deleting the timeline takes
     // every replica with it.
     drop(c);

@@ -408,3 +408,153 @@ async fn replicas_follow_a_timeline_change_and_are_not_inherited() {
     drop(ro);
     h.shutdown().await;
 }
+
+/// A finalized restore onto a branch with replicas: the branch's Service
+/// keeps selecting the primary (never a replica of the restored data), and
+/// the branch ends with replicas of the restored data behind `-ro`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
+    use support::restore_harness as rh;
+    let mut h = rh::Harness::new().await;
+    h.start_operator(rh::test_config());
+    let client = h.client.clone();
+    let mut prod = rh::shop_branch("prod");
+    prod.spec.compute.read_replicas = 1;
+    rh::create_branch(&client, &prod).await;
+    rh::create_branch(&client, &rh::shop_branch("dev")).await;
+    let before = rh::wait_branch(&client, "prod", "Ready with 1/1 replicas", |b| {
+        ready_with(b, "1/1 read replicas ready")
+    })
+    .await;
+    let old_tl = before.status.unwrap().timeline_id.unwrap();
+    rh::wait_branch_ready(&client, "dev").await;
+    let exec = |branch: &'static str, sql: &'static str| {
+        let h = &h;
+        async move {
+            h.connect_app(branch)
+                .await
+                .batch_execute(sql)
+                .await
+                .unwrap()
+        }
+    };
+    exec(
+        "prod",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
+    )
+    .await;
+    exec(
+        "dev",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(101, 105);",
+    )
+    .await;
+    rh::create_snapshot(
+        &client,
+        "dev-ready",
+        pgbranch::api::SnapshotSpec {
+            branch: "dev".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    rh::wait_snapshot_ready(&client, "dev-ready").await;
+    rh::create_restore(
+        &client,
+        "promote",
+        pgbranch::api::SnapshotRestoreSpec {
+            source: pgbranch::api::RestoreSource {
+                snapshot: Some("dev-ready".into()),
+                ..Default::default()
+            },
+            target: Some("prod".into()),
+            finalize: true,
+            preserve_under_name: None,
+        },
+    )
+    .await;
+    let r = rh::wait_restore(&client, "promote", "Completed or Failed", |r| {
+        matches!(
+            r.status.as_ref().and_then(|s| s.phase),
+            Some(pgbranch::api::RestorePhase::Completed | pgbranch::api::RestorePhase::Failed)
+        )
+    })
+    .await;
+    assert_eq!(
+        r.status.as_ref().and_then(|s| s.phase),
+        Some(pgbranch::api::RestorePhase::Completed),
+        "{:#?}",
+        r.status
+    );
+    let after = rh::wait_branch(
+        &client,
+        "prod",
+        "Ready on new data with 1/1 replicas",
+        |b| {
+            ready_with(b, "1/1 read replicas ready")
+                && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) != Some(old_tl.as_str())
+        },
+    )
+    .await;
+    let new_tl = after.status.unwrap().timeline_id.unwrap();
+
+    // The branch's Service reaches the primary of the restored data.
+    let (user, pw, db) = rh::app_credentials(&client, "prod").await;
+    let primary = h.connect_app("prod").await;
+    let in_recovery: bool = primary
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_recovery, "prod's Service selects a standby");
+    assert_eq!(rh::ids(&primary).await, (101..=105).collect::<Vec<_>>());
+    primary
+        .batch_execute("INSERT INTO items VALUES (106)")
+        .await
+        .expect("a write through prod");
+
+    // -ro: a replica of the restored data, following the primary.
+    let replica = format!("prod-{}-r0", &new_tl[..8]);
+    let runner = h.runner.as_ref().unwrap();
+    let port = eventually(&format!("{replica} running"), || async {
+        runner.deployment_port(NS, &replica)
+    })
+    .await;
+    let ro = eventually("connect to the replica", || async {
+        tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(port)
+            .user(&user)
+            .password(&pw)
+            .dbname(&db)
+            .connect(NoTls)
+            .await
+            .ok()
+            .map(|(c, conn)| {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                c
+            })
+    })
+    .await;
+    eventually("restored rows and the new write on the replica", || async {
+        let ids = ro
+            .query("SELECT id FROM items ORDER BY id", &[])
+            .await
+            .ok()?
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<_>>();
+        (ids == (101..=106).collect::<Vec<_>>()).then_some(())
+    })
+    .await;
+    let via_ro = h.connect("prod-ro", &user, &pw, &db).await.unwrap();
+    let in_recovery: bool = via_ro
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "prod-ro selects a standby");
+    drop((primary, ro, via_ro));
+    h.shutdown().await;
+}

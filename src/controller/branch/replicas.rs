@@ -53,6 +53,10 @@ pub(super) struct Observed<'a> {
     /// The primary of the current timeline is ready and serves the Service.
     pub primary_ready: bool,
     pub deployments: Vec<SeenDeployment>,
+    /// (timeline, ordinal) of replica Deployments of other Branches (a
+    /// restored branch handing its timeline over, a backup branch): their
+    /// data directories are not ours to run or remove while they exist.
+    pub others: Vec<(String, u32)>,
     /// Storage replicas of the current timeline and of replaced ones.
     pub stored: Vec<Replica>,
 }
@@ -66,6 +70,8 @@ pub(super) struct Plan {
     pub create: Vec<u32>,
     /// Ordinals of the current timeline whose Deployment is applied.
     pub apply: Vec<u32>,
+    /// Ordinals held by another Branch's Deployment: wait for it to go.
+    pub blocked: Vec<u32>,
     pub ro_service: bool,
 }
 
@@ -79,6 +85,7 @@ pub(super) fn plan(o: &Observed<'_>) -> Plan {
         .filter(|d| !wanted(&d.timeline, d.ordinal))
         .map(|d| d.name.clone())
         .collect();
+    let foreign = |tl: &str, n: u32| o.others.iter().any(|(t, m)| t == tl && *m == n);
     let delete_stored = o
         .stored
         .iter()
@@ -87,15 +94,17 @@ pub(super) fn plan(o: &Observed<'_>) -> Plan {
             !o.deployments
                 .iter()
                 .any(|d| d.timeline == r.timeline.as_str() && d.ordinal == Some(r.ordinal))
+                && !foreign(r.timeline.as_str(), r.ordinal)
         })
         .map(|r| (r.timeline.clone(), r.ordinal))
         .collect();
+    let blocked: Vec<u32> = (0..o.wanted).filter(|n| foreign(current, *n)).collect();
     let ready_stored = |n: u32| {
         o.stored
             .iter()
             .any(|r| r.timeline == *o.current && r.ordinal == n && r.state == State::Ready)
     };
-    let (create, apply) = match (o.running, o.primary_ready) {
+    let (create, apply): (Vec<u32>, Vec<u32>) = match (o.running, o.primary_ready) {
         (true, true) => (
             (0..o.wanted).filter(|n| !ready_stored(*n)).collect(),
             (0..o.wanted).collect(),
@@ -106,11 +115,13 @@ pub(super) fn plan(o: &Observed<'_>) -> Plan {
         // are until it serves.
         (true, false) => (vec![], vec![]),
     };
+    let free = |v: Vec<u32>| v.into_iter().filter(|n| !blocked.contains(n)).collect();
     Plan {
         delete_deployments,
         delete_stored,
-        create,
-        apply,
+        create: free(create),
+        apply: free(apply),
+        blocked,
         ro_service: o.wanted > 0,
     }
 }
@@ -157,23 +168,28 @@ pub(super) async fn reconcile(
     let listed = with_deadline(
         ctx,
         "list replica computes",
-        deploys.list(
-            &ListParams::default().labels(&format!("{LABEL_BRANCH}={name},{LABEL_ROLE}=replica")),
-        ),
+        deploys.list(&ListParams::default().labels(&format!("{LABEL_ROLE}=replica"))),
     )
     .await?;
-    let deployments: Vec<SeenDeployment> = listed
+    let seen = |d: &Deployment| SeenDeployment {
+        name: d.name_any(),
+        timeline: d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default(),
+        ordinal: d
+            .labels()
+            .get(LABEL_REPLICA_ORDINAL)
+            .and_then(|o| o.parse().ok()),
+    };
+    let ours = |d: &Deployment| {
+        d.labels().get(LABEL_BRANCH) == Some(&name) && holder(d, uid) == Holder::Owner
+    };
+    let deployments: Vec<SeenDeployment> =
+        listed.items.iter().filter(|d| ours(d)).map(seen).collect();
+    let others: Vec<(String, u32)> = listed
         .items
         .iter()
-        .filter(|d| holder(*d, uid) == Holder::Owner)
-        .map(|d| SeenDeployment {
-            name: d.name_any(),
-            timeline: d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default(),
-            ordinal: d
-                .labels()
-                .get(LABEL_REPLICA_ORDINAL)
-                .and_then(|o| o.parse().ok()),
-        })
+        .filter(|d| !ours(d))
+        .map(seen)
+        .filter_map(|d| Some((d.timeline, d.ordinal?)))
         .collect();
     let mut stored = vec![];
     for tl in std::iter::once(current).chain(replaced.iter().filter(|t| *t != current)) {
@@ -189,12 +205,16 @@ pub(super) async fn reconcile(
         running,
         primary_ready,
         deployments,
+        others,
         stored,
     };
     let plan = plan(&observed);
 
     // Apply.
-    let mut pending = false;
+    let mut pending = !plan.blocked.is_empty();
+    if pending {
+        tracing::info!(branch = %name, timeline = %current, ordinals = ?plan.blocked, "read replicas wait for another branch's replica computes to go");
+    }
     for d in &plan.delete_deployments {
         if !delete_owned::<Deployment>(ctx, &ns, d, uid).await? {
             pending = true;
@@ -293,6 +313,7 @@ mod tests {
             running: true,
             primary_ready: true,
             deployments: vec![],
+            others: vec![],
             stored: vec![],
         }
     }
@@ -366,6 +387,28 @@ mod tests {
         assert_eq!(p.create, vec![0]);
         assert!(p.delete_stored.is_empty());
         o.deployments = vec![];
+        assert_eq!(plan(&o).delete_stored, vec![(tl("aaaa"), 0)]);
+    }
+
+    #[test]
+    fn another_branchs_replica_compute_blocks_its_data_directory() {
+        let cur = tl("aaaa");
+        let mut o = observed(&cur, 2);
+        o.stored = vec![stored("aaaa", 0)];
+        o.others = vec![("aaaa".into(), 0)];
+        let p = plan(&o);
+        assert_eq!(p.blocked, vec![0]);
+        assert_eq!(
+            p.apply,
+            vec![1],
+            "not run while another Deployment holds it"
+        );
+        assert_eq!(p.create, vec![1]);
+        // Nor removed: a backup branch wanting none waits for ours to go.
+        o.wanted = 0;
+        let p = plan(&o);
+        assert!(p.delete_stored.is_empty());
+        o.others.clear();
         assert_eq!(plan(&o).delete_stored, vec![(tl("aaaa"), 0)]);
     }
 

@@ -101,8 +101,8 @@ use super::status::{apply_outcome, is_ready, merge_diff, outcome_changed, Outcom
 use super::{error_policy, with_deadline, Context, Error};
 use crate::api::{
     Branch, BranchSpec, ParentRef, RestorePhase, Snapshot, SnapshotRestore, SnapshotRestoreStatus,
-    TimelineHistoryEntry, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF, LABEL_TIMELINE,
-    STALLED,
+    TimelineHistoryEntry, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF, LABEL_ROLE,
+    LABEL_TIMELINE, STALLED,
 };
 use crate::compute::{
     app_secret_name, role_secret_name, secret_value, service_name, superuser_secret_name,
@@ -996,7 +996,10 @@ async fn finalizing(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> Result
         let list = with_deadline(
             ctx,
             "list computes",
-            deploys.list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={t_new}"))),
+            deploys.list(&ListParams::default().labels(&format!(
+                // Read replicas follow a primary: never the compute.
+                "{LABEL_TIMELINE}={t_new},{LABEL_ROLE}!=replica"
+            ))),
         )
         .await?;
         let sel = list
@@ -1041,7 +1044,10 @@ async fn finalizing(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> Result
         let old = with_deadline(
             ctx,
             "list computes",
-            deploys.list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={t_old}"))),
+            deploys.list(&ListParams::default().labels(&format!(
+                // Read replicas follow a primary: never the compute.
+                "{LABEL_TIMELINE}={t_old},{LABEL_ROLE}!=replica"
+            ))),
         )
         .await?;
         let old_running = old
@@ -1051,7 +1057,10 @@ async fn finalizing(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> Result
         let new = with_deadline(
             ctx,
             "list computes",
-            deploys.list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={t_new}"))),
+            deploys.list(&ListParams::default().labels(&format!(
+                // Read replicas follow a primary: never the compute.
+                "{LABEL_TIMELINE}={t_new},{LABEL_ROLE}!=replica"
+            ))),
         )
         .await?;
         let runs = target.spec.compute.enabled && !target.spec.compute.suspended;

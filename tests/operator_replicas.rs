@@ -406,6 +406,19 @@ async fn replicas_follow_a_timeline_change_and_are_not_inherited() {
     .await;
     assert_eq!(h.engine.list_replicas(&copy.id).await.unwrap().len(), 1);
     drop(ro);
+
+    // Deleting the branch stops its replicas and removes its timeline with
+    // them.
+    let replica_dir = h.engine.replica_data_dir(&copy.id, 0);
+    assert!(replica_dir.exists());
+    api.delete("prod", &Default::default()).await.unwrap();
+    support::branch_scenario::wait_gone(client, "prod").await;
+    assert!(matches!(
+        h.engine.get_timeline(&copy.id).await,
+        Err(pgbranch::storage::StorageError::NotFound { .. })
+    ));
+    assert!(!replica_dir.exists(), "the replica outlived its branch");
+    assert!(services.get_opt("prod-ro").await.unwrap().is_none());
     h.shutdown().await;
 }
 

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 /// The longest Branch name. A branch's name gets suffixes: its Deployment
-/// `<name>-<timeline16>` (17 more) and a restore's default backup branch
+/// `<name>-<timeline16>` (17 more), a read replica's Deployment
+/// `<name>-<timeline8>-r<n>` (13 more at most) and a restore's default backup branch
 /// `<name>-old-<yyyymmddhhmmss>` (19 more), and the results must stay valid
 /// DNS labels (63 characters). The CRD enforces this limit with a rule on
 /// `metadata.name`.

@@ -482,7 +482,16 @@ async fn measure_on(
         DriverKind::Btrfs => {
             let mut total = Some(0u64);
             for t in &branches {
-                let excl = s.get_timeline(&t.id).await?.exclusive_bytes;
+                // Measured by the engine in the background (it reads every
+                // extent): wait for the first measurement.
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let mut excl = None;
+                while excl.is_none() && Instant::now() < deadline {
+                    excl = s.get_timeline(&t.id).await?.exclusive_bytes;
+                    if excl.is_none() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
                 total = total.zip(excl).map(|(a, b)| a + b);
             }
             match total {

@@ -129,8 +129,17 @@ impl Engine {
         });
     }
 
+    /// Runs one roller pass now, as the background roller would (a no-op
+    /// when bases are never rolled). For tools that want a steady state
+    /// before measuring, e.g. `pgbranch-bench` after loading data.
+    pub async fn roll_bases_now(&self) {
+        if let Some(policy) = self.inner.roll {
+            self.roll_pass(policy).await;
+        }
+    }
+
     /// One pass over every ready timeline: roll where due, prune, collect.
-    pub(super) async fn roll_pass(&self, policy: RollPolicy) {
+    async fn roll_pass(&self, policy: RollPolicy) {
         let timelines = match self.inner.meta.timelines() {
             Ok(t) => t,
             Err(e) => {

@@ -45,10 +45,13 @@
 //! `postgresql.auto.conf`, so nothing of the parent's archiving survives.
 //!
 //! Every new timeline is brought to a *cleanly shut down* state before it is
-//! `Ready`: copies that are crash-consistent or in backup mode are started
-//! once privately (Unix socket only, archiving into the new timeline's own
-//! archive) and stopped with a fast shutdown. Its creation copy is then kept
-//! as `timelines/<id>/base`, the first base for points in its past.
+//! `Ready`: copies that are crash-consistent or in backup mode are recovered
+//! in one stand-alone backend (`postgres --single`, archiving into the new
+//! timeline's own archive), which exits with a shutdown checkpoint; should
+//! that not leave the copy clean, a private server (Unix socket only) is
+//! started and stopped fast. Its creation copy is then kept as
+//! `timelines/<id>/base`, the first base for points in its past; later bases
+//! are rolled forward from it in the background (see [`bases`]).
 //!
 //! # Points in the past
 //! A timeline's restore window runs from its oldest base (its creation) to
@@ -61,7 +64,8 @@
 //! `pg_wal/archive_status/*.ready`, the present moment: a suspended branch
 //! can be branched at "five minutes ago" after its last commit.
 //!
-//! A copy at a point = the newest base at or before it, cloned; then a
+//! A copy at a point = the newest base at or before it (a rolled base only
+//! when strictly before it), cloned; then a
 //! private server replays the timeline's own archive with
 //! `restore_command`, `recovery_target_lsn`, `recovery_target_inclusive =
 //! on`, `recovery_target_timeline = 'current'`, `recovery_target_action =

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 
-use kube::Api;
+use kube::{Api, ResourceExt};
 use pgbranch::api::{
     RestorePhase, RestoreSource, SnapshotRestore, SnapshotRestoreSpec, SnapshotSpec,
     LABEL_RESTORE_BACKUP_OF, LABEL_TIMELINE,
@@ -458,6 +458,77 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
     assert_eq!(ids(&c).await, (101..=105).collect::<Vec<_>>());
     wait_gone(&branches(&client), "preview").await;
     exec(&h, "prod", "INSERT INTO items VALUES (106)").await;
+
+    // prod runs the compute it adopted from the preview (no restart at the
+    // handover). Suspending prod stops it and hands the timeline to prod's
+    // own Deployment, scaled to zero; resuming runs prod's own compute on
+    // the same data.
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let prod_tl = branches(&client)
+        .get("prod")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .timeline_id
+        .unwrap();
+    let serving = |tl: String| {
+        let deploys = deploys.clone();
+        async move {
+            deploys
+                .list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={tl}")))
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter(|d| d.metadata.deletion_timestamp.is_none())
+                .map(|d| d.name_any())
+                .collect::<Vec<_>>()
+        }
+    };
+    let adopted = serving(prod_tl.clone()).await;
+    assert!(
+        adopted.len() == 1 && adopted[0].starts_with("preview-"),
+        "{adopted:?}"
+    );
+    let suspend = |on: bool| json!({"spec": {"compute": {"suspended": on}}});
+    branches(&client)
+        .patch(
+            "prod",
+            &PatchParams::default(),
+            &Patch::Merge(suspend(true)),
+        )
+        .await
+        .unwrap();
+    wait_branch(&client, "prod", "Suspended", |b| {
+        b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Suspended")
+    })
+    .await;
+    let own = serving(prod_tl.clone()).await;
+    assert!(
+        own.len() == 1 && own[0].starts_with("prod-"),
+        "the adopted compute made way for prod's own: {own:?}"
+    );
+    let d = deploys.get(&own[0]).await.unwrap();
+    assert_eq!(d.spec.unwrap().replicas, Some(0));
+    assert!(
+        !h.running_timelines().await.contains(&prod_tl),
+        "no postgres runs for a suspended branch"
+    );
+    branches(&client)
+        .patch(
+            "prod",
+            &PatchParams::default(),
+            &Patch::Merge(suspend(false)),
+        )
+        .await
+        .unwrap();
+    wait_branch_ready(&client, "prod").await;
+    assert_eq!(
+        ids(&h.connect_app("prod").await).await,
+        (101..=106).collect::<Vec<_>>()
+    );
+    exec(&h, "prod", "DELETE FROM items WHERE id = 106").await;
 
     // A preview whose target moved meanwhile is refused at finalize.
     create_restore(&client, "stale", from_snapshot("dev-snap", "prod", false)).await;

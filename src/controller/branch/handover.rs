@@ -69,27 +69,44 @@ pub(super) fn adopted_outdated(d: &Deployment, branch: &Branch) -> Option<bool> 
         .map(|h| *h != compute_hash(branch))
 }
 
-/// Stamps an adopted Deployment with the branch's current compute hash.
-pub(super) async fn stamp_adopted(
+/// Merge-patches a compute Deployment with the operator's field manager.
+async fn patch_deployment(
     ctx: &Context,
-    branch: &Branch,
-    d: &Deployment,
+    ns: &str,
+    name: &str,
+    what: &'static str,
+    patch: serde_json::Value,
 ) -> Result<Deployment, Error> {
-    let api: Api<Deployment> =
-        Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
-    let patch =
-        json!({"metadata": {"annotations": {ANNOTATION_ADOPTED_COMPUTE: compute_hash(branch)}}});
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     with_deadline(
         ctx,
-        "stamp adopted compute",
+        what,
         api.patch(
-            &d.name_any(),
+            name,
             &PatchParams {
                 field_manager: Some(FIELD_MANAGER.into()),
                 ..Default::default()
             },
             &Patch::Merge(&patch),
         ),
+    )
+    .await
+}
+
+/// Stamps an adopted Deployment with the branch's current compute hash.
+pub(super) async fn stamp_adopted(
+    ctx: &Context,
+    branch: &Branch,
+    d: &Deployment,
+) -> Result<Deployment, Error> {
+    let patch =
+        json!({"metadata": {"annotations": {ANNOTATION_ADOPTED_COMPUTE: compute_hash(branch)}}});
+    patch_deployment(
+        ctx,
+        &branch.namespace().unwrap_or_default(),
+        &d.name_any(),
+        "stamp adopted compute",
+        patch,
     )
     .await
 }
@@ -105,23 +122,10 @@ pub(super) async fn retire_adopted(
 ) -> Result<(), Error> {
     let ns = branch.namespace().unwrap_or_default();
     let dname = d.name_any();
-    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     if d.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
         tracing::info!(branch = %branch.name_any(), deployment = %dname, "spec.compute changed: stopping the compute adopted from a restore");
         let patch = json!({"spec": {"replicas": 0}});
-        with_deadline(
-            ctx,
-            "stop adopted compute",
-            api.patch(
-                &dname,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &Patch::Merge(&patch),
-            ),
-        )
-        .await?;
+        patch_deployment(ctx, &ns, &dname, "stop adopted compute", patch).await?;
         return Err(Error::Waiting(format!(
             "stopping Deployment {dname} (adopted from a restore) to apply the new spec.compute"
         )));
@@ -335,19 +339,7 @@ pub(super) async fn compute_for_timeline(
                 "annotations": { ANNOTATION_ADOPTED_COMPUTE: compute_hash(branch) },
             }
         });
-        let live = with_deadline(
-            ctx,
-            "adopt compute",
-            api.patch(
-                &dname,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &Patch::Merge(&patch),
-            ),
-        )
-        .await?;
+        let live = patch_deployment(ctx, &ns, &dname, "adopt compute", patch).await?;
         return Ok(Some(live));
     }
     Ok(None)

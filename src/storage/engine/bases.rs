@@ -207,23 +207,8 @@ impl Engine {
     ) -> Result<BaseRow, StorageError> {
         self.clone_dir(&self.inner.root.join(&from.path), work, false)
             .await?;
-        let wal = self.wal_dir(id);
-        let rc = format!(
-            "# Written by pgbranch to roll a base forward; removed after it.\n\
-             restore_command = 'cp \"{}/%f\" \"%p\"'\n\
-             recovery_target_lsn = '{target}'\n\
-             recovery_target_inclusive = on\n\
-             recovery_target_timeline = 'current'\n\
-             recovery_target_action = 'shutdown'\n",
-            wal.display()
-        );
         let _ = fs::remove_file(work.join("postmaster.pid"));
-        self.inner
-            .pg
-            .write_file(&work.join("pgbranch.recovery.conf"), &rc)?;
-        self.inner
-            .pg
-            .write_file(&work.join("recovery.signal"), "")?;
+        self.write_recovery(work, id, target, "shutdown")?;
         let log = self.tmp().join(format!(
             "{}.log",
             work.file_name()

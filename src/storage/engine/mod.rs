@@ -995,6 +995,31 @@ impl Engine {
         self.inner.pg.controldata(data).await
     }
 
+    /// Sets `data` up for a replay of `src`'s archive up to `target`
+    /// (inclusive), ending with `action` (`promote`, or `shutdown` to stay
+    /// in recovery); the settings are removed after the replay.
+    fn write_recovery(
+        &self,
+        data: &Path,
+        src: &TimelineId,
+        target: Lsn,
+        action: &str,
+    ) -> Result<(), StorageError> {
+        let rc = format!(
+            "# Written by pgbranch for a replay of the WAL archive; removed after it.\n\
+             restore_command = 'cp \"{}/%f\" \"%p\"'\n\
+             recovery_target_lsn = '{target}'\n\
+             recovery_target_inclusive = on\n\
+             recovery_target_timeline = 'current'\n\
+             recovery_target_action = '{action}'\n",
+            self.wal_dir(src).display()
+        );
+        self.inner
+            .pg
+            .write_file(&data.join("pgbranch.recovery.conf"), &rc)?;
+        self.inner.pg.write_file(&data.join("recovery.signal"), "")
+    }
+
     /// Replays `src`'s archive on the writable base copy `data` up to
     /// `target` and promotes; leaves it cleanly shut down.
     async fn replay(
@@ -1013,22 +1038,7 @@ impl Engine {
             let done = l.0.saturating_sub(from).min(span);
             report(Some((done * 100 / span) as u8));
         };
-        let wal = self.wal_dir(src);
-        let rc = format!(
-            "# Written by pgbranch for a point-in-time replay; removed after it.\n\
-             restore_command = 'cp \"{}/%f\" \"%p\"'\n\
-             recovery_target_lsn = '{target}'\n\
-             recovery_target_inclusive = on\n\
-             recovery_target_timeline = 'current'\n\
-             recovery_target_action = 'promote'\n",
-            wal.display()
-        );
-        self.inner
-            .pg
-            .write_file(&data.join("pgbranch.recovery.conf"), &rc)?;
-        self.inner
-            .pg
-            .write_file(&data.join("recovery.signal"), "")?;
+        self.write_recovery(data, src, target, "promote")?;
         let srv = match self
             .private_server_with(data, archive, log, Some(&on_lsn))
             .await

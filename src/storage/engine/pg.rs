@@ -224,14 +224,7 @@ impl PgEnv {
         log: &Path,
         timeout: Duration,
     ) -> Result<(), StorageError> {
-        let logf = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| io_err(&format!("opening {}", log.display()), e))?;
-        let logf2 = logf
-            .try_clone()
-            .map_err(|e| io_err("duplicating a log handle", e))?;
+        let (logf, logf2) = log_handles(log)?;
         let mut cmd = self.command("postgres");
         cmd.arg("--single").arg("-D").arg(dir);
         for (k, v) in settings {
@@ -293,14 +286,7 @@ impl PgEnv {
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         ));
         self.private_dir(&sock)?;
-        let logf = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| io_err(&format!("opening {}", log.display()), e))?;
-        let logf2 = logf
-            .try_clone()
-            .map_err(|e| io_err("duplicating a log handle", e))?;
+        let (logf, logf2) = log_handles(log)?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D")
             .arg(dir)
@@ -632,6 +618,19 @@ pub(crate) fn kill_leftover(dir: &Path) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Two append handles on a server log: its stdout and its stderr.
+fn log_handles(log: &Path) -> Result<(fs::File, fs::File), StorageError> {
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| io_err(&format!("opening {}", log.display()), e))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| io_err("duplicating a log handle", e))?;
+    Ok((out, err))
 }
 
 /// Log lines that only say the engine's readiness polls came too early.

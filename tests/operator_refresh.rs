@@ -344,8 +344,22 @@ async fn event_count(w: &World, reason: &str) -> usize {
         .sum()
 }
 
+/// The Ready/Stalled condition of a branch, as (type, status, reason, message).
+async fn condition(w: &World, name: &str, type_: &str) -> Option<(String, String, String)> {
+    branch_status(w, name)
+        .await
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status, c.reason, c.message))
+}
+
+/// A running branch whose refresh schedule is edited into something invalid
+/// goes Stalled with a reason that names the field (its compute and data
+/// untouched), is warned about once, never refreshes, and comes back Ready
+/// once the schedule is fixed.
 #[tokio::test]
-async fn an_invalid_refresh_time_zone_is_warned_about_once_and_never_runs() {
+async fn an_invalid_refresh_time_zone_stalls_the_branch_and_never_runs() {
     let t0 = jiff::Timestamp::now();
     let w = World::new(t0).await;
     let _op = w.start();
@@ -354,11 +368,30 @@ async fn an_invalid_refresh_time_zone_is_warned_about_once_and_never_runs() {
         "apiVersion": "pgbranch.dev/v1alpha1", "kind": "Branch",
         "metadata": {"name": "dev", "namespace": "default"},
         "spec": {"parent": {"branch": "prod"}, "compute": {"enabled": false},
-                 "refresh": {"schedule": "0 3 * * *", "timeZone": "Mars/Olympus_Mons"}},
+                 "refresh": {"schedule": "0 3 * * *", "timeZone": "Europe/Paris"}},
     }))
     .await;
     wait_ready(&w, "dev").await;
-    eventually(20, "InvalidRefreshSchedule", || async {
+    let timeline = branch_status(&w, "dev").await.timeline_id;
+    assert!(timeline.is_some());
+
+    let patch = json!({"spec": {"refresh": {"timeZone": "Mars/Olympus_Mons"}}});
+    w.api::<Branch>()
+        .patch("dev", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let (status, reason, message) = eventually(20, "dev Stalled", || async {
+        condition(&w, "dev", "Stalled")
+            .await
+            .filter(|(s, _, _)| s == "True")
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "InvalidRefreshSchedule")
+    );
+    assert!(message.contains("Mars/Olympus_Mons"), "{message}");
+    eventually(20, "InvalidRefreshSchedule event", || async {
         (event_count(&w, "InvalidRefreshSchedule").await > 0).then_some(())
     })
     .await;
@@ -366,5 +399,21 @@ async fn an_invalid_refresh_time_zone_is_warned_about_once_and_never_runs() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(event_count(&w, "InvalidRefreshSchedule").await, 1);
     assert!(restore_names(&w).await.is_empty());
-    assert_eq!(branch_status(&w, "dev").await.next_refresh_time, None);
+    let st = branch_status(&w, "dev").await;
+    assert_eq!(st.next_refresh_time, None);
+    assert_eq!(st.timeline_id, timeline, "the data is untouched");
+
+    let patch = json!({"spec": {"refresh": {"timeZone": "UTC"}}});
+    w.api::<Branch>()
+        .patch("dev", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_ready(&w, "dev").await;
+    assert_eq!(
+        condition(&w, "dev", "Stalled")
+            .await
+            .map(|c| c.0)
+            .as_deref(),
+        Some("False")
+    );
 }

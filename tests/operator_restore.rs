@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 
-use kube::Api;
+use kube::{Api, ResourceExt};
 use pgbranch::api::{
     RestorePhase, RestoreSource, SnapshotRestore, SnapshotRestoreSpec, SnapshotSpec,
     LABEL_RESTORE_BACKUP_OF, LABEL_TIMELINE,
@@ -459,6 +459,77 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
     wait_gone(&branches(&client), "preview").await;
     exec(&h, "prod", "INSERT INTO items VALUES (106)").await;
 
+    // prod runs the compute it adopted from the preview (no restart at the
+    // handover). Suspending prod stops it and hands the timeline to prod's
+    // own Deployment, scaled to zero; resuming runs prod's own compute on
+    // the same data.
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let prod_tl = branches(&client)
+        .get("prod")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .timeline_id
+        .unwrap();
+    let serving = |tl: String| {
+        let deploys = deploys.clone();
+        async move {
+            deploys
+                .list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={tl}")))
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter(|d| d.metadata.deletion_timestamp.is_none())
+                .map(|d| d.name_any())
+                .collect::<Vec<_>>()
+        }
+    };
+    let adopted = serving(prod_tl.clone()).await;
+    assert!(
+        adopted.len() == 1 && adopted[0].starts_with("preview-"),
+        "{adopted:?}"
+    );
+    let suspend = |on: bool| json!({"spec": {"compute": {"suspended": on}}});
+    branches(&client)
+        .patch(
+            "prod",
+            &PatchParams::default(),
+            &Patch::Merge(suspend(true)),
+        )
+        .await
+        .unwrap();
+    wait_branch(&client, "prod", "Suspended", |b| {
+        b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Suspended")
+    })
+    .await;
+    let own = serving(prod_tl.clone()).await;
+    assert!(
+        own.len() == 1 && own[0].starts_with("prod-"),
+        "the adopted compute made way for prod's own: {own:?}"
+    );
+    let d = deploys.get(&own[0]).await.unwrap();
+    assert_eq!(d.spec.unwrap().replicas, Some(0));
+    assert!(
+        !h.running_timelines().await.contains(&prod_tl),
+        "no postgres runs for a suspended branch"
+    );
+    branches(&client)
+        .patch(
+            "prod",
+            &PatchParams::default(),
+            &Patch::Merge(suspend(false)),
+        )
+        .await
+        .unwrap();
+    wait_branch_ready(&client, "prod").await;
+    assert_eq!(
+        ids(&h.connect_app("prod").await).await,
+        (101..=106).collect::<Vec<_>>()
+    );
+    exec(&h, "prod", "DELETE FROM items WHERE id = 106").await;
+
     // A preview whose target moved meanwhile is refused at finalize.
     create_restore(&client, "stale", from_snapshot("dev-snap", "prod", false)).await;
     wait_restore(&client, "stale", "AwaitingFinalize", |r| {
@@ -826,5 +897,107 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
         }
         h.stop_operator().await;
     }
+    h.shutdown().await;
+}
+
+/// Finalizing a restore onto a suspended branch: the branch gets the
+/// restored data, no compute runs for it (the restored branch's compute is
+/// not kept running on its behalf), and resuming it serves the restored
+/// rows with the branch's own credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finalize_onto_a_suspended_target() {
+    let mut h = Harness::new().await;
+    h.start_operator(test_config());
+    let client = h.client.clone();
+    create_branch(&client, &shop_branch("dev")).await;
+    let mut prod = shop_branch("prod");
+    prod.spec.compute.suspended = true;
+    create_branch(&client, &prod).await;
+    wait_branch_ready(&client, "dev").await;
+    let before = wait_branch(&client, "prod", "Suspended", |b| {
+        b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Suspended")
+    })
+    .await;
+    exec(
+        &h,
+        "dev",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(201, 204);",
+    )
+    .await;
+    create_snapshot(
+        &client,
+        "dev-snap",
+        SnapshotSpec {
+            branch: "dev".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_snapshot_ready(&client, "dev-snap").await;
+
+    create_restore(
+        &client,
+        "onto-suspended",
+        from_snapshot("dev-snap", "prod", true),
+    )
+    .await;
+    let r = wait_completed(&client, "onto-suspended").await;
+    let restored = r.status.unwrap().restored_timeline_id;
+    let prod = wait_branch(
+        &client,
+        "prod",
+        "on the restored timeline, Suspended",
+        |b| {
+            b.status.as_ref().is_some_and(|s| {
+                s.timeline_id == restored && s.phase.as_deref() == Some("Suspended")
+            })
+        },
+    )
+    .await;
+    assert_ne!(
+        prod.status.unwrap().timeline_id,
+        before.status.unwrap().timeline_id
+    );
+    // Nothing runs for it, now or a moment later.
+    let restored = restored.unwrap();
+    for _ in 0..10 {
+        assert!(
+            !h.running_timelines().await.contains(&restored),
+            "a compute runs for a suspended branch"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    for d in deploys
+        .list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={restored}")))
+        .await
+        .unwrap()
+        .items
+    {
+        assert_eq!(
+            d.spec.unwrap().replicas,
+            Some(0),
+            "{}",
+            d.metadata.name.unwrap()
+        );
+    }
+
+    let prod_app = app_credentials(&client, "prod").await;
+    branches(&client)
+        .patch(
+            "prod",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"compute": {"suspended": false}}})),
+        )
+        .await
+        .unwrap();
+    wait_branch_ready(&client, "prod").await;
+    assert_eq!(app_credentials(&client, "prod").await, prod_app);
+    let c = h
+        .connect("prod", &prod_app.0, &prod_app.1, &prod_app.2)
+        .await
+        .unwrap();
+    assert_eq!(ids(&c).await, (201..=204).collect::<Vec<_>>());
+    assert_one_compute_per_timeline(&h).await;
     h.shutdown().await;
 }

@@ -24,7 +24,9 @@
 //! ```
 //!
 //! For each driver and scale it: creates a root timeline, starts its
-//! compute, loads `pgbench -i -s SCALE`, runs `pgbench` load (`--clients`)
+//! compute, loads `pgbench -i -s SCALE`, lets the engine roll a base past
+//! the load (what its background roller does on copy-on-write drivers
+//! anyway), runs `pgbench` load (`--clients`)
 //! for `--pitr-back` seconds and on through the measurements, then times
 //! branch at head (the first, and the median of `--branches`), the new
 //! branch's postgres accepting a query, a snapshot at head, a branch at a
@@ -419,6 +421,17 @@ async fn measure_on(
     init.args(["-i", "-q", "-s", &scale.to_string(), "bench"]);
     run_tool(init, "pgbench -i").await?;
     admin.batch_execute("CHECKPOINT").await?;
+    // Archive the load and roll a base past it, as the engine's background
+    // roller would have by then: measure a steady state, not the first
+    // roll of the whole load racing the timings.
+    admin.batch_execute("SELECT pg_switch_wal()").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, secs) = timed(async {
+        engine.roll_bases_now().await;
+        Ok(())
+    })
+    .await?;
+    eprintln!("rolled a base past the load in {secs:.1} s");
     let size: i64 = admin
         .query_one(
             "SELECT sum(pg_database_size(oid))::bigint FROM pg_database",
@@ -482,7 +495,16 @@ async fn measure_on(
         DriverKind::Btrfs => {
             let mut total = Some(0u64);
             for t in &branches {
-                let excl = s.get_timeline(&t.id).await?.exclusive_bytes;
+                // Measured by the engine in the background (it reads every
+                // extent): wait for the first measurement.
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let mut excl = None;
+                while excl.is_none() && Instant::now() < deadline {
+                    excl = s.get_timeline(&t.id).await?.exclusive_bytes;
+                    if excl.is_none() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
                 total = total.zip(excl).map(|(a, b)| a + b);
             }
             match total {

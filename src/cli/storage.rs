@@ -46,6 +46,15 @@ pub struct ServeArgs {
     /// Directory of the PostgreSQL binaries (initdb, postgres, pg_ctl).
     #[arg(long, value_name = "DIR")]
     pub pg_bin: Option<PathBuf>,
+    /// Roll a timeline's newest base forward in the background once this
+    /// many MiB of WAL are archived past it, so a point-in-time branch
+    /// replays at most about that much. 0 = never. Default: 256 on btrfs
+    /// and reflink, never on the plain-copy driver (full copies).
+    #[arg(long, value_name = "MIB")]
+    pub base_roll_wal_mib: Option<u64>,
+    /// Rolled bases kept per timeline besides its creation base.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub base_roll_keep: usize,
 }
 
 pub async fn run(cmd: StorageCommand) -> Result<(), CliError> {
@@ -90,6 +99,10 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         driver,
         pg_bin_dir: args.pg_bin.clone(),
         run_as: args.run_as.clone(),
+        base_roll_wal_bytes: args
+            .base_roll_wal_mib
+            .map(|m| m.saturating_mul(1024 * 1024)),
+        base_roll_keep: Some(args.base_roll_keep),
         ..EngineConfig::default()
     };
     let engine = Engine::open(cfg).await?;

@@ -300,7 +300,9 @@ pub struct Timeline {
     pub lsn: Option<Lsn>,
     /// Sum of the sizes of the files of the data directory.
     pub logical_size_bytes: u64,
-    /// Bytes this timeline alone holds, where the driver can tell.
+    /// Bytes this timeline alone holds (data directory and base), where the
+    /// driver can tell. On btrfs it is measured in the background (it reads
+    /// every extent): `None` until the first measurement lands.
     pub exclusive_bytes: Option<u64>,
     pub restore_window: Option<RestoreWindow>,
 }

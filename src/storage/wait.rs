@@ -31,7 +31,15 @@ pub fn failed_error(text: &str) -> StorageError {
     }
 }
 
-const POLL: Duration = Duration::from_millis(100);
+/// Poll interval: fast in the first seconds (a head branch is ready in
+/// well under a second), then gentle for long copies and replays.
+fn poll_pause(waited: Duration) -> Duration {
+    if waited < Duration::from_secs(3) {
+        Duration::from_millis(20)
+    } else {
+        Duration::from_millis(100)
+    }
+}
 
 /// Polls `get_timeline` until the timeline is `Ready` (returned), `Failed`
 /// (its error), or `timeout` passes (`Unavailable`).
@@ -63,7 +71,7 @@ pub async fn wait_timeline_ready(
                 ),
             });
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll_pause(start.elapsed())).await;
     }
 }
 
@@ -96,7 +104,7 @@ pub async fn wait_snapshot_ready(
                 ),
             });
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll_pause(start.elapsed())).await;
     }
 }
 

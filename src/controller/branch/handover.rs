@@ -26,8 +26,11 @@
 //!   that belongs to a branch which has not handed it over makes the
 //!   controller wait: two servers on one data directory corrupt it. An
 //!   adopted Deployment keeps running as it was started (its name and pod
-//!   template stay R's); changes to `spec.compute` apply from the next
-//!   timeline change.
+//!   template stay R's: the handover restarts nothing). It is stamped with
+//!   a hash of T's `spec.compute` ([`ANNOTATION_ADOPTED_COMPUTE`]); once
+//!   that changes (say `suspended: true`, new resources), the adopted
+//!   Deployment is retired ([`retire_adopted`]: scaled to zero, its pods
+//!   gone, deleted) and T runs its own Deployment with its own spec.
 //! * **Cleanup** never deletes a timeline another Branch claims
 //!   ([`claimed_elsewhere`]), so removing R after a handover leaves T's data.
 
@@ -48,6 +51,122 @@ use crate::storage::{SnapshotId, Source, TimelineId};
 
 /// Annotation on a restored branch: the branch its compute is handed to.
 pub const ANNOTATION_HANDOVER_TO: &str = "pgbranch.dev/handover-to";
+
+/// Annotation on an adopted compute Deployment: the hash of the adopting
+/// branch's `spec.compute` when it adopted it.
+pub const ANNOTATION_ADOPTED_COMPUTE: &str = "pgbranch.dev/adopted-compute";
+
+/// The hash an adopted Deployment is stamped with.
+fn compute_hash(branch: &Branch) -> String {
+    crate::compute::content_hash(&branch.spec.compute)
+}
+
+/// Whether the branch's `spec.compute` changed since it adopted `d` (a
+/// Deployment adopted before the stamp existed is stamped now instead).
+pub(super) fn adopted_outdated(d: &Deployment, branch: &Branch) -> Option<bool> {
+    d.annotations()
+        .get(ANNOTATION_ADOPTED_COMPUTE)
+        .map(|h| *h != compute_hash(branch))
+}
+
+/// Merge-patches a compute Deployment with the operator's field manager.
+async fn patch_deployment(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    what: &'static str,
+    patch: serde_json::Value,
+) -> Result<Deployment, Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    with_deadline(
+        ctx,
+        what,
+        api.patch(
+            name,
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &Patch::Merge(&patch),
+        ),
+    )
+    .await
+}
+
+/// Stamps an adopted Deployment with the branch's current compute hash.
+pub(super) async fn stamp_adopted(
+    ctx: &Context,
+    branch: &Branch,
+    d: &Deployment,
+) -> Result<Deployment, Error> {
+    let patch =
+        json!({"metadata": {"annotations": {ANNOTATION_ADOPTED_COMPUTE: compute_hash(branch)}}});
+    patch_deployment(
+        ctx,
+        &branch.namespace().unwrap_or_default(),
+        &d.name_any(),
+        "stamp adopted compute",
+        patch,
+    )
+    .await
+}
+
+/// Retires an adopted Deployment whose branch's compute spec changed: scale
+/// it to zero, wait until none of its pods is left (two servers on one
+/// data directory corrupt it), then delete it. `Waiting` until done.
+pub(super) async fn retire_adopted(
+    ctx: &Context,
+    branch: &Branch,
+    d: &Deployment,
+    uid: &str,
+) -> Result<(), Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let dname = d.name_any();
+    if d.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
+        tracing::info!(branch = %branch.name_any(), deployment = %dname, "spec.compute changed: stopping the compute adopted from a restore");
+        let patch = json!({"spec": {"replicas": 0}});
+        patch_deployment(ctx, &ns, &dname, "stop adopted compute", patch).await?;
+        return Err(Error::Waiting(format!(
+            "stopping Deployment {dname} (adopted from a restore) to apply the new spec.compute"
+        )));
+    }
+    if d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0) > 0 {
+        return Err(Error::Waiting(format!(
+            "waiting for Deployment {dname} (adopted from a restore) to stop"
+        )));
+    }
+    let selector = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    if !selector.is_empty() {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let left = with_deadline(
+            ctx,
+            "list pods",
+            pods.list(&ListParams::default().labels(&selector)),
+        )
+        .await?;
+        if !left.items.is_empty() {
+            return Err(Error::Waiting(format!(
+                "waiting for {} pod(s) of Deployment {dname} to terminate",
+                left.items.len()
+            )));
+        }
+    }
+    if crate::controller::apply::delete_owned::<Deployment>(ctx, &ns, &dname, uid).await? {
+        Ok(())
+    } else {
+        Err(Error::Waiting(format!(
+            "waiting for Deployment {dname} (adopted from a restore) to be deleted"
+        )))
+    }
+}
 
 fn annotation<'a>(b: &'a Branch, key: &str) -> Option<&'a str> {
     b.annotations().get(key).map(String::as_str)
@@ -221,21 +340,10 @@ pub(super) async fn compute_for_timeline(
             "metadata": {
                 "ownerReferences": [oref],
                 "labels": { LABEL_BRANCH: name },
+                "annotations": { ANNOTATION_ADOPTED_COMPUTE: compute_hash(branch) },
             }
         });
-        let live = with_deadline(
-            ctx,
-            "adopt compute",
-            api.patch(
-                &dname,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &Patch::Merge(&patch),
-            ),
-        )
-        .await?;
+        let live = patch_deployment(ctx, &ns, &dname, "adopt compute", patch).await?;
         return Ok(Some(live));
     }
     Ok(None)

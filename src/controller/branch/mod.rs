@@ -782,6 +782,19 @@ async fn apply_steps(
     } else {
         None
     };
+    // A compute adopted from a restore runs as it was started until this
+    // branch's compute spec changes; then it makes way for our own.
+    let adopted = match adopted {
+        Some(d) => match handover::adopted_outdated(&d, branch) {
+            None => Some(handover::stamp_adopted(ctx, branch, &d).await?),
+            Some(false) => Some(d),
+            Some(true) => {
+                handover::retire_adopted(ctx, branch, &d, &uid).await?;
+                None
+            }
+        },
+        None => None,
+    };
     let current = if adopted.is_some() {
         adopted.clone()
     } else if compute.enabled {

@@ -31,10 +31,11 @@
 //!
 //! Status: `lastRefreshTime` (the slot of the last refresh started) and
 //! `nextRefreshTime` (absent while suspended or when the schedule is
-//! invalid: a Warning event `InvalidRefreshSchedule` says why).
+//! invalid: the Branch is then `Stalled` with reason
+//! `InvalidRefreshSchedule`, and a Warning event says why).
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -378,17 +379,6 @@ async fn mark_handled(ctx: &Context, r: &SnapshotRestore, how: &str) -> Result<(
     }
 }
 
-/// (Branch UID, generation) pairs already warned about an invalid refresh
-/// schedule, so the Warning is published once per spec change, not on
-/// every pass.
-static WARNED_INVALID: LazyLock<Mutex<HashSet<(String, i64)>>> =
-    LazyLock::new(|| Mutex::new(HashSet::new()));
-
-fn first_warning(uid: &str, generation: Option<i64>) -> bool {
-    let mut set = WARNED_INVALID.lock().unwrap_or_else(|p| p.into_inner());
-    set.insert((uid.to_string(), generation.unwrap_or(0)))
-}
-
 async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Error> {
     let now = ctx.clock.now();
     let ns = branch.namespace().unwrap_or_default();
@@ -444,16 +434,8 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
     let mut wait = ctx.config.ready_requeue;
     if let (Some(refresh), Some(parent)) = (&branch.spec.refresh, &branch.spec.parent) {
         match Cadence::cron(&refresh.schedule, refresh.time_zone.as_deref()) {
-            Err(e) if first_warning(&uid, branch.metadata.generation) => {
-                publish(
-                    ctx,
-                    branch,
-                    EventType::Warning,
-                    "InvalidRefreshSchedule",
-                    format!("spec.refresh: {e}; no refresh runs until it is fixed"),
-                )
-                .await;
-            }
+            // The Branch's own validation stalls it with the reason (and
+            // its transition Event): nothing runs until it is fixed.
             Err(_) => {}
             Ok(_) if refresh.suspend => {}
             Ok(cadence) => {

@@ -86,6 +86,21 @@ pub fn validate_spec(branch: &Branch) -> Result<(), Invalid> {
         parse_point(p)?;
     }
     parse_expires(branch)?;
+    if let Some(r) = &branch.spec.refresh {
+        if branch.spec.parent.is_none() {
+            return Err(invalid(
+                "InvalidRefreshSchedule",
+                "spec.refresh re-copies the branch from its parent: it needs spec.parent",
+            ));
+        }
+        crate::controller::schedule::plan::Cadence::cron(&r.schedule, r.time_zone.as_deref())
+            .map_err(|e| {
+                invalid(
+                    "InvalidRefreshSchedule",
+                    format!("spec.refresh: {e}; no refresh runs until it is fixed"),
+                )
+            })?;
+    }
     let mut seen = std::collections::BTreeSet::new();
     for (i, r) in branch.spec.roles.iter().enumerate() {
         check_identifier("role", &r.name)?;
@@ -183,7 +198,9 @@ pub fn generate_password() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{BranchSpec, BranchStatus, ConnectionStatus, DatabaseSpec, RoleSpec};
+    use crate::api::{
+        BranchSpec, BranchStatus, ConnectionStatus, DatabaseSpec, RefreshSpec, RoleSpec,
+    };
 
     fn parent(lsn: Option<&str>, ts: Option<&str>) -> ParentRef {
         ParentRef {
@@ -245,6 +262,27 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(validate_spec(&b).unwrap_err().reason, "InvalidExpiresAt");
+        let refresh = |schedule: &str, tz: Option<&str>| {
+            branch(BranchSpec {
+                parent: Some(ParentRef {
+                    branch: "main".into(),
+                    ..Default::default()
+                }),
+                refresh: Some(RefreshSpec {
+                    schedule: schedule.into(),
+                    time_zone: tz.map(str::to_string),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        assert!(validate_spec(&refresh("0 3 * * *", Some("Europe/Paris"))).is_ok());
+        let bad = validate_spec(&refresh("every night", None)).unwrap_err();
+        assert_eq!(bad.reason, "InvalidRefreshSchedule");
+        assert!(bad.message.contains("spec.refresh"), "{}", bad.message);
+        let bad = validate_spec(&refresh("0 3 * * *", Some("Mars/Olympus"))).unwrap_err();
+        assert_eq!(bad.reason, "InvalidRefreshSchedule");
+        assert!(bad.message.contains("Mars/Olympus"), "{}", bad.message);
         let b = branch(BranchSpec {
             roles: vec![
                 RoleSpec {

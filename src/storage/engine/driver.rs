@@ -33,6 +33,12 @@ pub(crate) trait Driver: Send + Sync {
     fn delete_dir(&self, path: &Path) -> io::Result<()>;
     /// Bytes only this directory holds, where the driver can tell.
     fn exclusive_bytes(&self, path: &Path) -> Option<u64>;
+    /// Whether [`Driver::exclusive_bytes`] costs time that grows with the
+    /// data (btrfs reads every extent): then it is measured in the
+    /// background, never on a caller's path.
+    fn exclusive_bytes_is_slow(&self) -> bool {
+        false
+    }
 }
 
 pub(crate) fn make_driver(kind: DriverKind) -> Box<dyn Driver> {
@@ -178,6 +184,9 @@ impl Driver for Btrfs {
         } else {
             fs::remove_dir_all(path)
         }
+    }
+    fn exclusive_bytes_is_slow(&self) -> bool {
+        true
     }
     fn exclusive_bytes(&self, path: &Path) -> Option<u64> {
         let out = run(Command::new("btrfs")

@@ -106,6 +106,9 @@ pub(crate) struct BaseRow {
     pub snapshot: Option<SnapshotId>,
     pub lsn: Lsn,
     pub time: jiff::Timestamp,
+    /// A base rolled forward by replay and stopped in recovery: it must be
+    /// replayed (never merely started) and is consistent from `lsn` on.
+    pub in_recovery: bool,
 }
 
 /// A read replica as stored.
@@ -224,6 +227,18 @@ impl Meta {
     pub fn open(path: &Path) -> Result<Meta, StorageError> {
         let conn = Connection::open(path).map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        // Added after the first release: bases rolled forward by replay
+        // are stopped in recovery (see `bases.rs`).
+        let has_in_recovery: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('bases') WHERE name = 'in_recovery'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(db_err)?;
+        if !has_in_recovery {
+            conn.execute_batch(
+                "ALTER TABLE bases ADD COLUMN in_recovery INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(db_err)?;
+        }
         Ok(Meta {
             conn: Mutex::new(conn),
         })
@@ -629,13 +644,14 @@ impl Meta {
     pub fn add_base(&self, b: &BaseRow) -> Result<(), StorageError> {
         self.with(|c| {
             c.execute(
-                "INSERT OR REPLACE INTO bases (path, timeline, snapshot, lsn, time) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO bases (path, timeline, snapshot, lsn, time, in_recovery) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     b.path,
                     b.timeline.as_str(),
                     b.snapshot.as_ref().map(|s| s.as_str().to_string()),
                     b.lsn.0 as i64,
-                    ts_to_str(b.time)
+                    ts_to_str(b.time),
+                    b.in_recovery
                 ],
             )
         })
@@ -643,10 +659,16 @@ impl Meta {
     }
 
     /// Bases of a timeline, oldest LSN first.
+    /// Forgets one base (its directory is the caller's to delete).
+    pub fn delete_base(&self, path: &str) -> Result<(), StorageError> {
+        self.with(|c| c.execute("DELETE FROM bases WHERE path = ?1", params![path]))
+            .map(|_| ())
+    }
+
     pub fn bases(&self, timeline: &TimelineId) -> Result<Vec<BaseRow>, StorageError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT path, timeline, snapshot, lsn, time FROM bases WHERE timeline = ?1 ORDER BY lsn, time",
+                "SELECT path, timeline, snapshot, lsn, time, in_recovery FROM bases WHERE timeline = ?1 ORDER BY lsn, time",
             )?;
             let rows = st.query_map(params![timeline.as_str()], |r| {
                 let bad = |e: StorageError| {
@@ -664,6 +686,7 @@ impl Meta {
                     snapshot: snap.map(SnapshotId::new).transpose().map_err(bad)?,
                     lsn: Lsn(r.get::<_, i64>(3)? as u64),
                     time: str_to_ts(&time),
+                    in_recovery: r.get(5)?,
                 })
             })?;
             rows.collect()
@@ -750,6 +773,23 @@ impl Meta {
 
     /// The last commit record at or before `t` with an LSN at or after
     /// `from` (the base's LSN).
+    /// The time of the newest commit that starts before `lsn`.
+    pub fn commit_time_before(
+        &self,
+        timeline: &TimelineId,
+        lsn: Lsn,
+    ) -> Result<Option<jiff::Timestamp>, StorageError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT time_us FROM commits WHERE timeline = ?1 AND lsn < ?2 ORDER BY lsn DESC LIMIT 1",
+                params![timeline.as_str(), lsn.0 as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+        })
+        .map(|o| o.and_then(|t| jiff::Timestamp::from_microsecond(t).ok()))
+    }
+
     pub fn commit_at_or_before(
         &self,
         timeline: &TimelineId,

@@ -46,10 +46,13 @@
 //! `postgresql.auto.conf`, so nothing of the parent's archiving survives.
 //!
 //! Every new timeline is brought to a *cleanly shut down* state before it is
-//! `Ready`: copies that are crash-consistent or in backup mode are started
-//! once privately (Unix socket only, archiving into the new timeline's own
-//! archive) and stopped with a fast shutdown. Its creation copy is then kept
-//! as `timelines/<id>/base`, the first base for points in its past.
+//! `Ready`: copies that are crash-consistent or in backup mode are recovered
+//! in one stand-alone backend (`postgres --single`, archiving into the new
+//! timeline's own archive), which exits with a shutdown checkpoint; should
+//! that not leave the copy clean, a private server (Unix socket only) is
+//! started and stopped fast. Its creation copy is then kept as
+//! `timelines/<id>/base`, the first base for points in its past; later bases
+//! are rolled forward from it in the background (see [`bases`]).
 //!
 //! # Points in the past
 //! A timeline's restore window runs from its oldest base (its creation) to
@@ -62,7 +65,8 @@
 //! `pg_wal/archive_status/*.ready`, the present moment: a suspended branch
 //! can be branched at "five minutes ago" after its last commit.
 //!
-//! A copy at a point = the newest base at or before it, cloned; then a
+//! A copy at a point = the newest base at or before it (a rolled base only
+//! when strictly before it), cloned; then a
 //! private server replays the timeline's own archive with
 //! `restore_command`, `recovery_target_lsn`, `recovery_target_inclusive =
 //! on`, `recovery_target_timeline = 'current'`, `recovery_target_action =
@@ -127,6 +131,7 @@
 //! PostgreSQL programs run as `run_as` (default: the current user, or
 //! `postgres` when root); data directories and archives belong to it.
 
+mod bases;
 mod driver;
 mod meta;
 mod pg;
@@ -168,6 +173,17 @@ pub struct EngineConfig {
     /// Where computes see the volume root (used in `archive_command`);
     /// `None` = `root`.
     pub compute_root: Option<PathBuf>,
+    /// Roll a timeline's newest base forward (by replaying its archive in
+    /// the background) once this many bytes of WAL are archived past it,
+    /// so point-in-time copies replay at most about that much. `None` =
+    /// 256 MiB on copy-on-write drivers, never on the plain-copy driver
+    /// (its bases are full copies); `Some(0)` = never.
+    pub base_roll_wal_bytes: Option<u64>,
+    /// How often the roller looks (`None` = 30 s).
+    pub base_roll_check: Option<Duration>,
+    /// Rolled bases kept per timeline besides its creation base (`None` =
+    /// 8).
+    pub base_roll_keep: Option<usize>,
 }
 
 /// The embedded engine. Cheap to clone.
@@ -193,8 +209,10 @@ struct Inner {
     meta: Meta,
     in_use: Mutex<HashMap<String, usize>>,
     index_lock: tokio::sync::Mutex<()>,
-    /// Recently measured sizes (logical, exclusive) by "t:<id>"/"s:<id>".
-    sizes: Mutex<HashMap<String, (std::time::Instant, Sizes)>>,
+    /// Recently measured sizes by "t:<id>"/"s:<id>".
+    sizes: Mutex<HashMap<String, SizeEntry>>,
+    /// When to roll bases forward (`None`: never).
+    roll: Option<bases::RollPolicy>,
     /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
     _volume_lock: nix::fcntl::Flock<fs::File>,
 }
@@ -366,6 +384,25 @@ type Sizes = (u64, Option<u64>);
 /// How long measured sizes are reused.
 const SIZE_TTL: Duration = Duration::from_secs(10);
 
+/// The sizes last measured of one timeline or snapshot.
+#[derive(Debug, Default)]
+struct SizeEntry {
+    logical: Option<(std::time::Instant, u64)>,
+    exclusive: Option<(std::time::Instant, Option<u64>)>,
+    /// A background measurement of the exclusive bytes is under way.
+    measuring: bool,
+}
+
+/// Bytes only `data` (plus the `extra` directories that belong to the same
+/// object, e.g. a timeline's base) holds; `None` when the driver can't tell.
+fn exclusive_of(i: &Inner, data: &Path, extra: &[PathBuf]) -> Option<u64> {
+    let mut total = i.driver.exclusive_bytes(data)?;
+    for p in extra {
+        total += i.driver.exclusive_bytes(p).unwrap_or(0);
+    }
+    Some(total)
+}
+
 const MANAGED_KEYS: &[&str] = &[
     "archive_mode",
     "archive_command",
@@ -476,21 +513,29 @@ impl Engine {
             .unwrap_or(0);
 
         make_traversable(&root)?;
-        let lockf = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join("engine.lock"))
-            .map_err(|e| io_err("opening engine.lock", e))?;
-        let volume_lock =
-            nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
-                |(_, e)| StorageError::Busy {
-                    message: format!(
-                        "another engine has the volume {} open ({e})",
-                        root.display()
-                    ),
-                },
-            )?;
+        // An engine of this process that was just dropped may still be
+        // finishing a background pass (the base roller): give it a moment.
+        let lock_deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let volume_lock = loop {
+            let lockf = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(root.join("engine.lock"))
+                .map_err(|e| io_err("opening engine.lock", e))?;
+            match nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((_, e)) if std::time::Instant::now() > lock_deadline => {
+                    return Err(StorageError::Busy {
+                        message: format!(
+                            "another engine has the volume {} open ({e})",
+                            root.display()
+                        ),
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
         for d in ["timelines", "snapshots", "wal", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(|e| io_err("creating the volume layout", e))?;
@@ -523,11 +568,18 @@ impl Engine {
                 in_use: Mutex::new(HashMap::new()),
                 index_lock: tokio::sync::Mutex::new(()),
                 sizes: Mutex::new(HashMap::new()),
+                roll: bases::RollPolicy::resolve(
+                    kind,
+                    cfg.base_roll_wal_bytes,
+                    cfg.base_roll_check,
+                    cfg.base_roll_keep,
+                ),
                 _volume_lock: volume_lock,
             }),
         };
         tracing::info!(root = %engine.inner.root.display(), driver = %kind, pg_major = engine.inner.pg.major, "storage engine open");
         engine.recover().await?;
+        engine.spawn_base_roller();
         Ok(engine)
     }
 
@@ -667,26 +719,81 @@ impl Engine {
             .map_err(|e| io_err(what, e))
     }
 
-    /// Sizes of an object, measured at most every [`SIZE_TTL`] (walking a
-    /// large data directory or `btrfs filesystem du` is not free, and
-    /// callers poll).
+    /// Sizes of an object (`data`, plus `extra` directories counted in its
+    /// exclusive bytes), measured at most every [`SIZE_TTL`] because callers
+    /// poll. The logical size is a walk of `stat` calls (cheap whatever the
+    /// data's size) and is measured on the caller's path. Exclusive bytes
+    /// that cost time growing with the data (btrfs reads every extent) are
+    /// measured in the background: the caller gets the last value, `None`
+    /// until the first measurement lands. So a new timeline is `Ready` for
+    /// its caller as soon as it is made, at any size.
     async fn measured(
         &self,
         key: String,
-        f: impl FnOnce(&Inner) -> std::io::Result<(u64, Option<u64>)> + Send + 'static,
-    ) -> Result<(u64, Option<u64>), StorageError> {
-        if let Ok(c) = self.inner.sizes.lock() {
-            if let Some((at, v)) = c.get(&key) {
-                if at.elapsed() < SIZE_TTL {
-                    return Ok(*v);
+        data: PathBuf,
+        extra: Vec<PathBuf>,
+    ) -> Result<Sizes, StorageError> {
+        let slow = self.inner.driver.exclusive_bytes_is_slow();
+        let (fresh_logical, cached_excl, start_bg) = {
+            let mut c = self
+                .inner
+                .sizes
+                .lock()
+                .map_err(|_| StorageError::internal("the size cache is poisoned"))?;
+            let e = c.entry(key.clone()).or_default();
+            let fresh = |at: &std::time::Instant| at.elapsed() < SIZE_TTL;
+            let fresh_logical = e.logical.filter(|(at, _)| fresh(at)).map(|(_, v)| v);
+            let cached_excl = e.exclusive.map(|(at, v)| (fresh(&at), v));
+            let start_bg = slow && !matches!(cached_excl, Some((true, _))) && !e.measuring;
+            if start_bg {
+                e.measuring = true;
+            }
+            (fresh_logical, cached_excl, start_bg)
+        };
+        if start_bg {
+            let me = self.clone();
+            let (k, d, x) = (key.clone(), data.clone(), extra.clone());
+            tokio::spawn(async move {
+                let v = me
+                    .blocking("measuring exclusive bytes", move |i| {
+                        Ok(exclusive_of(i, &d, &x))
+                    })
+                    .await;
+                if let Ok(mut c) = me.inner.sizes.lock() {
+                    // No entry: the object was deleted meanwhile.
+                    if let Some(e) = c.get_mut(&k) {
+                        e.measuring = false;
+                        if let Ok(v) = v {
+                            e.exclusive = Some((std::time::Instant::now(), v));
+                        }
+                    }
                 }
+            });
+        }
+        let excl_now = !slow && !matches!(cached_excl, Some((true, _)));
+        let last_excl = cached_excl.and_then(|(_, v)| v);
+        if let (Some(l), false) = (fresh_logical, excl_now) {
+            return Ok((l, last_excl));
+        }
+        let (l, ex) = self
+            .blocking("measuring sizes", move |i| {
+                let l = match fresh_logical {
+                    Some(l) => l,
+                    None => driver::tree_size(&data),
+                };
+                let ex = excl_now.then(|| exclusive_of(i, &data, &extra));
+                Ok((l, ex))
+            })
+            .await?;
+        if let Ok(mut c) = self.inner.sizes.lock() {
+            let e = c.entry(key).or_default();
+            let now = std::time::Instant::now();
+            e.logical = Some((now, l));
+            if let Some(ex) = ex {
+                e.exclusive = Some((now, ex));
             }
         }
-        let v = self.blocking("measuring sizes", f).await?;
-        if let Ok(mut c) = self.inner.sizes.lock() {
-            c.insert(key, (std::time::Instant::now(), v));
-        }
-        Ok(v)
+        Ok((l, ex.unwrap_or(last_excl)))
     }
 
     fn forget_sizes(&self, key: &str) {
@@ -851,21 +958,68 @@ impl Engine {
         self.inner.pg.write_file(&data.join("pg_hba.conf"), hba)
     }
 
-    /// Brings a writable copy to a clean shutdown state (crash or backup
-    /// recovery by a private start and a fast stop).
+    /// Brings a writable copy to a clean shutdown state: crash or backup
+    /// recovery in a stand-alone backend, or, should that not leave it
+    /// clean, by a private start and a fast stop.
     async fn normalize(
         &self,
         data: &Path,
         archive: Option<&TimelineId>,
         log: &Path,
     ) -> Result<pg::ControlData, StorageError> {
+        let is_clean = |cd: &pg::ControlData| cd.clean() && !data.join("backup_label").exists();
         let cd = self.inner.pg.controldata(data).await?;
-        if cd.clean() && !data.join("backup_label").exists() {
+        if is_clean(&cd) {
             return Ok(cd);
+        }
+        let settings = self.local_settings(archive);
+        let started = std::time::Instant::now();
+        match self
+            .inner
+            .pg
+            .recover_single_user(data, &settings, log, Duration::from_secs(3600))
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(data = %data.display(), elapsed_ms = started.elapsed().as_millis() as u64, "stand-alone recovery done");
+                let cd = self.inner.pg.controldata(data).await?;
+                if is_clean(&cd) {
+                    return Ok(cd);
+                }
+                tracing::warn!(data = %data.display(), state = %cd.state, "stand-alone recovery did not leave a clean copy; starting a private server");
+            }
+            Err(e) => {
+                tracing::warn!(data = %data.display(), error = %e, "stand-alone recovery failed; starting a private server");
+            }
         }
         let srv = self.private_server(data, archive, log).await?;
         srv.stop(StopMode::Fast).await?;
         self.inner.pg.controldata(data).await
+    }
+
+    /// Sets `data` up for a replay of `src`'s archive up to `target`
+    /// (inclusive), ending with `action` (`promote`, or `shutdown` to stay
+    /// in recovery); the settings are removed after the replay.
+    fn write_recovery(
+        &self,
+        data: &Path,
+        src: &TimelineId,
+        target: Lsn,
+        action: &str,
+    ) -> Result<(), StorageError> {
+        let rc = format!(
+            "# Written by pgbranch for a replay of the WAL archive; removed after it.\n\
+             restore_command = 'cp \"{}/%f\" \"%p\"'\n\
+             recovery_target_lsn = '{target}'\n\
+             recovery_target_inclusive = on\n\
+             recovery_target_timeline = 'current'\n\
+             recovery_target_action = '{action}'\n",
+            self.wal_dir(src).display()
+        );
+        self.inner
+            .pg
+            .write_file(&data.join("pgbranch.recovery.conf"), &rc)?;
+        self.inner.pg.write_file(&data.join("recovery.signal"), "")
     }
 
     /// Replays `src`'s archive on the writable base copy `data` up to
@@ -886,31 +1040,18 @@ impl Engine {
             let done = l.0.saturating_sub(from).min(span);
             report(Some((done * 100 / span) as u8));
         };
-        let wal = self.wal_dir(src);
-        let rc = format!(
-            "# Written by pgbranch for a point-in-time replay; removed after it.\n\
-             restore_command = 'cp \"{}/%f\" \"%p\"'\n\
-             recovery_target_lsn = '{target}'\n\
-             recovery_target_inclusive = on\n\
-             recovery_target_timeline = 'current'\n\
-             recovery_target_action = 'promote'\n",
-            wal.display()
-        );
-        self.inner
-            .pg
-            .write_file(&data.join("pgbranch.recovery.conf"), &rc)?;
-        self.inner
-            .pg
-            .write_file(&data.join("recovery.signal"), "")?;
+        self.write_recovery(data, src, target, "promote")?;
         let srv = match self
             .private_server_with(data, archive, log, Some(&on_lsn))
             .await
         {
             Ok(s) => s,
             Err(e) => {
-                let tail = pg::log_tail(log);
-                if tail.contains("recovery ended before configured recovery target was reached")
-                    || tail.contains("before consistent recovery point")
+                // The whole log of this replay: the reason may be followed
+                // by several lines of shutdown.
+                let text = fs::read_to_string(log).unwrap_or_default();
+                if text.contains("recovery ended before configured recovery target was reached")
+                    || text.contains("before consistent recovery point")
                 {
                     let window = match self.inner.meta.timeline(src)? {
                         Some(row) => self.reported_window(&row).await.unwrap_or(None),
@@ -1277,23 +1418,30 @@ impl Engine {
 
     /// The window a user can reach: the timeline's own, extended back
     /// through its ancestors' history while they exist.
-    fn reported_window<'a>(
-        &'a self,
-        t: &'a TimelineRow,
-    ) -> futures::future::BoxFuture<'a, Result<Option<RestoreWindow>, StorageError>> {
-        Box::pin(async move {
-            let Some(mut w) = self.window(t).await? else {
-                return Ok(None);
-            };
-            if let Some(parent) = self.lineage_parent(t)? {
-                if let Some(pw) = self.reported_window(&parent).await? {
-                    if pw.oldest.lsn < w.oldest.lsn || pw.oldest.time < w.oldest.time {
-                        w.oldest = pw.oldest;
-                    }
+    async fn reported_window(
+        &self,
+        t: &TimelineRow,
+    ) -> Result<Option<RestoreWindow>, StorageError> {
+        let Some(mut w) = self.window(t).await? else {
+            return Ok(None);
+        };
+        // The ancestors only lend their oldest point, which their bases
+        // give: no need to read (index) their archives, which under a
+        // parent's write load would put seconds of pg_waldump on every
+        // child's status read.
+        let mut at = self.lineage_parent(t)?;
+        while let Some(parent) = at {
+            if let Some(oldest) = self.inner.meta.bases(&parent.id)?.first() {
+                if oldest.lsn < w.oldest.lsn || Some(oldest.time) < w.oldest.time {
+                    w.oldest = PointInfo {
+                        lsn: oldest.lsn,
+                        time: Some(oldest.time),
+                    };
                 }
             }
-            Ok(Some(w))
-        })
+            at = self.lineage_parent(&parent)?;
+        }
+        Ok(Some(w))
     }
 
     /// Checks a point against the timeline's own window and finds the base
@@ -1379,9 +1527,11 @@ impl Engine {
                     _ => {
                         // No commit since the base: the newest base not after it.
                         let bases = self.inner.meta.bases(&t.id)?;
+                        // (A base stopped in recovery needs WAL after
+                        // its point to replay to; a clean one does not.)
                         let b = bases
                             .iter()
-                            .filter(|b| b.time <= *ts)
+                            .filter(|b| !b.in_recovery && b.time <= *ts)
                             .max_by_key(|b| b.lsn)
                             .or(bases.first())
                             .cloned()
@@ -1392,9 +1542,11 @@ impl Engine {
             }
         };
         let bases = self.inner.meta.bases(&t.id)?;
+        // A base stopped in recovery is consistent at its LSN; replay
+        // from it must go past that point.
         let base = bases
             .iter()
-            .filter(|b| b.lsn <= target)
+            .filter(|b| b.lsn < target || (b.lsn == target && !b.in_recovery))
             .max_by_key(|b| b.lsn)
             .cloned()
             .ok_or_else(|| StorageError::InvalidPoint {
@@ -1545,6 +1697,7 @@ impl Engine {
 
     fn progress_t(&self, id: &TimelineId, step: &str) {
         crash_point(step);
+        tracing::debug!(timeline = %id, step, "timeline step");
         let _ = self.inner.meta.set_timeline_progress(
             id,
             Some(Progress {
@@ -1566,6 +1719,7 @@ impl Engine {
 
     async fn remove_timeline_dirs(&self, id: &TimelineId) {
         let dir = self.tl_dir(id);
+        self.remove_rolled_bases(id).await;
         for sub in ["pgdata", "base"] {
             pg::kill_leftover(&dir.join(sub));
             if let Err(e) = self.delete_dir(&dir.join(sub)).await {
@@ -1616,7 +1770,7 @@ impl Engine {
                 self.clone_dir(&self.inner.root.join(&base.path), &data, false)
                     .await?;
                 self.fixups(&data, Some(id))?;
-                if target > base.lsn {
+                if target > base.lsn || base.in_recovery {
                     self.progress_t(id, "replaying WAL");
                     // The archive of the base's timeline: this source's, or
                     // an ancestor's for a point before the source was made.
@@ -1659,6 +1813,7 @@ impl Engine {
             snapshot: None,
             lsn: cd.checkpoint,
             time: jiff::Timestamp::now(),
+            in_recovery: false,
         })?;
         Ok(())
     }
@@ -1793,21 +1948,12 @@ impl Engine {
             restore_window: None,
         };
         if row.state == State::Ready {
-            let data = self.data_dir(&id);
-            let base = self.tl_dir(&id).join("base");
             let (logical, excl) = self
-                .measured(format!("t:{id}"), move |i| {
-                    let logical = driver::tree_size(&data);
-                    let excl = match (
-                        i.driver.exclusive_bytes(&data),
-                        i.driver.exclusive_bytes(&base),
-                    ) {
-                        (Some(a), Some(b)) => Some(a + b),
-                        (Some(a), None) => Some(a),
-                        _ => None,
-                    };
-                    Ok((logical, excl))
-                })
+                .measured(
+                    format!("t:{id}"),
+                    self.data_dir(&id),
+                    vec![self.tl_dir(&id).join("base")],
+                )
                 .await?;
             t.logical_size_bytes = logical;
             t.exclusive_bytes = excl;
@@ -1892,6 +2038,7 @@ impl Engine {
                         snapshot: Some(id.clone()),
                         lsn: l,
                         time: jiff::Timestamp::now(),
+                        in_recovery: false,
                     })?;
                 }
                 lsn
@@ -1904,7 +2051,7 @@ impl Engine {
                     self.clone_dir(&self.inner.root.join(&base.path), &work, false)
                         .await?;
                     self.fixups(&work, None)?;
-                    if target > base.lsn {
+                    if target > base.lsn || base.in_recovery {
                         progress("replaying WAL");
                         let report = |pct: Option<u8>| {
                             let _ = self.inner.meta.set_snapshot_progress(
@@ -1953,11 +2100,7 @@ impl Engine {
         };
         if row.state == State::Ready {
             let data = self.snap_dir(&row.id).join("pgdata");
-            let (size, excl) = self
-                .measured(format!("s:{}", row.id), move |i| {
-                    Ok((driver::tree_size(&data), i.driver.exclusive_bytes(&data)))
-                })
-                .await?;
+            let (size, excl) = self.measured(format!("s:{}", row.id), data, vec![]).await?;
             s.size_bytes = size;
             s.exclusive_bytes = excl;
         }
@@ -2060,7 +2203,7 @@ impl Engine {
 /// The objects a replay from `base` reads: its timeline's archive and, for
 /// a snapshot base, the snapshot.
 fn base_keys(base: &BaseRow) -> Vec<String> {
-    let mut keys = vec![format!("t:{}", base.timeline)];
+    let mut keys = vec![format!("t:{}", base.timeline), bases::base_key(&base.path)];
     if let Some(s) = &base.snapshot {
         keys.push(format!("s:{s}"));
     }

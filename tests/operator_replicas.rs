@@ -28,7 +28,11 @@ fn ready_with(b: &Branch, note: &str) -> bool {
 }
 
 async fn set_compute(h: &Harness, name: &str, compute: serde_json::Value) {
-    branches(&h.client)
+    set_compute_rh(&h.client, name, compute).await;
+}
+
+async fn set_compute_rh(client: &kube::Client, name: &str, compute: serde_json::Value) {
+    branches(client)
         .patch(
             name,
             &PatchParams::default(),
@@ -568,6 +572,23 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
         .unwrap()
         .get(0);
     assert!(in_recovery, "prod-ro selects a standby");
-    drop((primary, ro, via_ro));
+
+    // Scaling the replicas of a branch running a compute adopted from the
+    // restore leaves its primary running.
+    let started = |c: tokio_postgres::Client| async move {
+        c.query_one("SELECT pg_postmaster_start_time()::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let before = started(primary).await;
+    set_compute_rh(&client, "prod", json!({"readReplicas": 2})).await;
+    rh::wait_branch(&client, "prod", "Ready with 2/2 replicas", |b| {
+        ready_with(b, "2/2 read replicas ready")
+    })
+    .await;
+    let after = started(h.connect_app("prod").await).await;
+    assert_eq!(before, after, "the primary was restarted");
+    drop((ro, via_ro));
     h.shutdown().await;
 }

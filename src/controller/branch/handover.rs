@@ -56,9 +56,13 @@ pub const ANNOTATION_HANDOVER_TO: &str = "pgbranch.dev/handover-to";
 /// branch's `spec.compute` when it adopted it.
 pub const ANNOTATION_ADOPTED_COMPUTE: &str = "pgbranch.dev/adopted-compute";
 
-/// The hash an adopted Deployment is stamped with.
+/// The hash an adopted Deployment is stamped with: the part of
+/// `spec.compute` the primary's pod is made from (`readReplicas` only
+/// changes the replicas: scaling them must not restart the primary).
 fn compute_hash(branch: &Branch) -> String {
-    crate::compute::content_hash(&branch.spec.compute)
+    let mut primary = branch.spec.compute.clone();
+    primary.read_replicas = 0;
+    crate::compute::content_hash(&primary)
 }
 
 /// Whether the branch's `spec.compute` changed since it adopted `d` (a
@@ -377,4 +381,19 @@ pub(super) fn claimed_elsewhere(all: &[Branch], uid: &str, tl: &TimelineId) -> b
         b.uid().as_deref() != Some(uid)
             && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(tl.as_str())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaling_replicas_does_not_outdate_an_adopted_primary() {
+        let mut b = Branch::new("prod", Default::default());
+        let before = compute_hash(&b);
+        b.spec.compute.read_replicas = 2;
+        assert_eq!(compute_hash(&b), before, "readReplicas restarts no primary");
+        b.spec.compute.suspended = true;
+        assert_ne!(compute_hash(&b), before);
+    }
 }

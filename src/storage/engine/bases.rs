@@ -132,10 +132,22 @@ impl Engine {
     /// Runs one roller pass now, as the background roller would (a no-op
     /// when bases are never rolled). For tools that want a steady state
     /// before measuring, e.g. `pgbranch-bench` after loading data.
+    /// A roll the background roller has under way is waited for first.
     pub async fn roll_bases_now(&self) {
-        if let Some(policy) = self.inner.roll {
-            self.roll_pass(policy).await;
+        let Some(policy) = self.inner.roll else {
+            return;
+        };
+        let rolling = || {
+            self.inner
+                .in_use
+                .lock()
+                .map(|m| m.keys().any(|k| k.starts_with("roll:")))
+                .unwrap_or(false)
+        };
+        while rolling() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        self.roll_pass(policy).await;
     }
 
     /// One pass over every ready timeline: roll where due, prune, collect.

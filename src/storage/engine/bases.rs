@@ -25,6 +25,11 @@
 //! with PostgreSQL's defaults (`checkpoint_timeout` 5 min, `max_wal_size`
 //! 1 GB) the first part is bounded too.
 //!
+//! A roll never holds up a delete of its timeline: it holds only the base
+//! it clones (and that base's snapshot) while it replays, and the timeline
+//! just for its last steps; a roll whose timeline went meanwhile is
+//! dropped.
+//!
 //! The creation base (the oldest point of the window) and snapshot bases
 //! are never pruned; of the rolled ones the newest
 //! [`EngineConfig::base_roll_keep`] are kept. A pruned base's metadata goes
@@ -132,10 +137,22 @@ impl Engine {
     /// Runs one roller pass now, as the background roller would (a no-op
     /// when bases are never rolled). For tools that want a steady state
     /// before measuring, e.g. `pgbranch-bench` after loading data.
+    /// A roll the background roller has under way is waited for first.
     pub async fn roll_bases_now(&self) {
-        if let Some(policy) = self.inner.roll {
-            self.roll_pass(policy).await;
+        let Some(policy) = self.inner.roll else {
+            return;
+        };
+        let rolling = || {
+            self.inner
+                .in_use
+                .lock()
+                .map(|m| m.keys().any(|k| k.starts_with("roll:")))
+                .unwrap_or(false)
+        };
+        while rolling() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        self.roll_pass(policy).await;
     }
 
     /// One pass over every ready timeline: roll where due, prune, collect.
@@ -176,8 +193,15 @@ impl Engine {
         let Some(guard) = self.try_acquire(format!("roll:{}", t.id)) else {
             return Ok(());
         };
-        let mut keys = base_keys(&newest);
-        keys.push(base_key(&newest.path));
+        // The base (and its snapshot) stay while they are cloned; the
+        // timeline itself is not held: deleting it must not wait for a
+        // replay. A delete during the roll makes the roll fail or be
+        // dropped at its last step (which holds the timeline briefly).
+        let tl_key = format!("t:{}", t.id);
+        let keys = base_keys(&newest)
+            .into_iter()
+            .filter(|k| *k != tl_key)
+            .collect();
         let _guard = self.join(guard, keys);
         // Deleted meanwhile: leave it.
         if self.inner.meta.timeline(&t.id)?.map(|r| r.state) != Some(State::Ready) {
@@ -191,20 +215,35 @@ impl Engine {
         ));
         let r = self.roll_into(&t.id, &newest, last, &work).await;
         let _ = self.delete_dir(&work).await;
-        let row = r?;
+        let row = match r {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                tracing::debug!(timeline = %t.id, "timeline deleted during a roll; roll dropped");
+                return Ok(());
+            }
+            Err(_) if !self.is_ready(&t.id) => {
+                tracing::debug!(timeline = %t.id, "timeline deleted during a roll; roll dropped");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         tracing::info!(timeline = %t.id, lsn = %row.lsn, "rolled base kept");
         Ok(())
     }
 
+    fn is_ready(&self, id: &TimelineId) -> bool {
+        matches!(self.inner.meta.timeline(id), Ok(Some(r)) if r.state == State::Ready)
+    }
+
     /// Clones `from` into `work`, replays to `target`, keeps the result as
-    /// a base of `id`.
+    /// a base of `id` (`None`: the timeline was deleted meanwhile).
     async fn roll_into(
         &self,
         id: &TimelineId,
         from: &BaseRow,
         target: Lsn,
         work: &Path,
-    ) -> Result<BaseRow, StorageError> {
+    ) -> Result<Option<BaseRow>, StorageError> {
         self.clone_dir(&self.inner.root.join(&from.path), work, false)
             .await?;
         let _ = fs::remove_file(work.join("postmaster.pid"));
@@ -247,6 +286,12 @@ impl Engine {
             let _ = fs::remove_file(work.join(f));
         }
         let lsn = cd.min_recovery;
+        // From here the timeline is held: a delete waits (Busy) for these
+        // few steps, or came first and the result is dropped.
+        let _timeline = self.acquire(vec![format!("t:{id}")]);
+        if !self.is_ready(id) {
+            return Ok(None);
+        }
         let dir = self.tl_dir(id).join("bases");
         fs::create_dir_all(&dir).map_err(|e| io_err("creating the bases directory", e))?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
@@ -271,7 +316,7 @@ impl Engine {
             in_recovery: true,
         };
         self.inner.meta.add_base(&row)?;
-        Ok(row)
+        Ok(Some(row))
     }
 
     /// Forgets the rolled bases beyond `keep`, then deletes the base

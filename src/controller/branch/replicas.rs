@@ -11,8 +11,11 @@
 //!   compute disabled: no replica Deployments (data removed, as N = 0);
 //! * Deployments of other timelines (after a restore or refresh) or of
 //!   ordinals ≥ N are deleted; a storage replica is deleted only once no
-//!   Deployment of ours is left for it (storage refuses, `Busy`, while its
-//!   postgres still runs: the pass waits);
+//!   Deployment and no pod is left on it (storage also refuses, `Busy`,
+//!   while its postgres still runs: the pass waits);
+//! * a replica data directory another Branch's Deployment or pod holds (a
+//!   restored branch handing its timeline over) is neither run nor removed
+//!   until it goes: two servers on one data directory corrupt it;
 //! * the Service `<branch>-ro` exists while N > 0.
 //!
 //! Nothing is written in steady state: Deployments and the Service carry
@@ -20,7 +23,7 @@
 //! does not list.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
@@ -57,6 +60,10 @@ pub(super) struct Observed<'a> {
     /// restored branch handing its timeline over, a backup branch): their
     /// data directories are not ours to run or remove while they exist.
     pub others: Vec<(String, u32)>,
+    /// (timeline, ordinal) of every replica pod that still exists (a
+    /// deleted Deployment's pods may still be stopping): a data directory
+    /// is removed only once none runs on it.
+    pub pods: Vec<(String, u32)>,
     /// Storage replicas of the current timeline and of replaced ones.
     pub stored: Vec<Replica>,
 }
@@ -86,6 +93,7 @@ pub(super) fn plan(o: &Observed<'_>) -> Plan {
         .map(|d| d.name.clone())
         .collect();
     let foreign = |tl: &str, n: u32| o.others.iter().any(|(t, m)| t == tl && *m == n);
+    let pod_on = |tl: &str, n: u32| o.pods.iter().any(|(t, m)| t == tl && *m == n);
     let delete_stored = o
         .stored
         .iter()
@@ -95,6 +103,7 @@ pub(super) fn plan(o: &Observed<'_>) -> Plan {
                 .iter()
                 .any(|d| d.timeline == r.timeline.as_str() && d.ordinal == Some(r.ordinal))
                 && !foreign(r.timeline.as_str(), r.ordinal)
+                && !pod_on(r.timeline.as_str(), r.ordinal)
         })
         .map(|r| (r.timeline.clone(), r.ordinal))
         .collect();
@@ -184,13 +193,36 @@ pub(super) async fn reconcile(
     };
     let deployments: Vec<SeenDeployment> =
         listed.items.iter().filter(|d| ours(d)).map(seen).collect();
-    let others: Vec<(String, u32)> = listed
+    let mut others: Vec<(String, u32)> = listed
         .items
         .iter()
         .filter(|d| !ours(d))
         .map(seen)
         .filter_map(|d| Some((d.timeline, d.ordinal?)))
         .collect();
+    // Pods outlive their Deployment while they stop: another Branch's
+    // replica pod still holds its data directory.
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod_list = with_deadline(
+        ctx,
+        "list replica pods",
+        pod_api.list(&ListParams::default().labels(&format!("{LABEL_ROLE}=replica"))),
+    )
+    .await?;
+    let mut pods = vec![];
+    for p in &pod_list.items {
+        let l = p.labels();
+        let (Some(t), Some(n)) = (
+            l.get(LABEL_TIMELINE),
+            l.get(LABEL_REPLICA_ORDINAL).and_then(|o| o.parse().ok()),
+        ) else {
+            continue;
+        };
+        if l.get(LABEL_BRANCH) != Some(&name) {
+            others.push((t.clone(), n));
+        }
+        pods.push((t.clone(), n));
+    }
     let mut stored = vec![];
     for tl in std::iter::once(current).chain(replaced.iter().filter(|t| *t != current)) {
         match with_deadline(ctx, "list replicas", ctx.storage.list_replicas(tl)).await {
@@ -206,6 +238,7 @@ pub(super) async fn reconcile(
         primary_ready,
         deployments,
         others,
+        pods,
         stored,
     };
     let plan = plan(&observed);
@@ -314,6 +347,7 @@ mod tests {
             primary_ready: true,
             deployments: vec![],
             others: vec![],
+            pods: vec![],
             stored: vec![],
         }
     }
@@ -409,6 +443,17 @@ mod tests {
         let p = plan(&o);
         assert!(p.delete_stored.is_empty());
         o.others.clear();
+        assert_eq!(plan(&o).delete_stored, vec![(tl("aaaa"), 0)]);
+    }
+
+    #[test]
+    fn data_stays_while_a_pod_still_runs_on_it() {
+        let cur = tl("aaaa");
+        let mut o = observed(&cur, 0);
+        o.stored = vec![stored("aaaa", 0)];
+        o.pods = vec![("aaaa".into(), 0)];
+        assert!(plan(&o).delete_stored.is_empty());
+        o.pods.clear();
         assert_eq!(plan(&o).delete_stored, vec![(tl("aaaa"), 0)]);
     }
 

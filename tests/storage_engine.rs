@@ -1231,3 +1231,119 @@ async fn rolled_bases_keep_point_in_time_copies_exact_and_short() {
         assert!(left.is_empty(), "space not given back: {left:?}");
     }
 }
+
+/// The child of `a_roll_killed_before_keeping_its_base_heals`: rolls the
+/// bases of the volume in `ROLL_CRASH_ROOT` and is killed on the way
+/// (`PGBRANCH_ENGINE_CRASH_AT`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of a_roll_killed_before_keeping_its_base_heals"]
+async fn roll_crash_child() {
+    let Ok(root) = std::env::var("ROLL_CRASH_ROOT") else {
+        return;
+    };
+    let kind: DriverKind = std::env::var("ROLL_CRASH_DRIVER").unwrap().parse().unwrap();
+    let e = Engine::open(EngineConfig {
+        root: root.into(),
+        driver: Some(kind),
+        base_roll_wal_bytes: Some(1),
+        base_roll_check: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    e.roll_bases_now().await;
+    // Reaching here means the crash point was never hit.
+    std::process::exit(3);
+}
+
+/// An engine killed after copying a rolled base but before recording it
+/// leaves a directory without metadata: the next engine deletes it and
+/// rolls again, and point-in-time copies stay exact throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roll_killed_before_keeping_its_base_heals() {
+    use std::os::unix::process::ExitStatusExt;
+    for v in volumes("roll_crash") {
+        eprintln!("driver {}", v.kind);
+        let quiet = EngineConfig {
+            root: v.root.clone(),
+            driver: Some(v.kind),
+            base_roll_wal_bytes: Some(0),
+            ..Default::default()
+        };
+        let e = Engine::open(quiet).await.unwrap();
+        let root = root_timeline(&e, "root").await;
+        let p = e.start_postgres(&root, free_port()).await.unwrap();
+        sql(
+            &p,
+            "CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 5)",
+        )
+        .await;
+        let lsn5: Lsn = one_str(&p, "SELECT pg_current_wal_lsn()::text")
+            .await
+            .parse()
+            .unwrap();
+        sql(
+            &p,
+            "CHECKPOINT; INSERT INTO t SELECT generate_series(6, 10)",
+        )
+        .await;
+        let lsn10: Lsn = one_str(&p, "SELECT pg_current_wal_lsn()::text")
+            .await
+            .parse()
+            .unwrap();
+        p.stop(StopMode::Fast).await.unwrap(); // archives everything
+        drop(e);
+
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "roll_crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("ROLL_CRASH_ROOT", &v.root)
+            .env("ROLL_CRASH_DRIVER", v.kind.to_string())
+            .env("PGBRANCH_ENGINE_CRASH_AT", "keeping a rolled base")
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "the roll was not killed: {status:?}"
+        );
+        let bases_dir = v.root.join("timelines").join(root.as_str()).join("bases");
+        let left: Vec<_> = std::fs::read_dir(&bases_dir).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "the killed roll left its copy: {left:?}");
+
+        // Rows are exact before anything is healed...
+        let e = Engine::open(EngineConfig {
+            root: v.root.clone(),
+            driver: Some(v.kind),
+            base_roll_wal_bytes: Some(1),
+            base_roll_check: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for (k, l, n) in [("at-5", lsn5, 5), ("at-10", lsn10, 10)] {
+            let b = branch(&e, k, &root, Point::Lsn(l), None).await.unwrap();
+            let s = e.start_postgres(&b, free_port()).await.unwrap();
+            assert_eq!(ids(&s).await, (1..=n).collect::<Vec<_>>(), "rows at {l}");
+            s.stop(StopMode::Fast).await.unwrap();
+            e.delete_timeline(&b).await.unwrap();
+        }
+        // ...and after a pass: the base is rolled again and kept, once.
+        e.roll_bases_now().await;
+        let kept: Vec<_> = std::fs::read_dir(&bases_dir).unwrap().flatten().collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let b = branch(&e, "at-10-again", &root, Point::Lsn(lsn10), None)
+            .await
+            .unwrap();
+        let s = e.start_postgres(&b, free_port()).await.unwrap();
+        assert_eq!(ids(&s).await, (1..=10).collect::<Vec<_>>());
+        s.stop(StopMode::Fast).await.unwrap();
+        e.delete_timeline(&b).await.unwrap();
+        e.delete_timeline(&root).await.unwrap();
+    }
+}

@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use super::meta::{BaseRow, TimelineRow};
 use super::pg::{self, StartOpts};
-use super::{base_keys, io_err, Engine};
+use super::{base_keys, crash_point, io_err, Engine};
 use crate::storage::{DriverKind, Lsn, State, StorageError, TimelineId};
 
 /// Default WAL past the newest base that triggers a roll: about three
@@ -129,7 +129,7 @@ impl Engine {
                 let Some(inner) = weak.upgrade() else {
                     break;
                 };
-                Engine { inner }.roll_pass(policy).await;
+                Engine { inner }.roll_pass(policy, true).await;
             }
         });
     }
@@ -152,11 +152,12 @@ impl Engine {
         while rolling() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        self.roll_pass(policy).await;
+        self.roll_pass(policy, false).await;
     }
 
     /// One pass over every ready timeline: roll where due, prune, collect.
-    async fn roll_pass(&self, policy: RollPolicy) {
+    /// A `background` pass stops early once its engine's owner dropped it.
+    async fn roll_pass(&self, policy: RollPolicy, background: bool) {
         let timelines = match self.inner.meta.timelines() {
             Ok(t) => t,
             Err(e) => {
@@ -166,7 +167,7 @@ impl Engine {
         };
         for t in timelines.iter().filter(|t| t.state == State::Ready) {
             // The engine's owner dropped it: stop, so the volume is free.
-            if Arc::strong_count(&self.inner) == 1 {
+            if background && Arc::strong_count(&self.inner) == 1 {
                 return;
             }
             if let Err(e) = self.roll_if_due(t, policy).await {
@@ -299,8 +300,17 @@ impl Engine {
         let path = format!("timelines/{id}/bases/{:016X}", lsn.0);
         // Held until the row exists, so the collector leaves it alone.
         let _held = self.acquire(vec![base_key(&path)]);
-        self.clone_dir(work, &self.inner.root.join(&path), true)
-            .await?;
+        if self.inner.meta.bases(id)?.iter().any(|b| b.path == path) {
+            // Already kept (the same point rolled twice): nothing to add.
+            return Ok(None);
+        }
+        let dst = self.inner.root.join(&path);
+        if dst.exists() {
+            // Left by a roll that was killed before it kept its row.
+            self.delete_dir(&dst).await?;
+        }
+        self.clone_dir(work, &dst, true).await?;
+        crash_point("keeping a rolled base");
         let time = self
             .inner
             .meta

@@ -881,25 +881,16 @@ impl Engine {
     /// `archive`: the timeline whose archive this copy feeds (None: off).
     fn fixups(&self, data: &Path, archive: Option<&TimelineId>) -> Result<(), StorageError> {
         check_self_contained(data)?;
-        for f in [
-            "postmaster.pid",
-            "postmaster.opts",
-            "recovery.signal",
-            "standby.signal",
-            "pgbranch.recovery.conf",
-        ] {
-            let p = data.join(f);
-            match fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&format!("removing {}", p.display()), e)),
-            }
-        }
-        if let Ok(rd) = fs::read_dir(data.join("pg_replslot")) {
-            for e in rd.flatten() {
-                let _ = fs::remove_dir_all(e.path());
-            }
-        }
+        self.clear_runtime_state(
+            data,
+            &[
+                "postmaster.pid",
+                "postmaster.opts",
+                "recovery.signal",
+                "standby.signal",
+                "pgbranch.recovery.conf",
+            ],
+        )?;
         let mut conf = String::from(
             "# Written by pgbranch for this timeline; rewritten on every copy. Do not edit.\n",
         );
@@ -916,10 +907,36 @@ impl Engine {
         }
         conf.push_str("recovery_init_sync_method = syncfs\n");
         conf.push_str("listen_addresses = '*'\n");
+        self.install_conf(data, &conf)
+    }
+
+    /// Removes a copied server's run-time files (`files`) and replication
+    /// slots: a copy must not inherit its source's slots or pid file.
+    fn clear_runtime_state(&self, data: &Path, files: &[&str]) -> Result<(), StorageError> {
+        for f in files {
+            let p = data.join(f);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&format!("removing {}", p.display()), e)),
+            }
+        }
+        if let Ok(rd) = fs::read_dir(data.join("pg_replslot")) {
+            for e in rd.flatten() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the engine's settings `conf` as `pgbranch.conf`, includes it
+    /// (and `pgbranch.recovery.conf`) from `postgresql.conf`, and strips the
+    /// keys the engine manages from `postgresql.auto.conf`, so nothing of
+    /// the source's archiving or recovery survives a copy.
+    fn install_conf(&self, data: &Path, conf: &str) -> Result<(), StorageError> {
         self.inner
             .pg
-            .write_file(&data.join("pgbranch.conf"), &conf)?;
-
+            .write_file(&data.join("pgbranch.conf"), conf)?;
         let main = data.join("postgresql.conf");
         let text = fs::read_to_string(&main).map_err(|e| io_err("reading postgresql.conf", e))?;
         let mut lines: Vec<String> = text

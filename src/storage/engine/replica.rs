@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::meta::ReplicaRow;
-use super::{check_self_contained, io_err, pg, pid_alive, Engine, MANAGED_KEYS};
+use super::{check_self_contained, io_err, pg, pid_alive, Engine};
 use crate::storage::{
     validate_replica_ordinal, CreateReplica, Password, Replica, State, StorageError, TimelineId,
 };
@@ -165,23 +165,15 @@ impl Engine {
     /// command.
     fn standby_config(&self, data: &Path, tl: &TimelineId) -> Result<(), StorageError> {
         check_self_contained(data)?;
-        for f in [
-            "postmaster.pid",
-            "postmaster.opts",
-            "recovery.signal",
-            "pgbranch.recovery.conf",
-        ] {
-            match fs::remove_file(data.join(f)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&format!("removing {f}"), e)),
-            }
-        }
-        if let Ok(rd) = fs::read_dir(data.join("pg_replslot")) {
-            for e in rd.flatten() {
-                let _ = fs::remove_dir_all(e.path());
-            }
-        }
+        self.clear_runtime_state(
+            data,
+            &[
+                "postmaster.pid",
+                "postmaster.opts",
+                "recovery.signal",
+                "pgbranch.recovery.conf",
+            ],
+        )?;
         let conf = format!(
             "# Written by pgbranch for read replica of timeline {tl}. Do not edit.\n\
              wal_level = replica\n\
@@ -193,28 +185,7 @@ impl Engine {
              listen_addresses = '*'\n",
             Self::restore_command(&self.inner.compute_root, tl)
         );
-        self.inner
-            .pg
-            .write_file(&data.join("pgbranch.conf"), &conf)?;
-        let main = data.join("postgresql.conf");
-        let text = fs::read_to_string(&main).map_err(|e| io_err("reading postgresql.conf", e))?;
-        if !text
-            .lines()
-            .any(|l| l.trim() == "include_if_exists = 'pgbranch.conf'")
-        {
-            self.inner.pg.write_file(
-                &main,
-                &format!("{}\ninclude_if_exists = 'pgbranch.conf'\n", text.trim_end()),
-            )?;
-        }
-        let auto = data.join("postgresql.auto.conf");
-        if let Ok(text) = fs::read_to_string(&auto) {
-            let kept: Vec<&str> = text
-                .lines()
-                .filter(|l| !MANAGED_KEYS.contains(&l.split('=').next().unwrap_or("").trim()))
-                .collect();
-            self.inner.pg.write_file(&auto, &(kept.join("\n") + "\n"))?;
-        }
+        self.install_conf(data, &conf)?;
         self.inner.pg.write_file(&data.join("standby.signal"), "")
     }
 

@@ -20,7 +20,7 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 
 use super::CliError;
-use crate::compute::{ComputeConfig, VolumeSource, DEFAULT_IMAGE};
+use crate::compute::{Colocation, ComputeConfig, VolumeSource, DEFAULT_IMAGE};
 use crate::controller::{self, ClusterDns, Config, Context, Metrics};
 use crate::storage::http::connect_storage;
 
@@ -89,6 +89,20 @@ pub struct ComputeFlags {
     /// Cluster DNS domain used in the `fqdn-*` Secret keys.
     #[arg(long, env = "PGBRANCH_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// Schedule computes on the node of the pod with these labels
+    /// (`key=value,...`, in --compute-colocate-namespace): the storage
+    /// service's, when its volume (hostPath, ReadWriteOnce claim) exists on
+    /// that node only.
+    #[arg(
+        long,
+        env = "PGBRANCH_COMPUTE_COLOCATE_WITH",
+        requires = "compute_colocate_namespace",
+        value_name = "LABELS"
+    )]
+    pub compute_colocate_with: Option<String>,
+    /// Namespace of the pod named by --compute-colocate-with.
+    #[arg(long, env = "PGBRANCH_COMPUTE_COLOCATE_NAMESPACE", value_name = "NS")]
+    pub compute_colocate_namespace: Option<String>,
 }
 
 impl OperatorArgs {
@@ -114,6 +128,15 @@ impl OperatorArgs {
                 self.compute.volume_mount_path
             )));
         }
+        let colocate_with = match (
+            &self.compute.compute_colocate_with,
+            &self.compute.compute_colocate_namespace,
+        ) {
+            (Some(labels), Some(ns)) => Some(Colocation::parse(ns, labels).map_err(|e| {
+                CliError::Usage(format!("--compute-colocate-with {labels:?}: {e}"))
+            })?),
+            _ => None,
+        };
         Ok(Config {
             namespace: self.namespace.clone(),
             compute: ComputeConfig {
@@ -123,6 +146,7 @@ impl OperatorArgs {
                 run_as_uid: self.compute.compute_uid,
                 cluster_domain: self.compute.cluster_domain.clone(),
                 default_resources: None,
+                colocate_with,
             },
             resync_interval: (self.resync_seconds > 0)
                 .then(|| Duration::from_secs(self.resync_seconds)),
@@ -361,6 +385,63 @@ mod tests {
         assert_eq!(c.compute.default_image, "postgres:16");
         assert_eq!(c.compute.volume, VolumeSource::Pvc("pgdata".into()));
         assert!(c.resync_interval.is_none());
+    }
+
+    #[test]
+    fn computes_can_be_colocated_with_the_storage_pod() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["x", "--storage", "http://s:1", "--volume-host-path", "/srv"];
+            argv.extend_from_slice(extra);
+            T::try_parse_from(argv)
+        };
+        let t = parse(&[
+            "--compute-colocate-with",
+            "app.kubernetes.io/component=storage, app.kubernetes.io/instance=pgb",
+            "--compute-colocate-namespace",
+            "pgbranch-system",
+        ])
+        .unwrap();
+        let c = t.args.config().unwrap().compute.colocate_with.unwrap();
+        assert_eq!(c.namespace, "pgbranch-system");
+        assert_eq!(c.labels["app.kubernetes.io/component"], "storage");
+        assert_eq!(c.labels["app.kubernetes.io/instance"], "pgb");
+        // Labels without a namespace, or malformed, are refused.
+        assert!(parse(&["--compute-colocate-with", "a=b"]).is_err());
+        let t = parse(&[
+            "--compute-colocate-with",
+            "storage",
+            "--compute-colocate-namespace",
+            "ns",
+        ])
+        .unwrap();
+        assert!(matches!(t.args.config(), Err(CliError::Usage(m)) if m.contains("key=value")));
+        let t = parse(&[]).unwrap();
+        assert!(t.args.config().unwrap().compute.colocate_with.is_none());
+    }
+
+    /// The operator flags the kustomize install ships are flags this
+    /// binary takes and builds a configuration from.
+    #[test]
+    fn the_shipped_manager_manifest_parses() {
+        let text = include_str!("../../config/manager/manager.yaml");
+        let doc: serde_yaml::Value = serde_yaml::from_str(
+            text.split("\n---")
+                .find(|d| d.contains("kind: Deployment"))
+                .unwrap(),
+        )
+        .unwrap();
+        let args: Vec<String> = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(args[0], "operator");
+        let argv = std::iter::once("x".to_string()).chain(args[1..].iter().cloned());
+        let t = T::try_parse_from(argv).unwrap();
+        let c = t.args.config().unwrap();
+        let colocate = c.compute.colocate_with.unwrap();
+        assert_eq!(colocate.labels["app.kubernetes.io/component"], "storage");
     }
 
     #[test]

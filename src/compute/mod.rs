@@ -29,10 +29,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HostPathVolumeSource,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service,
-    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction,
+    HostPathVolumeSource, PersistentVolumeClaimVolumeSource, PodAffinity, PodAffinityTerm,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    Secret, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -91,6 +92,65 @@ pub struct ComputeConfig {
     pub cluster_domain: String,
     /// Resources when the Branch gives none.
     pub default_resources: Option<ResourceRequirements>,
+    /// Run computes on the node of the pod that holds the storage volume
+    /// (a hostPath or ReadWriteOnce volume is only there): that pod's
+    /// labels and namespace. `None`: schedule anywhere (a volume every
+    /// node can mount, or a single-node cluster).
+    pub colocate_with: Option<Colocation>,
+}
+
+/// The pod computes must share a node with (the storage service's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Colocation {
+    /// Its namespace.
+    pub namespace: String,
+    /// Labels that select it.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Colocation {
+    /// Parses `key=value,key=value` (the operator's flag).
+    pub fn parse(namespace: &str, labels: &str) -> Result<Colocation, String> {
+        let mut out = BTreeMap::new();
+        for pair in labels.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            if k.trim().is_empty() {
+                return Err(format!("{pair:?} has an empty key"));
+            }
+            out.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        if out.is_empty() {
+            return Err("no labels given".into());
+        }
+        if namespace.trim().is_empty() {
+            return Err("no namespace given".into());
+        }
+        Ok(Colocation {
+            namespace: namespace.trim().to_string(),
+            labels: out,
+        })
+    }
+
+    /// A required pod affinity to that pod's node.
+    fn affinity(&self) -> Affinity {
+        Affinity {
+            pod_affinity: Some(PodAffinity {
+                required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(self.labels.clone()),
+                        ..Default::default()
+                    }),
+                    namespaces: Some(vec![self.namespace.clone()]),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for ComputeConfig {
@@ -102,6 +162,7 @@ impl Default for ComputeConfig {
             run_as_uid: 999,
             cluster_domain: "cluster.local".into(),
             default_resources: None,
+            colocate_with: None,
         }
     }
 }
@@ -493,6 +554,7 @@ fn compute_deployment(
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(vec![volume]),
+                    affinity: cfg.colocate_with.as_ref().map(Colocation::affinity),
                     // Fast shutdown: postgres' smart shutdown could wait for
                     // clients forever.
                     termination_grace_period_seconds: Some(30),
@@ -782,6 +844,42 @@ mod tests {
             timeline_id: "a1b2c3d4e5f60718",
             data_path: "timelines/a1b2c3d4e5f60718/pgdata",
         }
+    }
+
+    #[test]
+    fn computes_share_the_storage_pods_node_when_asked() {
+        let d = build_deployment(&branch("dev"), &target(), &cfg()).unwrap();
+        assert!(d.spec.unwrap().template.spec.unwrap().affinity.is_none());
+        let c = ComputeConfig {
+            colocate_with: Some(
+                Colocation::parse("pgbranch-system", "app.kubernetes.io/component=storage")
+                    .unwrap(),
+            ),
+            ..cfg()
+        };
+        let d = build_deployment(&branch("dev"), &target(), &c).unwrap();
+        let aff = d.spec.unwrap().template.spec.unwrap().affinity.unwrap();
+        let terms = aff
+            .pod_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap();
+        assert_eq!(terms.len(), 1);
+        assert_eq!(terms[0].topology_key, "kubernetes.io/hostname");
+        assert_eq!(
+            terms[0].namespaces.as_deref(),
+            Some(&["pgbranch-system".to_string()][..])
+        );
+        let sel = terms[0]
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(sel["app.kubernetes.io/component"], "storage");
+        assert!(Colocation::parse("ns", "").is_err());
+        assert!(Colocation::parse("", "a=b").is_err());
     }
 
     #[test]

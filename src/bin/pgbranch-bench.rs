@@ -82,6 +82,14 @@ struct Args {
     /// pgbench clients of the background load.
     #[arg(long, default_value_t = 2)]
     clients: u32,
+    /// Limit the background load to this many transactions per second
+    /// (pgbench -R); default: as fast as it goes (a saturating load).
+    #[arg(long)]
+    rate: Option<u32>,
+    /// The engine's base roller threshold in MiB of archived WAL (0: never
+    /// roll; default: the engine's).
+    #[arg(long)]
+    base_roll_wal_mib: Option<u64>,
     /// PostgreSQL binaries (pgbench, pg_basebackup, initdb, postgres).
     #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
     pg_bin: PathBuf,
@@ -367,6 +375,7 @@ async fn measure(
         root: volume.clone(),
         driver: Some(driver),
         pg_bin_dir: Some(args.pg_bin.clone()),
+        base_roll_wal_bytes: args.base_roll_wal_mib.map(|m| m * 1024 * 1024),
         ..EngineConfig::default()
     })
     .await?;
@@ -455,6 +464,9 @@ async fn measure_on(
     ])
     .stdout(Stdio::null())
     .stderr(Stdio::null());
+    if let Some(tps) = args.rate {
+        load.args(["-R", &tps.to_string()]);
+    }
     let mut load = load.spawn()?;
     let load_start = Instant::now();
     eprintln!(
@@ -615,10 +627,13 @@ fn print_run(args: &Args, r: &Run) {
     let n = args.branches.max(1);
     println!();
     println!(
-        "driver {d}, pgbench scale {} (databases {}), under pgbench load ({} clients)",
+        "driver {d}, pgbench scale {} (databases {}), under pgbench load ({} clients, {})",
         r.scale,
         mb(r.data_bytes),
-        args.clients
+        args.clients,
+        args.rate
+            .map(|t| format!("{t} tps"))
+            .unwrap_or_else(|| "unthrottled".into())
     );
     println!(
         "  {:<36} {:>12} {:>16} {:>26}",

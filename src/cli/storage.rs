@@ -48,7 +48,7 @@ pub struct ServeArgs {
     pub pg_bin: Option<PathBuf>,
     /// Roll a timeline's newest base forward in the background once this
     /// many MiB of WAL are archived past it, so a point-in-time branch
-    /// replays at most about that much. 0 = never. Default: 256 on btrfs
+    /// replays at most about that much. 0 = never. Default: 1024 on btrfs
     /// and reflink, never on the plain-copy driver (full copies).
     #[arg(long, value_name = "MIB")]
     pub base_roll_wal_mib: Option<u64>,

@@ -52,9 +52,12 @@ use super::pg::{self, StartOpts};
 use super::{base_keys, crash_point, io_err, Engine};
 use crate::storage::{DriverKind, Lsn, State, StorageError, TimelineId};
 
-/// Default WAL past the newest base that triggers a roll: about three
-/// seconds of replay on the machines we measured.
-pub(super) const DEFAULT_ROLL_WAL_BYTES: u64 = 256 * 1024 * 1024;
+/// Default WAL past the newest base that triggers a roll: about ten
+/// seconds of replay on the machines we measured. Smaller makes past
+/// points faster to reach but keeps the roller busier (a roll replays what
+/// the compute wrote, so under a saturating write load it runs nearly all
+/// the time, at low priority).
+pub(super) const DEFAULT_ROLL_WAL_BYTES: u64 = 1024 * 1024 * 1024;
 /// Default period of the roller's passes.
 pub(super) const DEFAULT_ROLL_CHECK: Duration = Duration::from_secs(30);
 /// Default number of rolled bases kept per timeline.

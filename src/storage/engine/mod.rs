@@ -176,7 +176,7 @@ pub struct EngineConfig {
     /// Roll a timeline's newest base forward (by replaying its archive in
     /// the background) once this many bytes of WAL are archived past it,
     /// so point-in-time copies replay at most about that much. `None` =
-    /// 256 MiB on copy-on-write drivers, never on the plain-copy driver
+    /// 1 GiB on copy-on-write drivers, never on the plain-copy driver
     /// (its bases are full copies); `Some(0)` = never.
     pub base_roll_wal_bytes: Option<u64>,
     /// How often the roller looks (`None` = 30 s).

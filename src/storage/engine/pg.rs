@@ -334,8 +334,15 @@ impl PgEnv {
     /// Runs a postmaster on `dir` that is expected to stop by itself (a
     /// replay with `recovery_target_action = 'shutdown'`) and waits for it
     /// to exit; the caller reads `pg_controldata` for the result.
+    ///
+    /// It is background work (the base roller): the server's whole process
+    /// group runs at nice 10 and the lowest best-effort I/O priority, so
+    /// branches being created and computes serving queries go first.
     pub async fn run_to_exit(&self, dir: &Path, opts: StartOpts<'_>) -> Result<(), StorageError> {
         let (mut child, sock) = self.spawn_postmaster(dir, &opts, &[])?;
+        if let Some(pid) = child.id() {
+            lower_priority(pid);
+        }
         let waited = tokio::time::timeout(opts.timeout, child.wait()).await;
         let r = match waited {
             Ok(Ok(status)) if status.success() => Ok(()),
@@ -646,6 +653,37 @@ pub(crate) fn kill_leftover(dir: &Path) {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Lowers the CPU and I/O priority of the process group `pgid` (a
+/// postmaster started with its own group, and every process it forks).
+/// Best effort: a failure leaves the priorities as they were.
+fn lower_priority(pgid: u32) {
+    use nix::libc;
+    const IOPRIO_WHO_PGRP: libc::c_long = 2;
+    const IOPRIO_CLASS_BE: libc::c_long = 2;
+    // SAFETY: plain system calls on a process group id; no memory is shared.
+    unsafe {
+        if libc::setpriority(libc::PRIO_PGRP, pgid as libc::id_t, 10) != 0 {
+            tracing::debug!(
+                pgid,
+                "could not lower the CPU priority of a background server"
+            );
+        }
+        let lowest_best_effort = (IOPRIO_CLASS_BE << 13) | 7;
+        if libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PGRP,
+            pgid as libc::c_long,
+            lowest_best_effort,
+        ) != 0
+        {
+            tracing::debug!(
+                pgid,
+                "could not lower the I/O priority of a background server"
+            );
+        }
     }
 }
 

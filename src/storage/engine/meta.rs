@@ -130,6 +130,54 @@ pub(crate) struct WalIndexRow {
     pub complete_time: Option<jiff::Timestamp>,
 }
 
+/// Within `tx`: the operation already recorded under `key` (`Some`), or
+/// records this one (`None`: the caller inserts its object, same `tx`).
+fn record_operation(
+    tx: &rusqlite::Transaction<'_>,
+    key: &str,
+    kind: &str,
+    identity: &str,
+    object_id: &str,
+    created_at: jiff::Timestamp,
+) -> rusqlite::Result<Option<Recorded>> {
+    let existing: Option<(String, String, String)> = tx
+        .query_row(
+            "SELECT kind, identity, object_id FROM operations WHERE key = ?1",
+            params![key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    if let Some((kind, identity, object_id)) = existing {
+        return Ok(Some(Recorded::Existing {
+            kind,
+            identity,
+            object_id,
+        }));
+    }
+    tx.execute(
+        "INSERT INTO operations (key, kind, identity, object_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![key, kind, identity, object_id, ts_to_str(created_at)],
+    )?;
+    Ok(None)
+}
+
+/// The objects with a creation lifecycle (state, progress, interruption),
+/// each kept in its own table.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Timeline,
+    Snapshot,
+}
+
+impl Kind {
+    fn table(self) -> &'static str {
+        match self {
+            Kind::Timeline => "timelines",
+            Kind::Snapshot => "snapshots",
+        }
+    }
+}
+
 pub(crate) struct Meta {
     conn: Mutex<Connection>,
 }
@@ -276,24 +324,16 @@ impl Meta {
         let progress = progress_json(&row.progress)?;
         self.with(|c| {
             let tx = c.transaction()?;
-            let existing: Option<(String, String, String)> = tx
-                .query_row(
-                    "SELECT kind, identity, object_id FROM operations WHERE key = ?1",
-                    params![row.key.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            if let Some((kind, identity, object_id)) = existing {
-                return Ok(Recorded::Existing {
-                    kind,
-                    identity,
-                    object_id,
-                });
+            if let Some(existing) = record_operation(
+                &tx,
+                row.key.as_str(),
+                "timeline",
+                identity,
+                row.id.as_str(),
+                row.created_at,
+            )? {
+                return Ok(existing);
             }
-            tx.execute(
-                "INSERT INTO operations (key, kind, identity, object_id, created_at) VALUES (?1, 'timeline', ?2, ?3, ?4)",
-                params![row.key.as_str(), identity, row.id.as_str(), ts_to_str(row.created_at)],
-            )?;
             tx.execute(
                 "INSERT INTO timelines (id, key, label, state, error, progress, lineage, request, created_at, pg_major) VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8, ?9)",
                 params![
@@ -322,24 +362,16 @@ impl Meta {
         let progress = progress_json(&row.progress)?;
         self.with(|c| {
             let tx = c.transaction()?;
-            let existing: Option<(String, String, String)> = tx
-                .query_row(
-                    "SELECT kind, identity, object_id FROM operations WHERE key = ?1",
-                    params![row.key.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            if let Some((kind, identity, object_id)) = existing {
-                return Ok(Recorded::Existing {
-                    kind,
-                    identity,
-                    object_id,
-                });
+            if let Some(existing) = record_operation(
+                &tx,
+                row.key.as_str(),
+                "snapshot",
+                identity,
+                row.id.as_str(),
+                row.created_at,
+            )? {
+                return Ok(existing);
             }
-            tx.execute(
-                "INSERT INTO operations (key, kind, identity, object_id, created_at) VALUES (?1, 'snapshot', ?2, ?3, ?4)",
-                params![row.key.as_str(), identity, row.id.as_str(), ts_to_str(row.created_at)],
-            )?;
             tx.execute(
                 "INSERT INTO snapshots (id, key, label, timeline, point, state, progress, created_at, pg_major, request) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
@@ -459,14 +491,7 @@ impl Meta {
         id: &TimelineId,
         progress: Option<Progress>,
     ) -> Result<(), StorageError> {
-        let p = progress_json(&progress)?;
-        self.with(|c| {
-            c.execute(
-                "UPDATE timelines SET progress = ?2 WHERE id = ?1",
-                params![id.as_str(), p],
-            )
-        })
-        .map(|_| ())
+        self.set_progress(Kind::Timeline, id.as_str(), progress)
     }
 
     pub fn set_snapshot_progress(
@@ -474,14 +499,7 @@ impl Meta {
         id: &SnapshotId,
         progress: Option<Progress>,
     ) -> Result<(), StorageError> {
-        let p = progress_json(&progress)?;
-        self.with(|c| {
-            c.execute(
-                "UPDATE snapshots SET progress = ?2 WHERE id = ?1",
-                params![id.as_str(), p],
-            )
-        })
-        .map(|_| ())
+        self.set_progress(Kind::Snapshot, id.as_str(), progress)
     }
 
     pub fn set_timeline_state(
@@ -490,13 +508,7 @@ impl Meta {
         state: State,
         error: Option<&str>,
     ) -> Result<(), StorageError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE timelines SET state = ?2, error = ?3, progress = NULL, interrupted = 0 WHERE id = ?1",
-                params![id.as_str(), state_str(state), error],
-            )
-        })
-        .map(|_| ())
+        self.set_state(Kind::Timeline, id.as_str(), state, error)
     }
 
     pub fn set_snapshot_state(
@@ -505,13 +517,7 @@ impl Meta {
         state: State,
         error: Option<&str>,
     ) -> Result<(), StorageError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE snapshots SET state = ?2, error = ?3, progress = NULL, interrupted = 0 WHERE id = ?1",
-                params![id.as_str(), state_str(state), error],
-            )
-        })
-        .map(|_| ())
+        self.set_state(Kind::Snapshot, id.as_str(), state, error)
     }
 
     pub fn mark_timeline_interrupted(
@@ -519,17 +525,7 @@ impl Meta {
         id: &TimelineId,
         msg: &str,
     ) -> Result<(), StorageError> {
-        let p = progress_json(&Some(Progress {
-            step: msg.to_string(),
-            percent: None,
-        }))?;
-        self.with(|c| {
-            c.execute(
-                "UPDATE timelines SET interrupted = 1, progress = ?2 WHERE id = ?1",
-                params![id.as_str(), p],
-            )
-        })
-        .map(|_| ())
+        self.mark_interrupted(Kind::Timeline, id.as_str(), msg)
     }
 
     pub fn mark_snapshot_interrupted(
@@ -537,17 +533,50 @@ impl Meta {
         id: &SnapshotId,
         msg: &str,
     ) -> Result<(), StorageError> {
+        self.mark_interrupted(Kind::Snapshot, id.as_str(), msg)
+    }
+
+    fn set_progress(
+        &self,
+        kind: Kind,
+        id: &str,
+        progress: Option<Progress>,
+    ) -> Result<(), StorageError> {
+        let p = progress_json(&progress)?;
+        let sql = format!("UPDATE {} SET progress = ?2 WHERE id = ?1", kind.table());
+        self.with(|c| c.execute(&sql, params![id, p])).map(|_| ())
+    }
+
+    fn set_state(
+        &self,
+        kind: Kind,
+        id: &str,
+        state: State,
+        error: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let sql = format!(
+            "UPDATE {} SET state = ?2, error = ?3, progress = NULL, interrupted = 0 WHERE id = ?1",
+            kind.table()
+        );
+        self.with(|c| c.execute(&sql, params![id, state_str(state), error]))
+            .map(|_| ())
+    }
+
+    fn mark_interrupted(&self, kind: Kind, id: &str, msg: &str) -> Result<(), StorageError> {
         let p = progress_json(&Some(Progress {
             step: msg.to_string(),
             percent: None,
         }))?;
-        self.with(|c| {
-            c.execute(
-                "UPDATE snapshots SET interrupted = 1, progress = ?2 WHERE id = ?1",
-                params![id.as_str(), p],
-            )
-        })
-        .map(|_| ())
+        let sql = format!(
+            "UPDATE {} SET interrupted = 1, progress = ?2 WHERE id = ?1",
+            kind.table()
+        );
+        self.with(|c| c.execute(&sql, params![id, p])).map(|_| ())
+    }
+
+    fn mark_resumed(&self, kind: Kind, id: &str) -> Result<(), StorageError> {
+        let sql = format!("UPDATE {} SET interrupted = 0 WHERE id = ?1", kind.table());
+        self.with(|c| c.execute(&sql, params![id])).map(|_| ())
     }
 
     pub fn set_timeline_lineage(
@@ -807,23 +836,11 @@ impl Meta {
     }
 
     pub fn mark_resumed_t(&self, id: &TimelineId) -> Result<(), StorageError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE timelines SET interrupted = 0 WHERE id = ?1",
-                params![id.as_str()],
-            )
-        })
-        .map(|_| ())
+        self.mark_resumed(Kind::Timeline, id.as_str())
     }
 
     pub fn mark_resumed_s(&self, id: &SnapshotId) -> Result<(), StorageError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE snapshots SET interrupted = 0 WHERE id = ?1",
-                params![id.as_str()],
-            )
-        })
-        .map(|_| ())
+        self.mark_resumed(Kind::Snapshot, id.as_str())
     }
 }
 

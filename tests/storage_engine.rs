@@ -168,6 +168,16 @@ async fn ids(srv: &PgServer) -> Vec<i32> {
         .collect()
 }
 
+/// Branches `from` at `point` (key `k`, no source connection), starts the
+/// branch, and returns it with the ids of its table `t` (server stopped).
+async fn rows_at(e: &Engine, k: &str, from: &TimelineId, point: Point) -> (TimelineId, Vec<i32>) {
+    let b = branch(e, k, from, point, None).await.unwrap();
+    let s = e.start_postgres(&b, free_port()).await.unwrap();
+    let rows = ids(&s).await;
+    s.stop(StopMode::Fast).await.unwrap();
+    (b, rows)
+}
+
 async fn one_str(srv: &PgServer, q: &str) -> String {
     let c = srv.connect("postgres").await.unwrap();
     c.query_one(q, &[]).await.unwrap().get(0)
@@ -1180,13 +1190,9 @@ async fn rolled_bases_keep_point_in_time_copies_exact_and_short() {
         // creation base, the last from a rolled one (its replay starts at
         // the checkpoint after the third batch).
         for (i, l) in lsns.iter().enumerate() {
-            let b = branch(&e, &format!("at-{i}"), &root, Point::Lsn(*l), None)
-                .await
-                .unwrap();
-            let s = e.start_postgres(&b, free_port()).await.unwrap();
+            let (b, rows) = rows_at(&e, &format!("at-{i}"), &root, Point::Lsn(*l)).await;
             let want: Vec<i32> = (1..=(i as i32 + 1) * 10).collect();
-            assert_eq!(ids(&s).await, want, "rows at batch {i} ({l})");
-            s.stop(StopMode::Fast).await.unwrap();
+            assert_eq!(rows, want, "rows at batch {i} ({l})");
             let from = replay_started_at(&e, &b);
             if i == 3 {
                 assert!(
@@ -1203,23 +1209,15 @@ async fn rolled_bases_keep_point_in_time_copies_exact_and_short() {
         // A time after the last batch: all forty rows.
         let now = jiff::Timestamp::now();
         p.stop(StopMode::Fast).await.unwrap();
-        let b = branch(&e, "at-time", &root, Point::Timestamp(now), None)
-            .await
-            .unwrap();
-        let s = e.start_postgres(&b, free_port()).await.unwrap();
-        assert_eq!(ids(&s).await, (1..=40).collect::<Vec<_>>());
-        s.stop(StopMode::Fast).await.unwrap();
+        let (b, rows) = rows_at(&e, "at-time", &root, Point::Timestamp(now)).await;
+        assert_eq!(rows, (1..=40).collect::<Vec<_>>());
         delete_when_free(&e, &b).await;
 
         // A restart keeps the rolled bases usable.
         drop(e);
         let e = Engine::open(cfg).await.unwrap();
-        let b = branch(&e, "after-restart", &root, Point::Lsn(lsns[3]), None)
-            .await
-            .unwrap();
-        let s = e.start_postgres(&b, free_port()).await.unwrap();
-        assert_eq!(ids(&s).await, (1..=40).collect::<Vec<_>>());
-        s.stop(StopMode::Fast).await.unwrap();
+        let (b, rows) = rows_at(&e, "after-restart", &root, Point::Lsn(lsns[3])).await;
+        assert_eq!(rows, (1..=40).collect::<Vec<_>>());
         delete_when_free(&e, &b).await;
 
         // Deleting the timeline gives every base back.
@@ -1327,22 +1325,16 @@ async fn a_roll_killed_before_keeping_its_base_heals() {
         .await
         .unwrap();
         for (k, l, n) in [("at-5", lsn5, 5), ("at-10", lsn10, 10)] {
-            let b = branch(&e, k, &root, Point::Lsn(l), None).await.unwrap();
-            let s = e.start_postgres(&b, free_port()).await.unwrap();
-            assert_eq!(ids(&s).await, (1..=n).collect::<Vec<_>>(), "rows at {l}");
-            s.stop(StopMode::Fast).await.unwrap();
+            let (b, rows) = rows_at(&e, k, &root, Point::Lsn(l)).await;
+            assert_eq!(rows, (1..=n).collect::<Vec<_>>(), "rows at {l}");
             e.delete_timeline(&b).await.unwrap();
         }
         // ...and after a pass: the base is rolled again and kept, once.
         e.roll_bases_now().await;
         let kept: Vec<_> = std::fs::read_dir(&bases_dir).unwrap().flatten().collect();
         assert_eq!(kept.len(), 1, "{kept:?}");
-        let b = branch(&e, "at-10-again", &root, Point::Lsn(lsn10), None)
-            .await
-            .unwrap();
-        let s = e.start_postgres(&b, free_port()).await.unwrap();
-        assert_eq!(ids(&s).await, (1..=10).collect::<Vec<_>>());
-        s.stop(StopMode::Fast).await.unwrap();
+        let (b, rows) = rows_at(&e, "at-10-again", &root, Point::Lsn(lsn10)).await;
+        assert_eq!(rows, (1..=10).collect::<Vec<_>>());
         e.delete_timeline(&b).await.unwrap();
         e.delete_timeline(&root).await.unwrap();
     }

@@ -52,9 +52,11 @@ pub struct ServeArgs {
     /// and reflink, never on the plain-copy driver (full copies).
     #[arg(long, value_name = "MIB")]
     pub base_roll_wal_mib: Option<u64>,
-    /// Rolled bases kept per timeline besides its creation base.
-    #[arg(long, value_name = "N", default_value_t = 8)]
-    pub base_roll_keep: usize,
+    /// Rolled bases kept per timeline besides its creation base (at least
+    /// 1; --base-roll-wal-mib 0 turns rolling off).
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub base_roll_keep: u64,
 }
 
 pub async fn run(cmd: StorageCommand) -> Result<(), CliError> {
@@ -102,7 +104,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         base_roll_wal_bytes: args
             .base_roll_wal_mib
             .map(|m| m.saturating_mul(1024 * 1024)),
-        base_roll_keep: Some(args.base_roll_keep),
+        base_roll_keep: usize::try_from(args.base_roll_keep).ok(),
         ..EngineConfig::default()
     };
     let engine = Engine::open(cfg).await?;
@@ -149,5 +151,35 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
         _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn base_roll_flags_are_checked_at_parse_time() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["x", "--data-dir", "/srv/pgbranch"];
+            argv.extend_from_slice(extra);
+            T::try_parse_from(argv)
+        };
+        let t = parse(&["--base-roll-wal-mib", "512", "--base-roll-keep", "3"]).unwrap();
+        assert_eq!(t.args.base_roll_wal_mib, Some(512));
+        assert_eq!(t.args.base_roll_keep, 3);
+        let err = parse(&["--base-roll-keep", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--base-roll-keep"), "{err}");
+        assert!(parse(&["--base-roll-wal-mib", "lots"]).is_err());
+        // Defaults: the engine's threshold, eight kept bases.
+        let t = parse(&[]).unwrap();
+        assert_eq!((t.args.base_roll_wal_mib, t.args.base_roll_keep), (None, 8));
     }
 }

@@ -375,15 +375,13 @@ where
     }
 }
 
-pub async fn wait_branch(
-    client: &Client,
-    name: &str,
-    what: &str,
-    pred: impl Fn(&Branch) -> bool,
-) -> Branch {
-    let api = branches(client);
+/// Waits until the object `name` exists and satisfies `pred`.
+pub async fn wait_object<K>(api: &Api<K>, name: &str, what: &str, pred: impl Fn(&K) -> bool) -> K
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     wait_for(
-        &format!("branch {name}: {what}"),
+        &format!("{} {name}: {what}", K::kind(&())),
         || {
             let api = api.clone();
             async move { api.get_opt(name).await.ok().flatten() }
@@ -391,6 +389,15 @@ pub async fn wait_branch(
         pred,
     )
     .await
+}
+
+pub async fn wait_branch(
+    client: &Client,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&Branch) -> bool,
+) -> Branch {
+    wait_object(&branches(client), name, what, pred).await
 }
 
 pub async fn wait_branch_ready(client: &Client, name: &str) -> Branch {
@@ -409,16 +416,7 @@ pub async fn wait_snapshot(
     what: &str,
     pred: impl Fn(&Snapshot) -> bool,
 ) -> Snapshot {
-    let api = snapshots(client);
-    wait_for(
-        &format!("snapshot {name}: {what}"),
-        || {
-            let api = api.clone();
-            async move { api.get_opt(name).await.ok().flatten() }
-        },
-        pred,
-    )
-    .await
+    wait_object(&snapshots(client), name, what, pred).await
 }
 
 pub async fn wait_snapshot_ready(client: &Client, name: &str) -> Snapshot {
@@ -436,16 +434,7 @@ pub async fn wait_restore(
     what: &str,
     pred: impl Fn(&SnapshotRestore) -> bool,
 ) -> SnapshotRestore {
-    let api = restores(client);
-    wait_for(
-        &format!("restore {name}: {what}"),
-        || {
-            let api = api.clone();
-            async move { api.get_opt(name).await.ok().flatten() }
-        },
-        pred,
-    )
-    .await
+    wait_object(&restores(client), name, what, pred).await
 }
 
 pub async fn wait_gone<K>(api: &Api<K>, name: &str)

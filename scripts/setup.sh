@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in postgresql btrfs-progs xfsprogs lua5.1 python3-venv; do
+for pkg in postgresql btrfs-progs xfsprogs lua5.1 python3-venv etcd-server openssl xz-utils; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -15,8 +15,17 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  # Debian starts a cluster on install; pgbranch runs its own servers.
-  $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
+  # Debian starts a cluster (and an etcd) on install; pgbranch's tests run
+  # their own servers on ports of their own.
+  $SUDO systemctl disable --now postgresql etcd >/dev/null 2>&1 || true
+fi
+
+# The real control plane of the operator tests (kube-apiserver and
+# kube-controller-manager v1.36.2, etcd from Debian) in .envtest, when the
+# shared kit is next to the checkout. Elsewhere see the README ("A real
+# control plane for the operator tests").
+if [ -x ../shared/envtest/install.sh ]; then
+  bash ../shared/envtest/install.sh .envtest >/dev/null
 fi
 
 # Python tools for offline manifest validation, pinned, in a project-local venv.

@@ -1,5 +1,6 @@
-//! Tier 3: the `pgbranch operator` binary against the in-process API server
-//! served on a local port: it takes the leader Lease, serves /healthz,
+//! Tier 4: the `pgbranch operator` binary on a real control plane, as its
+//! ServiceAccount with the RBAC we ship (the operator's ClusterRole and the
+//! leader-election Role): it takes the leader Lease, serves /healthz,
 //! /readyz and /metrics, reconciles a Branch with the embedded engine, and
 //! on SIGTERM stops, releases the Lease and exits 0.
 
@@ -9,10 +10,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::PostParams;
-use kube::{Api, CustomResourceExt};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::Api;
 use pgbranch::api::{Branch, BranchSpec};
-use support::apiserver::ApiServer;
+use support::cluster::kubeconfig_yaml;
+use support::world::World;
 
 /// Kills the operator if the test fails before it exits.
 struct Guard(Option<Child>);
@@ -36,6 +40,58 @@ fn free_port() -> u16 {
 
 static LOG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
+/// The shipped leader-election Role, in `ns`, bound to the ServiceAccount
+/// `sa` of `ns`.
+async fn grant_leader_election(w: &World, sa: &str) {
+    let yaml = include_str!("../config/rbac/leader_election_role.yaml");
+    let mut role: Role = serde_yaml::from_str(yaml).unwrap();
+    role.metadata.namespace = Some(w.ns.clone());
+    w.api::<Role>()
+        .patch(
+            "pgbranch-leader-election",
+            &PatchParams::apply("pgbranch-tests"),
+            &Patch::Apply(&role),
+        )
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": format!("{sa}-leader-election")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": "pgbranch-leader-election"},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": w.ns}],
+    }))
+    .unwrap();
+    w.api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+}
+
+/// A kubeconfig file for the ServiceAccount `sa` of the world's namespace.
+async fn kubeconfig_of(w: &World, sa: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let req = serde_json::from_value(serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"expirationSeconds": 3600},
+    }))
+    .unwrap();
+    let token = w
+        .api::<ServiceAccount>()
+        .create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let path = dir.join(format!("{sa}.kubeconfig"));
+    std::fs::write(
+        &path,
+        kubeconfig_yaml(w.control_plane.server(), &token, &w.ns),
+    )
+    .unwrap();
+    path
+}
+
 async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
     mut f: impl FnMut() -> F,
@@ -58,9 +114,14 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_binary_elects_serves_health_reconciles_and_stops_on_sigterm() {
-    let server = ApiServer::new();
-    server.install_crd(&Branch::crd());
-    let served = server.serve().await;
+    let Some(w) = World::builder("operator-binary")
+        .without_computes()
+        .build()
+        .await
+    else {
+        return;
+    };
+    grant_leader_election(&w, "pgbranch-operator").await;
     let dir = tempfile::Builder::new()
         .prefix("pgbranch-cli-")
         .tempdir()
@@ -69,8 +130,7 @@ async fn operator_binary_elects_serves_health_reconciles_and_stops_on_sigterm() 
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, served.kubeconfig_yaml()).unwrap();
+    let kubeconfig = kubeconfig_of(&w, "pgbranch-operator", dir.path()).await;
     let _ = LOG.set(dir.path().join("operator.log"));
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_pgbranch"))
@@ -82,8 +142,10 @@ async fn operator_binary_elects_serves_health_reconciles_and_stops_on_sigterm() 
             "/srv/pgbranch",
             "--metrics-addr",
             &format!("127.0.0.1:{port}"),
+            "--namespace",
+            &w.ns,
             "--lease-namespace",
-            "default",
+            &w.ns,
             "--pod-name",
             "operator-0",
         ])
@@ -107,8 +169,7 @@ async fn operator_binary_elects_serves_health_reconciles_and_stops_on_sigterm() 
         (r.status() == 200).then_some(())
     })
     .await;
-    let client = server.client();
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let leases: Api<Lease> = w.api();
     eventually("the Lease is held by operator-0", || async {
         let l = leases.get_opt("pgbranch-operator").await.ok()??;
         (l.spec?.holder_identity.as_deref() == Some("operator-0")).then_some(())
@@ -117,7 +178,7 @@ async fn operator_binary_elects_serves_health_reconciles_and_stops_on_sigterm() 
 
     // It reconciles: a root Branch gets a timeline and Ready=False (no
     // kubelet here, so its compute never becomes ready).
-    let branches: Api<Branch> = Api::namespaced(client.clone(), "default");
+    let branches: Api<Branch> = w.api();
     branches
         .create(
             &PostParams::default(),
@@ -182,16 +243,28 @@ async fn operator_binary_elects_serves_health_reconciles_and_stops_on_sigterm() 
         Some("operator-0"),
         "the Lease was released"
     );
-    drop(served);
 }
 
-/// An operator started before its CRDs are installed (or without RBAC to
-/// list them) still stops on SIGTERM: kube-runtime alone would wait forever
-/// for the never-filled stores of its controllers.
+/// An operator that cannot list its kinds (its CRDs are not installed, or
+/// here: its ServiceAccount has no RBAC for them, only the leader-election
+/// Role) still stops on SIGTERM: kube-runtime alone would wait forever for
+/// the never-filled stores of its controllers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_without_crds_still_stops_on_sigterm() {
-    let server = ApiServer::new();
-    let served = server.serve().await;
+async fn operator_that_cannot_list_its_kinds_still_stops_on_sigterm() {
+    let Some(w) = World::builder("operator-no-rbac")
+        .without_computes()
+        .build()
+        .await
+    else {
+        return;
+    };
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some("unprivileged".into());
+    w.api::<ServiceAccount>()
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    grant_leader_election(&w, "unprivileged").await;
     let dir = tempfile::Builder::new()
         .prefix("pgbranch-cli-")
         .tempdir()
@@ -200,8 +273,7 @@ async fn operator_without_crds_still_stops_on_sigterm() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, served.kubeconfig_yaml()).unwrap();
+    let kubeconfig = kubeconfig_of(&w, "unprivileged", dir.path()).await;
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_pgbranch"))
         .args([
@@ -212,8 +284,10 @@ async fn operator_without_crds_still_stops_on_sigterm() {
             "/srv/pgbranch",
             "--metrics-addr",
             &format!("127.0.0.1:{port}"),
+            "--namespace",
+            &w.ns,
             "--lease-namespace",
-            "default",
+            &w.ns,
             "--pod-name",
             "operator-0",
         ])
@@ -224,7 +298,7 @@ async fn operator_without_crds_still_stops_on_sigterm() {
         .spawn()
         .unwrap();
     let mut guard = Guard(Some(child));
-    let leases: Api<Lease> = Api::namespaced(server.client(), "default");
+    let leases: Api<Lease> = w.api();
     eventually("the Lease is held by operator-0", || async {
         let l = leases.get_opt("pgbranch-operator").await.ok()??;
         (l.spec?.holder_identity.as_deref() == Some("operator-0")).then_some(())

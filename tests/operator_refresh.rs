@@ -1,24 +1,23 @@
-//! Tier 3: scheduled refresh of a Branch from its parent, with the real
-//! operator (`controller::run()`: Branch, Snapshot, SnapshotRestore and the
-//! refresh controllers), the in-process API server, the real storage engine,
+//! Tier 4 (a real control plane): scheduled refresh of a Branch from its
+//! parent, with the real operator (`controller::run()`: Branch, Snapshot,
+//! SnapshotRestore and the refresh controllers), the real storage engine,
 //! real postgres computes and a clock the test moves. One SnapshotRestore
 //! per slot that really resets the branch to its parent's data behind the
 //! same Service and credentials, none while another operation on the branch
 //! is under way (the slot is skipped, the next one runs), one catch-up run
 //! after downtime, the pre-refresh backup deleted unless used.
 
-#[path = "operator_schedule_support/mod.rs"]
-mod harness;
 mod support;
 
 use std::time::Duration;
 
-use harness::{eventually, next_utc, plus, stamp, World};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::ResourceExt;
 use pgbranch::api::{Branch, RestorePhase, SnapshotRestore};
 use serde_json::json;
+use support::times::{next_utc, plus, stamp};
+use support::world::{eventually, World};
 
 fn rfc(t: jiff::Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
@@ -98,7 +97,9 @@ async fn ids(c: &tokio_postgres::Client) -> Vec<i32> {
 #[tokio::test]
 async fn refresh_resets_the_branch_once_per_slot_and_never_over_another_operation() {
     let t0 = jiff::Timestamp::now();
-    let w = World::with_computes(t0).await;
+    let Some(w) = World::builder(module_path!()).clock(t0).build().await else {
+        return;
+    };
     let op = w.start();
     w.branch_with_compute("prod", None).await;
     wait_ready(&w, "prod").await;
@@ -146,7 +147,7 @@ async fn refresh_resets_the_branch_once_per_slot_and_never_over_another_operatio
     );
 
     // Slot 1: one SnapshotRestore of the parent at head onto dev.
-    w.clock.set(plus(s1, 20));
+    w.clock().set(plus(s1, 20));
     let r1 = format!("dev-refresh-{}", stamp(s1));
     eventually(20, "refresh 1", || async {
         restore_names(&w).await.contains(&r1).then_some(())
@@ -185,11 +186,11 @@ async fn refresh_resets_the_branch_once_per_slot_and_never_over_another_operatio
     // Slot 2 while a restore of dev is pending: skipped, not queued.
     w.create::<SnapshotRestore>(json!({
         "apiVersion": "pgbranch.dev/v1alpha1", "kind": "SnapshotRestore",
-        "metadata": {"name": "held", "namespace": "default"},
+        "metadata": {"name": "held"},
         "spec": {"source": {"snapshot": "not-taken-yet"}, "target": "dev", "finalize": false},
     }))
     .await;
-    w.clock.set(plus(s(1), 20));
+    w.clock().set(plus(s(1), 20));
     eventually(
         20,
         "nextRefreshTime moves past the skipped slot",
@@ -210,7 +211,7 @@ async fn refresh_resets_the_branch_once_per_slot_and_never_over_another_operatio
         .delete("held", &Default::default())
         .await
         .unwrap();
-    w.clock.set(plus(s(1), 3600));
+    w.clock().set(plus(s(1), 3600));
     settle_on(&w, std::slice::from_ref(&r1)).await;
 
     // Slot 3, nothing under way: the second refresh; its backup is not
@@ -218,7 +219,7 @@ async fn refresh_resets_the_branch_once_per_slot_and_never_over_another_operatio
     prod.execute("INSERT INTO items VALUES (4)", &[])
         .await
         .unwrap();
-    w.clock.set(plus(s(2), 20));
+    w.clock().set(plus(s(2), 20));
     let r3 = format!("dev-refresh-{}", stamp(s(2)));
     eventually(20, "refresh 3", || async {
         restore_names(&w).await.contains(&r3).then_some(())
@@ -241,7 +242,7 @@ async fn refresh_resets_the_branch_once_per_slot_and_never_over_another_operatio
 
     // Downtime over three slots: one catch-up refresh (the latest).
     op.stop().await;
-    w.clock.set(plus(s(5), 7200));
+    w.clock().set(plus(s(5), 7200));
     let _op = w.start();
     let r6 = format!("dev-refresh-{}", stamp(s(5)));
     settle_on(&w, &[r1, r3, r6]).await;
@@ -253,7 +254,14 @@ async fn refresh_resets_the_branch_once_per_slot_and_never_over_another_operatio
 #[tokio::test]
 async fn preserve_names_the_backup_and_suspend_stops_refreshes() {
     let t0 = jiff::Timestamp::now();
-    let w = World::new(t0).await;
+    let Some(w) = World::builder(module_path!())
+        .clock(t0)
+        .without_computes()
+        .build()
+        .await
+    else {
+        return;
+    };
     let _op = w.start();
     w.branch("prod", None).await;
     w.branch("dev", Some("prod")).await;
@@ -277,7 +285,7 @@ async fn preserve_names_the_backup_and_suspend_stops_refreshes() {
     // 03:00 in Berlin is 01:00 or 02:00 UTC.
     let hour = slot.to_zoned(jiff::tz::TimeZone::UTC).hour();
     assert!(hour == 1 || hour == 2, "{announced}");
-    w.clock.set(plus(slot, 5));
+    w.clock().set(plus(slot, 5));
     let name = format!("dev-refresh-{}", stamp(slot));
     settle_on(&w, std::slice::from_ref(&name)).await;
     let r = w.api::<SnapshotRestore>().get(&name).await.unwrap();
@@ -312,7 +320,7 @@ async fn preserve_names_the_backup_and_suspend_stops_refreshes() {
             .then_some(())
     })
     .await;
-    w.clock.set(plus(slot, 3 * 86_400));
+    w.clock().set(plus(slot, 3 * 86_400));
     settle_on(&w, std::slice::from_ref(&name)).await;
     // Resumed: the next slot is announced; nothing runs at once.
     w.api::<Branch>()
@@ -332,7 +340,7 @@ async fn preserve_names_the_backup_and_suspend_stops_refreshes() {
 
 /// How many times an event with `reason` was published (series included).
 async fn event_count(w: &World, reason: &str) -> usize {
-    let events: Api<K8sEvent> = Api::namespaced(w.client.clone(), "default");
+    let events: Api<K8sEvent> = w.api();
     events
         .list(&ListParams::default())
         .await
@@ -361,12 +369,19 @@ async fn condition(w: &World, name: &str, type_: &str) -> Option<(String, String
 #[tokio::test]
 async fn an_invalid_refresh_time_zone_stalls_the_branch_and_never_runs() {
     let t0 = jiff::Timestamp::now();
-    let w = World::new(t0).await;
+    let Some(w) = World::builder(module_path!())
+        .clock(t0)
+        .without_computes()
+        .build()
+        .await
+    else {
+        return;
+    };
     let _op = w.start();
     w.branch("prod", None).await;
     w.create::<Branch>(json!({
         "apiVersion": "pgbranch.dev/v1alpha1", "kind": "Branch",
-        "metadata": {"name": "dev", "namespace": "default"},
+        "metadata": {"name": "dev"},
         "spec": {"parent": {"branch": "prod"}, "compute": {"enabled": false},
                  "refresh": {"schedule": "0 3 * * *", "timeZone": "Europe/Paris"}},
     }))
@@ -395,7 +410,7 @@ async fn an_invalid_refresh_time_zone_stalls_the_branch_and_never_runs() {
         (event_count(&w, "InvalidRefreshSchedule").await > 0).then_some(())
     })
     .await;
-    w.clock.set(plus(t0, 3 * 86_400));
+    w.clock().set(plus(t0, 3 * 86_400));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(event_count(&w, "InvalidRefreshSchedule").await, 1);
     assert!(restore_names(&w).await.is_empty());

@@ -1,7 +1,8 @@
-//! Tier 3: read replicas (`spec.compute.readReplicas`) with the real
-//! operator (`controller::run()`) against the in-process API server, the
-//! real storage engine (copy driver) and real PostgreSQL: the primary and
-//! hot standbys streaming from it, started by the local compute runner.
+//! Tier 4 (a real control plane): read replicas
+//! (`spec.compute.readReplicas`) with the real operator
+//! (`controller::run()`) on a real control plane, the real storage engine
+//! (copy driver) and real PostgreSQL: the primary and hot standbys
+//! streaming from it, run by the test kubelet.
 
 mod support;
 
@@ -10,14 +11,11 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, CustomResourceExt, ResourceExt};
+use kube::{Api, ResourceExt};
 use pgbranch::api::{Branch, BranchSpec, ComputeSpec, LABEL_BRANCH, LABEL_ROLE};
 use pgbranch::storage::{Storage, TimelineId};
 use serde_json::json;
-use support::apiserver::ApiServer;
-use support::branch_scenario::{
-    branch, branches, condition, connect, connect_app, secret_field, wait_branch, Harness, NS,
-};
+use support::world::*;
 use tokio_postgres::NoTls;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -27,7 +25,7 @@ fn ready_with(b: &Branch, note: &str) -> bool {
         && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
 }
 
-async fn set_compute(h: &Harness, name: &str, compute: serde_json::Value) {
+async fn set_compute(h: &World, name: &str, compute: serde_json::Value) {
     set_compute_rh(&h.client, name, compute).await;
 }
 
@@ -42,7 +40,7 @@ async fn set_compute_rh(client: &kube::Client, name: &str, compute: serde_json::
         .expect("patch spec.compute");
 }
 
-async fn set_replicas(h: &Harness, name: &str, n: i32) {
+async fn set_replicas(h: &World, name: &str, n: i32) {
     set_compute(h, name, json!({"readReplicas": n})).await;
 }
 
@@ -63,7 +61,7 @@ where
 }
 
 /// A session on a local port as the branch's app user.
-async fn connect_port(h: &Harness, name: &str, port: u16) -> tokio_postgres::Client {
+async fn connect_port(h: &World, name: &str, port: u16) -> tokio_postgres::Client {
     let secret = format!("{name}-app");
     let user = secret_field(&h.client, &secret, "user").await;
     let pw = secret_field(&h.client, &secret, "password").await;
@@ -90,8 +88,8 @@ async fn count(c: &tokio_postgres::Client) -> Option<i64> {
         .map(|r| r.get(0))
 }
 
-async fn replica_deployments(h: &Harness, name: &str) -> Vec<String> {
-    let api: Api<Deployment> = Api::namespaced(h.client.clone(), NS);
+async fn replica_deployments(h: &World, name: &str) -> Vec<String> {
+    let api: Api<Deployment> = Api::default_namespaced(h.client.clone());
     api.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name},{LABEL_ROLE}=replica")))
         .await
         .expect("list deployments")
@@ -103,10 +101,10 @@ async fn replica_deployments(h: &Harness, name: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn read_replicas_stream_from_the_primary_and_scale() {
-    let server = ApiServer::new();
-    server.install_crd(&Branch::crd());
-    server.create_namespace(NS);
-    let h = Harness::start(server.client()).await;
+    let Some(mut h) = World::new("standbys").await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = &h.client;
     let spec = BranchSpec {
         compute: ComputeSpec {
@@ -126,11 +124,11 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
     let tl = TimelineId::new(b.status.unwrap().timeline_id.unwrap()).unwrap();
     assert_eq!(
         secret_field(client, "main-app", "ro-host").await,
-        format!("main-ro.{NS}.svc")
+        format!("main-ro.{}.svc", h.ns)
     );
 
     // Rows written through <branch> appear through <branch>-ro.
-    let primary = connect_app(&h, "main").await;
+    let primary = h.connect_app("main").await;
     primary
         .batch_execute(
             "CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items SELECT generate_series(1, 10);",
@@ -140,7 +138,8 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
     let user = secret_field(client, "main-app", "user").await;
     let pw = secret_field(client, "main-app", "password").await;
     let db = secret_field(client, "main-app", "dbname").await;
-    let ro = connect(&h, "main-ro", &user, &pw, &db)
+    let ro = h
+        .connect("main-ro", &user, &pw, &db)
         .await
         .expect("connect through main-ro");
     eventually("rows on the replica", || async {
@@ -182,11 +181,11 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
             && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
     })
     .await;
-    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let deploys: Api<Deployment> = Api::default_namespaced(client.clone());
     eventually("the replica scaled to zero", || async {
         let d = deploys.get(&r0).await.unwrap();
         let zero = d.spec.and_then(|s| s.replicas) == Some(0);
-        (zero && h.runner.deployment_port(NS, &r0).is_none()).then_some(())
+        (zero && h.kubelet().deployment_port(&r0).is_none()).then_some(())
     })
     .await;
     assert_eq!(h.engine.list_replicas(&tl).await.unwrap().len(), 1);
@@ -197,8 +196,9 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
     })
     .await;
     assert!(kept.exists(), "resumed on the same data directory");
-    let primary = connect_app(&h, "main").await;
-    let ro = connect(&h, "main-ro", &user, &pw, &db)
+    let primary = h.connect_app("main").await;
+    let ro = h
+        .connect("main-ro", &user, &pw, &db)
         .await
         .expect("connect through main-ro after resume");
     assert_eq!(count(&ro).await, Some(10));
@@ -221,7 +221,7 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
         .unwrap();
     for n in &names {
         let port = eventually(&format!("{n} running"), || async {
-            h.runner.deployment_port(NS, n)
+            h.kubelet().deployment_port(n)
         })
         .await;
         let c = connect_port(&h, "main", port).await;
@@ -234,13 +234,13 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
 
     // Steady state: no API writes.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    server.reset_counts();
+    h.traffic.reset();
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
-        server.write_count(),
+        h.traffic.writes().len(),
         0,
         "writes in steady state: {:#?}",
-        server.writes()
+        h.traffic.writes()
     );
 
     // Zero: Deployments, the -ro Service and the storage replicas go.
@@ -250,7 +250,7 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
     })
     .await;
     assert!(!condition(&b, "Ready").unwrap().2.contains("replica"));
-    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let services: Api<Service> = Api::default_namespaced(client.clone());
     eventually("replicas removed", || async {
         let deployments = replica_deployments(&h, "main").await;
         let svc = services.get_opt("main-ro").await.unwrap();
@@ -270,10 +270,10 @@ async fn read_replicas_stream_from_the_primary_and_scale() {
 /// unless it asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_follow_a_timeline_change_and_are_not_inherited() {
-    let server = ApiServer::new();
-    server.install_crd(&Branch::crd());
-    server.create_namespace(NS);
-    let h = Harness::start(server.client()).await;
+    let Some(mut h) = World::new("standbys").await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = &h.client;
     let api = branches(client);
     let spec = BranchSpec {
@@ -291,7 +291,7 @@ async fn replicas_follow_a_timeline_change_and_are_not_inherited() {
     })
     .await;
     let old_tl = TimelineId::new(b.status.unwrap().timeline_id.unwrap()).unwrap();
-    let primary = connect_app(&h, "prod").await;
+    let primary = h.connect_app("prod").await;
     primary
         .batch_execute(
             "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
@@ -318,17 +318,17 @@ async fn replicas_follow_a_timeline_change_and_are_not_inherited() {
     let dev = wait_branch(client, "dev", "Ready", |b| ready_with(b, "branch is ready")).await;
     assert!(!condition(&dev, "Ready").unwrap().2.contains("replica"));
     assert!(replica_deployments(&h, "dev").await.is_empty());
-    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let services: Api<Service> = Api::default_namespaced(client.clone());
     assert!(services.get_opt("dev-ro").await.unwrap().is_none());
     let dev_tl = TimelineId::new(dev.status.unwrap().timeline_id.unwrap()).unwrap();
     assert!(h.engine.list_replicas(&dev_tl).await.unwrap().is_empty());
     api.delete("dev", &Default::default()).await.unwrap();
-    support::branch_scenario::wait_gone(client, "dev").await;
+    wait_gone(&branches(client), "dev").await;
 
     // Copy prod's data (rows 1-3) into a new timeline, then write row 4 on
     // the old one only.
     let su = secret_field(client, "prod-superuser", "password").await;
-    let port = h.runner.resolve_service(NS, "prod").await.unwrap();
+    let port = h.port("prod").await.unwrap();
     let copy = h
         .engine
         .create_timeline(pgbranch::storage::CreateTimeline {
@@ -387,14 +387,14 @@ async fn replicas_follow_a_timeline_change_and_are_not_inherited() {
     // The -ro Service reaches a replica of the new data (rows 1-3, not 4).
     let rows = eventually("the new replica serves the new data", || async {
         let port = h
-            .runner
-            .deployment_port(NS, &format!("prod-{}-r0", &copy.id.as_str()[..8]))?;
+            .kubelet()
+            .deployment_port(&format!("prod-{}-r0", &copy.id.as_str()[..8]))?;
         let c = connect_port(&h, "prod", port).await;
         count(&c).await
     })
     .await;
     assert_eq!(rows, 3);
-    let ro = connect(&h, "prod-ro", &user, &pw, &db).await.unwrap();
+    let ro = h.connect("prod-ro", &user, &pw, &db).await.unwrap();
     assert_eq!(count(&ro).await, Some(3));
     eventually(
         "the old timeline's replicas removed from storage",
@@ -416,7 +416,7 @@ async fn replicas_follow_a_timeline_change_and_are_not_inherited() {
     let replica_dir = h.engine.replica_data_dir(&copy.id, 0);
     assert!(replica_dir.exists());
     api.delete("prod", &Default::default()).await.unwrap();
-    support::branch_scenario::wait_gone(client, "prod").await;
+    wait_gone(&branches(client), "prod").await;
     assert!(matches!(
         h.engine.get_timeline(&copy.id).await,
         Err(pgbranch::storage::StorageError::NotFound { .. })
@@ -431,20 +431,21 @@ async fn replicas_follow_a_timeline_change_and_are_not_inherited() {
 /// the branch ends with replicas of the restored data behind `-ro`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
-    use support::restore_harness as rh;
-    let mut h = rh::Harness::new().await;
-    h.start_operator(rh::test_config());
+    let Some(mut h) = World::new("standbys").await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = h.client.clone();
-    let mut prod = rh::shop_branch("prod");
+    let mut prod = shop_branch("prod");
     prod.spec.compute.read_replicas = 1;
-    rh::create_branch(&client, &prod).await;
-    rh::create_branch(&client, &rh::shop_branch("dev")).await;
-    let before = rh::wait_branch(&client, "prod", "Ready with 1/1 replicas", |b| {
+    create_branch(&client, &prod).await;
+    create_branch(&client, &shop_branch("dev")).await;
+    let before = wait_branch(&client, "prod", "Ready with 1/1 replicas", |b| {
         ready_with(b, "1/1 read replicas ready")
     })
     .await;
     let old_tl = before.status.unwrap().timeline_id.unwrap();
-    rh::wait_branch_ready(&client, "dev").await;
+    wait_branch_ready(&client, "dev").await;
     let exec = |branch: &'static str, sql: &'static str| {
         let h = &h;
         async move {
@@ -465,7 +466,7 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
         "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(101, 105);",
     )
     .await;
-    rh::create_snapshot(
+    create_snapshot(
         &client,
         "dev-ready",
         pgbranch::api::SnapshotSpec {
@@ -474,8 +475,8 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
         },
     )
     .await;
-    rh::wait_snapshot_ready(&client, "dev-ready").await;
-    rh::create_restore(
+    wait_snapshot_ready(&client, "dev-ready").await;
+    create_restore(
         &client,
         "promote",
         pgbranch::api::SnapshotRestoreSpec {
@@ -489,7 +490,7 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
         },
     )
     .await;
-    let r = rh::wait_restore(&client, "promote", "Completed or Failed", |r| {
+    let r = wait_restore(&client, "promote", "Completed or Failed", |r| {
         matches!(
             r.status.as_ref().and_then(|s| s.phase),
             Some(pgbranch::api::RestorePhase::Completed | pgbranch::api::RestorePhase::Failed)
@@ -502,7 +503,7 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
         "{:#?}",
         r.status
     );
-    let after = rh::wait_branch(
+    let after = wait_branch(
         &client,
         "prod",
         "Ready on new data with 1/1 replicas",
@@ -515,7 +516,7 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
     let new_tl = after.status.unwrap().timeline_id.unwrap();
 
     // The branch's Service reaches the primary of the restored data.
-    let (user, pw, db) = rh::app_credentials(&client, "prod").await;
+    let (user, pw, db) = app_credentials(&client, "prod").await;
     let primary = h.connect_app("prod").await;
     let in_recovery: bool = primary
         .query_one("SELECT pg_is_in_recovery()", &[])
@@ -523,7 +524,7 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
         .unwrap()
         .get(0);
     assert!(!in_recovery, "prod's Service selects a standby");
-    assert_eq!(rh::ids(&primary).await, (101..=105).collect::<Vec<_>>());
+    assert_eq!(ids(&primary).await, (101..=105).collect::<Vec<_>>());
     primary
         .batch_execute("INSERT INTO items VALUES (106)")
         .await
@@ -531,9 +532,9 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
 
     // -ro: a replica of the restored data, following the primary.
     let replica = format!("prod-{}-r0", &new_tl[..8]);
-    let runner = h.runner.as_ref().unwrap();
+    let runner = h.kubelet();
     let port = eventually(&format!("{replica} running"), || async {
-        runner.deployment_port(NS, &replica)
+        runner.deployment_port(&replica)
     })
     .await;
     let ro = eventually("connect to the replica", || async {
@@ -583,7 +584,7 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
     };
     let before = started(primary).await;
     set_compute_rh(&client, "prod", json!({"readReplicas": 2})).await;
-    rh::wait_branch(&client, "prod", "Ready with 2/2 replicas", |b| {
+    wait_branch(&client, "prod", "Ready with 2/2 replicas", |b| {
         ready_with(b, "2/2 read replicas ready")
     })
     .await;

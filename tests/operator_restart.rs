@@ -1,22 +1,17 @@
-//! Tier 3: the operator killed in the middle of creating a branch and
-//! started again finishes the job with the same timeline (idempotent by the
-//! Branch UID), the child still gets its own passwords, and a branch created
-//! while no operator ran is picked up. Status is a cache: a fresh operator
-//! on Ready branches makes no writes.
+//! Tier 4 (a real control plane): the operator killed in the middle of
+//! creating a branch and started again finishes the job with the same
+//! timeline (idempotent by the Branch UID), the child still gets its own
+//! passwords, and a branch created while no operator ran is picked up.
+//! Status is a cache: a fresh operator on Ready branches makes no writes.
 
 mod support;
 
 use std::time::Duration;
 
 use kube::api::{DeleteParams, PostParams};
-use kube::CustomResourceExt;
 use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, ParentRef, RoleSpec};
 use pgbranch::storage::Storage;
-use support::apiserver::ApiServer;
-use support::branch_scenario::{
-    assert_auth_fails, branch, branches, condition, connect_app, secret_field, wait_branch,
-    wait_gone, wait_ready, Harness, NS,
-};
+use support::world::*;
 
 fn child(name: &str) -> Branch {
     branch(
@@ -33,10 +28,10 @@ fn child(name: &str) -> Branch {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crashed_operator_resumes_without_duplicates_or_writes() {
-    let server = ApiServer::new();
-    server.install_crd(&Branch::crd());
-    server.create_namespace(NS);
-    let mut h = Harness::start(server.client()).await;
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = h.client.clone();
     let api = branches(&client);
     api.create(
@@ -79,7 +74,7 @@ async fn a_crashed_operator_resumes_without_duplicates_or_writes() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    h.start_operator();
+    h.start_operator(h.config());
     let dev = wait_ready(&client, "dev").await;
     wait_ready(&client, "qa").await;
     assert_eq!(
@@ -95,30 +90,26 @@ async fn a_crashed_operator_resumes_without_duplicates_or_writes() {
             main_pw
         );
         assert_auth_fails(&h, c, "shop", &main_pw, "shop").await;
-        connect_app(&h, c)
-            .await
-            .query("SELECT 1", &[])
-            .await
-            .unwrap();
+        h.connect_app(c).await.query("SELECT 1", &[]).await.unwrap();
     }
 
     // A fresh operator over Ready branches: reconciles, no writes.
     h.crash_operator().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    server.reset_counts();
-    h.start_operator();
+    h.traffic.reset();
+    h.start_operator(h.config());
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(h.metrics.reconcile_count("Branch") >= 6);
-    assert_eq!(server.write_count(), 0, "{:#?}", server.writes());
+    assert!(h.metrics().reconcile_count("Branch") >= 6);
+    assert_eq!(h.traffic.writes().len(), 0, "{:#?}", h.traffic.writes());
 
     for n in ["dev", "qa"] {
         api.delete(n, &DeleteParams::default()).await.unwrap();
     }
     for n in ["dev", "qa"] {
-        wait_gone(&client, n).await;
+        wait_gone(&api, n).await;
     }
     api.delete("main", &DeleteParams::default()).await.unwrap();
-    wait_gone(&client, "main").await;
+    wait_gone(&api, "main").await;
     assert!(h.engine.list_timelines().await.unwrap().is_empty());
     h.shutdown().await;
 }

@@ -1,9 +1,10 @@
-//! Tier 3: the SnapshotRestore controller with the real operator, engine
-//! (copy driver) and PostgreSQL — the seeds' workflows: promotion of a dev
-//! snapshot onto prod with rollback and a refresh of dev, a multi-step
-//! restore with preview, and a branch restored to its own past; what is
-//! refused (TargetChanged, ServiceNotOwned, NameTaken, PgMajorMismatch, a
-//! user's adopt annotation); the operator stopped after each finalize step.
+//! Tier 4 (a real control plane): the SnapshotRestore controller with the
+//! real operator, engine (copy driver) and PostgreSQL — the seeds'
+//! workflows: promotion of a dev snapshot onto prod with rollback and a
+//! refresh of dev, a multi-step restore with preview, and a branch restored
+//! to its own past; what is refused (TargetChanged, ServiceNotOwned,
+//! NameTaken, PgMajorMismatch, a user's adopt annotation); the operator
+//! stopped after each finalize step.
 
 mod support;
 
@@ -21,7 +22,7 @@ use pgbranch::api::{
 };
 use pgbranch::storage::Storage;
 use serde_json::json;
-use support::restore_harness::*;
+use support::world::*;
 
 fn from_snapshot(snapshot: &str, target: &str, finalize: bool) -> SnapshotRestoreSpec {
     SnapshotRestoreSpec {
@@ -64,12 +65,13 @@ struct ClientLoop {
 }
 
 impl ClientLoop {
-    fn start(h: &Harness, service: &str, creds: (String, String, String)) -> Self {
+    fn start(h: &World, service: &str, creds: (String, String, String)) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let longest = Arc::new(Mutex::new(Duration::ZERO));
         let drops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (s, l, d) = (stop.clone(), longest.clone(), drops.clone());
-        let runner = h.runner.as_ref().unwrap().resolver();
+        let runner = h.kubelet().resolver();
+        let ns = h.ns.clone();
         let service = service.to_string();
         let task = tokio::spawn(async move {
             use pgbranch::controller::ComputeResolver;
@@ -88,7 +90,7 @@ impl ClientLoop {
                     }
                 }
                 if !ok {
-                    if let Ok((host, port)) = runner.resolve(NS, &service).await {
+                    if let Ok((host, port)) = runner.resolve(&ns, &service).await {
                         let r = tokio_postgres::Config::new()
                             .host(&host)
                             .port(port)
@@ -144,7 +146,7 @@ impl ClientLoop {
     }
 }
 
-async fn exec(h: &Harness, branch: &str, sql: &str) {
+async fn exec(h: &World, branch: &str, sql: &str) {
     h.connect_app(branch)
         .await
         .batch_execute(sql)
@@ -154,8 +156,8 @@ async fn exec(h: &Harness, branch: &str, sql: &str) {
 
 /// Exactly one compute per timeline, and the Service of `branch` selects a
 /// running one.
-async fn assert_one_compute_per_timeline(h: &Harness) {
-    let deploys: Api<Deployment> = Api::namespaced(h.client.clone(), NS);
+async fn assert_one_compute_per_timeline(h: &World) {
+    let deploys: Api<Deployment> = Api::default_namespaced(h.client.clone());
     let list = deploys.list(&ListParams::default()).await.unwrap();
     let mut tls: Vec<String> = list
         .items
@@ -171,8 +173,10 @@ async fn assert_one_compute_per_timeline(h: &Harness) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn promotion_rollback_and_refresh() {
-    let mut h = Harness::new().await;
-    h.start_operator(test_config());
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = h.client.clone();
     create_branch(&client, &shop_branch("prod")).await;
     create_branch(&client, &shop_branch("dev")).await;
@@ -206,7 +210,7 @@ async fn promotion_rollback_and_refresh() {
     wait_snapshot_ready(&client, "dev-ready").await;
 
     // A child of prod's current data: re-parented to the backup by status.
-    let mut feature = pgbranch::api::Branch::new(
+    let feature = pgbranch::api::Branch::new(
         "feature",
         pgbranch::api::BranchSpec {
             parent: Some(pgbranch::api::ParentRef {
@@ -216,7 +220,6 @@ async fn promotion_rollback_and_refresh() {
             ..Default::default()
         },
     );
-    feature.metadata.namespace = Some(NS.into());
     create_branch(&client, &feature).await;
     wait_branch_ready(&client, "feature").await;
 
@@ -299,7 +302,7 @@ async fn promotion_rollback_and_refresh() {
     assert_eq!(ids(&h.connect_app("feature").await).await, vec![1, 2, 3]);
 
     // Every transition was an Event on the restore.
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::default_namespaced(client.clone());
     let reasons: Vec<String> = events
         .list(&ListParams::default())
         .await
@@ -392,8 +395,10 @@ async fn set_finalize(client: &kube::Client, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn multi_step_preview_then_finalize_and_what_is_refused() {
-    let mut h = Harness::new().await;
-    h.start_operator(test_config());
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = h.client.clone();
     create_branch(&client, &shop_branch("prod")).await;
     create_branch(&client, &shop_branch("dev")).await;
@@ -463,7 +468,7 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
     // handover). Suspending prod stops it and hands the timeline to prod's
     // own Deployment, scaled to zero; resuming runs prod's own compute on
     // the same data.
-    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let deploys: Api<Deployment> = Api::default_namespaced(client.clone());
     let prod_tl = branches(&client)
         .get("prod")
         .await
@@ -582,7 +587,8 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
         phase(r) == Some(RestorePhase::AwaitingFinalize)
     })
     .await;
-    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), NS);
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::default_namespaced(client.clone());
     let dev_sel = services.get("dev").await.unwrap().spec.unwrap().selector;
     services
         .patch(
@@ -617,7 +623,7 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
     wait_gone(&restores(&client), "blocked").await;
 
     // The restored branch takes the restore's name: a taken name fails.
-    let mut taken = pgbranch::api::Branch::new(
+    let taken = pgbranch::api::Branch::new(
         "taken",
         pgbranch::api::BranchSpec {
             compute: pgbranch::api::ComputeSpec {
@@ -627,7 +633,6 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
             ..Default::default()
         },
     );
-    taken.metadata.namespace = Some(NS.into());
     create_branch(&client, &taken).await;
     create_restore(&client, "taken", from_snapshot("dev-snap", "prod", false)).await;
     let r = wait_restore(&client, "taken", "Failed", |r| {
@@ -661,7 +666,6 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
             ..Default::default()
         },
     );
-    intruder.metadata.namespace = Some(NS.into());
     intruder.metadata.annotations = Some(
         [(
             pgbranch::controller::branch::ANNOTATION_ADOPT_TIMELINE.to_string(),
@@ -691,7 +695,7 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
         )
         .await
         .unwrap();
-    h.start_restore_controller_only(test_config());
+    h.start_controllers_with(Controllers::Restore, h.config());
     create_restore(&client, "major", from_snapshot("dev-snap", "prod", true)).await;
     let r = wait_restore(&client, "major", "Stalled PgMajorMismatch", |r| {
         r.status.as_ref().is_some_and(|s| {
@@ -707,8 +711,10 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_branch_restored_to_its_own_past_keeps_its_newer_rows_in_the_backup() {
-    let mut h = Harness::new().await;
-    h.start_operator(test_config());
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = h.client.clone();
     create_branch(&client, &shop_branch("prod")).await;
     wait_branch_ready(&client, "prod").await;
@@ -740,8 +746,7 @@ async fn a_branch_restored_to_its_own_past_keeps_its_newer_rows_in_the_backup() 
         preserve_under_name: preserve.map(String::from),
     };
     // Without preserveUnderName the API refuses it (CEL).
-    let mut bad = SnapshotRestore::new("no-backup-name", own_past(None));
-    bad.metadata.namespace = Some(NS.into());
+    let bad = SnapshotRestore::new("no-backup-name", own_past(None));
     let err = restores(&client)
         .create(&Default::default(), &bad)
         .await
@@ -773,8 +778,10 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
     use pgbranch::controller::restore::{FailPoint, FinalizeStep};
     use tokio_util::sync::CancellationToken;
 
-    let mut h = Harness::new().await;
-    h.start_operator(test_config());
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = h.client.clone();
     create_branch(&client, &shop_branch("prod")).await;
     wait_branch_ready(&client, "prod").await;
@@ -810,7 +817,7 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
                     after_step: step,
                     crash: crash.clone(),
                 }),
-                ..test_config()
+                ..h.config()
             },
             crash,
         );
@@ -831,7 +838,7 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
         if step == FinalizeStep::Passwords {
             // One data-changing operation per branch: a snapshot of prod
             // waits while the restore is finalizing it.
-            h.start_snapshot_controller_only(test_config());
+            h.start_controllers_with(Controllers::Snapshot, h.config());
             create_snapshot(&client, "during", snap("prod")).await;
             let s = wait_snapshot(&client, "during", "WaitingForRestore", |s| {
                 s.status.as_ref().is_some_and(|st| {
@@ -859,7 +866,7 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
                 .unwrap();
             assert!(restores(&client).get_opt(&name).await.unwrap().is_some());
         }
-        h.start_operator(test_config());
+        h.start_operator(h.config());
         let (restored_tl, backup) = if deleted_mid_way {
             wait_gone(&restores(&client), &name).await;
             (
@@ -906,8 +913,10 @@ async fn finalize_resumes_after_the_operator_stops_at_each_step() {
 /// rows with the branch's own credentials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn finalize_onto_a_suspended_target() {
-    let mut h = Harness::new().await;
-    h.start_operator(test_config());
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = h.client.clone();
     create_branch(&client, &shop_branch("dev")).await;
     let mut prod = shop_branch("prod");
@@ -967,7 +976,7 @@ async fn finalize_onto_a_suspended_target() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let deploys: Api<Deployment> = Api::default_namespaced(client.clone());
     for d in deploys
         .list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={restored}")))
         .await

@@ -1,5 +1,5 @@
-//! Tier 3: the real operator (`controller::run()`) against the in-process
-//! API server with the real storage engine, on a clock the test moves.
+//! Tier 4 (a real control plane): the real operator (`controller::run()`)
+//! with the real storage engine, on a clock the test moves.
 //! SnapshotSchedules create Snapshot objects at the right (fake) times with
 //! deterministic names, prune beyond maxCount, stop while suspended and
 //! catch up with exactly one run after downtime.
@@ -7,23 +7,22 @@
 //! The Snapshot controller runs too: the Snapshots a schedule creates are
 //! really taken (readyToUse), and the snapshot quota is the real one.
 
-#[path = "operator_schedule_support/mod.rs"]
-mod harness;
 mod support;
 
 use std::time::Duration;
 
-use harness::{eventually, next_utc, plus, stamp, World};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::ResourceExt;
 use pgbranch::api::{Snapshot, SnapshotSchedule};
 use serde_json::json;
+use support::times::{next_utc, plus, stamp};
+use support::world::{eventually, World};
 
 fn schedule(name: &str, spec: serde_json::Value) -> serde_json::Value {
     json!({
         "apiVersion": "pgbranch.dev/v1alpha1", "kind": "SnapshotSchedule",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {"name": name},
         "spec": spec,
     })
 }
@@ -61,7 +60,14 @@ async fn settle_on(w: &World, want: &[String]) {
 #[tokio::test]
 async fn cron_schedule_creates_named_snapshots_at_the_right_times_and_prunes() {
     let t0 = jiff::Timestamp::now();
-    let w = World::new(t0).await;
+    let Some(w) = World::builder(module_path!())
+        .clock(t0)
+        .without_computes()
+        .build()
+        .await
+    else {
+        return;
+    };
     let _op = w.start();
     w.branch("prod", None).await;
     w.create::<SnapshotSchedule>(schedule(
@@ -93,13 +99,13 @@ async fn cron_schedule_creates_named_snapshots_at_the_right_times_and_prunes() {
     );
 
     // A minute before the slot: still nothing.
-    w.clock.set(plus(s1, -60));
+    w.clock().set(plus(s1, -60));
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(w.snapshot_names().await.is_empty());
 
     // The slot passes: one Snapshot, named from the slot.
     let run1 = plus(s1, 30);
-    w.clock.set(run1);
+    w.clock().set(run1);
     let n1 = format!("nightly-{}", stamp(s1));
     settle_on(&w, std::slice::from_ref(&n1)).await;
     let snap = w.api::<Snapshot>().get(&n1).await.unwrap();
@@ -168,7 +174,7 @@ async fn cron_schedule_creates_named_snapshots_at_the_right_times_and_prunes() {
     )
     .await;
     for k in 1..=3 {
-        w.clock.set(plus(s(k), 5));
+        w.clock().set(plus(s(k), 5));
         eventually(20, &format!("run {k}"), || async {
             w.snapshot_names()
                 .await
@@ -191,7 +197,7 @@ async fn cron_schedule_creates_named_snapshots_at_the_right_times_and_prunes() {
     );
     // Exactly four creations ever: a retry never made a second object.
     let creates = w
-        .server
+        .traffic
         .writes()
         .into_iter()
         .filter(|r| r.verb == "create" && r.resource == "snapshots")
@@ -202,7 +208,14 @@ async fn cron_schedule_creates_named_snapshots_at_the_right_times_and_prunes() {
 #[tokio::test]
 async fn suspend_stops_runs_and_resume_makes_one_catch_up_run() {
     let t0 = jiff::Timestamp::now();
-    let w = World::new(t0).await;
+    let Some(w) = World::builder(module_path!())
+        .clock(t0)
+        .without_computes()
+        .build()
+        .await
+    else {
+        return;
+    };
     let _op = w.start();
     w.branch("prod", None).await;
     let sched = w
@@ -221,7 +234,7 @@ async fn suspend_stops_runs_and_resume_makes_one_catch_up_run() {
     assert_eq!(st.next_schedule_time, None);
 
     // Three slots pass while suspended: nothing.
-    w.clock.set(plus(created, 3 * 3600 + 120));
+    w.clock().set(plus(created, 3 * 3600 + 120));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(w.snapshot_names().await.is_empty(), "suspended: no runs");
 
@@ -250,7 +263,14 @@ async fn suspend_stops_runs_and_resume_makes_one_catch_up_run() {
 #[tokio::test]
 async fn a_restart_after_downtime_makes_exactly_one_catch_up_run() {
     let t0 = jiff::Timestamp::now();
-    let w = World::new(t0).await;
+    let Some(w) = World::builder(module_path!())
+        .clock(t0)
+        .without_computes()
+        .build()
+        .await
+    else {
+        return;
+    };
     let op = w.start();
     w.branch("prod", None).await;
     w.create::<SnapshotSchedule>(schedule(
@@ -266,13 +286,13 @@ async fn a_restart_after_downtime_makes_exactly_one_catch_up_run() {
         }
         t
     };
-    w.clock.set(plus(first, 1));
+    w.clock().set(plus(first, 1));
     let n1 = format!("hourly-{}", stamp(first));
     settle_on(&w, std::slice::from_ref(&n1)).await;
 
     // The operator is down for five hours and ten minutes.
     op.stop().await;
-    w.clock.set(plus(first, 5 * 3600 + 600));
+    w.clock().set(plus(first, 5 * 3600 + 600));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(w.snapshot_names().await, vec![n1.clone()]);
 
@@ -290,7 +310,14 @@ async fn a_restart_after_downtime_makes_exactly_one_catch_up_run() {
 #[tokio::test]
 async fn a_run_blocked_by_the_quota_warns_and_retention_still_prunes() {
     let t0 = jiff::Timestamp::now();
-    let w = World::new(t0).await;
+    let Some(w) = World::builder(module_path!())
+        .clock(t0)
+        .without_computes()
+        .build()
+        .await
+    else {
+        return;
+    };
     // Room for two stored snapshots in the namespace.
     let _op = w.start_with(|c| c.snapshot_quota = 2);
     w.branch("prod", None).await;
@@ -304,7 +331,7 @@ async fn a_run_blocked_by_the_quota_warns_and_retention_still_prunes() {
     let slot = |k: i64| plus(created, 2 * 3600 * k);
     let name = |k: i64| format!("every2h-{}", stamp(slot(k)));
     for k in 1..=2 {
-        w.clock.set(plus(slot(k), 1));
+        w.clock().set(plus(slot(k), 1));
         eventually(20, &format!("run {k}"), || async {
             w.snapshot_names().await.contains(&name(k)).then_some(())
         })
@@ -312,7 +339,7 @@ async fn a_run_blocked_by_the_quota_warns_and_retention_still_prunes() {
         w.wait_snapshot_ready(&name(k)).await;
     }
     // Run 3 is refused by the quota (the Snapshot controller's verdict).
-    w.clock.set(plus(slot(3), 1));
+    w.clock().set(plus(slot(3), 1));
     let st = eventually(30, "Stalled SnapshotQuotaExceeded", || async {
         let st = status_of(&w, "every2h").await;
         st.conditions
@@ -324,7 +351,7 @@ async fn a_run_blocked_by_the_quota_warns_and_retention_still_prunes() {
     })
     .await;
     assert_eq!(ready_reason(&st).unwrap().0, "False");
-    let events: Api<K8sEvent> = Api::namespaced(w.client.clone(), "default");
+    let events: Api<K8sEvent> = w.api();
     eventually(10, "a Warning event on the schedule", || async {
         let list = events.list(&ListParams::default()).await.unwrap();
         list.items
@@ -340,7 +367,7 @@ async fn a_run_blocked_by_the_quota_warns_and_retention_still_prunes() {
     // Retention still prunes: an hour later run 1 is over 5h old and goes,
     // which frees a place: run 3 is taken after all, and the schedule is
     // healthy again.
-    w.clock.set(plus(slot(3), 3600 + 2));
+    w.clock().set(plus(slot(3), 3600 + 2));
     settle_on(&w, &[name(2), name(3)]).await;
     w.wait_snapshot_ready(&name(3)).await;
     eventually(20, "Ready again", || async {
@@ -352,7 +379,14 @@ async fn a_run_blocked_by_the_quota_warns_and_retention_still_prunes() {
 
 #[tokio::test]
 async fn an_unknown_time_zone_is_reported_as_stalled() {
-    let w = World::new(jiff::Timestamp::now()).await;
+    let Some(w) = World::builder(module_path!())
+        .clock(jiff::Timestamp::now())
+        .without_computes()
+        .build()
+        .await
+    else {
+        return;
+    };
     let _op = w.start();
     w.branch("prod", None).await;
     w.create::<SnapshotSchedule>(schedule(

@@ -1,24 +1,19 @@
-//! Tier 3: a schema-only child gets the parent's schema, roles and
-//! databases without rows, and its own passwords.
+//! Tier 4 (a real control plane): a schema-only child gets the parent's
+//! schema, roles and databases without rows, and its own passwords.
 
 mod support;
 
 use kube::api::{DeleteParams, PostParams};
-use kube::CustomResourceExt;
-use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, InitSource, ParentRef, RoleSpec};
+use pgbranch::api::{BranchSpec, DatabaseSpec, InitSource, ParentRef, RoleSpec};
 use pgbranch::storage::Storage;
-use support::apiserver::ApiServer;
-use support::branch_scenario::{
-    assert_auth_fails, branch, branches, connect_app, ids, secret_field, wait_gone, wait_ready,
-    Harness, NS,
-};
+use support::world::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn schema_only_child_has_tables_but_no_rows() {
-    let server = ApiServer::new();
-    server.install_crd(&Branch::crd());
-    server.create_namespace(NS);
-    let h = Harness::start(server.client()).await;
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = h.client.clone();
     let api = branches(&client);
     api.create(
@@ -40,7 +35,7 @@ async fn schema_only_child_has_tables_but_no_rows() {
     .await
     .unwrap();
     wait_ready(&client, "main").await;
-    connect_app(&h, "main")
+    h.connect_app("main")
         .await
         .batch_execute(
             "CREATE TABLE items (id int PRIMARY KEY, note text);
@@ -66,7 +61,7 @@ async fn schema_only_child_has_tables_but_no_rows() {
     .await
     .unwrap();
     wait_ready(&client, "shape").await;
-    let c = connect_app(&h, "shape").await;
+    let c = h.connect_app("shape").await;
     assert_eq!(
         ids(&c).await,
         Vec::<i32>::new(),
@@ -84,9 +79,9 @@ async fn schema_only_child_has_tables_but_no_rows() {
     drop(c);
 
     api.delete("shape", &DeleteParams::default()).await.unwrap();
-    wait_gone(&client, "shape").await;
+    wait_gone(&api, "shape").await;
     api.delete("main", &DeleteParams::default()).await.unwrap();
-    wait_gone(&client, "main").await;
+    wait_gone(&api, "main").await;
     assert!(h.engine.list_timelines().await.unwrap().is_empty());
     h.shutdown().await;
 }

@@ -1,5 +1,6 @@
-//! Tier 3: the Snapshot controller and `Branch.spec.fromSnapshot` with the
-//! real operator, engine (copy driver) and PostgreSQL.
+//! Tier 4 (a real control plane): the Snapshot controller and
+//! `Branch.spec.fromSnapshot` with the real operator, engine (copy driver)
+//! and PostgreSQL.
 
 mod support;
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 use kube::api::DeleteParams;
 use pgbranch::api::{BranchSpec, DeletionPolicy, SnapshotSpec};
 use pgbranch::storage::Storage;
-use support::restore_harness::*;
+use support::world::*;
 
 fn snap(branch: &str) -> SnapshotSpec {
     SnapshotSpec {
@@ -19,10 +20,12 @@ fn snap(branch: &str) -> SnapshotSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshots_are_taken_once_restored_into_branches_limited_and_expired() {
-    let mut h = Harness::new().await;
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
     h.start_operator(pgbranch::controller::Config {
         snapshot_quota: 2,
-        ..test_config()
+        ..h.config()
     });
     let client = h.client.clone();
     create_branch(&client, &shop_branch("prod")).await;
@@ -56,7 +59,7 @@ async fn snapshots_are_taken_once_restored_into_branches_limited_and_expired() {
 
     // A branch from the snapshot has the rows as they were, its own
     // passwords, and works through its own Service.
-    let mut b = pgbranch::api::Branch::new(
+    let b = pgbranch::api::Branch::new(
         "from-before",
         BranchSpec {
             from_snapshot: Some("before".into()),
@@ -70,7 +73,6 @@ async fn snapshots_are_taken_once_restored_into_branches_limited_and_expired() {
             ..Default::default()
         },
     );
-    b.metadata.namespace = Some(NS.into());
     create_branch(&client, &b).await;
     wait_branch_ready(&client, "from-before").await;
     assert_eq!(

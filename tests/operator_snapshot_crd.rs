@@ -1,6 +1,6 @@
 //! `Branch.spec.fromSnapshot`: the CEL rules a real apiserver runs on it
-//! (exclusive with `parent`, immutable), evaluated with kube's CEL validator
-//! like tests/crd_validation.rs does for the other rules.
+//! (exclusive with `parent`, immutable), evaluated with kube's CEL
+//! validator like tests/crd_validation.rs does for the other rules.
 
 use kube::core::cel::ValidationErrors;
 use pgbranch::api::Branch;

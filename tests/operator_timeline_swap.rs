@@ -1,9 +1,9 @@
-//! Tier 3: a Branch moved to another timeline by writing `status.timelineId`
-//! (what a restore's finalize does) keeps its name, Service and Secret:
-//! the controller starts the new timeline's compute, switches the Service
-//! once it is ready, stops the old compute, and puts the branch's own
-//! passwords on the new data (which came from another branch, with that
-//! branch's passwords).
+//! Tier 4 (a real control plane): a Branch moved to another timeline by
+//! writing `status.timelineId` (what a restore's finalize does) keeps its
+//! name, Service and Secret: the controller starts the new timeline's
+//! compute, switches the Service once it is ready, stops the old compute,
+//! and puts the branch's own passwords on the new data (which came from
+//! another branch, with that branch's passwords).
 
 mod support;
 
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, CustomResourceExt};
+use kube::Api;
 use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, RoleSpec, LABEL_BRANCH, LABEL_TIMELINE};
 use pgbranch::controller::branch::ANNOTATION_ADOPT_TIMELINE;
 use pgbranch::storage::wait::wait_timeline_ready;
@@ -20,11 +20,7 @@ use pgbranch::storage::{
     ConnInfo, CreateTimeline, OpKey, Password, Point, Source, Storage, TimelineId,
 };
 use serde_json::json;
-use support::apiserver::ApiServer;
-use support::branch_scenario::{
-    branch, branches, condition, connect, connect_app, ids, secret_field, wait_branch, wait_gone,
-    wait_ready, Harness, NS,
-};
+use support::world::*;
 
 fn shop_branch(name: &str) -> Branch {
     branch(
@@ -44,10 +40,10 @@ fn shop_branch(name: &str) -> Branch {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() {
-    let server = ApiServer::new();
-    server.install_crd(&Branch::crd());
-    server.create_namespace(NS);
-    let h = Harness::start(server.client()).await;
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
     let client = &h.client;
     let api = branches(client);
     api.create(&PostParams::default(), &shop_branch("prod"))
@@ -61,14 +57,14 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
     let prod_tl = prod.status.unwrap().timeline_id.unwrap();
     let dev_tl = dev.status.unwrap().timeline_id.unwrap();
 
-    connect_app(&h, "prod")
+    h.connect_app("prod")
         .await
         .batch_execute(
             "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
         )
         .await
         .unwrap();
-    connect_app(&h, "dev")
+    h.connect_app("dev")
         .await
         .batch_execute(
             "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(101, 105);",
@@ -78,7 +74,7 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
 
     // Copy dev's data into a new timeline, as a restore would.
     let dev_su = secret_field(client, "dev-superuser", "password").await;
-    let dev_port = h.runner.resolve_service(NS, "dev").await.unwrap();
+    let dev_port = h.port("dev").await.unwrap();
     let copy = h
         .engine
         .create_timeline(CreateTimeline {
@@ -121,7 +117,7 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
     .unwrap();
 
     // The Service follows once the new compute is ready.
-    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let services: Api<Service> = Api::default_namespaced(client.clone());
     let start = Instant::now();
     loop {
         let svc = services.get("prod").await.unwrap();
@@ -155,7 +151,7 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
     );
     let start = Instant::now();
     let rows = loop {
-        match connect(&h, "prod", "shop", &prod_app_pw, "shop").await {
+        match h.connect("prod", "shop", &prod_app_pw, "shop").await {
             Ok(c) => break ids(&c).await,
             Err(e) => {
                 assert!(
@@ -167,15 +163,16 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
         }
     };
     assert_eq!(rows, (101..=105).collect::<Vec<_>>());
-    assert!(connect(&h, "prod", "postgres", &dev_su, "postgres")
+    assert!(h
+        .connect("prod", "postgres", &dev_su, "postgres")
         .await
         .is_err());
-    connect(&h, "prod", "postgres", &prod_su, "postgres")
+    h.connect("prod", "postgres", &prod_su, "postgres")
         .await
         .unwrap();
 
     // The old compute is gone; its timeline is left for a backup branch.
-    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let deploys: Api<Deployment> = Api::default_namespaced(client.clone());
     let start = Instant::now();
     loop {
         let left: Vec<String> = deploys
@@ -186,9 +183,7 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
             .iter()
             .filter_map(|d| d.metadata.labels.as_ref()?.get(LABEL_TIMELINE).cloned())
             .collect();
-        if left == vec![copy.id.to_string()]
-            && !h.runner.running_timelines().await.contains(&prod_tl)
-        {
+        if left == vec![copy.id.to_string()] && !h.running_timelines().await.contains(&prod_tl) {
             break;
         }
         assert!(
@@ -218,7 +213,7 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
     let start = Instant::now();
     let old_rows = loop {
         let pw = secret_field(client, "prod-old-app", "password").await;
-        match connect(&h, "prod-old", "shop", &pw, "shop").await {
+        match h.connect("prod-old", "shop", &pw, "shop").await {
             Ok(c) => break ids(&c).await,
             Err(e) => {
                 assert!(
@@ -234,7 +229,8 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
         secret_field(client, "prod-old-app", "password").await,
         prod_app_pw
     );
-    assert!(connect(&h, "prod-old", "shop", &prod_app_pw, "shop")
+    assert!(h
+        .connect("prod-old", "shop", &prod_app_pw, "shop")
         .await
         .is_err());
 
@@ -243,13 +239,13 @@ async fn a_branch_moved_to_another_timeline_keeps_its_address_and_credentials() 
     thief.metadata.annotations =
         Some([(ANNOTATION_ADOPT_TIMELINE.to_string(), prod_tl.clone())].into());
     api.create(&PostParams::default(), &thief).await.unwrap();
-    support::branch_scenario::wait_stalled(client, "thief", "TimelineInUse").await;
+    wait_stalled(client, "thief", "TimelineInUse").await;
 
     for n in ["prod", "dev", "prod-old", "thief"] {
         api.delete(n, &DeleteParams::default()).await.unwrap();
     }
     for n in ["prod", "dev", "prod-old", "thief"] {
-        wait_gone(client, n).await;
+        wait_gone(&branches(client), n).await;
     }
     assert!(h.engine.list_timelines().await.unwrap().is_empty());
     h.shutdown().await;

@@ -24,7 +24,7 @@ pub use conditions::*;
 pub use names::*;
 pub use restore::*;
 pub use schedule::*;
-pub use schema::{admit, crd_schema, crds, AdmitError};
+pub use schema::{crd_schema, crds};
 pub use snapshot::*;
 
 /// The API group.

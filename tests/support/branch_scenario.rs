@@ -1,156 +1,18 @@
-//! The Branch lifecycle scenario, run by the tier-3 test (in-process API
-//! server) and the tier-4 test (real kube-apiserver) alike: the real
-//! `controller::run()` with the real storage engine (copy driver) and real
-//! PostgreSQL computes started by the local compute runner.
+//! The Branch lifecycle scenario: the real operator on a real control
+//! plane, the real storage engine with the copy driver, real PostgreSQL
+//! computes run by the test kubelet.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, ParentRef, RoleSpec, LABEL_BRANCH};
-use pgbranch::controller::{self, Config, Context, Metrics};
-use pgbranch::storage::engine::{Engine, EngineConfig};
-use pgbranch::storage::{DriverKind, Storage};
+use pgbranch::storage::Storage;
 use serde_json::json;
-use tokio_postgres::NoTls;
 
-use super::compute_runner::ComputeRunner;
-
-pub const NS: &str = "team";
-const WAIT: Duration = Duration::from_secs(180);
-
-/// Counts API writes between `reset` and `count` (steady-state check).
-#[async_trait::async_trait]
-pub trait WriteCounter: Send + Sync {
-    async fn reset(&self);
-    async fn count(&self) -> usize;
-    async fn describe(&self) -> String;
-}
-
-/// Everything a scenario runs on; dropping it stops the operator and every
-/// postgres.
-pub struct Harness {
-    pub client: Client,
-    pub engine: Engine,
-    pub runner: ComputeRunner,
-    pub metrics: Metrics,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    operator: AbortOnDrop,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness {
-    /// Opens an engine in a fresh temp dir and starts the operator
-    /// (namespace `NS`, resync every second) and the compute runner.
-    pub async fn start(client: Client) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("pgbranch-op-")
-            .tempdir()
-            .expect("tempdir");
-        // The engine runs postgres as a non-root user: it must traverse.
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-                .expect("chmod tempdir");
-        }
-        let engine = Engine::open(EngineConfig {
-            root: dir.path().join("volume"),
-            driver: Some(DriverKind::Copy),
-            ..Default::default()
-        })
-        .await
-        .expect("engine opens");
-        let runner = ComputeRunner::start(client.clone(), engine.clone());
-        let mut h = Self {
-            client,
-            engine,
-            runner,
-            metrics: Metrics::new(),
-            stop: None,
-            operator: AbortOnDrop(None),
-            _dir: dir,
-        };
-        h.start_operator();
-        h
-    }
-
-    /// Starts an operator (a fresh Context and metrics) on the same API
-    /// server, engine and computes. Panics if one is running.
-    pub fn start_operator(&mut self) {
-        assert!(self.operator.0.is_none(), "an operator is already running");
-        self.metrics = Metrics::new();
-        let config = Config {
-            namespace: Some(NS.into()),
-            resync_interval: Some(Duration::from_secs(1)),
-            poll_interval: Duration::from_millis(300),
-            step_timeout: Duration::from_secs(120),
-            // lsn/size refresh (at most once per interval) stays out of the
-            // steady-state windows the tests measure.
-            stats_interval: Duration::from_secs(600),
-            ..Config::default()
-        };
-        let storage: Arc<dyn Storage> = Arc::new(self.engine.clone());
-        let ctx = Context::new(
-            self.client.clone(),
-            storage,
-            config,
-            self.metrics.clone(),
-            Arc::new(self.runner.resolver()),
-        );
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let operator = tokio::spawn(controller::run(ctx, async move {
-            let _ = rx.await;
-        }));
-        self.stop = Some(tx);
-        self.operator = AbortOnDrop(Some(operator));
-    }
-
-    /// Kills the operator wherever it is (reconciles in flight are dropped
-    /// at their next await), as a crash would.
-    pub async fn crash_operator(&mut self) {
-        self.stop = None;
-        if let Some(op) = self.operator.0.take() {
-            op.abort();
-            let _ = op.await;
-        }
-    }
-
-    /// Stops the operator (gracefully) and every postgres.
-    pub async fn shutdown(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(op) = self.operator.0.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), op).await;
-        }
-        let Harness { runner, .. } = self;
-        runner.shutdown().await;
-    }
-}
-
-/// Aborts the operator task if a test panics before `shutdown`.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(op) = self.0.take() {
-            op.abort();
-        }
-    }
-}
-
-pub fn branches(client: &Client) -> Api<Branch> {
-    Api::namespaced(client.clone(), NS)
-}
-
-pub fn branch(name: &str, spec: BranchSpec) -> Branch {
-    let mut b = Branch::new(name, spec);
-    b.metadata.namespace = Some(NS.into());
-    b
-}
+use super::world::*;
 
 fn child(name: &str, parent: &str, lsn: Option<String>, timestamp: Option<String>) -> Branch {
     branch(
@@ -166,140 +28,8 @@ fn child(name: &str, parent: &str, lsn: Option<String>, timestamp: Option<String
     )
 }
 
-pub fn condition(b: &Branch, type_: &str) -> Option<(String, String, String)> {
-    b.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-/// Waits until `pred` holds for the Branch; panics with its last status.
-pub async fn wait_branch(
-    client: &Client,
-    name: &str,
-    what: &str,
-    pred: impl Fn(&Branch) -> bool,
-) -> Branch {
-    let api = branches(client);
-    let start = Instant::now();
-    loop {
-        let b = api.get_opt(name).await.expect("get branch");
-        if let Some(b) = &b {
-            if pred(b) {
-                return b.clone();
-            }
-        }
-        if start.elapsed() > WAIT {
-            panic!(
-                "branch {name}: {what} not reached in {WAIT:?}; last status: {:#?}",
-                b.and_then(|b| b.status)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-pub async fn wait_ready(client: &Client, name: &str) -> Branch {
-    wait_branch(client, name, "Ready=True", |b| {
-        condition(b, "Ready").is_some_and(|c| c.0 == "True")
-            && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
-    })
-    .await
-}
-
-pub async fn wait_stalled(client: &Client, name: &str, reason: &str) -> Branch {
-    wait_branch(client, name, &format!("Stalled {reason}"), |b| {
-        condition(b, "Stalled").is_some_and(|c| c.0 == "True" && c.1 == reason)
-    })
-    .await
-}
-
-pub async fn wait_gone(client: &Client, name: &str) {
-    let api = branches(client);
-    let start = Instant::now();
-    while api.get_opt(name).await.expect("get").is_some() {
-        assert!(start.elapsed() < WAIT, "branch {name} was not deleted");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-pub async fn secret_field(client: &Client, name: &str, key: &str) -> String {
-    let api: Api<Secret> = Api::namespaced(client.clone(), NS);
-    let s = api
-        .get(name)
-        .await
-        .unwrap_or_else(|e| panic!("secret {name}: {e}"));
-    let bytes = s
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .unwrap_or_else(|| panic!("secret {name} has no {key}"));
-    String::from_utf8(bytes.0.clone()).expect("utf-8")
-}
-
-/// Connects to a branch "through its Service" with a Secret's credentials
-/// (or an explicit password).
-pub async fn connect(
-    h: &Harness,
-    service: &str,
-    user: &str,
-    password: &str,
-    db: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let port = h
-        .runner
-        .resolve_service(NS, service)
-        .await
-        .unwrap_or_else(|| panic!("no compute behind Service {service}"));
-    let (c, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user(user)
-        .password(password)
-        .dbname(db)
-        .connect(NoTls)
-        .await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(c)
-}
-
-pub async fn connect_app(h: &Harness, branch: &str) -> tokio_postgres::Client {
-    let secret = format!("{branch}-app");
-    let user = secret_field(&h.client, &secret, "user").await;
-    let pw = secret_field(&h.client, &secret, "password").await;
-    let db = secret_field(&h.client, &secret, "dbname").await;
-    connect(h, branch, &user, &pw, &db)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {branch} as {user}: {e}"))
-}
-
-pub async fn ids(c: &tokio_postgres::Client) -> Vec<i32> {
-    c.query("SELECT id FROM items ORDER BY id", &[])
-        .await
-        .expect("select")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-pub async fn assert_auth_fails(h: &Harness, service: &str, user: &str, password: &str, db: &str) {
-    match connect(h, service, user, password, db).await {
-        Ok(_) => panic!("{user} logged in to {service} with a password it must not accept"),
-        Err(e) => assert_eq!(
-            e.code(),
-            Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
-            "unexpected error: {e}"
-        ),
-    }
-}
-
-/// The whole Branch scenario. `writes` counts API writes for the
-/// steady-state check.
-pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
+/// The whole Branch scenario; the world's operator must be running.
+pub async fn run(h: &World) {
     let client = &h.client;
     let api = branches(client);
     let pp = PostParams::default();
@@ -337,19 +67,19 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     assert_eq!(st.secret_name.as_deref(), Some("main-app"));
     assert_eq!(st.pg_major, Some(15));
     let conn = st.connection.clone().expect("connection");
-    assert_eq!(conn.host, format!("main.{NS}.svc"));
+    assert_eq!(conn.host, format!("main.{}.svc", h.ns));
     assert_eq!(
         (conn.port, conn.database.as_str(), conn.user.as_str()),
         (5432, "shop", "shop")
     );
     assert_eq!(
         secret_field(client, "main-app", "host").await,
-        format!("main.{NS}.svc")
+        format!("main.{}.svc", h.ns)
     );
     assert_eq!(secret_field(client, "main-app", "type").await, "postgresql");
 
     // Rows through main's Service: a batch, a point in time, another batch.
-    let app = connect_app(h, "main").await;
+    let app = h.connect_app("main").await;
     app.batch_execute(
         "CREATE TABLE items (id int PRIMARY KEY, note text);
          INSERT INTO items SELECT g, 'first' FROM generate_series(1, 10) g;",
@@ -363,7 +93,8 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         .await
         .expect("batch 2");
     let main_su = secret_field(client, "main-superuser", "password").await;
-    let su = connect(h, "main", "postgres", &main_su, "postgres")
+    let su = h
+        .connect("main", "postgres", &main_su, "postgres")
         .await
         .expect("superuser login to main");
     su.batch_execute("CREATE ROLE reporter LOGIN PASSWORD 'reporter-pw'")
@@ -402,13 +133,13 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         Some(("shop", "shop")),
         "a child serves its parent's app user and database"
     );
-    let head_app = connect_app(h, "head").await;
+    let head_app = h.connect_app("head").await;
     assert_eq!(
         ids(&head_app).await,
         (1..=20).collect::<Vec<_>>(),
         "head child has both batches"
     );
-    let past_app = connect_app(h, "past").await;
+    let past_app = h.connect_app("past").await;
     eprintln!("head rows {:?}", ids(&head_app).await.len());
     eprintln!("past rows {:?}", ids(&past_app).await);
     assert_eq!(
@@ -439,14 +170,15 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         assert_auth_fails(h, c, "postgres", &main_su, "postgres").await;
         if c == "head" {
             // An undeclared user of the parent keeps no password on a child.
-            assert!(connect(h, c, "reporter", "reporter-pw", "postgres")
+            assert!(h
+                .connect(c, "reporter", "reporter-pw", "postgres")
                 .await
                 .is_err());
-            connect(h, "main", "reporter", "reporter-pw", "postgres")
+            h.connect("main", "reporter", "reporter-pw", "postgres")
                 .await
                 .expect("the parent's user is untouched");
         }
-        connect(h, c, "postgres", &su_pw, "postgres")
+        h.connect(c, "postgres", &su_pw, "postgres")
             .await
             .unwrap_or_else(|e| panic!("{c}'s own superuser password works: {e}"));
     }
@@ -471,25 +203,25 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     .expect("add a database");
     wait_ready(client, "main").await;
     let pw = secret_field(client, "main-app", "password").await;
-    connect(h, "main", "shop", &pw, "reports")
+    h.connect("main", "shop", &pw, "reports")
         .await
         .expect("the declared database exists");
 
     // Steady state: resyncs every second, no writes.
-    let before = h.metrics.reconcile_count("Branch");
-    writes.reset().await;
+    let before = h.metrics().reconcile_count("Branch");
+    h.traffic.reset();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let reconciles = h.metrics.reconcile_count("Branch") - before;
+    let reconciles = h.metrics().reconcile_count("Branch") - before;
     assert!(reconciles >= 6, "resyncs ran ({reconciles} reconciles)");
+    let writes = h.traffic.writes();
     eprintln!(
         "steady state: {reconciles} reconciles, {} writes",
-        writes.count().await
+        writes.len()
     );
-    let n = writes.count().await;
-    assert_eq!(n, 0, "writes in steady state: {}", writes.describe().await);
+    assert!(writes.is_empty(), "writes in steady state: {writes:#?}");
 
     // Every transition left an Event on the Branch.
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::default_namespaced(client.clone());
     let reasons: Vec<String> = events
         .list(&ListParams::default())
         .await
@@ -524,7 +256,7 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     .await;
     let head_tl = head_st.timeline_id.clone().expect("timeline");
     let start = Instant::now();
-    while h.runner.running_timelines().await.contains(&head_tl) {
+    while h.running_timelines().await.contains(&head_tl) {
         assert!(start.elapsed() < WAIT, "suspended compute still runs");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -536,7 +268,7 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     .await
     .expect("resume");
     wait_ready(client, "head").await;
-    let head_app = connect_app(h, "head").await;
+    let head_app = h.connect_app("head").await;
     assert_eq!(
         ids(&head_app).await.len(),
         21,
@@ -550,7 +282,7 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         Some((jiff::Timestamp::now() + jiff::SignedDuration::from_secs(15)).to_string());
     api.create(&pp, &temp).await.expect("create temp");
     wait_ready(client, "temp").await;
-    wait_gone(client, "temp").await;
+    wait_gone(&api, "temp").await;
 
     // Bad input is Stalled with a reason, nothing created.
     api.create(&pp, &child("orphan", "nope", None, None))
@@ -582,7 +314,7 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         .is_none());
 
     // A Service another tool manages is reported, never taken over.
-    let svcs: Api<Service> = Api::namespaced(client.clone(), NS);
+    let svcs: Api<Service> = Api::default_namespaced(client.clone());
     let mut foreign = Service::default();
     foreign.metadata.name = Some("clash".into());
     foreign.metadata.labels = Some(
@@ -611,7 +343,7 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
     api.delete("clash", &DeleteParams::default())
         .await
         .expect("delete clash");
-    wait_gone(client, "clash").await;
+    wait_gone(&api, "clash").await;
     let svc = svcs
         .get("clash")
         .await
@@ -638,7 +370,7 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         api.get_opt("past").await.unwrap().is_some(),
         "protected branch kept"
     );
-    let past_port = h.runner.resolve_service(NS, "past").await;
+    let past_port = h.port("past").await;
     assert!(past_port.is_some(), "protected branch keeps its compute");
 
     // A parent with children is not deleted.
@@ -651,7 +383,7 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         assert!(msg.contains(c), "message names child {c}: {msg}");
     }
     assert!(
-        connect_app(h, "main")
+        h.connect_app("main")
             .await
             .query("SELECT 1", &[])
             .await
@@ -672,20 +404,20 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
             .expect("delete");
     }
     for n in ["past", "head", "future", "orphan", "main"] {
-        wait_gone(client, n).await;
+        wait_gone(&api, n).await;
     }
     api.delete("nope", &DeleteParams::default())
         .await
         .expect("delete nope");
-    wait_gone(client, "nope").await;
+    wait_gone(&api, "nope").await;
 
     // Everything is gone: timelines, computes, Services, Secrets.
     let left = h.engine.list_timelines().await.expect("list timelines");
     assert!(left.is_empty(), "timelines left in storage: {left:?}");
     let sel = ListParams::default().labels(LABEL_BRANCH);
-    let deps: Api<Deployment> = Api::namespaced(client.clone(), NS);
-    let svcs: Api<Service> = Api::namespaced(client.clone(), NS);
-    let secs: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let deps: Api<Deployment> = Api::default_namespaced(client.clone());
+    let svcs: Api<Service> = Api::default_namespaced(client.clone());
+    let secs: Api<Secret> = Api::default_namespaced(client.clone());
     assert!(
         deps.list(&sel).await.unwrap().items.is_empty(),
         "deployments left"
@@ -704,7 +436,7 @@ pub async fn run(h: &Harness, writes: &dyn WriteCounter) {
         .collect();
     assert!(names.is_empty(), "secrets left: {names:?}");
     let start = Instant::now();
-    while !h.runner.running_timelines().await.is_empty() {
+    while !h.running_timelines().await.is_empty() {
         assert!(start.elapsed() < WAIT, "computes still running");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

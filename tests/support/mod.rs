@@ -1,9 +1,25 @@
-//! Shared support for integration tests. Each test binary compiles this
-//! module and uses a part of it.
+//! Shared support of the operator tests (tiers 3 and 4), in one place:
+//! * [`cluster`]: the binary's real control plane (etcd, kube-apiserver,
+//!   kube-controller-manager);
+//! * [`kubelet`]: the one stand-in, running real PostgreSQL for compute Pods;
+//! * [`traffic`]: the operator's requests recorded, faults injected;
+//! * [`world`]: one test's world (namespace, engine, kubelet, operator) and
+//!   the helpers every scenario uses;
+//! * [`branch_scenario`]: the Branch lifecycle scenario;
+//! * [`times`]: calendar helpers of the schedule tests.
+//!
+//! Each test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
 
-pub mod apiserver;
 pub mod branch_scenario;
-pub mod compute_runner;
-pub mod restore_harness;
-pub mod widget;
+pub mod cluster;
+pub mod kubelet;
+pub mod times;
+pub mod traffic;
+pub mod world;
+
+/// kube and reqwest compile in two rustls crypto providers; a process
+/// must pick one before it makes a TLS client.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

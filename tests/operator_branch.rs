@@ -108,3 +108,142 @@ async fn the_operator_rides_out_conflicts_server_errors_and_dropped_watches() {
     cut.abort();
     w.shutdown().await;
 }
+
+/// Hand edits of what a branch owns are put back within seconds, with an
+/// Event on the Branch naming what was reverted: the Service's selector
+/// (`kubectl edit svc main`), the compute Deployment's image, a Secret's
+/// host. What the operator does not set (a label someone adds) stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hand_edits_of_owned_objects_are_reverted_with_an_event() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Secret, Service};
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::{ListParams, Patch, PatchParams};
+    use kube::ResourceExt;
+    use serde_json::json;
+    use support::world::*;
+
+    let Some(mut w) = World::new("drift").await else {
+        return;
+    };
+    w.start_operator(w.config());
+    create_branch(&w.client, &shop_branch("main")).await;
+    let b = wait_ready(&w.client, "main").await;
+    let tl = b.status.unwrap().timeline_id.unwrap();
+    let services = w.api::<Service>();
+    let deployments = w.api::<Deployment>();
+    let secrets = w.api::<Secret>();
+    let pp = PatchParams::default();
+
+    // kubectl edit svc main: the selector points at nothing.
+    services
+        .patch(
+            "main",
+            &pp,
+            &Patch::Merge(json!({
+                "metadata": {"labels": {"team": "payments"}},
+                "spec": {"selector": {"pgbranch.dev/timeline": "0000000000000000"}},
+            })),
+        )
+        .await
+        .unwrap();
+    let svc = eventually(15, "the Service selector put back", || async {
+        let s = services.get("main").await.ok()?;
+        let sel = s.spec.clone()?.selector?;
+        (sel.get("pgbranch.dev/timeline") == Some(&tl)).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        svc.labels().get("team").map(String::as_str),
+        Some("payments"),
+        "a label the operator does not set is left alone"
+    );
+    w.connect_app("main")
+        .await
+        .query("SELECT 1", &[])
+        .await
+        .unwrap();
+
+    // The compute's image and the Secret's host.
+    let deploy = deployments
+        .list(&ListParams::default().labels("pgbranch.dev/branch=main"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .next()
+        .expect("main's compute Deployment");
+    let image = deploy
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .image
+        .clone();
+    deployments
+        .patch(
+            &deploy.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{"op": "replace",
+                    "path": "/spec/template/spec/containers/0/image", "value": "postgres:99"}]))
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    secrets
+        .patch(
+            "main-app",
+            &pp,
+            &Patch::Merge(json!({"stringData": {"host": "elsewhere.example"}})),
+        )
+        .await
+        .unwrap();
+    eventually(15, "the image and the host put back", || async {
+        let d = deployments.get(&deploy.name_any()).await.ok()?;
+        let img = d.spec?.template.spec?.containers[0].image.clone();
+        let host = secret_field(&w.client, "main-app", "host").await;
+        (img == image && host == format!("main.{}.svc", w.ns)).then_some(())
+    })
+    .await;
+
+    // Each revert is told on the Branch.
+    let events = w.api::<Event>();
+    let notes: Vec<String> = eventually(15, "DriftReverted events", || async {
+        let notes: Vec<String> = events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("DriftReverted"))
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("main"))
+            .filter_map(|e| e.note)
+            .collect();
+        (notes.len() >= 3).then_some(notes)
+    })
+    .await;
+    for want in [
+        "Service main",
+        "spec.selector",
+        "containers[0].image",
+        "Secret main-app",
+    ] {
+        assert!(
+            notes.iter().any(|n| n.contains(want)),
+            "{want} in {notes:#?}"
+        );
+    }
+
+    // And then nothing more to do.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    w.traffic.reset();
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert!(w.traffic.writes().is_empty(), "{:#?}", w.traffic.writes());
+    w.shutdown().await;
+}

@@ -290,6 +290,40 @@ async fn promotion_rollback_and_refresh() {
     assert!(b.metadata.owner_references.unwrap_or_default().is_empty());
     assert_eq!(ids(&h.connect_app(&backup).await).await, vec![1, 2, 3]);
     assert_one_compute_per_timeline(&h).await;
+
+    // prod's compute (the restored branch's, handed over) is found by
+    // prod's name, without a restart; the Service selects by timeline and
+    // role only.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::default_namespaced(client.clone());
+    let new_tl = pst.timeline_id.clone().unwrap();
+    let by_tl = ListParams::default().labels(&format!(
+        "{LABEL_TIMELINE}={new_tl},pgbranch.dev/role=primary"
+    ));
+    let served = pods.list(&by_tl).await.unwrap().items;
+    assert_eq!(served.len(), 1, "one primary pod of prod's timeline");
+    let pod_uid = served[0].metadata.uid.clone();
+    let labelled = eventually(15, "prod's pod labelled with its branch", || async {
+        let l = pods
+            .list(
+                &ListParams::default().labels("pgbranch.dev/branch=prod,pgbranch.dev/role=primary"),
+            )
+            .await
+            .ok()?
+            .items;
+        (l.len() == 1).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        labelled[0].metadata.uid, pod_uid,
+        "relabelled, not restarted"
+    );
+    let svc = Api::<k8s_openapi::api::core::v1::Service>::default_namespaced(client.clone())
+        .get("prod")
+        .await
+        .unwrap();
+    let sel = svc.spec.unwrap().selector.unwrap();
+    assert!(!sel.contains_key("pgbranch.dev/branch"), "{sel:?}");
+    assert_eq!(sel.get(LABEL_TIMELINE), Some(&new_tl));
     let f = branches(&client).get("feature").await.unwrap();
     assert_eq!(
         f.spec.parent.as_ref().unwrap().branch,
@@ -1008,5 +1042,158 @@ async fn finalize_onto_a_suspended_target() {
         .unwrap();
     assert_eq!(ids(&c).await, (201..=204).collect::<Vec<_>>());
     assert_one_compute_per_timeline(&h).await;
+    h.shutdown().await;
+}
+
+/// A Snapshot and a SnapshotRestore of one branch applied at the same
+/// moment, many times over, in both orders: one always goes first and the
+/// other waits for it. A snapshot is taken of the branch either before the
+/// restore started (the old timeline) or after it completed (the restored
+/// timeline) — never while the restore held the branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_and_a_restore_applied_together_are_serialized() {
+    let Some(mut h) = World::new("op-lock").await else {
+        return;
+    };
+    // As in a cluster: no periodic resync, only watch events and requeues
+    // (a resync would hide a branch that is not looked at again).
+    h.start_operator(pgbranch::controller::Config {
+        resync_interval: None,
+        ..h.config()
+    });
+    let client = h.client.clone();
+    create_branch(&client, &shop_branch("prod")).await;
+    create_branch(&client, &shop_branch("dev")).await;
+    wait_branch_ready(&client, "prod").await;
+    wait_branch_ready(&client, "dev").await;
+    exec(
+        &h,
+        "prod",
+        "CREATE TABLE items (id int); INSERT INTO items VALUES (1);",
+    )
+    .await;
+    exec(
+        &h,
+        "dev",
+        "CREATE TABLE items (id int); INSERT INTO items VALUES (101);",
+    )
+    .await;
+    create_snapshot(
+        &client,
+        "dev-ready",
+        SnapshotSpec {
+            branch: "dev".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_snapshot_ready(&client, "dev-ready").await;
+
+    let mut orders = vec![];
+    for i in 0..6 {
+        let before = wait_branch_ready(&client, "prod").await;
+        let old_tl = before.status.unwrap().timeline_id.unwrap();
+        let snap_name = format!("s-{i}");
+        let restore_name = format!("r-{i}");
+        let snap = async {
+            create_snapshot(
+                &client,
+                &snap_name,
+                SnapshotSpec {
+                    branch: "prod".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+        };
+        let mut spec = from_snapshot("dev-ready", "prod", true);
+        spec.preserve_under_name = Some(format!("prod-before-{i}"));
+        let restore = async { create_restore(&client, &restore_name, spec).await };
+        // At once, the restore first, the snapshot first.
+        match i % 3 {
+            0 => {
+                tokio::join!(snap, restore);
+            }
+            1 => {
+                // The restore already holds prod: the snapshot must say it
+                // waits, and wait.
+                restore.await;
+                wait_restore(&client, &restore_name, "Restoring", |r| {
+                    phase(r) == Some(RestorePhase::Restoring)
+                })
+                .await;
+                snap.await;
+                let s = wait_snapshot(&client, &snap_name, "WaitingForRestore", |s| {
+                    s.status.as_ref().is_some_and(|st| {
+                        st.ready_to_use
+                            || cond(&st.conditions, "Reconciling")
+                                .is_some_and(|c| c.1 == "WaitingForRestore")
+                    })
+                })
+                .await;
+                let st = s.status.unwrap();
+                assert!(
+                    !st.ready_to_use,
+                    "round {i}: the snapshot was taken while the restore held prod"
+                );
+                assert!(
+                    cond(&st.conditions, "Reconciling")
+                        .unwrap()
+                        .2
+                        .contains(&restore_name),
+                    "the message names the restore"
+                );
+            }
+            _ => {
+                snap.await;
+                restore.await
+            }
+        }
+        let s = wait_snapshot_ready(&client, &snap_name).await;
+        let r = wait_completed(&client, &restore_name).await;
+        // Ready follows the handed-over compute within seconds.
+        let completed_at = Instant::now();
+        wait_branch_ready(&client, "prod").await;
+        let lag = completed_at.elapsed();
+        assert!(
+            lag < Duration::from_secs(10),
+            "round {i}: prod Ready {lag:?} after its restore completed"
+        );
+        let sst = s.status.unwrap();
+        let rst = r.status.unwrap();
+        let taken: jiff::Timestamp = sst.created_at.unwrap().parse().unwrap();
+        let started: jiff::Timestamp = rst.started_at.unwrap().parse().unwrap();
+        let completed: jiff::Timestamp = rst.completed_at.unwrap().parse().unwrap();
+        let new_tl = rst.restored_timeline_id.unwrap();
+        let tl = sst.timeline_id.unwrap();
+        if tl == old_tl {
+            assert!(
+                taken <= started,
+                "round {i}: snapshot taken at {taken} of the old timeline after the restore started at {started}"
+            );
+            orders.push("snapshot first");
+        } else {
+            assert_eq!(
+                tl, new_tl,
+                "round {i}: the snapshot is of prod's old or new data"
+            );
+            assert!(
+                taken >= completed,
+                "round {i}: snapshot taken at {taken} before the restore completed at {completed}"
+            );
+            orders.push("restore first");
+        }
+        // Free the quota and the backup's compute for the next round.
+        snapshots(&client)
+            .delete(&snap_name, &Default::default())
+            .await
+            .unwrap();
+        branches(&client)
+            .delete(&format!("prod-before-{i}"), &Default::default())
+            .await
+            .unwrap();
+        wait_gone(&snapshots(&client), &snap_name).await;
+    }
+    eprintln!("orders: {orders:?}");
     h.shutdown().await;
 }

@@ -228,26 +228,30 @@ pub fn branch_labels(branch: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// The selector of the primary compute of a timeline.
-pub fn primary_selector(branch: &str, timeline_id: &str) -> BTreeMap<String, String> {
+/// The selector of the primary compute of a timeline. Computes are
+/// selected by timeline and role only: a timeline's data directory has one
+/// primary whatever branch it serves, so the Service of a branch that took
+/// over another branch's compute (a restore's finalize) selects it without
+/// naming that branch. The pods' `pgbranch.dev/branch` label names the
+/// branch they serve and may change (the operator relabels adopted pods,
+/// which needs no restart).
+pub fn primary_selector(timeline_id: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (LABEL_BRANCH.to_string(), branch.to_string()),
         (LABEL_TIMELINE.to_string(), timeline_id.to_string()),
         (LABEL_ROLE.to_string(), "primary".to_string()),
     ])
 }
 
 /// The selector of read replica `ordinal` of a timeline.
-pub fn replica_selector(branch: &str, timeline_id: &str, ordinal: u32) -> BTreeMap<String, String> {
-    let mut sel = replicas_selector(branch, timeline_id);
+pub fn replica_selector(timeline_id: &str, ordinal: u32) -> BTreeMap<String, String> {
+    let mut sel = replicas_selector(timeline_id);
     sel.insert(LABEL_REPLICA_ORDINAL.to_string(), ordinal.to_string());
     sel
 }
 
 /// The selector of every read replica of a timeline (the `-ro` Service's).
-pub fn replicas_selector(branch: &str, timeline_id: &str) -> BTreeMap<String, String> {
+pub fn replicas_selector(timeline_id: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (LABEL_BRANCH.to_string(), branch.to_string()),
         (LABEL_TIMELINE.to_string(), timeline_id.to_string()),
         (LABEL_ROLE.to_string(), "replica".to_string()),
     ])
@@ -322,7 +326,7 @@ pub fn build_deployment(
         branch,
         PodPlan {
             name: deployment_name(&name, target.timeline_id),
-            selector: primary_selector(&name, target.timeline_id),
+            selector: primary_selector(target.timeline_id),
             data_path: target.data_path,
             extra_args: vec![],
             extra_env: vec![],
@@ -363,7 +367,7 @@ pub fn build_replica_deployment(
     compute_deployment(
         branch,
         PodPlan {
-            selector: replica_selector(&name, target.timeline_id, target.ordinal),
+            selector: replica_selector(target.timeline_id, target.ordinal),
             name: deployment,
             data_path: target.data_path,
             extra_args: vec!["-c".into(), conninfo],
@@ -388,7 +392,8 @@ pub fn build_replica_deployment(
 /// its replicas.
 struct PodPlan<'a> {
     name: String,
-    /// The Deployment's selector; also on the pods and the Deployment.
+    /// The Deployment's selector; also on the pods and the Deployment,
+    /// which carry the branch's labels besides.
     selector: BTreeMap<String, String>,
     data_path: &'a str,
     extra_args: Vec<String>,
@@ -597,11 +602,7 @@ fn default_resources() -> ResourceRequirements {
 /// branch's current timeline.
 pub fn build_service(branch: &Branch, timeline_id: &str) -> Result<Service, ComputeError> {
     let name = branch.name_any();
-    postgres_service(
-        branch,
-        service_name(&name),
-        primary_selector(&name, timeline_id),
-    )
+    postgres_service(branch, service_name(&name), primary_selector(timeline_id))
 }
 
 /// The Service `<branch>-ro`: the read replicas of the branch's current
@@ -611,7 +612,7 @@ pub fn build_ro_service(branch: &Branch, timeline_id: &str) -> Result<Service, C
     postgres_service(
         branch,
         ro_service_name(&name),
-        replicas_selector(&name, timeline_id),
+        replicas_selector(timeline_id),
     )
 }
 
@@ -949,6 +950,12 @@ mod tests {
         );
         let dsel = d.spec.unwrap().selector.match_labels.unwrap();
         assert_eq!(dsel, svc_sel);
+        // Selected by timeline and role only; the pods name their branch.
+        assert!(!svc_sel.contains_key(LABEL_BRANCH), "{svc_sel:?}");
+        assert_eq!(
+            pod_labels.get(LABEL_BRANCH).map(String::as_str),
+            Some("dev")
+        );
     }
 
     #[test]
@@ -1217,7 +1224,7 @@ mod tests {
         let spec = s.spec.unwrap();
         assert_eq!(spec.ports.unwrap()[0].port, 5432);
         let sel = spec.selector.unwrap();
-        assert_eq!(sel, replicas_selector("dev", "a1b2c3d4e5f60718"));
+        assert_eq!(sel, replicas_selector("a1b2c3d4e5f60718"));
         assert_eq!(sel.get(LABEL_ROLE).map(String::as_str), Some("replica"));
         assert!(
             !sel.contains_key(LABEL_REPLICA_ORDINAL),

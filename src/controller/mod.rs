@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod branch;
 pub mod metrics;
+pub mod operations;
 pub mod restore;
 pub mod schedule;
 pub mod snapshot;
@@ -113,6 +114,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// When each object's status stats were last refreshed (by UID).
     stats: Mutex<HashMap<String, std::time::Instant>>,
+    /// One data-changing operation per branch ([`operations`]).
+    pub operations: operations::OperationLock,
 }
 
 impl Context {
@@ -159,6 +162,7 @@ impl Context {
             clock,
             failures: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
+            operations: operations::OperationLock::default(),
         })
     }
 
@@ -270,6 +274,24 @@ impl Error {
     }
 }
 
+/// The result of kube-runtime's finalizer helper as a reconcile result. An
+/// object that is gone by the time its finalizer is removed (its deletion
+/// raced with ours, as for a restore's restored branch) is done, not an
+/// error.
+pub fn finalizer_result(
+    res: Result<Action, kube::runtime::finalizer::Error<Error>>,
+) -> Result<Action, Error> {
+    match res {
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
+            if s.code == 404 =>
+        {
+            tracing::debug!("the object was gone before its finalizer was removed");
+            Ok(Action::await_change())
+        }
+        r => r.map_err(|e| Error::Finalizer(Box::new(e))),
+    }
+}
+
 fn kube_retryable(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
@@ -315,6 +337,14 @@ where
         return Action::requeue(ctx.config.poll_interval);
     }
     ctx.metrics.error(&kind, &err.reason());
+    if err.reason() == "Conflict" {
+        // Our write raced with another writer (the restore writing a
+        // branch's timeline, the status of a fresh object): not a failure,
+        // re-read and go on at once. Backing off here kept a branch
+        // un-Ready for half a minute after a finalize.
+        tracing::debug!(kind, object = %obj.name_any(), error = %err, "conflict, re-reading");
+        return Action::requeue(Duration::from_millis(200));
+    }
     let n = ctx.record_failure(obj.as_ref());
     if err.is_retryable() {
         tracing::warn!(kind, object = %obj.name_any(), error = %err, attempt = n, "reconcile failed, retrying");

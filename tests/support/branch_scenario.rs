@@ -390,6 +390,21 @@ pub async fn run(h: &World) {
             .is_ok(),
         "main still serves"
     );
+    // A child asked of a parent that is being deleted says so (the two
+    // would otherwise wait for each other in silence).
+    api.create(&pp, &child("late", "main", None, None))
+        .await
+        .expect("create late");
+    let late = wait_stalled(client, "late", "ParentBeingDeleted").await;
+    let msg = condition(&late, "Stalled").unwrap().2;
+    assert!(
+        msg.contains("main") && msg.contains("being deleted"),
+        "{msg}"
+    );
+    api.delete("late", &DeleteParams::default())
+        .await
+        .expect("delete late");
+    wait_gone(&api, "late").await;
 
     api.patch(
         "past",

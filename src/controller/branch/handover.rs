@@ -35,7 +35,7 @@
 //!   ([`claimed_elsewhere`]), so removing R after a handover leaves T's data.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -373,6 +373,70 @@ pub(super) fn service_for(
         spec.selector = Some(sel);
     }
     svc
+}
+
+/// Gives the pods of an adopted Deployment the adopting branch's name in
+/// their `pgbranch.dev/branch` label (they were started under the restored
+/// branch's), so `kubectl get pods -l pgbranch.dev/branch=<branch>` finds
+/// the branch's compute. A label change restarts nothing. Only for a
+/// Deployment whose selector does not name the branch: relabelling the pod
+/// of one that does would take it from its ReplicaSet.
+pub(super) async fn relabel_adopted_pods(
+    ctx: &Context,
+    branch: &Branch,
+    d: &Deployment,
+) -> Result<(), Error> {
+    let Some(sel) = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+    else {
+        return Ok(());
+    };
+    if sel.contains_key(LABEL_BRANCH) || sel.is_empty() {
+        return Ok(());
+    }
+    let name = branch.name_any();
+    let ns = branch.namespace().unwrap_or_default();
+    let selector = sel
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let list = with_deadline(
+        ctx,
+        "list compute pods",
+        pods.list(&ListParams::default().labels(&selector)),
+    )
+    .await?;
+    for p in list.items {
+        if p.labels().get(LABEL_BRANCH) == Some(&name) || p.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        tracing::info!(branch = %name, pod = %p.name_any(), "labelling an adopted compute pod with its branch");
+        let patch = json!({"metadata": {"labels": {LABEL_BRANCH: name}}});
+        match with_deadline(
+            ctx,
+            "label compute pod",
+            pods.patch(
+                &p.name_any(),
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await
+        {
+            Ok(_) => {}
+            // Gone meanwhile: nothing to label.
+            Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Whether a Branch other than `uid` has `tl` as its current timeline.

@@ -168,14 +168,15 @@ async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Err
     let started = Instant::now();
     let ns = branch.namespace().unwrap_or_default();
     let api: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    let res = finalizer(&api, FINALIZER, branch.clone(), |ev| async {
-        match ev {
-            FinalizerEvent::Apply(b) => reconcile_apply(b, &ctx).await,
-            FinalizerEvent::Cleanup(b) => reconcile_cleanup(b, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let res = super::finalizer_result(
+        finalizer(&api, FINALIZER, branch.clone(), |ev| async {
+            match ev {
+                FinalizerEvent::Apply(b) => reconcile_apply(b, &ctx).await,
+                FinalizerEvent::Cleanup(b) => reconcile_cleanup(b, &ctx).await,
+            }
+        })
+        .await,
+    );
     ctx.metrics.reconciled(KIND, started.elapsed());
     if res.is_ok() {
         ctx.record_success(branch.as_ref());
@@ -562,6 +563,17 @@ async fn ensure_timeline(
                 .as_ref()
                 .is_some_and(|s| super::status::is_ready(&s.conditions));
             let ptl = p.status.as_ref().and_then(|s| s.timeline_id.clone());
+            if p.metadata.deletion_timestamp.is_some() {
+                // The parent's deletion waits for its children (this one
+                // included) to go, and this one waits for the parent: say so.
+                return Err(Error::stalled(
+                    "ParentBeingDeleted",
+                    format!(
+                        "the parent branch {} is being deleted, and its deletion waits for its children, this branch among them, to be deleted first; delete this Branch (or recreate it once the parent is gone)",
+                        p.name_any()
+                    ),
+                ));
+            }
             let Some(ptl) = ptl.filter(|_| ready) else {
                 return Ok(Err(progressing(
                     "WaitingForParent",
@@ -795,6 +807,9 @@ async fn apply_steps(
         },
         None => None,
     };
+    if let Some(d) = &adopted {
+        handover::relabel_adopted_pods(ctx, branch, d).await?;
+    }
     let current = if adopted.is_some() {
         adopted.clone()
     } else if compute.enabled {

@@ -70,7 +70,10 @@
 //!   `RestoredBranchFailed`, `NameTaken`).
 //!
 //! A Snapshot of a branch a restore is Restoring or Finalizing (as source,
-//! target, restored or backup branch) waits for it.
+//! target, restored or backup branch) waits for it, and a restore waits to
+//! start or to finalize while a snapshot of the branches it changes is
+//! being taken: both take the operator's operation lock
+//! ([`super::operations`]).
 //!
 //! For tests, [`FailPoint`] stops the operator right after a finalize step
 //! is recorded, to check that a restart resumes correctly.
@@ -96,6 +99,7 @@ use super::apply::{holder, Holder};
 use super::branch::handover::ANNOTATION_HANDOVER_TO;
 use super::branch::sql;
 use super::branch::ANNOTATION_ADOPT_TIMELINE;
+use super::operations::snapshot_being_taken;
 use super::snapshot::secret_password;
 use super::status::{apply_outcome, is_ready, merge_diff, outcome_changed, Outcome};
 use super::{error_policy, with_deadline, Context, Error};
@@ -204,27 +208,28 @@ async fn reconcile(r: Arc<SnapshotRestore>, ctx: Arc<Context>) -> Result<Action,
     let started = Instant::now();
     let ns = r.namespace().unwrap_or_default();
     let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
-    let res = finalizer(&api, FINALIZER, r.clone(), |ev| async {
-        match ev {
-            FinalizerEvent::Apply(r) => reconcile_apply(&r, &ctx).await.map(|(a, _)| a),
-            FinalizerEvent::Cleanup(r) => {
-                let phase = r.status.as_ref().and_then(|s| s.phase);
-                if phase != Some(RestorePhase::Finalizing) {
-                    // Deleting a restore undoes nothing.
-                    return Ok(Action::await_change());
-                }
-                let (_, phase) = reconcile_apply(&r, &ctx).await?;
-                match phase {
-                    RestorePhase::Finalizing => Err(Error::Waiting(
-                        "the restore is finalizing; it is deleted once done".into(),
-                    )),
-                    _ => Ok(Action::await_change()),
+    let res = super::finalizer_result(
+        finalizer(&api, FINALIZER, r.clone(), |ev| async {
+            match ev {
+                FinalizerEvent::Apply(r) => reconcile_apply(&r, &ctx).await.map(|(a, _)| a),
+                FinalizerEvent::Cleanup(r) => {
+                    let phase = r.status.as_ref().and_then(|s| s.phase);
+                    if phase != Some(RestorePhase::Finalizing) {
+                        // Deleting a restore undoes nothing.
+                        return Ok(Action::await_change());
+                    }
+                    let (_, phase) = reconcile_apply(&r, &ctx).await?;
+                    match phase {
+                        RestorePhase::Finalizing => Err(Error::Waiting(
+                            "the restore is finalizing; it is deleted once done".into(),
+                        )),
+                        _ => Ok(Action::await_change()),
+                    }
                 }
             }
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+        })
+        .await,
+    );
     ctx.metrics.reconciled(KIND, started.elapsed());
     if res.is_ok() {
         ctx.record_success(r.as_ref());
@@ -460,6 +465,8 @@ async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> Result<(), 
     let spec = &r.spec;
     let branches = branch_api(ctx, &ns);
     let restore_name = run.name.clone();
+    // The operation lock, once the restore knows the branch it changes.
+    let mut guard = None;
     if restore_name.len() > 44
         || restore_name.contains('.')
         || restore_name.starts_with(|c: char| c.is_ascii_digit())
@@ -583,7 +590,16 @@ async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> Result<(), 
                 ));
             }
         }
-        // One data-changing operation per branch.
+        // One data-changing operation per branch (controller::operations):
+        // under the operation lock until the phase is recorded.
+        guard = Some(ctx.operations.take().await);
+        let mut touched = vec![t.as_str()];
+        touched.extend(spec.source.branch.as_deref());
+        if let Some((snap, b)) = snapshot_being_taken(ctx, &ns, &touched).await? {
+            return Err(Error::Waiting(format!(
+                "Snapshot {snap} of branch {b} is being taken; the restore starts when it is ready"
+            )));
+        }
         let all: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
         let others = with_deadline(ctx, "list restores", all.list(&ListParams::default())).await?;
         if let Some(o) = others.items.iter().find(|o| {
@@ -605,7 +621,9 @@ async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> Result<(), 
     st.started_at = Some(now.to_string());
     st.phase = Some(RestorePhase::Restoring);
     st.progress = Some("creating the restored branch".into());
-    run.save(st).await
+    run.save(st).await?;
+    drop(guard);
+    Ok(())
 }
 
 /// Restoring / AwaitingFinalize. `Some(done)`: stop here this pass.
@@ -707,6 +725,15 @@ async fn restoring(
     // Checked before the phase moves: a restore refused here is not
     // Finalizing (its deletion is not held back).
     precheck(run, st).await?;
+    // Under the operation lock until the phase is recorded: no snapshot of
+    // the target or the restored branch is being taken.
+    let _guard = ctx.operations.take().await;
+    let target = r.spec.target.clone().unwrap_or_default();
+    if let Some((snap, b)) = snapshot_being_taken(ctx, &ns, &[target.as_str(), &rname]).await? {
+        return Err(Error::Waiting(format!(
+            "Snapshot {snap} of branch {b} is being taken; finalizing starts when it is ready"
+        )));
+    }
     st.phase = Some(RestorePhase::Finalizing);
     st.progress = Some("finalizing".into());
     run.save(st).await?;

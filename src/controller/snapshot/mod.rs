@@ -16,9 +16,10 @@
 //! branch's compute is reached with its superuser Secret so storage can
 //! `CHECKPOINT` it first) → polled until Ready → `readyToUse`.
 //!
-//! The quota count and the snapshot creation run under one lock in the
-//! operator, so two Snapshots created together cannot both take the last
-//! place.
+//! The restore check, the quota count and the snapshot creation run under
+//! the operator's operation lock ([`super::operations`]), so two Snapshots
+//! created together cannot both take the last place, and a Snapshot and a
+//! SnapshotRestore of one branch applied together are serialized.
 //!
 //! Cleanup (finalizer `pgbranch.dev/snapshot-cleanup`): `deletionPolicy:
 //! Delete` deletes the stored snapshot (found through status, or by the UID
@@ -34,9 +35,10 @@ use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 
+use super::operations::restore_holding;
 use super::status::{apply_outcome, is_ready, write_status, Outcome};
 use super::{error_policy, with_deadline, Context, Error};
-use crate::api::{Branch, DeletionPolicy, RestorePhase, Snapshot, SnapshotRestore, SnapshotStatus};
+use crate::api::{Branch, DeletionPolicy, Snapshot, SnapshotStatus};
 use crate::compute::{secret_value, service_name, superuser_secret_name};
 use crate::storage::{
     ConnInfo, CreateSnapshot, Lsn, OpKey, Password, Point, SnapshotId, State, StorageError,
@@ -46,11 +48,6 @@ use crate::storage::{
 /// The finalizer the Snapshot controller puts on every Snapshot.
 pub const FINALIZER: &str = "pgbranch.dev/snapshot-cleanup";
 const KIND: &str = "Snapshot";
-
-/// Serializes "count the namespace's snapshots, then take one" so the quota
-/// holds under concurrent reconciles (one operator runs at a time: leader
-/// election).
-static QUOTA_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs the Snapshot controller until `shutdown` resolves.
 pub async fn run(
@@ -87,14 +84,15 @@ async fn reconcile(snap: Arc<Snapshot>, ctx: Arc<Context>) -> Result<Action, Err
     let started = Instant::now();
     let ns = snap.namespace().unwrap_or_default();
     let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let res = finalizer(&api, FINALIZER, snap.clone(), |ev| async {
-        match ev {
-            FinalizerEvent::Apply(s) => reconcile_apply(s, &ctx).await,
-            FinalizerEvent::Cleanup(s) => reconcile_cleanup(s, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let res = super::finalizer_result(
+        finalizer(&api, FINALIZER, snap.clone(), |ev| async {
+            match ev {
+                FinalizerEvent::Apply(s) => reconcile_apply(s, &ctx).await,
+                FinalizerEvent::Cleanup(s) => reconcile_cleanup(s, &ctx).await,
+            }
+        })
+        .await,
+    );
     ctx.metrics.reconciled(KIND, started.elapsed());
     if res.is_ok() {
         ctx.record_success(snap.as_ref());
@@ -137,38 +135,6 @@ pub(crate) async fn secret_password(
     Ok(with_deadline(ctx, "read secret", api.get_opt(name))
         .await?
         .and_then(|s| secret_value(&s, "password")))
-}
-
-/// The restore (if any) that currently changes `branch`'s data: a
-/// SnapshotRestore in `Restoring` or `Finalizing` whose source, target or
-/// restored branch is `branch`.
-pub(crate) async fn blocking_restore(
-    ctx: &Context,
-    ns: &str,
-    branch: &str,
-    except_uid: Option<&str>,
-) -> Result<Option<(String, RestorePhase)>, Error> {
-    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), ns);
-    let list = with_deadline(ctx, "list restores", api.list(&ListParams::default())).await?;
-    let mut found: Vec<(String, RestorePhase)> = list
-        .items
-        .iter()
-        .filter(|r| r.uid().as_deref() != except_uid || except_uid.is_none())
-        .filter_map(|r| {
-            let phase = r.status.as_ref().and_then(|s| s.phase)?;
-            if !matches!(phase, RestorePhase::Restoring | RestorePhase::Finalizing) {
-                return None;
-            }
-            let st = r.status.as_ref();
-            let touches = r.spec.source.branch.as_deref() == Some(branch)
-                || r.spec.target.as_deref() == Some(branch)
-                || st.and_then(|s| s.restored_branch.as_deref()) == Some(branch)
-                || st.and_then(|s| s.backup_branch.as_deref()) == Some(branch);
-            touches.then(|| (r.name_any(), phase))
-        })
-        .collect();
-    found.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(found.into_iter().next())
 }
 
 /// Parses an RFC 3339 field.
@@ -349,20 +315,12 @@ async fn apply_steps(
         return poll_done(ctx, status, &s, requeue);
     }
 
-    // The branch.
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(branch) =
-        with_deadline(ctx, "read branch", branches.get_opt(&snap.spec.branch)).await?
-    else {
-        return Err(Error::stalled(
-            "BranchNotFound",
-            format!("branch {:?} not found in namespace {ns}", snap.spec.branch),
-        ));
-    };
     let point = parse_point(snap.spec.lsn.as_deref(), snap.spec.timestamp.as_deref())?;
-
-    // One data-changing operation per branch.
-    if let Some((restore, phase)) = blocking_restore(ctx, &ns, &snap.spec.branch, None).await? {
+    // Under the operation lock, from here to the recorded snapshot: no
+    // restore holds the branch, the branch as it is now, the quota, then
+    // create and record (see controller::operations).
+    let _guard = ctx.operations.take().await;
+    if let Some((restore, phase)) = restore_holding(ctx, &ns, &snap.spec.branch, None).await? {
         return Ok(Done {
             outcome: Outcome::progressing(
                 "WaitingForRestore",
@@ -374,6 +332,15 @@ async fn apply_steps(
             requeue: Action::requeue(ctx.config.poll_interval),
         });
     }
+    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(branch) =
+        with_deadline(ctx, "read branch", branches.get_opt(&snap.spec.branch)).await?
+    else {
+        return Err(Error::stalled(
+            "BranchNotFound",
+            format!("branch {:?} not found in namespace {ns}", snap.spec.branch),
+        ));
+    };
     let bst = branch.status.clone().unwrap_or_default();
     let Some(timeline) = bst
         .timeline_id
@@ -396,9 +363,6 @@ async fn apply_steps(
         Point::Head => branch_superuser_conn(ctx, &branch).await?,
         _ => None,
     };
-
-    // Quota, then create, under one lock.
-    let _guard = QUOTA_LOCK.lock().await;
     let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
     let all = with_deadline(ctx, "list snapshots", api.list(&ListParams::default())).await?;
     let used = all

@@ -195,12 +195,14 @@ async fn cron_schedule_creates_named_snapshots_at_the_right_times_and_prunes() {
         st.last_schedule_time,
         Some(s(3).strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
     );
-    // Exactly four creations ever: a retry never made a second object.
+    // Exactly four objects ever created: a retry (a reconcile on a cache
+    // that has not seen the first create yet) meets 409 AlreadyExists on
+    // the run's deterministic name and never makes a second object.
     let creates = w
         .traffic
         .writes()
         .into_iter()
-        .filter(|r| r.verb == "create" && r.resource == "snapshots")
+        .filter(|r| r.verb == "create" && r.resource == "snapshots" && r.code == 201)
         .count();
     assert_eq!(creates, 4);
 }

@@ -28,6 +28,7 @@
 //! `PGBRANCH_REQUIRE_CONTROL_PLANE=1` (set by scripts/test.sh when it
 //! installed the binaries), where a missing control plane fails the test.
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -290,7 +291,10 @@ fn launch(assets: &Path) -> Result<(ControlPlane, Vec<Child>), String> {
     cp.logs.push(("kube-controller-manager", kcm_log));
     rt.block_on(cp.wait_controller_manager())?;
     rt.block_on(cp.create_node())?;
-    eprintln!(
+    // Straight to stderr, past the test harness's capture: the run's log
+    // shows which control plane the operator tests ran on.
+    let _ = writeln!(
+        std::io::stderr(),
         "control plane: kube-apiserver {} + kube-controller-manager + etcd (from {}), in {}",
         cp.server,
         assets.display(),

@@ -247,3 +247,277 @@ async fn hand_edits_of_owned_objects_are_reverted_with_an_event() {
     assert!(w.traffic.writes().is_empty(), "{:#?}", w.traffic.writes());
     w.shutdown().await;
 }
+
+/// A compute that cannot start says why, in the kubelet's words, and after
+/// the deadline the Branch is Stalled with that reason; fixing the cause
+/// brings it back. An image the node cannot pull; a postgres that exits at
+/// start (a broken setting), with postgres's own last log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_compute_that_cannot_start_says_why() {
+    use kube::api::{Patch, PatchParams};
+    use pgbranch::api::{Branch, BranchSpec};
+    use pgbranch::storage::TimelineId;
+    use serde_json::json;
+    use support::world::*;
+
+    let Some(mut w) = World::new("stuck-compute").await else {
+        return;
+    };
+    w.start_operator(pgbranch::controller::Config {
+        compute_start_deadline: std::time::Duration::from_secs(8),
+        ..w.config()
+    });
+    let api = branches(&w.client);
+    let pp = PatchParams::default();
+
+    // An image this node does not have.
+    let mut img = Branch::new("img", BranchSpec::default());
+    img.spec.compute.image = Some("postgres:99".into());
+    create_branch(&w.client, &img).await;
+    let b = wait_branch(&w.client, "img", "ComputeImagePullBackOff", |b| {
+        condition(b, "Reconciling")
+            .is_some_and(|c| c.0 == "True" && c.1 == "ComputeImagePullBackOff")
+    })
+    .await;
+    let msg = condition(&b, "Reconciling").unwrap().2;
+    assert!(
+        msg.contains("Back-off pulling image \"postgres:99\""),
+        "{msg}"
+    );
+    let b = wait_stalled(&w.client, "img", "ComputeImagePullBackOff").await;
+    let msg = condition(&b, "Stalled").unwrap().2;
+    assert!(
+        msg.contains("has not started in 8s") && msg.contains("postgres:99"),
+        "{msg}"
+    );
+    api.patch(
+        "img",
+        &pp,
+        &Patch::Merge(json!({"spec": {"compute": {"image": null}}})),
+    )
+    .await
+    .unwrap();
+    wait_ready(&w.client, "img").await;
+
+    // A setting postgres refuses at start.
+    create_branch(&w.client, &Branch::new("crash", BranchSpec::default())).await;
+    let b = wait_ready(&w.client, "crash").await;
+    let tl = TimelineId::new(b.status.unwrap().timeline_id.unwrap()).unwrap();
+    let suspend = |on: bool| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                "crash",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"compute": {"suspended": on}}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    suspend(true).await;
+    eventually(60, "the compute stopped", || async {
+        (!w.running_timelines().await.contains(&tl.to_string())).then_some(())
+    })
+    .await;
+    let auto_conf = w.engine.data_dir(&tl).join("postgresql.auto.conf");
+    let good = std::fs::read_to_string(&auto_conf).unwrap();
+    std::fs::write(&auto_conf, format!("{good}\nshared_buffers = 'lots'\n")).unwrap();
+    suspend(false).await;
+    let b = wait_branch(&w.client, "crash", "ComputeCrashLoopBackOff", |b| {
+        condition(b, "Reconciling")
+            .is_some_and(|c| c.0 == "True" && c.1 == "ComputeCrashLoopBackOff")
+    })
+    .await;
+    let msg = condition(&b, "Reconciling").unwrap().2;
+    assert!(
+        msg.contains("shared_buffers"),
+        "postgres's last words: {msg}"
+    );
+    wait_stalled(&w.client, "crash", "ComputeCrashLoopBackOff").await;
+    std::fs::write(&auto_conf, good).unwrap();
+    let b = wait_ready(&w.client, "crash").await;
+    assert!(condition(&b, "Stalled").is_some_and(|c| c.0 == "False"));
+
+    // Suspend and resume at once: the new compute waits for the old one to
+    // be gone (scaling up does not wait for terminating Pods), so postgres
+    // never finds its data directory in use.
+    let ready_since = std::time::Instant::now();
+    eventually(30, "the compute of crash running", || async {
+        w.running_timelines()
+            .await
+            .contains(&tl.to_string())
+            .then_some(())
+    })
+    .await;
+    suspend(true).await;
+    eventually(30, "the old compute is stopping", || async {
+        let pods = w.api::<k8s_openapi::api::core::v1::Pod>();
+        let l = pods
+            .list(&kube::api::ListParams::default().labels(&format!("pgbranch.dev/timeline={tl}")))
+            .await
+            .ok()?;
+        l.items
+            .iter()
+            .any(|p| p.metadata.deletion_timestamp.is_some())
+            .then_some(())
+    })
+    .await;
+    suspend(false).await;
+    wait_branch(&w.client, "crash", "Ready after a quick resume", |b| {
+        condition(b, "Ready").is_some_and(|c| c.0 == "True")
+            && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
+            && b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready")
+    })
+    .await;
+    let events = w.api::<k8s_openapi::api::events::v1::Event>();
+    let crashes: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ComputeCrashLoopBackOff"))
+        .filter(|e| {
+            e.event_time
+                .as_ref()
+                .is_some_and(|t| t.0 > jiff::Timestamp::now() - ready_since.elapsed())
+        })
+        .collect();
+    assert!(
+        crashes.is_empty(),
+        "a second postgres met the first: {crashes:#?}"
+    );
+    w.connect_app("crash")
+        .await
+        .query("SELECT 1", &[])
+        .await
+        .unwrap();
+    w.shutdown().await;
+}
+
+/// Roles removed from `spec.roles` are dropped, with their Secrets; one
+/// that still owns objects is made NOLOGIN without a password and
+/// reported in the `RolesRetained` condition until its objects are gone.
+/// A child's copy of its parent's roles is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn roles_removed_from_the_spec_are_dropped_or_disabled() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams};
+    use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, ParentRef, RoleSpec};
+    use serde_json::json;
+    use support::world::*;
+
+    let Some(mut w) = World::new("roles").await else {
+        return;
+    };
+    w.start_operator(w.config());
+    let roles = |names: &[&str]| -> Vec<RoleSpec> {
+        names
+            .iter()
+            .map(|n| RoleSpec {
+                name: n.to_string(),
+            })
+            .collect()
+    };
+    let main = Branch::new(
+        "main",
+        BranchSpec {
+            roles: roles(&["app", "reader", "writer"]),
+            databases: vec![DatabaseSpec {
+                name: "shop".into(),
+                owner: Some("app".into()),
+            }],
+            ..Default::default()
+        },
+    );
+    create_branch(&w.client, &main).await;
+    wait_ready(&w.client, "main").await;
+    let su_pw = secret_field(&w.client, "main-superuser", "password").await;
+    let su = w.connect("main", "postgres", &su_pw, "shop").await.unwrap();
+    su.batch_execute("CREATE TABLE ledger (id int); ALTER TABLE ledger OWNER TO writer;")
+        .await
+        .unwrap();
+    // A child's copy of main's roles.
+    let kid = Branch::new(
+        "kid",
+        BranchSpec {
+            parent: Some(ParentRef {
+                branch: "main".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    create_branch(&w.client, &kid).await;
+    wait_ready(&w.client, "kid").await;
+
+    let api = branches(&w.client);
+    api.patch(
+        "main",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"roles": [{"name": "app"}]}})),
+    )
+    .await
+    .unwrap();
+    let b = wait_branch(&w.client, "main", "RolesRetained", |b| {
+        condition(b, "RolesRetained").is_some_and(|c| c.0 == "True")
+            && condition(b, "Ready").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    let msg = condition(&b, "RolesRetained").unwrap().2;
+    assert!(msg.contains("writer") && !msg.contains("reader"), "{msg}");
+    let role = |c: tokio_postgres::Client, r: &'static str| async move {
+        c.query_opt(
+            "SELECT rolcanlogin, rolpassword IS NOT NULL FROM pg_authid WHERE rolname = $1",
+            &[&r],
+        )
+        .await
+        .unwrap()
+        .map(|row| (row.get::<_, bool>(0), row.get::<_, bool>(1)))
+    };
+    let su = w.connect("main", "postgres", &su_pw, "shop").await.unwrap();
+    assert_eq!(role(su, "reader").await, None, "reader dropped");
+    let su = w.connect("main", "postgres", &su_pw, "shop").await.unwrap();
+    assert_eq!(
+        role(su, "writer").await,
+        Some((false, false)),
+        "writer disabled"
+    );
+    let secrets = w.api::<Secret>();
+    for gone in ["main-reader", "main-writer"] {
+        eventually(15, &format!("Secret {gone} deleted"), || async {
+            secrets.get_opt(gone).await.unwrap().is_none().then_some(())
+        })
+        .await;
+    }
+    let kid_su = secret_field(&w.client, "kid-superuser", "password").await;
+    let k = w.connect("kid", "postgres", &kid_su, "shop").await.unwrap();
+    assert!(
+        role(k, "reader").await.is_some(),
+        "the child's copy is untouched"
+    );
+
+    // Once writer owns nothing, the next change drops it.
+    let su = w.connect("main", "postgres", &su_pw, "shop").await.unwrap();
+    su.batch_execute("REASSIGN OWNED BY writer TO app")
+        .await
+        .unwrap();
+    api.patch(
+        "main",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"databases": [
+            {"name": "shop", "owner": "app"}, {"name": "more", "owner": "app"}]}})),
+    )
+    .await
+    .unwrap();
+    wait_branch(&w.client, "main", "RolesRetained cleared", |b| {
+        condition(b, "RolesRetained").is_none()
+            && condition(b, "Ready").is_some_and(|c| c.0 == "True")
+            && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
+    })
+    .await;
+    let su = w.connect("main", "postgres", &su_pw, "shop").await.unwrap();
+    assert_eq!(role(su, "writer").await, None, "writer dropped at last");
+    w.shutdown().await;
+}

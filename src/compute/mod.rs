@@ -41,6 +41,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 
+pub mod health;
+
 use crate::api::{Branch, LABEL_BRANCH, LABEL_ROLE, LABEL_TIMELINE};
 
 /// The port every compute listens on and every Service exposes.

@@ -58,6 +58,11 @@ pub struct Config {
     /// Most Snapshot objects holding a stored snapshot per namespace; one
     /// more is Stalled `SnapshotQuotaExceeded` (default 10).
     pub snapshot_quota: u32,
+    /// How long a compute Pod may fail to come up for a reason that does
+    /// not fix itself (unschedulable, image pull, crash loop) before the
+    /// Branch is Stalled with that reason (until then it is Reconciling
+    /// with the same message).
+    pub compute_start_deadline: Duration,
     /// Test hook: stop the operator right after a restore records this
     /// finalize step (see [`restore::FailPoint`]).
     pub restore_fail_point: Option<restore::FailPoint>,
@@ -76,6 +81,7 @@ impl Default for Config {
             reporter: "pgbranch-operator".into(),
             instance: None,
             snapshot_quota: 10,
+            compute_start_deadline: Duration::from_secs(300),
             restore_fail_point: None,
         }
     }

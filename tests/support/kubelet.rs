@@ -17,6 +17,10 @@
 //!   container's state — or, when postgres does not start, the container
 //!   waiting in `CrashLoopBackOff` with postgres's last log line, retried
 //!   with a growing back-off;
+//! * has the images a node of this workplace has — the compute image
+//!   (`postgres:15`) and nothing else, nothing can be pulled: a Pod that
+//!   asks for another image waits in `ImagePullBackOff`, as on a node
+//!   without registry access;
 //! * on a Pod's deletion (it gets a `deletionTimestamp`) stops postgres
 //!   (fast shutdown) and then removes the Pod (grace period 0), as a
 //!   kubelet does once its containers are gone.
@@ -56,6 +60,12 @@ use tokio::task::JoinHandle;
 
 use super::cluster::NODE;
 
+/// The images this node has (nothing can be pulled).
+pub const IMAGES: &[&str] = &[
+    pgbranch::compute::DEFAULT_IMAGE,
+    "docker.io/library/postgres:15",
+];
+
 /// Pod addresses handed out so far (unique across the test binary).
 /// Nothing listens on them: an address only names a local server.
 static ADDRESSES: AtomicU32 = AtomicU32::new(0);
@@ -75,6 +85,9 @@ fn free_port() -> u16 {
 struct Running {
     server: PgServer,
     timeline: String,
+    /// The data directory it runs on: `<timeline>` or
+    /// `<timeline>/replica/<n>`.
+    data: String,
     address: String,
     /// The Deployment that owns the Pod's ReplicaSet.
     deployment: String,
@@ -86,6 +99,11 @@ struct Inner {
     engine: Engine,
     /// By Pod name.
     running: Mutex<HashMap<String, Running>>,
+    /// Servers being stopped: (timeline, data directory key).
+    stopping: Mutex<Vec<(String, String)>>,
+    /// Pods started on a data directory another Pod's postgres still held
+    /// (two servers on one data directory corrupt it): must stay empty.
+    conflicts: Mutex<Vec<String>>,
     /// One worker per Pod, fed the Pod's latest state (`None`: gone).
     workers: Mutex<HashMap<String, mpsc::UnboundedSender<Option<Pod>>>>,
 }
@@ -109,6 +127,8 @@ impl Kubelet {
             namespace: namespace.to_string(),
             engine,
             running: Mutex::new(HashMap::new()),
+            stopping: Mutex::new(Vec::new()),
+            conflicts: Mutex::new(Vec::new()),
             workers: Mutex::new(HashMap::new()),
         });
         let api: Api<Pod> = Api::namespaced(client, namespace);
@@ -175,15 +195,32 @@ impl Kubelet {
             .map(|r| r.server.port)
     }
 
-    /// Timelines with a running server.
+    /// Timelines with a server running (or still stopping).
     pub async fn running_timelines(&self) -> Vec<String> {
-        self.inner
+        let mut v: Vec<String> = self
+            .inner
             .running
             .lock()
             .unwrap()
             .values()
             .map(|r| r.timeline.clone())
-            .collect()
+            .collect();
+        v.extend(
+            self.inner
+                .stopping
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|s| s.0.clone()),
+        );
+        v
+    }
+
+    /// Pods that were started while another Pod's postgres still held
+    /// their data directory (see the module docs); empty unless the
+    /// operator let two computes share one.
+    pub fn conflicts(&self) -> Vec<String> {
+        self.inner.conflicts.lock().unwrap().clone()
     }
 
     /// Stops every server.
@@ -212,6 +249,31 @@ impl Drop for Kubelet {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
     }
+}
+
+/// The waiting reason of the Pod's first container, if it waits.
+fn waiting_reason(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?
+        .reason
+        .clone()
+}
+
+/// The first image of the Pod this node does not have.
+fn missing_image(p: &Pod) -> Option<String> {
+    p.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .filter_map(|c| c.image.clone())
+        .find(|i| !IMAGES.contains(&i.as_str()))
 }
 
 /// The Deployment owning a Pod: its ReplicaSet's name less the template hash.
@@ -258,17 +320,16 @@ impl Inner {
     async fn work(self: Arc<Self>, name: String, mut rx: mpsc::UnboundedReceiver<Option<Pod>>) {
         let mut backoff = Duration::from_secs(1);
         let mut failures = 0u32;
-        let mut latest: Option<Pod> = None;
+        // After a failed start: when to try again, and the Pod to start.
+        let mut retry: Option<(tokio::time::Instant, Pod)> = None;
         loop {
-            // Take the newest state; wait for one when there is none, or
-            // after a failed start for the back-off (or a newer state).
-            let next = if latest.is_none() {
-                rx.recv().await
-            } else {
-                match tokio::time::timeout(backoff, rx.recv()).await {
+            // The next state of the Pod; or, at the retry time, the Pod again.
+            let next = match &retry {
+                None => rx.recv().await,
+                Some((at, pod)) => match tokio::time::timeout_at(*at, rx.recv()).await {
                     Ok(v) => v,
-                    Err(_) => Some(latest.clone()),
-                }
+                    Err(_) => Some(Some(pod.clone())),
+                },
             };
             let Some(mut state) = next else {
                 self.stop(&name).await;
@@ -284,29 +345,41 @@ impl Inner {
             if pod.metadata.deletion_timestamp.is_some() {
                 self.stop(&name).await;
                 self.remove(&pod).await;
-                latest = None;
+                retry = None;
                 continue;
             }
             let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(NODE);
             if !bound {
                 self.bind(&pod).await;
-                latest = None;
                 continue;
             }
             if self.running.lock().unwrap().contains_key(&name) {
-                latest = None;
                 continue;
+            }
+            if let Some(image) = missing_image(&pod) {
+                if waiting_reason(&pod).as_deref() != Some("ImagePullBackOff") {
+                    self.report_image_pull(&pod, &image).await;
+                }
+                continue;
+            }
+            // Back off between starts, whatever events come meanwhile
+            // (our own status reports among them).
+            if let Some((at, _)) = &retry {
+                if tokio::time::Instant::now() < *at {
+                    retry = Some((*at, pod));
+                    continue;
+                }
             }
             match self.start(&pod).await {
                 Ok(()) => {
-                    latest = None;
+                    retry = None;
                     failures = 0;
                     backoff = Duration::from_secs(1);
                 }
                 Err(e) => {
                     failures += 1;
                     self.report_crash(&pod, &e, failures).await;
-                    latest = Some(pod);
+                    retry = Some((tokio::time::Instant::now() + backoff, pod));
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
@@ -346,6 +419,35 @@ impl Inner {
             .unwrap_or_default();
         let id = TimelineId::new(timeline.clone()).map_err(|e| e.to_string())?;
         let replica = pod.labels().get(LABEL_ROLE).map(String::as_str) == Some("replica");
+        let data = match pod.labels().get(LABEL_REPLICA_ORDINAL).filter(|_| replica) {
+            Some(n) => format!("{timeline}/replica/{n}"),
+            None => timeline.clone(),
+        };
+        // A real node would start this container on the shared volume
+        // whatever else uses it; here it is caught and recorded.
+        let holder = {
+            let running = self.running.lock().unwrap();
+            running
+                .iter()
+                .find(|(n, r)| **n != pod.name_any() && r.data == data)
+                .map(|(n, _)| format!("pod {n}"))
+                .or_else(|| {
+                    self.stopping
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|s| s.1 == data)
+                        .then(|| "a pod still stopping".to_string())
+                })
+        };
+        if let Some(holder) = holder {
+            let what = format!(
+                "pod {} started on data directory {data} while {holder} still ran postgres on it",
+                pod.name_any()
+            );
+            self.conflicts.lock().unwrap().push(what.clone());
+            return Err(format!("the data directory is in use: {what}"));
+        }
         let server = if replica {
             self.start_replica(pod, &id).await?
         } else {
@@ -360,6 +462,7 @@ impl Inner {
             Running {
                 server,
                 timeline,
+                data,
                 address: address.clone(),
                 deployment: deployment_of(pod),
             },
@@ -400,6 +503,30 @@ impl Inner {
                 "state": state, "lastState": last.clone().unwrap_or(json!({})),
             }))
             .collect::<Vec<_>>())
+    }
+
+    /// A container whose image is not on the node and cannot be pulled.
+    async fn report_image_pull(&self, pod: &Pod, image: &str) {
+        let now = jiff::Timestamp::now().to_string();
+        let status = json!({"status": {
+            "phase": "Pending",
+            "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
+            "startTime": now,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "False", "lastTransitionTime": now},
+                {"type": "Ready", "status": "False", "lastTransitionTime": now}],
+            "containerStatuses": self.container_statuses(
+                pod,
+                json!({"waiting": {"reason": "ImagePullBackOff",
+                    "message": format!("Back-off pulling image \"{image}\"")}}),
+                false,
+                None,
+                0,
+            ),
+        }});
+        self.patch_status(pod, &status).await;
     }
 
     /// A container that exits at once: `CrashLoopBackOff`, postgres's last
@@ -535,11 +662,21 @@ impl Inner {
             .map_err(|e| e.to_string())
     }
 
+    /// Stops a Pod's server; its timeline counts as running until the
+    /// server is gone.
     async fn stop(&self, name: &str) {
         let r = self.running.lock().unwrap().remove(name);
         if let Some(r) = r {
+            self.stopping
+                .lock()
+                .unwrap()
+                .push((r.timeline.clone(), r.data.clone()));
             if let Err(e) = r.server.stop(StopMode::Fast).await {
                 eprintln!("kubelet: stopping {name}: {e}");
+            }
+            let mut stopping = self.stopping.lock().unwrap();
+            if let Some(i) = stopping.iter().position(|t| t.1 == r.data) {
+                stopping.remove(i);
             }
         }
     }

@@ -359,11 +359,17 @@ impl World {
             .expect("the operator task");
     }
 
-    /// Stops the operator and every postgres.
+    /// Stops the operator and every postgres, and checks that no two
+    /// computes ever ran on one data directory.
     pub async fn shutdown(mut self) {
         self.stop_operator().await;
         if let Some(k) = self.kubelet.take() {
+            let conflicts = k.conflicts();
             k.shutdown().await;
+            assert!(
+                conflicts.is_empty(),
+                "two computes on one data directory: {conflicts:#?}"
+            );
         }
     }
 

@@ -419,12 +419,50 @@ async fn ensure_credentials(
         .await?;
         extra_roles.push(creds);
     }
+    remove_stale_role_secrets(ctx, branch, &extra_roles, uid).await?;
     Ok(Credentials {
         superuser,
         app,
         extra_roles,
         sql_marker,
     })
+}
+
+/// Deletes the credential Secrets of roles no longer in `spec.roles` (the
+/// role itself is dropped by the SQL step).
+async fn remove_stale_role_secrets(
+    ctx: &Context,
+    branch: &Branch,
+    extra_roles: &[RoleCredentials],
+    uid: &str,
+) -> Result<(), Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let mut keep = vec![superuser_secret_name(&name), app_secret_name(&name)];
+    keep.extend(
+        extra_roles
+            .iter()
+            .map(|r| role_secret_name(&name, &secret_suffix(&r.user))),
+    );
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = format!(
+        "{LABEL_BRANCH}={name},{}=credentials",
+        crate::compute::LABEL_COMPONENT
+    );
+    let list = with_deadline(
+        ctx,
+        "list credential secrets",
+        api.list(&ListParams::default().labels(&selector)),
+    )
+    .await?;
+    for s in list.items {
+        let sname = s.name_any();
+        if !keep.contains(&sname) && holder(&s, uid) == Holder::Owner {
+            tracing::info!(branch = %name, secret = %sname, "deleting the Secret of a role removed from spec.roles");
+            delete_owned::<Secret>(ctx, &ns, &sname, uid).await?;
+        }
+    }
+    Ok(())
 }
 
 fn storage_stalled(e: StorageError) -> Error {
@@ -659,6 +697,120 @@ fn record_timeline(status: &mut BranchStatus, tl: &Timeline, refresh_stats: bool
     status.pg_major = Some(i64::from(tl.pg_major));
 }
 
+/// The condition type that reports roles removed from `spec.roles` that
+/// PostgreSQL would not drop.
+pub const ROLES_RETAINED: &str = "RolesRetained";
+
+/// Records roles removed from the spec but kept (they own objects or hold
+/// privileges) as the `RolesRetained` condition, with a Warning Event;
+/// clears the condition once none is kept.
+async fn record_retained_roles(
+    ctx: &Context,
+    branch: &Branch,
+    status: &mut BranchStatus,
+    retained: &[(String, String)],
+    now: jiff::Timestamp,
+) {
+    if retained.is_empty() {
+        crate::api::conditions::remove_condition(&mut status.conditions, ROLES_RETAINED);
+        return;
+    }
+    let message = format!(
+        "removed from spec.roles but kept as NOLOGIN without a password: {}; reassign or drop what they own (REASSIGN OWNED / DROP OWNED), then they are dropped at the next change",
+        retained
+            .iter()
+            .map(|(r, why)| format!("{r} ({why})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    crate::api::conditions::set_condition(
+        &mut status.conditions,
+        crate::api::conditions::condition(
+            ROLES_RETAINED,
+            "True",
+            "RolesOwnObjects",
+            &message,
+            branch.metadata.generation,
+            now,
+        ),
+    );
+    let ev = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: "RolesRetained".into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: "DropRoles".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .recorder
+        .publish(&ev, &kube::Resource::object_ref(branch, &()))
+        .await
+    {
+        tracing::warn!(error = %e, "could not publish event");
+    }
+}
+
+/// A Pod matching `selector` that keeps the Deployment `own` from
+/// starting its own: one still terminating, or one of another Deployment
+/// (described for the message).
+pub(super) async fn blocking_pod(
+    ctx: &Context,
+    ns: &str,
+    selector: &str,
+    own: &str,
+) -> Result<Option<String>, Error> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let list = with_deadline(
+        ctx,
+        "list compute pods",
+        pods.list(&ListParams::default().labels(selector)),
+    )
+    .await?;
+    let prefix = format!("{own}-");
+    Ok(list.items.iter().find_map(|p| {
+        let ours = p
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "ReplicaSet" && o.name.starts_with(&prefix));
+        if p.metadata.deletion_timestamp.is_some() {
+            Some(format!("pod {} (stopping)", p.name_any()))
+        } else if !ours {
+            Some(format!("pod {}", p.name_any()))
+        } else {
+            None
+        }
+    }))
+}
+
+/// What keeps a compute Deployment's Pods from becoming ready, if anything
+/// that will not fix itself soon ([`crate::compute::health`]).
+async fn compute_problem(
+    ctx: &Context,
+    d: &Deployment,
+) -> Result<Option<crate::compute::health::PodProblem>, Error> {
+    let Some(sel) = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.as_ref())
+    else {
+        return Ok(None);
+    };
+    let selector = sel
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    let list = with_deadline(
+        ctx,
+        "list compute pods",
+        pods.list(&ListParams::default().labels(&selector)),
+    )
+    .await?;
+    Ok(crate::compute::health::pod_problem(&list.items))
+}
+
 fn deployment_ready(d: &Deployment) -> bool {
     let gen = d.metadata.generation.unwrap_or(0);
     d.status.as_ref().is_some_and(|s| {
@@ -813,6 +965,38 @@ async fn apply_steps(
     let current = if adopted.is_some() {
         adopted.clone()
     } else if compute.enabled {
+        if running {
+            // One postgres per data directory, whatever Kubernetes does:
+            // scaling a Deployment up does not wait for its terminating
+            // Pods (a resume right after a suspend), a rollout that flips
+            // back reuses a ReplicaSet whose Pod is still stopping (a hand
+            // edit of the template, reverted), and another branch's compute
+            // of this timeline may still be stopping (a restore's backup
+            // branch taking over the target's old timeline). Until no such
+            // Pod is left, the compute is not started or changed.
+            let own = crate::compute::deployment_name(&name, tl.id.as_str());
+            let live = with_deadline(ctx, "read compute", deploys.get_opt(&own)).await?;
+            let settled = live.as_ref().is_some_and(|d| {
+                d.spec.as_ref().and_then(|s| s.replicas) != Some(0) && deployment_ready(d)
+            });
+            if !settled {
+                let selector = format!(
+                    "{LABEL_TIMELINE}={},{}=primary",
+                    tl.id,
+                    crate::api::LABEL_ROLE
+                );
+                if let Some(pod) = blocking_pod(ctx, &ns, &selector, &own).await? {
+                    return Ok(progressing(
+                        "WaitingForPreviousCompute",
+                        format!(
+                            "{pod} still runs postgres on the data directory of timeline {}; the compute starts once it is gone",
+                            tl.id
+                        ),
+                        ctx.config.poll_interval,
+                    ));
+                }
+            }
+        }
         let target = ComputeTarget {
             timeline_id: tl.id.as_str(),
             data_path: &tl.data_path,
@@ -907,6 +1091,34 @@ async fn apply_steps(
     }
     if !compute_ready || svc_timeline != tl.id.as_str() {
         replicas::reconcile(ctx, branch, &tl.id, &replaced, &uid, false).await?;
+        if let Some(d) = current.as_ref().filter(|_| !compute_ready) {
+            if let Some(p) = compute_problem(ctx, d).await? {
+                let waited = p
+                    .since
+                    .map(|t| now.duration_since(t).unsigned_abs())
+                    .unwrap_or_default();
+                let deadline = ctx.config.compute_start_deadline;
+                if waited >= deadline {
+                    return Err(Error::stalled(
+                        p.reason,
+                        format!(
+                            "the compute of timeline {} has not started in {}s: {}",
+                            tl.id,
+                            deadline.as_secs(),
+                            p.message
+                        ),
+                    ));
+                }
+                return Ok(progressing(
+                    p.reason,
+                    format!(
+                        "the compute of timeline {} is not starting: {}",
+                        tl.id, p.message
+                    ),
+                    ctx.config.poll_interval,
+                ));
+            }
+        }
         return Ok(progressing(
             "StartingCompute",
             format!("waiting for the compute of timeline {} to be ready", tl.id),
@@ -957,6 +1169,7 @@ async fn apply_steps(
             reset_other_logins: branch.spec.parent.is_some()
                 && branch.spec.credentials != Some(CredentialsPolicy::Inherit)
                 && tl.key.as_str() == uid,
+            manage_roles_of: Some(uid.clone()),
         };
         let timeout = ctx.config.step_timeout;
         let report = match tokio::time::timeout(timeout, sql::apply(&plan, timeout)).await {
@@ -974,8 +1187,11 @@ async fn apply_steps(
             roles_created = ?report.roles_created,
             databases_created = ?report.databases_created,
             passwords_removed = ?report.passwords_removed,
+            roles_dropped = ?report.roles_dropped,
+            roles_retained = ?report.roles_retained.iter().map(|r| &r.0).collect::<Vec<_>>(),
             "applied credentials, roles and databases"
         );
+        record_retained_roles(ctx, branch, status, &report.roles_retained, now).await;
         let annotations =
             std::collections::BTreeMap::from([(ANNOTATION_SQL_APPLIED.to_string(), marker)]);
         apply_owned(

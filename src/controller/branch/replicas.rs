@@ -285,6 +285,31 @@ pub(super) async fn reconcile(
         let Some(r) = made.iter().find(|r| r.ordinal == *n) else {
             continue;
         };
+        if running {
+            // As for the primary: no start or change while a Pod of the
+            // replica's data directory is stopping or belongs to another
+            // Deployment.
+            let dname = crate::compute::replica_deployment_name(&name, current.as_str(), *n);
+            let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+            let settled = with_deadline(ctx, "read replica", deploys.get_opt(&dname))
+                .await?
+                .is_some_and(|d| {
+                    d.spec.as_ref().and_then(|s| s.replicas) != Some(0) && deployment_ready(&d)
+                });
+            let selector = crate::compute::replica_selector(current.as_str(), *n)
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            if !settled
+                && super::blocking_pod(ctx, &ns, &selector, &dname)
+                    .await?
+                    .is_some()
+            {
+                pending = true;
+                continue;
+            }
+        }
         let target = ReplicaTarget {
             timeline_id: current.as_str(),
             ordinal: *n,

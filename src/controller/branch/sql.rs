@@ -1,8 +1,16 @@
 //! What the operator does inside a branch's PostgreSQL once its compute is
 //! up: take over the superuser (new password for a child), set the app and
 //! declared roles' passwords from the branch's Secrets, create declared
-//! databases. Every statement is idempotent; identifiers are quoted; no
+//! databases, and drop the roles it made for this branch that are no longer
+//! declared. Every statement is idempotent; identifiers are quoted; no
 //! password is logged (the session also turns statement logging off).
+//!
+//! The roles a branch manages carry the comment `pgbranch.dev/branch
+//! <uid>` (its UID): a role removed from `spec.roles` is dropped, or, when
+//! it still owns objects or holds privileges somewhere (PostgreSQL refuses
+//! to drop it), made `NOLOGIN` without a password and reported. Roles a
+//! branch inherited in its copy of another branch's data carry that
+//! branch's UID (or none) and are left alone.
 
 use std::time::Duration;
 
@@ -28,6 +36,15 @@ pub struct SqlPlan {
     /// Remove the password of every other login role (a child's copy of its
     /// parent's users must not keep the parent's passwords).
     pub reset_other_logins: bool,
+    /// The owning branch's UID: `roles` are tagged as its own, and roles
+    /// tagged as its own that `roles` no longer lists are dropped (`None`:
+    /// neither).
+    pub manage_roles_of: Option<String>,
+}
+
+/// The comment that marks a role as managed for the branch `uid`.
+pub fn role_tag(uid: &str) -> String {
+    format!("pgbranch.dev/branch {uid}")
 }
 
 impl std::fmt::Debug for SqlPlan {
@@ -53,6 +70,11 @@ pub struct SqlReport {
     pub databases_created: Vec<String>,
     /// Login roles whose copied password was removed.
     pub passwords_removed: Vec<String>,
+    /// Roles removed from the spec and dropped.
+    pub roles_dropped: Vec<String>,
+    /// Roles removed from the spec that still own objects or hold
+    /// privileges: `NOLOGIN` now, with PostgreSQL's reason.
+    pub roles_retained: Vec<(String, String)>,
 }
 
 /// `"ident"` with embedded quotes doubled.
@@ -167,6 +189,9 @@ pub async fn apply(plan: &SqlPlan, timeout: Duration) -> Result<SqlReport, Error
             report.roles_created.push(role.clone());
         }
     }
+    if let Some(uid) = &plan.manage_roles_of {
+        manage_roles(&client, plan, uid, &mut report).await?;
+    }
     if plan.reset_other_logins {
         let keep: Vec<String> = plan
             .roles
@@ -234,6 +259,66 @@ pub async fn apply(plan: &SqlPlan, timeout: Duration) -> Result<SqlReport, Error
     Ok(report)
 }
 
+/// Tags the declared roles as the branch's, then drops (or disables) the
+/// roles tagged as the branch's that are no longer declared.
+async fn manage_roles(
+    client: &Client,
+    plan: &SqlPlan,
+    uid: &str,
+    report: &mut SqlReport,
+) -> Result<(), Error> {
+    let tag = role_tag(uid);
+    for (role, _) in &plan.roles {
+        client
+            .batch_execute(&format!(
+                "COMMENT ON ROLE {} IS {}",
+                quote_ident(role),
+                quote_literal(&tag)
+            ))
+            .await
+            .map_err(sql_err)?;
+    }
+    let declared: Vec<String> = plan.roles.iter().map(|r| r.0.clone()).collect();
+    let rows = client
+        .query(
+            "SELECT r.rolname::text FROM pg_roles r \
+             JOIN pg_shdescription d ON d.objoid = r.oid AND d.classoid = 'pg_authid'::regclass \
+             WHERE d.description = $1 AND NOT (r.rolname = ANY($2)) AND r.rolname <> 'postgres' \
+             ORDER BY 1",
+            &[&tag, &declared],
+        )
+        .await
+        .map_err(sql_err)?;
+    for r in rows {
+        let role: String = r.get(0);
+        match client
+            .batch_execute(&format!("DROP ROLE {}", quote_ident(&role)))
+            .await
+        {
+            Ok(()) => report.roles_dropped.push(role),
+            Err(e) if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) => {
+                let why = e
+                    .as_db_error()
+                    .map(|d| {
+                        let detail = d.detail().unwrap_or_default().replace('\n', "; ");
+                        format!("{} ({detail})", d.message())
+                    })
+                    .unwrap_or_else(|| e.to_string());
+                client
+                    .batch_execute(&format!(
+                        "ALTER ROLE {} WITH NOLOGIN PASSWORD NULL",
+                        quote_ident(&role)
+                    ))
+                    .await
+                    .map_err(sql_err)?;
+                report.roles_retained.push((role, why));
+            }
+            Err(e) => return Err(sql_err(e)),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +342,7 @@ mod tests {
             roles: vec![("app".into(), "appsecret".into())],
             databases: vec![],
             reset_other_logins: true,
+            manage_roles_of: None,
         };
         let s = format!("{p:?}");
         assert!(!s.contains("secret"), "{s}");

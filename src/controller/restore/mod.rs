@@ -1223,6 +1223,7 @@ async fn set_target_passwords(run: &Run<'_>, target: &Branch, rname: &str) -> Re
         roles,
         databases: vec![],
         reset_other_logins: false,
+        manage_roles_of: None,
     };
     let timeout = ctx.config.step_timeout;
     match tokio::time::timeout(timeout, sql::apply(&plan, timeout)).await {

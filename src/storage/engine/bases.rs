@@ -47,9 +47,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::locks::base_keys;
 use super::meta::{BaseRow, TimelineRow};
 use super::pg::{self, StartOpts};
-use super::{base_keys, crash_point, io_err, Engine};
+use super::{crash_point, io_err, Engine};
 use crate::storage::{DriverKind, Lsn, State, StorageError, TimelineId};
 
 /// Default WAL past the newest base that triggers a roll: about ten

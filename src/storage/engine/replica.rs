@@ -37,8 +37,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::copy::check_self_contained;
 use super::meta::ReplicaRow;
-use super::{check_self_contained, io_err, pg, pid_alive, Engine};
+use super::server::pid_alive;
+use super::{io_err, pg, Engine};
 use crate::storage::{
     validate_replica_ordinal, CreateReplica, Password, Replica, State, StorageError, TimelineId,
 };

@@ -30,14 +30,25 @@ impl Engine {
         let _g = self.inner.index_lock.lock().await;
         let dir = self.wal_dir(&t.id);
         let prefix = format!("{tli:08X}");
-        let mut segs: Vec<String> = match fs::read_dir(&dir) {
-            Ok(rd) => rd
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| n.len() == 24 && n.starts_with(&prefix) && segno_of(n, seg).is_some())
-                .collect(),
-            Err(_) => return Ok(()),
+        let listing = self
+            .blocking("listing the WAL archive", {
+                let dir = dir.clone();
+                move |_| {
+                    Ok(fs::read_dir(&dir).ok().map(|rd| {
+                        rd.flatten()
+                            .map(|e| e.file_name().to_string_lossy().to_string())
+                            .collect::<Vec<_>>()
+                    }))
+                }
+            })
+            .await?;
+        let Some(names) = listing else {
+            return Ok(());
         };
+        let mut segs: Vec<String> = names
+            .into_iter()
+            .filter(|n| n.len() == 24 && n.starts_with(&prefix) && segno_of(n, seg).is_some())
+            .collect();
         segs.sort();
         let Some(newest) = segs.last().cloned() else {
             return Ok(());

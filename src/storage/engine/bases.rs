@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use super::locks::base_keys;
 use super::meta::{BaseRow, TimelineRow};
-use super::pg::{self, StartOpts};
+use super::pg::StartOpts;
 use super::{crash_point, io_err, Engine};
 use crate::storage::{DriverKind, Lsn, State, StorageError, TimelineId};
 
@@ -360,8 +360,7 @@ impl Engine {
                 continue;
             };
             tracing::debug!(timeline = %id, path, "deleting a pruned base");
-            pg::kill_leftover(&e.path());
-            self.delete_dir(&e.path()).await?;
+            self.remove_data_dir(&e.path()).await?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::pg::{self, StopMode};
-use super::Engine;
+use super::{blocking, Engine};
 use crate::storage::{ConnInfo, Lsn, StorageError, TimelineId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,7 +277,11 @@ impl Engine {
             recopy_wal(&s, &w, start_seg.as_deref(), Some(&archive))
         })
         .await?;
-        self.inner.pg.chown_tree(&work.join("pg_wal"))?;
+        let (pg, w) = (self.inner.pg.clone(), work.join("pg_wal"));
+        blocking("giving pg_wal to the run_as user", move || {
+            pg.chown_tree(&w)
+        })
+        .await?;
         if work != dst {
             self.clone_dir(&work, dst, true).await?;
             self.delete_dir(&work).await?;

@@ -6,7 +6,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{io_err, Engine};
+use super::{io_err, pg, Engine};
 use crate::storage::{DriverKind, SnapshotId, StorageError, TimelineId};
 
 /// The PostgreSQL major version a data directory was made by (0: unknown).
@@ -79,6 +79,33 @@ impl Engine {
         let p = p.to_path_buf();
         self.blocking("deleting a data directory", move |i| {
             i.driver.delete_dir(&p)
+        })
+        .await
+    }
+
+    /// Stops a postgres an interrupted operation left running on the data
+    /// directory `p` (which can take seconds), then deletes `p`.
+    pub(super) async fn remove_data_dir(&self, p: &Path) -> Result<(), StorageError> {
+        let p = p.to_path_buf();
+        self.blocking("deleting a data directory", move |i| {
+            pg::kill_leftover(&p);
+            i.driver.delete_dir(&p)
+        })
+        .await
+    }
+
+    /// Removes a plain directory tree (a timeline's WAL archive, what is
+    /// left of an object's directory once its data directory is gone); a
+    /// missing one is no error.
+    pub(super) async fn remove_tree(
+        &self,
+        what: &'static str,
+        p: &Path,
+    ) -> Result<(), StorageError> {
+        let p = p.to_path_buf();
+        self.blocking(what, move |_| match fs::remove_dir_all(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
         })
         .await
     }

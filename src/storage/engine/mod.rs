@@ -249,18 +249,29 @@ fn crash_point(step: &str) {
     }
 }
 
+/// The engine's one way to run blocking work: file-system walks and
+/// deletions, waits for processes, SQLite calls. It runs `f` on tokio's
+/// blocking pool, never on a runtime thread, where it would hold up every
+/// request and background task scheduled on that thread.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io_err(what, e))?
+}
+
 impl Engine {
-    /// Runs `f` on the blocking pool, off the runtime's threads.
+    /// [`blocking`] with the engine's state, for file-system work whose
+    /// `io` errors read "`what`: error".
     async fn blocking<T: Send + 'static>(
         &self,
         what: &'static str,
         f: impl FnOnce(&Inner) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, StorageError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| io_err(what, e))?
-            .map_err(|e| io_err(what, e))
+        blocking(what, move || f(&inner).map_err(|e| io_err(what, e))).await
     }
 }
 

@@ -7,14 +7,16 @@
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::driver::{self, Driver};
 use super::layout::make_traversable;
 use super::meta::Meta;
 use super::pg::{self, PgEnv};
-use super::{bases, driver, io_err, Engine, EngineConfig, Inner, StoredRequest};
-use crate::storage::{CreateSnapshot, CreateTimeline, State, StorageError};
+use super::{bases, blocking, io_err, Engine, EngineConfig, Inner, StoredRequest};
+use crate::storage::{CreateSnapshot, CreateTimeline, DriverKind, State, StorageError};
 
 impl Engine {
     /// Opens (or creates) an engine on `cfg.root`: probes the driver, opens
@@ -101,28 +103,11 @@ impl Engine {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
-        for d in ["timelines", "snapshots", "wal", "tmp"] {
-            let p = root.join(d);
-            fs::create_dir_all(&p).map_err(|e| io_err("creating the volume layout", e))?;
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
-                .map_err(|e| io_err("chmod", e))?;
-        }
-        let tmp = root.join("tmp");
-        let kind = driver::probe(&root, &tmp, cfg.driver).map_err(StorageError::invalid)?;
-        let driver = driver::make_driver(kind);
-        // Work directories of operations that did not finish.
-        if let Ok(rd) = fs::read_dir(&tmp) {
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    pg::kill_leftover(&p);
-                    let _ = driver.delete_dir(&p);
-                } else {
-                    let _ = fs::remove_file(&p);
-                }
-            }
-        }
-        let meta = Meta::open(&root.join("meta.sqlite"))?;
+        let (kind, driver, meta) = blocking("preparing the volume", {
+            let (root, forced) = (root.clone(), cfg.driver);
+            move || prepare_volume(&root, forced)
+        })
+        .await?;
         let engine = Engine {
             inner: Arc::new(Inner {
                 root,
@@ -148,6 +133,7 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Finishes or cleans up what operations left unfinished.
     async fn recover(&self) -> Result<(), StorageError> {
         self.recover_replicas().await?;
         for t in self.inner.meta.timelines()? {
@@ -199,13 +185,11 @@ impl Engine {
         for s in self.inner.meta.snapshots()? {
             match s.state {
                 State::Deleting => {
-                    let _ = self.delete_dir(&self.snap_dir(&s.id).join("pgdata")).await;
-                    let _ = fs::remove_dir_all(self.snap_dir(&s.id));
+                    let _ = self.remove_snapshot_dirs(&s.id).await;
                     self.inner.meta.delete_snapshot(&s.id)?;
                 }
                 State::Creating => {
-                    let _ = self.delete_dir(&self.snap_dir(&s.id).join("pgdata")).await;
-                    let _ = fs::remove_dir_all(self.snap_dir(&s.id));
+                    let _ = self.remove_snapshot_dirs(&s.id).await;
                     let stored: Option<StoredRequest> = serde_json::from_str(&s.request).ok();
                     if stored.map(|r| !r.had_connection).unwrap_or(false) {
                         let req = CreateSnapshot {
@@ -237,4 +221,36 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The volume's layout, its driver (probed, or the forced one checked),
+/// `tmp/` emptied of the work directories of operations that did not
+/// finish (stopping any server left running on one), and the metadata
+/// store. Blocking: run through [`blocking`].
+fn prepare_volume(
+    root: &Path,
+    forced: Option<DriverKind>,
+) -> Result<(DriverKind, Box<dyn Driver>, Meta), StorageError> {
+    for d in ["timelines", "snapshots", "wal", "tmp"] {
+        let p = root.join(d);
+        fs::create_dir_all(&p).map_err(|e| io_err("creating the volume layout", e))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+            .map_err(|e| io_err("chmod", e))?;
+    }
+    let tmp = root.join("tmp");
+    let kind = driver::probe(root, &tmp, forced).map_err(StorageError::invalid)?;
+    let driver = driver::make_driver(kind);
+    if let Ok(rd) = fs::read_dir(&tmp) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                pg::kill_leftover(&p);
+                let _ = driver.delete_dir(&p);
+            } else {
+                let _ = fs::remove_file(&p);
+            }
+        }
+    }
+    let meta = Meta::open(&root.join("meta.sqlite"))?;
+    Ok((kind, driver, meta))
 }

@@ -264,20 +264,20 @@ impl Engine {
             self.remove_replica_dirs(tl, r.ordinal).await?;
             self.inner.meta.delete_replica(tl, r.ordinal)?;
         }
-        let _ = fs::remove_dir_all(self.tl_dir(tl).join("replicas"));
+        let _ = self
+            .remove_tree(
+                "removing the replicas directory",
+                &self.tl_dir(tl).join("replicas"),
+            )
+            .await;
         Ok(())
     }
 
     async fn remove_replica_dirs(&self, tl: &TimelineId, n: u32) -> Result<(), StorageError> {
         let dir = self.replica_dir(tl, n);
         let data = dir.join("pgdata");
-        pg::kill_leftover(&data);
-        self.delete_dir(&data).await?;
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("removing a replica directory", e)),
-        }
+        self.remove_data_dir(&data).await?;
+        self.remove_tree("removing a replica directory", &dir).await
     }
 
     /// At open: replicas half made or half removed (or of a timeline that

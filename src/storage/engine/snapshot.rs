@@ -55,8 +55,7 @@ impl Engine {
                 Ok(()) => tracing::info!(snapshot = %id, "snapshot ready"),
                 Err(e) => {
                     tracing::warn!(snapshot = %id, error = %e, "creating a snapshot failed");
-                    let _ = me.delete_dir(&me.snap_dir(&id).join("pgdata")).await;
-                    let _ = fs::remove_dir_all(me.snap_dir(&id));
+                    let _ = me.remove_snapshot_dirs(&id).await;
                     let _ =
                         me.inner
                             .meta
@@ -287,8 +286,18 @@ impl Engine {
         }
         tracing::info!(snapshot = %id, "deleting a snapshot");
         self.forget_sizes(&format!("s:{id}"));
-        self.delete_dir(&self.snap_dir(id).join("pgdata")).await?;
-        let _ = fs::remove_dir_all(self.snap_dir(id));
+        self.remove_snapshot_dirs(id).await?;
         self.inner.meta.delete_snapshot(id)
+    }
+
+    /// Deletes a snapshot's data directory, then what is left of its
+    /// directory.
+    pub(super) async fn remove_snapshot_dirs(&self, id: &SnapshotId) -> Result<(), StorageError> {
+        let dir = self.snap_dir(id);
+        self.delete_dir(&dir.join("pgdata")).await?;
+        let _ = self
+            .remove_tree("removing a snapshot directory", &dir)
+            .await;
+        Ok(())
     }
 }

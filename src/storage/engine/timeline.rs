@@ -10,7 +10,7 @@ use std::path::Path;
 use super::layout::pg_major_of;
 use super::locks::{base_keys, InUse};
 use super::meta::{BaseRow, Recorded, TimelineRow};
-use super::pg::{self, StopMode};
+use super::pg::StopMode;
 use super::server::pid_alive;
 use super::{crash_point, io_err, Engine, StoredRequest};
 use crate::storage::{
@@ -239,13 +239,16 @@ impl Engine {
         let dir = self.tl_dir(id);
         self.remove_rolled_bases(id).await;
         for sub in ["pgdata", "base"] {
-            pg::kill_leftover(&dir.join(sub));
-            if let Err(e) = self.delete_dir(&dir.join(sub)).await {
+            if let Err(e) = self.remove_data_dir(&dir.join(sub)).await {
                 tracing::warn!(timeline = %id, error = %e, "removing a data directory failed");
             }
         }
-        let _ = fs::remove_dir_all(&dir);
-        let _ = fs::remove_dir_all(self.wal_dir(id));
+        let _ = self
+            .remove_tree("removing a timeline directory", &dir)
+            .await;
+        let _ = self
+            .remove_tree("removing a WAL archive", &self.wal_dir(id))
+            .await;
     }
 
     async fn build_timeline(
@@ -386,7 +389,7 @@ impl Engine {
         }
         .await;
         let _ = self.delete_dir(&work).await;
-        let _ = fs::remove_dir_all(&dumpdir);
+        let _ = self.remove_tree("removing a schema dump", &dumpdir).await;
         r
     }
 

@@ -426,7 +426,7 @@ impl PgEnv {
         match server.wait_ready(timeout, replay_progress, standby).await {
             Ok(()) => Ok(server),
             Err(e) => {
-                server.kill_now();
+                server.kill().await;
                 Err(e)
             }
         }

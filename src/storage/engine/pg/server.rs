@@ -147,7 +147,26 @@ impl PgServer {
         r
     }
 
-    pub(super) fn kill_now(&mut self) {
+    /// Kills the server now (SIGQUIT, SIGKILL after 10 s) and waits for
+    /// it to exit, without holding up a runtime thread.
+    pub(super) async fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(self.pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = child.start_kill();
+            }
+        }
+        let _ = fs::remove_dir_all(&self.socket_dir);
+    }
+
+    /// [`Self::kill`] for `Drop`, which cannot await: it polls the exit,
+    /// blocking its thread for up to 10 s.
+    fn kill_now(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(self.pid);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
@@ -171,12 +190,25 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        self.kill_now();
+        if self.child.is_none() {
+            let _ = fs::remove_dir_all(&self.socket_dir);
+            return;
+        }
+        // On a multi-threaded runtime the worker hands its other tasks to
+        // another thread while this one waits for the server to exit.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| self.kill_now());
+        } else {
+            self.kill_now();
+        }
     }
 }
 
 /// Stops a postmaster left running on `dir` by an engine that died (its
 /// `postmaster.pid` names a live `postgres` process): SIGQUIT, then SIGKILL.
+/// Blocks for up to 10 s: the engine calls it through its blocking helper.
 pub(crate) fn kill_leftover(dir: &Path) {
     let Ok(text) = fs::read_to_string(dir.join("postmaster.pid")) else {
         return;

@@ -53,14 +53,15 @@ impl Engine {
         let Some(newest) = segs.last().cloned() else {
             return Ok(());
         };
-        let mut idx = self.inner.meta.wal_index(&t.id)?;
+        let mut idx = self.inner.meta.wal_index(&t.id).await?;
         if idx.last_segment.as_deref() == Some(newest.as_str()) {
             return Ok(());
         }
         let base_lsn = self
             .inner
             .meta
-            .bases(&t.id)?
+            .bases(&t.id)
+            .await?
             .first()
             .map(|b| b.lsn.0)
             .unwrap_or(0);
@@ -109,7 +110,10 @@ impl Engine {
             idx.last_lsn = Some(l);
         }
         idx.last_segment = Some(newest);
-        self.inner.meta.record_wal_scan(&t.id, &idx, &commits)?;
+        self.inner
+            .meta
+            .record_wal_scan(&t.id, &idx, &commits)
+            .await?;
         Ok(())
     }
 
@@ -120,12 +124,12 @@ impl Engine {
         if let Err(e) = self.index_archive(t).await {
             tracing::warn!(timeline = %t.id, error = %e, "reading the WAL archive failed");
         }
-        let bases = self.inner.meta.bases(&t.id)?;
+        let bases = self.inner.meta.bases(&t.id).await?;
         let Some(oldest) = bases.first() else {
             return Ok(None);
         };
-        let idx = self.inner.meta.wal_index(&t.id)?;
-        let last_commit = self.inner.meta.last_commit(&t.id)?;
+        let idx = self.inner.meta.wal_index(&t.id).await?;
+        let last_commit = self.inner.meta.last_commit(&t.id).await?;
         let base_newest_lsn = bases.iter().map(|b| b.lsn).max().unwrap_or(oldest.lsn);
         let base_newest_time = bases.iter().map(|b| b.time).max().unwrap_or(oldest.time);
         let newest_lsn = idx
@@ -172,9 +176,9 @@ impl Engine {
         }
         let now = jiff::Timestamp::now();
         let _g = self.inner.index_lock.lock().await;
-        let mut idx = self.inner.meta.wal_index(&t.id)?;
+        let mut idx = self.inner.meta.wal_index(&t.id).await?;
         idx.complete_time = Some(idx.complete_time.map_or(now, |c| c.max(now)));
-        self.inner.meta.record_wal_scan(&t.id, &idx, &[])?;
+        self.inner.meta.record_wal_scan(&t.id, &idx, &[]).await?;
         Ok(true)
     }
 
@@ -206,9 +210,9 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let _g = self.inner.index_lock.lock().await;
-        let mut idx = self.inner.meta.wal_index(&t.id)?;
+        let mut idx = self.inner.meta.wal_index(&t.id).await?;
         idx.complete_time = Some(idx.complete_time.map_or(asked, |c| c.max(asked)));
-        self.inner.meta.record_wal_scan(&t.id, &idx, &[])
+        self.inner.meta.record_wal_scan(&t.id, &idx, &[]).await
     }
 }
 

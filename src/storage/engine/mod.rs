@@ -273,6 +273,19 @@ impl Engine {
         let inner = self.inner.clone();
         blocking(what, move || f(&inner).map_err(|e| io_err(what, e))).await
     }
+
+    /// Runs an operation as a task of its own, so it goes to its end when
+    /// its caller goes away (an HTTP client that gave up): its metadata
+    /// steps are awaited one by one, and an operation cut off between two
+    /// of them would be left half done (a create recorded but never
+    /// started, a delete marked but not undone when refused).
+    async fn to_the_end<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        op: impl std::future::Future<Output = Result<T, StorageError>> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        tokio::spawn(op).await.map_err(|e| io_err(what, e))?
+    }
 }
 
 #[async_trait]
@@ -286,53 +299,71 @@ impl Storage for Engine {
     }
 
     async fn create_timeline(&self, req: CreateTimeline) -> Result<Timeline, StorageError> {
-        self.create_timeline_impl(req).await
+        let me = self.clone();
+        self.to_the_end("creating a timeline", async move {
+            me.create_timeline_impl(req).await
+        })
+        .await
     }
 
     async fn get_timeline(&self, id: &TimelineId) -> Result<Timeline, StorageError> {
         let row = self
             .inner
             .meta
-            .timeline(id)?
+            .timeline(id)
+            .await?
             .ok_or_else(|| StorageError::not_found("timeline", id))?;
         self.timeline_view(row).await
     }
 
     async fn list_timelines(&self) -> Result<Vec<Timeline>, StorageError> {
         let mut out = Vec::new();
-        for row in self.inner.meta.timelines()? {
+        for row in self.inner.meta.timelines().await? {
             out.push(self.timeline_view(row).await?);
         }
         Ok(out)
     }
 
     async fn delete_timeline(&self, id: &TimelineId) -> Result<(), StorageError> {
-        self.delete_timeline_impl(id).await
+        let (me, id) = (self.clone(), id.clone());
+        self.to_the_end("deleting a timeline", async move {
+            me.delete_timeline_impl(&id).await
+        })
+        .await
     }
 
     async fn create_snapshot(&self, req: CreateSnapshot) -> Result<Snapshot, StorageError> {
-        self.create_snapshot_impl(req).await
+        let me = self.clone();
+        self.to_the_end("creating a snapshot", async move {
+            me.create_snapshot_impl(req).await
+        })
+        .await
     }
 
     async fn get_snapshot(&self, id: &SnapshotId) -> Result<Snapshot, StorageError> {
         let row = self
             .inner
             .meta
-            .snapshot(id)?
+            .snapshot(id)
+            .await?
             .ok_or_else(|| StorageError::not_found("snapshot", id))?;
         self.snapshot_view(row).await
     }
 
     async fn list_snapshots(&self) -> Result<Vec<Snapshot>, StorageError> {
         let mut out = Vec::new();
-        for row in self.inner.meta.snapshots()? {
+        for row in self.inner.meta.snapshots().await? {
             out.push(self.snapshot_view(row).await?);
         }
         Ok(out)
     }
 
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError> {
-        self.delete_snapshot_impl(id).await
+        let (me, id) = (self.clone(), id.clone());
+        self.to_the_end("deleting a snapshot", async move {
+            me.delete_snapshot_impl(&id).await
+        })
+        .await
     }
 
     async fn resolve_point(
@@ -340,7 +371,7 @@ impl Storage for Engine {
         timeline: &TimelineId,
         timestamp: jiff::Timestamp,
     ) -> Result<Lsn, StorageError> {
-        let row = self.ready_timeline(timeline)?;
+        let row = self.ready_timeline(timeline).await?;
         let (_, lsn) = self
             .resolve_target(&row, &Point::Timestamp(timestamp), None)
             .await?;
@@ -360,6 +391,10 @@ impl Storage for Engine {
         timeline: &TimelineId,
         ordinal: u32,
     ) -> Result<(), StorageError> {
-        self.delete_replica_impl(timeline, ordinal).await
+        let (me, timeline) = (self.clone(), timeline.clone());
+        self.to_the_end("deleting a replica", async move {
+            me.delete_replica_impl(&timeline, ordinal).await
+        })
+        .await
     }
 }

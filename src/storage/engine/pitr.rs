@@ -6,12 +6,18 @@
 use std::fs;
 use std::path::Path;
 
+use futures::future::BoxFuture;
+
 use super::meta::{BaseRow, TimelineRow};
 use super::pg::StopMode;
 use super::Engine;
 use crate::storage::{
     ConnInfo, Lsn, Point, PointInfo, RestoreWindow, State, StorageError, TimelineId,
 };
+
+/// Told a replay's progress in percent; what it returns (the progress
+/// write) is awaited before the replay goes on.
+pub(super) type OnPercent = dyn Fn(Option<u8>) -> BoxFuture<'static, ()> + Send + Sync;
 
 /// Whether a point lies before the start of a window.
 fn point_before(p: &Point, w: &RestoreWindow) -> bool {
@@ -32,14 +38,14 @@ impl Engine {
         target: Lsn,
         archive: Option<&TimelineId>,
         log: &Path,
-        report: &(dyn Fn(Option<u8>) + Send + Sync),
+        report: &OnPercent,
     ) -> Result<(), StorageError> {
         let src = &base.timeline;
         let from = base.lsn.0;
         let on_lsn = move |l: Lsn| {
             let span = target.0.saturating_sub(from).max(1);
             let done = l.0.saturating_sub(from).min(span);
-            report(Some((done * 100 / span) as u8));
+            report(Some((done * 100 / span) as u8))
         };
         self.write_recovery(data, src, target, "promote")?;
         let srv = match self
@@ -54,7 +60,7 @@ impl Engine {
                 if text.contains("recovery ended before configured recovery target was reached")
                     || text.contains("before consistent recovery point")
                 {
-                    let window = match self.inner.meta.timeline(src)? {
+                    let window = match self.inner.meta.timeline(src).await? {
                         Some(row) => self.reported_window(&row).await.unwrap_or(None),
                         None => None,
                     };
@@ -108,7 +114,7 @@ impl Engine {
         point: &'a Point,
     ) -> futures::future::BoxFuture<'a, Result<Option<(BaseRow, Lsn)>, StorageError>> {
         Box::pin(async move {
-            let Some(parent) = self.lineage_parent(t)? else {
+            let Some(parent) = self.lineage_parent(t).await? else {
                 return Ok(None);
             };
             let Ok((base, target)) = self.resolve_target(&parent, point, None).await else {
@@ -127,7 +133,7 @@ impl Engine {
     }
 
     /// The parent whose history this timeline continues, if it still exists.
-    fn lineage_parent(&self, t: &TimelineRow) -> Result<Option<TimelineRow>, StorageError> {
+    async fn lineage_parent(&self, t: &TimelineRow) -> Result<Option<TimelineRow>, StorageError> {
         if t.lineage.schema_only {
             return Ok(None);
         }
@@ -137,7 +143,8 @@ impl Engine {
         Ok(self
             .inner
             .meta
-            .timeline(p)?
+            .timeline(p)
+            .await?
             .filter(|r| r.state == State::Ready))
     }
 
@@ -154,9 +161,9 @@ impl Engine {
         // give: no need to read (index) their archives, which under a
         // parent's write load would put seconds of pg_waldump on every
         // child's status read.
-        let mut at = self.lineage_parent(t)?;
+        let mut at = self.lineage_parent(t).await?;
         while let Some(parent) = at {
-            if let Some(oldest) = self.inner.meta.bases(&parent.id)?.first() {
+            if let Some(oldest) = self.inner.meta.bases(&parent.id).await?.first() {
                 if oldest.lsn < w.oldest.lsn || Some(oldest.time) < w.oldest.time {
                     w.oldest = PointInfo {
                         lsn: oldest.lsn,
@@ -164,7 +171,7 @@ impl Engine {
                     };
                 }
             }
-            at = self.lineage_parent(&parent)?;
+            at = self.lineage_parent(&parent).await?;
         }
         Ok(Some(w))
     }
@@ -247,11 +254,11 @@ impl Engine {
                         window: Some(w),
                     });
                 }
-                match self.inner.meta.commit_at_or_before(&t.id, *ts)? {
+                match self.inner.meta.commit_at_or_before(&t.id, *ts).await? {
                     Some(l) if l >= w.oldest.lsn => l,
                     _ => {
                         // No commit since the base: the newest base not after it.
-                        let bases = self.inner.meta.bases(&t.id)?;
+                        let bases = self.inner.meta.bases(&t.id).await?;
                         // (A base stopped in recovery needs WAL after
                         // its point to replay to; a clean one does not.)
                         let b = bases
@@ -266,7 +273,7 @@ impl Engine {
                 }
             }
         };
-        let bases = self.inner.meta.bases(&t.id)?;
+        let bases = self.inner.meta.bases(&t.id).await?;
         // A base stopped in recovery is consistent at its LSN; replay
         // from it must go past that point.
         let base = bases

@@ -136,11 +136,11 @@ impl Engine {
     /// Finishes or cleans up what operations left unfinished.
     async fn recover(&self) -> Result<(), StorageError> {
         self.recover_replicas().await?;
-        for t in self.inner.meta.timelines()? {
+        for t in self.inner.meta.timelines().await? {
             match t.state {
                 State::Deleting => {
                     self.remove_timeline_dirs(&t.id).await;
-                    self.inner.meta.delete_timeline(&t.id)?;
+                    self.inner.meta.delete_timeline(&t.id).await?;
                 }
                 State::Creating => {
                     self.remove_timeline_dirs(&t.id).await;
@@ -169,24 +169,24 @@ impl Engine {
                                         &t.id,
                                         State::Failed,
                                         Some(&e.to_string()),
-                                    )?;
+                                    ).await?;
                                 }
                             }
                         }
                         _ => self.inner.meta.mark_timeline_interrupted(
                             &t.id,
                             "interrupted by a restart: call create again with the same key to resume",
-                        )?,
+                        ).await?,
                     }
                 }
                 _ => {}
             }
         }
-        for s in self.inner.meta.snapshots()? {
+        for s in self.inner.meta.snapshots().await? {
             match s.state {
                 State::Deleting => {
                     let _ = self.remove_snapshot_dirs(&s.id).await;
-                    self.inner.meta.delete_snapshot(&s.id)?;
+                    self.inner.meta.delete_snapshot(&s.id).await?;
                 }
                 State::Creating => {
                     let _ = self.remove_snapshot_dirs(&s.id).await;
@@ -203,17 +203,18 @@ impl Engine {
                             Ok((plan, guard)) => {
                                 self.spawn_snapshot(s.id.clone(), s.timeline.clone(), plan, guard)
                             }
-                            Err(e) => self.inner.meta.set_snapshot_state(
-                                &s.id,
-                                State::Failed,
-                                Some(&e.to_string()),
-                            )?,
+                            Err(e) => {
+                                self.inner
+                                    .meta
+                                    .set_snapshot_state(&s.id, State::Failed, Some(&e.to_string()))
+                                    .await?
+                            }
                         }
                     } else {
                         self.inner.meta.mark_snapshot_interrupted(
                             &s.id,
                             "interrupted by a restart: call create again with the same key to resume",
-                        )?;
+                        ).await?;
                     }
                 }
                 _ => {}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::pg::{self, PgServer};
 use super::{crash_point, Engine};
-use crate::storage::{Lsn, State, StorageError, TimelineId};
+use crate::storage::{State, StorageError, TimelineId};
 
 pub(super) fn pid_alive(data: &Path) -> bool {
     let Ok(text) = fs::read_to_string(data.join("postmaster.pid")) else {
@@ -44,7 +44,8 @@ impl Engine {
         let row = self
             .inner
             .meta
-            .timeline(id)?
+            .timeline(id)
+            .await?
             .ok_or_else(|| StorageError::not_found("timeline", id))?;
         if row.state != State::Ready {
             return Err(StorageError::Conflict {
@@ -89,7 +90,7 @@ impl Engine {
         data: &Path,
         archive: Option<&TimelineId>,
         log: &Path,
-        replay_progress: Option<&(dyn Fn(Lsn) + Send + Sync)>,
+        replay_progress: Option<pg::OnReplay<'_>>,
     ) -> Result<PgServer, StorageError> {
         self.inner
             .pg

@@ -7,6 +7,8 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
+use futures::future::BoxFuture;
+
 use super::copy::Consistency;
 use super::layout::pg_major_of;
 use super::locks::{base_keys, InUse};
@@ -30,7 +32,7 @@ impl Engine {
         req: &CreateSnapshot,
     ) -> Result<(SnPlan, InUse), StorageError> {
         let guard = self.acquire(vec![format!("t:{}", req.timeline)]);
-        let row = self.ready_timeline(&req.timeline)?;
+        let row = self.ready_timeline(&req.timeline).await?;
         let conn = req.source_connection.clone();
         if req.point == Point::Head {
             self.check_copyable(&req.timeline, conn.as_ref())?;
@@ -56,13 +58,31 @@ impl Engine {
                 Err(e) => {
                     tracing::warn!(snapshot = %id, error = %e, "creating a snapshot failed");
                     let _ = me.remove_snapshot_dirs(&id).await;
-                    let _ =
-                        me.inner
-                            .meta
-                            .set_snapshot_state(&id, State::Failed, Some(&e.to_string()));
+                    let _ = me
+                        .inner
+                        .meta
+                        .set_snapshot_state(&id, State::Failed, Some(&e.to_string()))
+                        .await;
                 }
             }
         });
+    }
+
+    /// Records the step a snapshot being made is at (a crash test may stop
+    /// the engine there).
+    async fn progress_s(&self, id: &SnapshotId, step: &str) {
+        crash_point(step);
+        let _ = self
+            .inner
+            .meta
+            .set_snapshot_progress(
+                id,
+                Some(Progress {
+                    step: step.to_string(),
+                    percent: None,
+                }),
+            )
+            .await;
     }
 
     async fn build_snapshot(
@@ -76,19 +96,9 @@ impl Engine {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
             .map_err(|e| io_err("chmod", e))?;
         let data = dir.join("pgdata");
-        let progress = |s: &str| {
-            crash_point(s);
-            let _ = self.inner.meta.set_snapshot_progress(
-                id,
-                Some(Progress {
-                    step: s.to_string(),
-                    percent: None,
-                }),
-            );
-        };
         let lsn = match plan {
             SnPlan::Head { conn } => {
-                progress("copying the source");
+                self.progress_s(id, "copying the source").await;
                 let (cons, lsn) = self
                     .copy_head(
                         timeline,
@@ -100,14 +110,17 @@ impl Engine {
                     )
                     .await?;
                 if let (Consistency::Clean | Consistency::Backup, Some(l)) = (cons, lsn) {
-                    self.inner.meta.add_base(&BaseRow {
-                        path: format!("snapshots/{id}/pgdata"),
-                        timeline: timeline.clone(),
-                        snapshot: Some(id.clone()),
-                        lsn: l,
-                        time: jiff::Timestamp::now(),
-                        in_recovery: false,
-                    })?;
+                    self.inner
+                        .meta
+                        .add_base(&BaseRow {
+                            path: format!("snapshots/{id}/pgdata"),
+                            timeline: timeline.clone(),
+                            snapshot: Some(id.clone()),
+                            lsn: l,
+                            time: jiff::Timestamp::now(),
+                            in_recovery: false,
+                        })
+                        .await?;
                 }
                 lsn
             }
@@ -115,27 +128,35 @@ impl Engine {
                 let work = self.tmp().join(format!("{id}-replay"));
                 let log = dir.join("engine.log");
                 let r = async {
-                    progress("cloning the base");
+                    self.progress_s(id, "cloning the base").await;
                     self.clone_dir(&self.inner.root.join(&base.path), &work, false)
                         .await?;
                     self.fixups(&work, None)?;
                     if target > base.lsn || base.in_recovery {
-                        progress("replaying WAL");
-                        let report = |pct: Option<u8>| {
-                            let _ = self.inner.meta.set_snapshot_progress(
-                                id,
-                                Some(Progress {
-                                    step: "replaying WAL".into(),
-                                    percent: pct,
-                                }),
-                            );
+                        self.progress_s(id, "replaying WAL").await;
+                        let (me, sid) = (self.clone(), id.clone());
+                        let report = move |pct: Option<u8>| -> BoxFuture<'static, ()> {
+                            let (me, sid) = (me.clone(), sid.clone());
+                            Box::pin(async move {
+                                let _ = me
+                                    .inner
+                                    .meta
+                                    .set_snapshot_progress(
+                                        &sid,
+                                        Some(Progress {
+                                            step: "replaying WAL".into(),
+                                            percent: pct,
+                                        }),
+                                    )
+                                    .await;
+                            })
                         };
                         self.replay(&work, &base, target, None, &log, &report)
                             .await?;
                     } else {
                         self.normalize(&work, None, &log).await?;
                     }
-                    progress("storing the snapshot");
+                    self.progress_s(id, "storing the snapshot").await;
                     self.clone_dir(&work, &data, true).await
                 }
                 .await;
@@ -146,7 +167,8 @@ impl Engine {
         };
         self.inner
             .meta
-            .set_snapshot_done(id, lsn, pg_major_of(&data))?;
+            .set_snapshot_done(id, lsn, pg_major_of(&data))
+            .await?;
         Ok(())
     }
 
@@ -180,7 +202,7 @@ impl Engine {
         id: &SnapshotId,
         req: &CreateSnapshot,
     ) -> Result<(), StorageError> {
-        let Some(row) = self.inner.meta.snapshot(id)? else {
+        let Some(row) = self.inner.meta.snapshot(id).await? else {
             return Ok(());
         };
         let own = if row.state == State::Creating && row.interrupted {
@@ -190,7 +212,7 @@ impl Engine {
         };
         if let Some(guard_self) = own {
             let (plan, guard) = self.plan_snapshot(req).await?;
-            self.inner.meta.mark_resumed_s(id)?;
+            self.inner.meta.mark_resumed_s(id).await?;
             let guard = self.join(guard, guard_self.keys.clone());
             drop(guard_self);
             self.spawn_snapshot(id.clone(), row.timeline.clone(), plan, guard);
@@ -215,7 +237,7 @@ impl Engine {
                 }
                 SnapshotId::new(object_id)
             };
-        if let Some((kind, ident, object_id)) = self.inner.meta.find_op(&req.key)? {
+        if let Some((kind, ident, object_id)) = self.inner.meta.find_op(&req.key).await? {
             let id = existing(&kind, &ident, &object_id)?;
             self.resume_snapshot_if_interrupted(&id, &req).await?;
             return self.get_snapshot(&id).await;
@@ -245,7 +267,7 @@ impl Engine {
             request: serde_json::to_string(&stored).map_err(|e| io_err("encoding a request", e))?,
             interrupted: false,
         };
-        match self.inner.meta.insert_snapshot(&identity, &row)? {
+        match self.inner.meta.insert_snapshot(&identity, &row).await? {
             Recorded::New => {
                 tracing::info!(snapshot = %id, key = %req.key, timeline = %req.timeline, point = %req.point, "creating a snapshot");
                 let guard = self.join(guard, vec![format!("s:{id}")]);
@@ -265,7 +287,7 @@ impl Engine {
     }
 
     pub(super) async fn delete_snapshot_impl(&self, id: &SnapshotId) -> Result<(), StorageError> {
-        let Some(row) = self.inner.meta.snapshot(id)? else {
+        let Some(row) = self.inner.meta.snapshot(id).await? else {
             return Ok(());
         };
         if (row.state == State::Creating && !row.interrupted) || self.in_use(&format!("s:{id}")) {
@@ -275,11 +297,13 @@ impl Engine {
         }
         self.inner
             .meta
-            .set_snapshot_state(id, State::Deleting, None)?;
+            .set_snapshot_state(id, State::Deleting, None)
+            .await?;
         if self.in_use(&format!("s:{id}")) {
             self.inner
                 .meta
-                .set_snapshot_state(id, row.state, row.error.as_deref())?;
+                .set_snapshot_state(id, row.state, row.error.as_deref())
+                .await?;
             return Err(StorageError::Busy {
                 message: format!("snapshot {id} is the source of an operation in progress"),
             });
@@ -287,7 +311,7 @@ impl Engine {
         tracing::info!(snapshot = %id, "deleting a snapshot");
         self.forget_sizes(&format!("s:{id}"));
         self.remove_snapshot_dirs(id).await?;
-        self.inner.meta.delete_snapshot(id)
+        self.inner.meta.delete_snapshot(id).await
     }
 
     /// Deletes a snapshot's data directory, then what is left of its

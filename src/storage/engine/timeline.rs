@@ -7,6 +7,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use futures::future::BoxFuture;
+
 use super::layout::pg_major_of;
 use super::locks::{base_keys, InUse};
 use super::meta::{BaseRow, Recorded, TimelineRow};
@@ -73,11 +75,15 @@ fn stripped(s: &Source) -> Source {
 }
 
 impl Engine {
-    pub(super) fn ready_timeline(&self, id: &TimelineId) -> Result<TimelineRow, StorageError> {
+    pub(super) async fn ready_timeline(
+        &self,
+        id: &TimelineId,
+    ) -> Result<TimelineRow, StorageError> {
         let row = self
             .inner
             .meta
-            .timeline(id)?
+            .timeline(id)
+            .await?
             .ok_or_else(|| StorageError::not_found("timeline", id))?;
         if row.state != State::Ready {
             return Err(StorageError::Conflict {
@@ -108,7 +114,7 @@ impl Engine {
             )),
             Source::SchemaOnly { timeline } => {
                 let guard = self.acquire(vec![format!("t:{timeline}")]);
-                self.ready_timeline(timeline)?;
+                self.ready_timeline(timeline).await?;
                 self.check_copyable(timeline, conn.as_ref())?;
                 Ok((
                     TlPlan::SchemaOnly {
@@ -127,7 +133,7 @@ impl Engine {
             }
             Source::Timeline { timeline, point } => {
                 let guard = self.acquire(vec![format!("t:{timeline}")]);
-                let row = self.ready_timeline(timeline)?;
+                let row = self.ready_timeline(timeline).await?;
                 let lineage = Lineage {
                     parent: Some(timeline.clone()),
                     snapshot: None,
@@ -159,7 +165,8 @@ impl Engine {
                 let s = self
                     .inner
                     .meta
-                    .snapshot(snapshot)?
+                    .snapshot(snapshot)
+                    .await?
                     .ok_or_else(|| StorageError::not_found("snapshot", snapshot))?;
                 if s.state != State::Ready {
                     return Err(StorageError::Conflict {
@@ -197,42 +204,56 @@ impl Engine {
             match r {
                 Ok(()) => {
                     tracing::info!(timeline = %id, "timeline ready");
-                    if let Err(e) = me.inner.meta.set_timeline_state(&id, State::Ready, None) {
+                    if let Err(e) = me
+                        .inner
+                        .meta
+                        .set_timeline_state(&id, State::Ready, None)
+                        .await
+                    {
                         tracing::error!(timeline = %id, error = %e, "recording a ready timeline failed");
                     }
                 }
                 Err(e) => {
                     tracing::warn!(timeline = %id, error = %e, "creating a timeline failed");
                     me.remove_timeline_dirs(&id).await;
-                    let _ =
-                        me.inner
-                            .meta
-                            .set_timeline_state(&id, State::Failed, Some(&e.to_string()));
+                    let _ = me
+                        .inner
+                        .meta
+                        .set_timeline_state(&id, State::Failed, Some(&e.to_string()))
+                        .await;
                 }
             }
         });
     }
 
-    fn progress_t(&self, id: &TimelineId, step: &str) {
+    async fn progress_t(&self, id: &TimelineId, step: &str) {
         crash_point(step);
         tracing::debug!(timeline = %id, step, "timeline step");
-        let _ = self.inner.meta.set_timeline_progress(
-            id,
-            Some(Progress {
-                step: step.to_string(),
-                percent: None,
-            }),
-        );
+        let _ = self
+            .inner
+            .meta
+            .set_timeline_progress(
+                id,
+                Some(Progress {
+                    step: step.to_string(),
+                    percent: None,
+                }),
+            )
+            .await;
     }
 
-    fn progress_pct_t(&self, id: &TimelineId, step: &str, percent: Option<u8>) {
-        let _ = self.inner.meta.set_timeline_progress(
-            id,
-            Some(Progress {
-                step: step.to_string(),
-                percent,
-            }),
-        );
+    async fn progress_pct_t(&self, id: &TimelineId, step: &str, percent: Option<u8>) {
+        let _ = self
+            .inner
+            .meta
+            .set_timeline_progress(
+                id,
+                Some(Progress {
+                    step: step.to_string(),
+                    percent,
+                }),
+            )
+            .await;
     }
 
     pub(super) async fn remove_timeline_dirs(&self, id: &TimelineId) {
@@ -267,7 +288,7 @@ impl Engine {
         let label = format!("pgbranch-{id}");
         match plan {
             TlPlan::Empty { password } => {
-                self.progress_t(id, "initdb");
+                self.progress_t(id, "initdb").await;
                 self.create_data_dir(&data).await?;
                 self.inner
                     .pg
@@ -277,25 +298,29 @@ impl Engine {
                 self.fixups(&data, Some(id))?;
             }
             TlPlan::Head { src, conn } => {
-                self.progress_t(id, "copying the source");
+                self.progress_t(id, "copying the source").await;
                 let (_, lsn) = self
                     .copy_head(&src, &data, conn.as_ref(), false, false, &label)
                     .await?;
                 lineage.parent_lsn = lsn;
                 self.fixups(&data, Some(id))?;
-                self.progress_t(id, "recovering the copy");
+                self.progress_t(id, "recovering the copy").await;
                 self.normalize(&data, Some(id), &log).await?;
             }
             TlPlan::Replay { base, target } => {
-                self.progress_t(id, "cloning the base");
+                self.progress_t(id, "cloning the base").await;
                 self.clone_dir(&self.inner.root.join(&base.path), &data, false)
                     .await?;
                 self.fixups(&data, Some(id))?;
                 if target > base.lsn || base.in_recovery {
-                    self.progress_t(id, "replaying WAL");
+                    self.progress_t(id, "replaying WAL").await;
                     // The archive of the base's timeline: this source's, or
                     // an ancestor's for a point before the source was made.
-                    let report = |pct: Option<u8>| self.progress_pct_t(id, "replaying WAL", pct);
+                    let (me, tid) = (self.clone(), id.clone());
+                    let report = move |pct: Option<u8>| -> BoxFuture<'static, ()> {
+                        let (me, tid) = (me.clone(), tid.clone());
+                        Box::pin(async move { me.progress_pct_t(&tid, "replaying WAL", pct).await })
+                    };
                     self.replay(&data, &base, target, Some(id), &log, &report)
                         .await?;
                 } else {
@@ -303,11 +328,11 @@ impl Engine {
                 }
             }
             TlPlan::Snapshot { snap } => {
-                self.progress_t(id, "cloning the snapshot");
+                self.progress_t(id, "cloning the snapshot").await;
                 self.clone_dir(&self.snap_dir(&snap).join("pgdata"), &data, false)
                     .await?;
                 self.fixups(&data, Some(id))?;
-                self.progress_t(id, "recovering the copy");
+                self.progress_t(id, "recovering the copy").await;
                 self.normalize(&data, Some(id), &log).await?;
             }
             TlPlan::SchemaOnly { src, conn } => {
@@ -324,18 +349,22 @@ impl Engine {
         }
         self.inner
             .meta
-            .set_timeline_pg(id, pg_major_of(&data), cd.tli, cd.seg_size)?;
-        self.inner.meta.set_timeline_lineage(id, &lineage)?;
-        self.progress_t(id, "keeping a base copy");
+            .set_timeline_pg(id, pg_major_of(&data), cd.tli, cd.seg_size)
+            .await?;
+        self.inner.meta.set_timeline_lineage(id, &lineage).await?;
+        self.progress_t(id, "keeping a base copy").await;
         self.clone_dir(&data, &dir.join("base"), true).await?;
-        self.inner.meta.add_base(&BaseRow {
-            path: format!("timelines/{id}/base"),
-            timeline: id.clone(),
-            snapshot: None,
-            lsn: cd.checkpoint,
-            time: jiff::Timestamp::now(),
-            in_recovery: false,
-        })?;
+        self.inner
+            .meta
+            .add_base(&BaseRow {
+                path: format!("timelines/{id}/base"),
+                timeline: id.clone(),
+                snapshot: None,
+                lsn: cd.checkpoint,
+                time: jiff::Timestamp::now(),
+                in_recovery: false,
+            })
+            .await?;
         Ok(())
     }
 
@@ -350,11 +379,11 @@ impl Engine {
         let work = self.tmp().join(format!("{id}-schema"));
         let dumpdir = self.tmp().join(format!("{id}-dump"));
         let r = async {
-            self.progress_t(id, "copying the source");
+            self.progress_t(id, "copying the source").await;
             self.copy_head(src, &work, conn, false, false, &format!("pgbranch-{id}"))
                 .await?;
             self.fixups(&work, None)?;
-            self.progress_t(id, "dumping the schema");
+            self.progress_t(id, "dumping the schema").await;
             let srv = self.private_server(&work, None, log).await?;
             self.inner.pg.private_dir(&dumpdir)?;
             let dump = dumpdir.join("schema.sql");
@@ -369,12 +398,12 @@ impl Engine {
             let dumped = self.inner.pg.run(cmd, "pg_dumpall --schema-only").await;
             srv.stop(StopMode::Immediate).await?;
             dumped?;
-            self.progress_t(id, "initdb");
+            self.progress_t(id, "initdb").await;
             self.create_data_dir(data).await?;
             self.inner.pg.initdb(data, None, &self.tmp()).await?;
             self.write_hba(data)?;
             self.fixups(data, Some(id))?;
-            self.progress_t(id, "restoring the schema");
+            self.progress_t(id, "restoring the schema").await;
             let srv = self.private_server(data, Some(id), log).await?;
             let mut cmd = self.inner.pg.command("psql");
             cmd.args(["-X", "-q", "-h"])
@@ -412,7 +441,8 @@ impl Engine {
         let row = self
             .inner
             .meta
-            .timeline(&id)?
+            .timeline(&id)
+            .await?
             .ok_or_else(|| StorageError::not_found("timeline", &id))?;
         let own = if row.state == State::Creating && row.interrupted {
             self.try_acquire(format!("t:{id}"))
@@ -422,14 +452,17 @@ impl Engine {
         if let Some(guard_self) = own {
             // Resume with the caller's secrets.
             let (plan, lineage, guard) = self.plan_timeline(req).await?;
-            self.inner.meta.set_timeline_progress(
-                &id,
-                Some(Progress {
-                    step: "resuming".into(),
-                    percent: None,
-                }),
-            )?;
-            self.inner.meta.mark_resumed_t(&id)?;
+            self.inner
+                .meta
+                .set_timeline_progress(
+                    &id,
+                    Some(Progress {
+                        step: "resuming".into(),
+                        percent: None,
+                    }),
+                )
+                .await?;
+            self.inner.meta.mark_resumed_t(&id).await?;
             self.remove_timeline_dirs(&id).await;
             let guard = self.join(guard, guard_self.keys.clone());
             drop(guard_self);
@@ -477,7 +510,7 @@ impl Engine {
         &self,
         req: CreateTimeline,
     ) -> Result<Timeline, StorageError> {
-        if let Some((kind, identity, object_id)) = self.inner.meta.find_op(&req.key)? {
+        if let Some((kind, identity, object_id)) = self.inner.meta.find_op(&req.key).await? {
             return self
                 .existing_timeline(&kind, &identity, &object_id, &req)
                 .await;
@@ -515,7 +548,8 @@ impl Engine {
         match self
             .inner
             .meta
-            .insert_timeline(&identity_timeline(&req.source), &row)?
+            .insert_timeline(&identity_timeline(&req.source), &row)
+            .await?
         {
             Recorded::New => {
                 tracing::info!(timeline = %id, key = %req.key, source = %identity_timeline(&req.source), "creating a timeline");
@@ -536,7 +570,7 @@ impl Engine {
     }
 
     pub(super) async fn delete_timeline_impl(&self, id: &TimelineId) -> Result<(), StorageError> {
-        let Some(row) = self.inner.meta.timeline(id)? else {
+        let Some(row) = self.inner.meta.timeline(id).await? else {
             return Ok(());
         };
         if row.state == State::Creating && (!row.interrupted || self.in_use(&format!("t:{id}"))) {
@@ -549,14 +583,16 @@ impl Engine {
                 message: format!("timeline {id} has a running postgres; stop its compute first"),
             });
         }
-        self.check_replicas_stopped(id)?;
+        self.check_replicas_stopped(id).await?;
         self.inner
             .meta
-            .set_timeline_state(id, State::Deleting, None)?;
+            .set_timeline_state(id, State::Deleting, None)
+            .await?;
         if self.in_use(&format!("t:{id}")) {
             self.inner
                 .meta
-                .set_timeline_state(id, row.state, row.error.as_deref())?;
+                .set_timeline_state(id, row.state, row.error.as_deref())
+                .await?;
             return Err(StorageError::Busy {
                 message: format!("timeline {id} is the source of an operation in progress"),
             });
@@ -565,7 +601,7 @@ impl Engine {
         self.forget_sizes(&format!("t:{id}"));
         self.remove_replicas(id).await?;
         self.remove_timeline_dirs(id).await;
-        self.inner.meta.delete_timeline(id)
+        self.inner.meta.delete_timeline(id).await
     }
 }
 

@@ -27,7 +27,7 @@ mod timelines;
 mod wal;
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -120,8 +120,10 @@ impl Kind {
     }
 }
 
+/// The store. Its calls are async: each runs on the blocking pool through
+/// the engine's blocking helper, since a write waits for SQLite's fsync.
 pub(crate) struct Meta {
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
 }
 
 const SCHEMA: &str = r#"
@@ -214,6 +216,8 @@ pub(crate) enum Recorded {
 }
 
 impl Meta {
+    /// Opens (or creates) the store. Blocking: the engine calls it on the
+    /// blocking pool.
     pub fn open(path: &Path) -> Result<Meta, StorageError> {
         let conn = Connection::open(path).map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
@@ -230,23 +234,31 @@ impl Meta {
             .map_err(db_err)?;
         }
         Ok(Meta {
-            conn: Mutex::new(conn),
+            conn: Arc::new(Mutex::new(conn)),
         })
     }
 
-    fn with<T>(
+    /// Runs `f` on the connection through the engine's blocking helper.
+    async fn with<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StorageError> {
-        let mut c = self
-            .conn
-            .lock()
-            .map_err(|_| StorageError::internal("metadata store lock poisoned"))?;
-        f(&mut c).map_err(db_err)
+        let conn = self.conn.clone();
+        super::blocking("metadata store", move || {
+            let mut c = conn
+                .lock()
+                .map_err(|_| StorageError::internal("metadata store lock poisoned"))?;
+            f(&mut c).map_err(db_err)
+        })
+        .await
     }
 
-    pub fn find_op(&self, key: &OpKey) -> Result<Option<(String, String, String)>, StorageError> {
-        self.with(|c| {
+    pub async fn find_op(
+        &self,
+        key: &OpKey,
+    ) -> Result<Option<(String, String, String)>, StorageError> {
+        let key = key.clone();
+        self.with(move |c| {
             c.query_row(
                 "SELECT kind, identity, object_id FROM operations WHERE key = ?1",
                 params![key.as_str()],
@@ -254,9 +266,10 @@ impl Meta {
             )
             .optional()
         })
+        .await
     }
 
-    fn set_progress(
+    async fn set_progress(
         &self,
         kind: Kind,
         id: &str,
@@ -264,10 +277,13 @@ impl Meta {
     ) -> Result<(), StorageError> {
         let p = progress_json(&progress)?;
         let sql = format!("UPDATE {} SET progress = ?2 WHERE id = ?1", kind.table());
-        self.with(|c| c.execute(&sql, params![id, p])).map(|_| ())
+        let id = id.to_string();
+        self.with(move |c| c.execute(&sql, params![id, p]))
+            .await
+            .map(|_| ())
     }
 
-    fn set_state(
+    async fn set_state(
         &self,
         kind: Kind,
         id: &str,
@@ -278,11 +294,13 @@ impl Meta {
             "UPDATE {} SET state = ?2, error = ?3, progress = NULL, interrupted = 0 WHERE id = ?1",
             kind.table()
         );
-        self.with(|c| c.execute(&sql, params![id, state_str(state), error]))
+        let (id, error) = (id.to_string(), error.map(str::to_string));
+        self.with(move |c| c.execute(&sql, params![id, state_str(state), error]))
+            .await
             .map(|_| ())
     }
 
-    fn mark_interrupted(&self, kind: Kind, id: &str, msg: &str) -> Result<(), StorageError> {
+    async fn mark_interrupted(&self, kind: Kind, id: &str, msg: &str) -> Result<(), StorageError> {
         let p = progress_json(&Some(Progress {
             step: msg.to_string(),
             percent: None,
@@ -291,11 +309,17 @@ impl Meta {
             "UPDATE {} SET interrupted = 1, progress = ?2 WHERE id = ?1",
             kind.table()
         );
-        self.with(|c| c.execute(&sql, params![id, p])).map(|_| ())
+        let id = id.to_string();
+        self.with(move |c| c.execute(&sql, params![id, p]))
+            .await
+            .map(|_| ())
     }
 
-    fn mark_resumed(&self, kind: Kind, id: &str) -> Result<(), StorageError> {
+    async fn mark_resumed(&self, kind: Kind, id: &str) -> Result<(), StorageError> {
         let sql = format!("UPDATE {} SET interrupted = 0 WHERE id = ?1", kind.table());
-        self.with(|c| c.execute(&sql, params![id])).map(|_| ())
+        let id = id.to_string();
+        self.with(move |c| c.execute(&sql, params![id]))
+            .await
+            .map(|_| ())
     }
 }

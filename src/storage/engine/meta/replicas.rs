@@ -34,12 +34,13 @@ impl Meta {
         })
     }
 
-    pub fn replica(
+    pub async fn replica(
         &self,
         timeline: &TimelineId,
         ordinal: u32,
     ) -> Result<Option<ReplicaRow>, StorageError> {
-        self.with(|c| {
+        let timeline = timeline.clone();
+        self.with(move |c| {
             c.query_row(
                 "SELECT timeline, ordinal, state, created_at FROM replicas WHERE timeline = ?1 AND ordinal = ?2",
                 params![timeline.as_str(), ordinal],
@@ -47,22 +48,29 @@ impl Meta {
             )
             .optional()
         })
+        .await
     }
 
     /// The replicas of one timeline, or of every timeline, by ordinal.
-    pub fn replicas(&self, timeline: Option<&TimelineId>) -> Result<Vec<ReplicaRow>, StorageError> {
-        self.with(|c| {
+    pub async fn replicas(
+        &self,
+        timeline: Option<&TimelineId>,
+    ) -> Result<Vec<ReplicaRow>, StorageError> {
+        let timeline = timeline.cloned();
+        self.with(move |c| {
             let mut st = c.prepare(
                 "SELECT timeline, ordinal, state, created_at FROM replicas WHERE ?1 IS NULL OR timeline = ?1 ORDER BY timeline, ordinal",
             )?;
-            let rows = st.query_map(params![timeline.map(|t| t.as_str())], Self::replica_from_row)?;
+            let rows = st.query_map(params![timeline.as_ref().map(|t| t.as_str())], Self::replica_from_row)?;
             rows.collect()
         })
+        .await
     }
 
     /// Records a replica (replacing a stale row of the same ordinal).
-    pub fn put_replica(&self, row: &ReplicaRow) -> Result<(), StorageError> {
-        self.with(|c| {
+    pub async fn put_replica(&self, row: &ReplicaRow) -> Result<(), StorageError> {
+        let row = row.clone();
+        self.with(move |c| {
             c.execute(
                 "INSERT OR REPLACE INTO replicas (timeline, ordinal, state, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![
@@ -73,31 +81,40 @@ impl Meta {
                 ],
             )
         })
+        .await
         .map(|_| ())
     }
 
-    pub fn set_replica_state(
+    pub async fn set_replica_state(
         &self,
         timeline: &TimelineId,
         ordinal: u32,
         state: State,
     ) -> Result<(), StorageError> {
-        self.with(|c| {
+        let timeline = timeline.clone();
+        self.with(move |c| {
             c.execute(
                 "UPDATE replicas SET state = ?3 WHERE timeline = ?1 AND ordinal = ?2",
                 params![timeline.as_str(), ordinal, state_str(state)],
             )
         })
+        .await
         .map(|_| ())
     }
 
-    pub fn delete_replica(&self, timeline: &TimelineId, ordinal: u32) -> Result<(), StorageError> {
-        self.with(|c| {
+    pub async fn delete_replica(
+        &self,
+        timeline: &TimelineId,
+        ordinal: u32,
+    ) -> Result<(), StorageError> {
+        let timeline = timeline.clone();
+        self.with(move |c| {
             c.execute(
                 "DELETE FROM replicas WHERE timeline = ?1 AND ordinal = ?2",
                 params![timeline.as_str(), ordinal],
             )
         })
+        .await
         .map(|_| ())
     }
 }

@@ -28,20 +28,21 @@ pub(crate) struct SnapshotRow {
 }
 
 impl Meta {
-    pub fn insert_snapshot(
+    pub async fn insert_snapshot(
         &self,
         identity: &str,
         row: &SnapshotRow,
     ) -> Result<Recorded, StorageError> {
         let point = serde_json::to_string(&row.point).map_err(json_err)?;
         let progress = progress_json(&row.progress)?;
-        self.with(|c| {
+        let (identity, row) = (identity.to_string(), row.clone());
+        self.with(move |c| {
             let tx = c.transaction()?;
             if let Some(existing) = record_operation(
                 &tx,
                 row.key.as_str(),
                 "snapshot",
-                identity,
+                &identity,
                 row.id.as_str(),
                 row.created_at,
             )? {
@@ -65,6 +66,7 @@ impl Meta {
             tx.commit()?;
             Ok(Recorded::New)
         })
+        .await
     }
 
     fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
@@ -93,68 +95,77 @@ impl Meta {
 
     const SN_COLS: &'static str = "id, key, label, timeline, point, state, error, progress, lsn, created_at, pg_major, request, interrupted";
 
-    pub fn snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotRow>, StorageError> {
+    pub async fn snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotRow>, StorageError> {
         let sql = format!("SELECT {} FROM snapshots WHERE id = ?1", Self::SN_COLS);
-        self.with(|c| {
+        let id = id.clone();
+        self.with(move |c| {
             c.query_row(&sql, params![id.as_str()], Self::snapshot_from_row)
                 .optional()
         })
+        .await
     }
 
-    pub fn snapshots(&self) -> Result<Vec<SnapshotRow>, StorageError> {
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotRow>, StorageError> {
         let sql = format!(
             "SELECT {} FROM snapshots ORDER BY created_at, id",
             Self::SN_COLS
         );
-        self.with(|c| {
+        self.with(move |c| {
             let mut st = c.prepare(&sql)?;
             let rows = st.query_map([], Self::snapshot_from_row)?;
             rows.collect()
         })
+        .await
     }
 
-    pub fn set_snapshot_progress(
+    pub async fn set_snapshot_progress(
         &self,
         id: &SnapshotId,
         progress: Option<Progress>,
     ) -> Result<(), StorageError> {
         self.set_progress(Kind::Snapshot, id.as_str(), progress)
+            .await
     }
 
-    pub fn set_snapshot_state(
+    pub async fn set_snapshot_state(
         &self,
         id: &SnapshotId,
         state: State,
         error: Option<&str>,
     ) -> Result<(), StorageError> {
         self.set_state(Kind::Snapshot, id.as_str(), state, error)
+            .await
     }
 
-    pub fn mark_snapshot_interrupted(
+    pub async fn mark_snapshot_interrupted(
         &self,
         id: &SnapshotId,
         msg: &str,
     ) -> Result<(), StorageError> {
         self.mark_interrupted(Kind::Snapshot, id.as_str(), msg)
+            .await
     }
 
-    pub fn set_snapshot_done(
+    pub async fn set_snapshot_done(
         &self,
         id: &SnapshotId,
         lsn: Option<Lsn>,
         pg_major: u32,
     ) -> Result<(), StorageError> {
-        self.with(|c| {
+        let id = id.clone();
+        self.with(move |c| {
             c.execute(
                 "UPDATE snapshots SET lsn = ?2, pg_major = ?3, state = 'Ready', error = NULL, progress = NULL, interrupted = 0 WHERE id = ?1",
                 params![id.as_str(), lsn.map(|l| l.0 as i64), pg_major],
             )
         })
+        .await
         .map(|_| ())
     }
 
-    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError> {
-        self.with(|c| {
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError> {
+        let id = id.clone();
+        self.with(move |c| {
             let tx = c.transaction()?;
             tx.execute(
                 "DELETE FROM operations WHERE kind = 'snapshot' AND object_id = ?1",
@@ -167,9 +178,10 @@ impl Meta {
             )?;
             tx.commit()
         })
+        .await
     }
 
-    pub fn mark_resumed_s(&self, id: &SnapshotId) -> Result<(), StorageError> {
-        self.mark_resumed(Kind::Snapshot, id.as_str())
+    pub async fn mark_resumed_s(&self, id: &SnapshotId) -> Result<(), StorageError> {
+        self.mark_resumed(Kind::Snapshot, id.as_str()).await
     }
 }

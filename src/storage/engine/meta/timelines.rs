@@ -33,20 +33,21 @@ pub(crate) struct TimelineRow {
 
 impl Meta {
     /// Records the operation and its timeline row in one transaction.
-    pub fn insert_timeline(
+    pub async fn insert_timeline(
         &self,
         identity: &str,
         row: &TimelineRow,
     ) -> Result<Recorded, StorageError> {
         let lineage = serde_json::to_string(&row.lineage).map_err(json_err)?;
         let progress = progress_json(&row.progress)?;
-        self.with(|c| {
+        let (identity, row) = (identity.to_string(), row.clone());
+        self.with(move |c| {
             let tx = c.transaction()?;
             if let Some(existing) = record_operation(
                 &tx,
                 row.key.as_str(),
                 "timeline",
-                identity,
+                &identity,
                 row.id.as_str(),
                 row.created_at,
             )? {
@@ -69,6 +70,7 @@ impl Meta {
             tx.commit()?;
             Ok(Recorded::New)
         })
+        .await
     }
 
     fn timeline_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TimelineRow> {
@@ -99,85 +101,96 @@ impl Meta {
 
     const TL_COLS: &'static str = "id, key, label, state, error, progress, lineage, request, created_at, pg_major, pg_tli, wal_seg_size, interrupted";
 
-    pub fn timeline(&self, id: &TimelineId) -> Result<Option<TimelineRow>, StorageError> {
+    pub async fn timeline(&self, id: &TimelineId) -> Result<Option<TimelineRow>, StorageError> {
         let sql = format!("SELECT {} FROM timelines WHERE id = ?1", Self::TL_COLS);
-        self.with(|c| {
+        let id = id.clone();
+        self.with(move |c| {
             c.query_row(&sql, params![id.as_str()], Self::timeline_from_row)
                 .optional()
         })
+        .await
     }
 
-    pub fn timelines(&self) -> Result<Vec<TimelineRow>, StorageError> {
+    pub async fn timelines(&self) -> Result<Vec<TimelineRow>, StorageError> {
         let sql = format!(
             "SELECT {} FROM timelines ORDER BY created_at, id",
             Self::TL_COLS
         );
-        self.with(|c| {
+        self.with(move |c| {
             let mut st = c.prepare(&sql)?;
             let rows = st.query_map([], Self::timeline_from_row)?;
             rows.collect()
         })
+        .await
     }
 
-    pub fn set_timeline_progress(
+    pub async fn set_timeline_progress(
         &self,
         id: &TimelineId,
         progress: Option<Progress>,
     ) -> Result<(), StorageError> {
         self.set_progress(Kind::Timeline, id.as_str(), progress)
+            .await
     }
 
-    pub fn set_timeline_state(
+    pub async fn set_timeline_state(
         &self,
         id: &TimelineId,
         state: State,
         error: Option<&str>,
     ) -> Result<(), StorageError> {
         self.set_state(Kind::Timeline, id.as_str(), state, error)
+            .await
     }
 
-    pub fn mark_timeline_interrupted(
+    pub async fn mark_timeline_interrupted(
         &self,
         id: &TimelineId,
         msg: &str,
     ) -> Result<(), StorageError> {
         self.mark_interrupted(Kind::Timeline, id.as_str(), msg)
+            .await
     }
 
-    pub fn set_timeline_lineage(
+    pub async fn set_timeline_lineage(
         &self,
         id: &TimelineId,
         lineage: &Lineage,
     ) -> Result<(), StorageError> {
         let l = serde_json::to_string(lineage).map_err(json_err)?;
-        self.with(|c| {
+        let id = id.clone();
+        self.with(move |c| {
             c.execute(
                 "UPDATE timelines SET lineage = ?2 WHERE id = ?1",
                 params![id.as_str(), l],
             )
         })
+        .await
         .map(|_| ())
     }
 
-    pub fn set_timeline_pg(
+    pub async fn set_timeline_pg(
         &self,
         id: &TimelineId,
         pg_major: u32,
         tli: u32,
         seg_size: u64,
     ) -> Result<(), StorageError> {
-        self.with(|c| {
+        let id = id.clone();
+        self.with(move |c| {
             c.execute(
                 "UPDATE timelines SET pg_major = ?2, pg_tli = ?3, wal_seg_size = ?4 WHERE id = ?1",
                 params![id.as_str(), pg_major, tli, seg_size as i64],
             )
         })
+        .await
         .map(|_| ())
     }
 
     /// Removes a timeline with its key, bases and WAL index.
-    pub fn delete_timeline(&self, id: &TimelineId) -> Result<(), StorageError> {
-        self.with(|c| {
+    pub async fn delete_timeline(&self, id: &TimelineId) -> Result<(), StorageError> {
+        let id = id.clone();
+        self.with(move |c| {
             let tx = c.transaction()?;
             tx.execute(
                 "DELETE FROM operations WHERE kind = 'timeline' AND object_id = ?1",
@@ -202,9 +215,10 @@ impl Meta {
             )?;
             tx.commit()
         })
+        .await
     }
 
-    pub fn mark_resumed_t(&self, id: &TimelineId) -> Result<(), StorageError> {
-        self.mark_resumed(Kind::Timeline, id.as_str())
+    pub async fn mark_resumed_t(&self, id: &TimelineId) -> Result<(), StorageError> {
+        self.mark_resumed(Kind::Timeline, id.as_str()).await
     }
 }

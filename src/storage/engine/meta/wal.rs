@@ -32,8 +32,9 @@ pub(crate) struct WalIndexRow {
 }
 
 impl Meta {
-    pub fn add_base(&self, b: &BaseRow) -> Result<(), StorageError> {
-        self.with(|c| {
+    pub async fn add_base(&self, b: &BaseRow) -> Result<(), StorageError> {
+        let b = b.clone();
+        self.with(move |c| {
             c.execute(
                 "INSERT OR REPLACE INTO bases (path, timeline, snapshot, lsn, time, in_recovery) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
@@ -46,18 +47,22 @@ impl Meta {
                 ],
             )
         })
+        .await
         .map(|_| ())
     }
 
     /// Forgets one base (its directory is the caller's to delete).
-    pub fn delete_base(&self, path: &str) -> Result<(), StorageError> {
-        self.with(|c| c.execute("DELETE FROM bases WHERE path = ?1", params![path]))
+    pub async fn delete_base(&self, path: &str) -> Result<(), StorageError> {
+        let path = path.to_string();
+        self.with(move |c| c.execute("DELETE FROM bases WHERE path = ?1", params![path]))
+            .await
             .map(|_| ())
     }
 
     /// Bases of a timeline, oldest LSN first.
-    pub fn bases(&self, timeline: &TimelineId) -> Result<Vec<BaseRow>, StorageError> {
-        self.with(|c| {
+    pub async fn bases(&self, timeline: &TimelineId) -> Result<Vec<BaseRow>, StorageError> {
+        let timeline = timeline.clone();
+        self.with(move |c| {
             let mut st = c.prepare(
                 "SELECT path, timeline, snapshot, lsn, time, in_recovery FROM bases WHERE timeline = ?1 ORDER BY lsn, time",
             )?;
@@ -82,10 +87,12 @@ impl Meta {
             })?;
             rows.collect()
         })
+        .await
     }
 
-    pub fn wal_index(&self, timeline: &TimelineId) -> Result<WalIndexRow, StorageError> {
-        self.with(|c| {
+    pub async fn wal_index(&self, timeline: &TimelineId) -> Result<WalIndexRow, StorageError> {
+        let timeline = timeline.clone();
+        self.with(move |c| {
             c.query_row(
                 "SELECT scanned_upto, last_lsn, last_segment, complete_time FROM wal_index WHERE timeline = ?1",
                 params![timeline.as_str()],
@@ -102,22 +109,24 @@ impl Meta {
             .optional()
             .map(|o| o.unwrap_or_default())
         })
+        .await
     }
 
     /// Stores newly read commit records and the new scan position.
-    pub fn record_wal_scan(
+    pub async fn record_wal_scan(
         &self,
         timeline: &TimelineId,
         idx: &WalIndexRow,
         commits: &[(Lsn, jiff::Timestamp)],
     ) -> Result<(), StorageError> {
-        self.with(|c| {
+        let (timeline, idx, commits) = (timeline.clone(), idx.clone(), commits.to_vec());
+        self.with(move |c| {
             let tx = c.transaction()?;
             {
                 let mut st = tx.prepare(
                     "INSERT OR IGNORE INTO commits (timeline, lsn, time_us) VALUES (?1, ?2, ?3)",
                 )?;
-                for (lsn, t) in commits {
+                for (lsn, t) in &commits {
                     st.execute(params![
                         timeline.as_str(),
                         lsn.0 as i64,
@@ -137,14 +146,16 @@ impl Meta {
             )?;
             tx.commit()
         })
+        .await
     }
 
     /// The newest commit record of a timeline (LSN, time).
-    pub fn last_commit(
+    pub async fn last_commit(
         &self,
         timeline: &TimelineId,
     ) -> Result<Option<(Lsn, jiff::Timestamp)>, StorageError> {
-        self.with(|c| {
+        let timeline = timeline.clone();
+        self.with(move |c| {
             c.query_row(
                 "SELECT lsn, time_us FROM commits WHERE timeline = ?1 ORDER BY lsn DESC LIMIT 1",
                 params![timeline.as_str()],
@@ -152,6 +163,7 @@ impl Meta {
             )
             .optional()
         })
+        .await
         .map(|o| {
             o.map(|(l, t)| {
                 (
@@ -163,12 +175,13 @@ impl Meta {
     }
 
     /// The time of the newest commit that starts before `lsn`.
-    pub fn commit_time_before(
+    pub async fn commit_time_before(
         &self,
         timeline: &TimelineId,
         lsn: Lsn,
     ) -> Result<Option<jiff::Timestamp>, StorageError> {
-        self.with(|c| {
+        let timeline = timeline.clone();
+        self.with(move |c| {
             c.query_row(
                 "SELECT time_us FROM commits WHERE timeline = ?1 AND lsn < ?2 ORDER BY lsn DESC LIMIT 1",
                 params![timeline.as_str(), lsn.0 as i64],
@@ -176,16 +189,18 @@ impl Meta {
             )
             .optional()
         })
+        .await
         .map(|o| o.and_then(|t| jiff::Timestamp::from_microsecond(t).ok()))
     }
 
     /// The newest commit record with a commit time at or before `t`.
-    pub fn commit_at_or_before(
+    pub async fn commit_at_or_before(
         &self,
         timeline: &TimelineId,
         t: jiff::Timestamp,
     ) -> Result<Option<Lsn>, StorageError> {
-        self.with(|c| {
+        let timeline = timeline.clone();
+        self.with(move |c| {
             c.query_row(
                 "SELECT lsn FROM commits WHERE timeline = ?1 AND time_us <= ?2 ORDER BY lsn DESC LIMIT 1",
                 params![timeline.as_str(), t.as_microsecond()],
@@ -193,6 +208,7 @@ impl Meta {
             )
             .optional()
         })
+        .await
         .map(|o| o.map(|l| Lsn(l as u64)))
     }
 }

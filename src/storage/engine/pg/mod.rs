@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::process::{Child, Command};
 
 use crate::storage::{Lsn, StorageError};
@@ -64,6 +65,10 @@ pub(crate) fn resolve_user(name: &str) -> Result<RunAs, StorageError> {
     })
 }
 
+/// Called with `pg_last_wal_replay_lsn()` while a server recovers; what it
+/// returns (e.g. a progress write) is awaited before the next poll.
+pub(crate) type OnReplay<'a> = &'a (dyn Fn(Lsn) -> BoxFuture<'static, ()> + Send + Sync);
+
 /// How [`PgEnv::start`] runs a server.
 pub(crate) struct StartOpts<'a> {
     pub port: u16,
@@ -76,7 +81,7 @@ pub(crate) struct StartOpts<'a> {
     /// Dies with the engine (private servers).
     pub tied: bool,
     /// Called with `pg_last_wal_replay_lsn()` while the server recovers.
-    pub replay_progress: Option<&'a (dyn Fn(Lsn) + Send + Sync)>,
+    pub replay_progress: Option<OnReplay<'a>>,
 }
 
 /// Fields of `pg_controldata` the engine uses.

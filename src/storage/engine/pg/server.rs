@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Child;
 
-use super::{io_err, log_tail};
-use crate::storage::{Lsn, StorageError};
+use super::{io_err, log_tail, OnReplay};
+use crate::storage::StorageError;
 
 /// How [`PgServer::stop`] shuts the server down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +64,7 @@ impl PgServer {
     pub(super) async fn wait_ready(
         &mut self,
         timeout: Duration,
-        progress: Option<&(dyn Fn(Lsn) + Send + Sync)>,
+        progress: Option<OnReplay<'_>>,
         standby: bool,
     ) -> Result<(), StorageError> {
         let start = Instant::now();
@@ -88,7 +88,7 @@ impl PgServer {
                     }
                     let replayed: Option<String> = row.get(1);
                     if let (Some(f), Some(l)) = (progress, replayed.and_then(|l| l.parse().ok())) {
-                        f(l);
+                        f(l).await;
                     }
                 }
             }

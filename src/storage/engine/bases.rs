@@ -162,7 +162,7 @@ impl Engine {
     /// One pass over every ready timeline: roll where due, prune, collect.
     /// A `background` pass stops early once its engine's owner dropped it.
     async fn roll_pass(&self, policy: RollPolicy, background: bool) {
-        let timelines = match self.inner.meta.timelines().await {
+        let timelines = match self.inner.meta.all::<TimelineRow>().await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "base roller: reading timelines failed");
@@ -209,7 +209,7 @@ impl Engine {
             .collect();
         let _guard = self.join(guard, keys);
         // Deleted meanwhile: leave it.
-        if self.inner.meta.timeline(&t.id).await?.map(|r| r.state) != Some(State::Ready) {
+        if self.inner.meta.get(&t.id).await?.map(|r| r.state) != Some(State::Ready) {
             return Ok(());
         }
         tracing::info!(timeline = %t.id, from = %newest.lsn, to = %last, "rolling a base forward");
@@ -237,7 +237,7 @@ impl Engine {
     }
 
     async fn is_ready(&self, id: &TimelineId) -> bool {
-        matches!(self.inner.meta.timeline(id).await, Ok(Some(r)) if r.state == State::Ready)
+        self.ready(id).await.is_ok()
     }
 
     /// Clones `from` into `work`, replays to `target`, keeps the result as

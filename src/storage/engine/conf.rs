@@ -61,17 +61,7 @@ impl Engine {
         data: &Path,
         archive: Option<&TimelineId>,
     ) -> Result<(), StorageError> {
-        check_self_contained(data)?;
-        self.clear_runtime_state(
-            data,
-            &[
-                "postmaster.pid",
-                "postmaster.opts",
-                "recovery.signal",
-                "standby.signal",
-                "pgbranch.recovery.conf",
-            ],
-        )?;
+        self.clear_runtime_state(data)?;
         let mut conf = String::from(
             "# Written by pgbranch for this timeline; rewritten on every copy. Do not edit.\n",
         );
@@ -91,14 +81,19 @@ impl Engine {
         self.install_conf(data, &conf)
     }
 
-    /// Removes a copied server's run-time files (`files`) and replication
-    /// slots: a copy must not inherit its source's slots or pid file.
-    pub(super) fn clear_runtime_state(
-        &self,
-        data: &Path,
-        files: &[&str],
-    ) -> Result<(), StorageError> {
-        for f in files {
+    /// Refuses a copy whose WAL or tablespaces live outside it, and removes
+    /// what a copy must not inherit from its source's server: its pid file
+    /// and options, recovery and standby signals, the engine's recovery
+    /// settings, and its replication slots.
+    pub(super) fn clear_runtime_state(&self, data: &Path) -> Result<(), StorageError> {
+        check_self_contained(data)?;
+        for f in [
+            "postmaster.pid",
+            "postmaster.opts",
+            "recovery.signal",
+            "standby.signal",
+            "pgbranch.recovery.conf",
+        ] {
             let p = data.join(f);
             match fs::remove_file(&p) {
                 Ok(()) => {}

@@ -137,6 +137,7 @@ mod conf;
 mod copy;
 mod driver;
 mod layout;
+mod lifecycle;
 mod locks;
 mod meta;
 mod pg;
@@ -155,6 +156,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::{stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 pub use pg::{PgServer, StopMode};
@@ -164,7 +166,7 @@ use crate::storage::{
     SnapshotId, Source, Storage, StorageError, StorageInfo, Timeline, TimelineId,
 };
 use driver::Driver;
-use meta::Meta;
+use meta::{Meta, SnapshotRow, TimelineRow};
 use pg::PgEnv;
 use sizes::SizeEntry;
 
@@ -279,12 +281,18 @@ impl Engine {
     /// steps are awaited one by one, and an operation cut off between two
     /// of them would be left half done (a create recorded but never
     /// started, a delete marked but not undone when refused).
-    async fn to_the_end<T: Send + 'static>(
+    async fn to_the_end<T, F>(
         &self,
         what: &'static str,
-        op: impl std::future::Future<Output = Result<T, StorageError>> + Send + 'static,
-    ) -> Result<T, StorageError> {
-        tokio::spawn(op).await.map_err(|e| io_err(what, e))?
+        op: impl FnOnce(Engine) -> F,
+    ) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, StorageError>> + Send + 'static,
+    {
+        tokio::spawn(op(self.clone()))
+            .await
+            .map_err(|e| io_err(what, e))?
     }
 }
 
@@ -299,69 +307,55 @@ impl Storage for Engine {
     }
 
     async fn create_timeline(&self, req: CreateTimeline) -> Result<Timeline, StorageError> {
-        let me = self.clone();
-        self.to_the_end("creating a timeline", async move {
-            me.create_timeline_impl(req).await
+        self.to_the_end("creating a timeline", |e| async move {
+            e.create_timeline_impl(req).await
         })
         .await
     }
 
     async fn get_timeline(&self, id: &TimelineId) -> Result<Timeline, StorageError> {
-        let row = self
-            .inner
-            .meta
-            .timeline(id)
-            .await?
-            .ok_or_else(|| StorageError::not_found("timeline", id))?;
-        self.timeline_view(row).await
+        self.timeline_view(self.row(id).await?).await
     }
 
     async fn list_timelines(&self) -> Result<Vec<Timeline>, StorageError> {
-        let mut out = Vec::new();
-        for row in self.inner.meta.timelines().await? {
-            out.push(self.timeline_view(row).await?);
-        }
-        Ok(out)
+        let rows = self.inner.meta.all::<TimelineRow>().await?;
+        stream::iter(rows)
+            .then(|r| self.timeline_view(r))
+            .try_collect()
+            .await
     }
 
     async fn delete_timeline(&self, id: &TimelineId) -> Result<(), StorageError> {
-        let (me, id) = (self.clone(), id.clone());
-        self.to_the_end("deleting a timeline", async move {
-            me.delete_timeline_impl(&id).await
+        let id = id.clone();
+        self.to_the_end("deleting a timeline", |e| async move {
+            e.delete_timeline_impl(&id).await
         })
         .await
     }
 
     async fn create_snapshot(&self, req: CreateSnapshot) -> Result<Snapshot, StorageError> {
-        let me = self.clone();
-        self.to_the_end("creating a snapshot", async move {
-            me.create_snapshot_impl(req).await
+        self.to_the_end("creating a snapshot", |e| async move {
+            e.create_snapshot_impl(req).await
         })
         .await
     }
 
     async fn get_snapshot(&self, id: &SnapshotId) -> Result<Snapshot, StorageError> {
-        let row = self
-            .inner
-            .meta
-            .snapshot(id)
-            .await?
-            .ok_or_else(|| StorageError::not_found("snapshot", id))?;
-        self.snapshot_view(row).await
+        self.snapshot_view(self.row(id).await?).await
     }
 
     async fn list_snapshots(&self) -> Result<Vec<Snapshot>, StorageError> {
-        let mut out = Vec::new();
-        for row in self.inner.meta.snapshots().await? {
-            out.push(self.snapshot_view(row).await?);
-        }
-        Ok(out)
+        let rows = self.inner.meta.all::<SnapshotRow>().await?;
+        stream::iter(rows)
+            .then(|r| self.snapshot_view(r))
+            .try_collect()
+            .await
     }
 
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError> {
-        let (me, id) = (self.clone(), id.clone());
-        self.to_the_end("deleting a snapshot", async move {
-            me.delete_snapshot_impl(&id).await
+        let id = id.clone();
+        self.to_the_end("deleting a snapshot", |e| async move {
+            e.delete_snapshot_impl(&id).await
         })
         .await
     }
@@ -371,7 +365,7 @@ impl Storage for Engine {
         timeline: &TimelineId,
         timestamp: jiff::Timestamp,
     ) -> Result<Lsn, StorageError> {
-        let row = self.ready_timeline(timeline).await?;
+        let row = self.ready(timeline).await?;
         let (_, lsn) = self
             .resolve_target(&row, &Point::Timestamp(timestamp), None)
             .await?;
@@ -391,9 +385,9 @@ impl Storage for Engine {
         timeline: &TimelineId,
         ordinal: u32,
     ) -> Result<(), StorageError> {
-        let (me, timeline) = (self.clone(), timeline.clone());
-        self.to_the_end("deleting a replica", async move {
-            me.delete_replica_impl(&timeline, ordinal).await
+        let timeline = timeline.clone();
+        self.to_the_end("deleting a replica", |e| async move {
+            e.delete_replica_impl(&timeline, ordinal).await
         })
         .await
     }

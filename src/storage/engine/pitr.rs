@@ -60,7 +60,7 @@ impl Engine {
                 if text.contains("recovery ended before configured recovery target was reached")
                     || text.contains("before consistent recovery point")
                 {
-                    let window = match self.inner.meta.timeline(src).await? {
+                    let window = match self.inner.meta.get(src).await? {
                         Some(row) => self.reported_window(&row).await.unwrap_or(None),
                         None => None,
                     };
@@ -143,7 +143,7 @@ impl Engine {
         Ok(self
             .inner
             .meta
-            .timeline(p)
+            .get(p)
             .await?
             .filter(|r| r.state == State::Ready))
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::driver::{self, Driver};
 use super::layout::make_traversable;
-use super::meta::Meta;
+use super::meta::{Meta, SnapshotRow, TimelineRow};
 use super::pg::{self, PgEnv};
 use super::{bases, blocking, io_err, Engine, EngineConfig, Inner, StoredRequest};
 use crate::storage::{CreateSnapshot, CreateTimeline, DriverKind, State, StorageError};
@@ -136,7 +136,7 @@ impl Engine {
     /// Finishes or cleans up what operations left unfinished.
     async fn recover(&self) -> Result<(), StorageError> {
         self.recover_replicas().await?;
-        for t in self.inner.meta.timelines().await? {
+        for t in self.inner.meta.all::<TimelineRow>().await? {
             match t.state {
                 State::Deleting => {
                     self.remove_timeline_dirs(&t.id).await;
@@ -165,7 +165,7 @@ impl Engine {
                                     self.spawn_timeline(t.id.clone(), plan, lineage, guard);
                                 }
                                 Err(e) => {
-                                    self.inner.meta.set_timeline_state(
+                                    self.inner.meta.set_state(
                                         &t.id,
                                         State::Failed,
                                         Some(&e.to_string()),
@@ -173,7 +173,7 @@ impl Engine {
                                 }
                             }
                         }
-                        _ => self.inner.meta.mark_timeline_interrupted(
+                        _ => self.inner.meta.mark_interrupted(
                             &t.id,
                             "interrupted by a restart: call create again with the same key to resume",
                         ).await?,
@@ -182,7 +182,7 @@ impl Engine {
                 _ => {}
             }
         }
-        for s in self.inner.meta.snapshots().await? {
+        for s in self.inner.meta.all::<SnapshotRow>().await? {
             match s.state {
                 State::Deleting => {
                     let _ = self.remove_snapshot_dirs(&s.id).await;
@@ -206,12 +206,12 @@ impl Engine {
                             Err(e) => {
                                 self.inner
                                     .meta
-                                    .set_snapshot_state(&s.id, State::Failed, Some(&e.to_string()))
+                                    .set_state(&s.id, State::Failed, Some(&e.to_string()))
                                     .await?
                             }
                         }
                     } else {
-                        self.inner.meta.mark_snapshot_interrupted(
+                        self.inner.meta.mark_interrupted(
                             &s.id,
                             "interrupted by a restart: call create again with the same key to resume",
                         ).await?;

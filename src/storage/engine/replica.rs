@@ -37,7 +37,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::copy::check_self_contained;
+use super::lifecycle::must_be_ready;
 use super::meta::ReplicaRow;
 use super::server::pid_alive;
 use super::{io_err, pg, Engine};
@@ -89,7 +89,7 @@ impl Engine {
         }
         // The timeline must not go while it is copied.
         let source = self.acquire(vec![format!("t:{tl}")]);
-        self.ready_timeline(tl).await?;
+        self.ready(tl).await?;
         // The copy runs to its end even when the caller goes away (an HTTP
         // client that timed out): a retry then finds it made (or `Busy`
         // while it is still under way) instead of starting over.
@@ -169,16 +169,7 @@ impl Engine {
     /// docs). Unlike `fixups`, keeps `backup_label` and writes no archive
     /// command.
     fn standby_config(&self, data: &Path, tl: &TimelineId) -> Result<(), StorageError> {
-        check_self_contained(data)?;
-        self.clear_runtime_state(
-            data,
-            &[
-                "postmaster.pid",
-                "postmaster.opts",
-                "recovery.signal",
-                "pgbranch.recovery.conf",
-            ],
-        )?;
+        self.clear_runtime_state(data)?;
         let conf = format!(
             "# Written by pgbranch for read replica of timeline {tl}. Do not edit.\n\
              wal_level = replica\n\
@@ -294,7 +285,7 @@ impl Engine {
             let orphan = self
                 .inner
                 .meta
-                .timeline(&r.timeline)
+                .get(&r.timeline)
                 .await?
                 .is_none_or(|t| t.state == State::Deleting);
             if r.state != State::Ready || orphan {
@@ -330,14 +321,10 @@ impl Engine {
             .replica(tl, ordinal)
             .await?
             .ok_or_else(|| StorageError::not_found("replica", format!("{tl}/{ordinal}")))?;
-        if row.state != State::Ready {
-            return Err(StorageError::Conflict {
-                message: format!(
-                    "replica {ordinal} of timeline {tl} is {:?}, not Ready",
-                    row.state
-                ),
-            });
-        }
+        must_be_ready(
+            format_args!("replica {ordinal} of timeline {tl}"),
+            row.state,
+        )?;
         if primary_conninfo.contains("password") {
             return Err(StorageError::invalid(
                 "primary_conninfo must not carry a password; pass it separately",

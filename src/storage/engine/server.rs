@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::pg::{self, PgServer};
 use super::{crash_point, Engine};
-use crate::storage::{State, StorageError, TimelineId};
+use crate::storage::{StorageError, TimelineId};
 
 pub(super) fn pid_alive(data: &Path) -> bool {
     let Ok(text) = fs::read_to_string(data.join("postmaster.pid")) else {
@@ -41,17 +41,7 @@ impl Engine {
         id: &TimelineId,
         port: u16,
     ) -> Result<PgServer, StorageError> {
-        let row = self
-            .inner
-            .meta
-            .timeline(id)
-            .await?
-            .ok_or_else(|| StorageError::not_found("timeline", id))?;
-        if row.state != State::Ready {
-            return Err(StorageError::Conflict {
-                message: format!("timeline {id} is {:?}, not Ready", row.state),
-            });
-        }
+        self.ready(id).await?;
         let data = self.data_dir(id);
         if pid_alive(&data) {
             return Err(StorageError::Busy {

@@ -7,14 +7,12 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use futures::future::BoxFuture;
-
 use super::copy::Consistency;
 use super::layout::pg_major_of;
 use super::locks::{base_keys, InUse};
 use super::meta::{BaseRow, Recorded, SnapshotRow};
 use super::timeline::point_key;
-use super::{crash_point, io_err, Engine, StoredRequest};
+use super::{io_err, Engine, StoredRequest};
 use crate::storage::{
     ConnInfo, CreateSnapshot, Lsn, Point, Progress, Snapshot, SnapshotId, State, Storage,
     StorageError, TimelineId,
@@ -32,7 +30,7 @@ impl Engine {
         req: &CreateSnapshot,
     ) -> Result<(SnPlan, InUse), StorageError> {
         let guard = self.acquire(vec![format!("t:{}", req.timeline)]);
-        let row = self.ready_timeline(&req.timeline).await?;
+        let row = self.ready(&req.timeline).await?;
         let conn = req.source_connection.clone();
         if req.point == Point::Head {
             self.check_copyable(&req.timeline, conn.as_ref())?;
@@ -61,28 +59,11 @@ impl Engine {
                     let _ = me
                         .inner
                         .meta
-                        .set_snapshot_state(&id, State::Failed, Some(&e.to_string()))
+                        .set_state(&id, State::Failed, Some(&e.to_string()))
                         .await;
                 }
             }
         });
-    }
-
-    /// Records the step a snapshot being made is at (a crash test may stop
-    /// the engine there).
-    async fn progress_s(&self, id: &SnapshotId, step: &str) {
-        crash_point(step);
-        let _ = self
-            .inner
-            .meta
-            .set_snapshot_progress(
-                id,
-                Some(Progress {
-                    step: step.to_string(),
-                    percent: None,
-                }),
-            )
-            .await;
     }
 
     async fn build_snapshot(
@@ -98,7 +79,7 @@ impl Engine {
         let data = dir.join("pgdata");
         let lsn = match plan {
             SnPlan::Head { conn } => {
-                self.progress_s(id, "copying the source").await;
+                self.step(id, "copying the source").await;
                 let (cons, lsn) = self
                     .copy_head(
                         timeline,
@@ -128,35 +109,19 @@ impl Engine {
                 let work = self.tmp().join(format!("{id}-replay"));
                 let log = dir.join("engine.log");
                 let r = async {
-                    self.progress_s(id, "cloning the base").await;
+                    self.step(id, "cloning the base").await;
                     self.clone_dir(&self.inner.root.join(&base.path), &work, false)
                         .await?;
                     self.fixups(&work, None)?;
                     if target > base.lsn || base.in_recovery {
-                        self.progress_s(id, "replaying WAL").await;
-                        let (me, sid) = (self.clone(), id.clone());
-                        let report = move |pct: Option<u8>| -> BoxFuture<'static, ()> {
-                            let (me, sid) = (me.clone(), sid.clone());
-                            Box::pin(async move {
-                                let _ = me
-                                    .inner
-                                    .meta
-                                    .set_snapshot_progress(
-                                        &sid,
-                                        Some(Progress {
-                                            step: "replaying WAL".into(),
-                                            percent: pct,
-                                        }),
-                                    )
-                                    .await;
-                            })
-                        };
+                        self.step(id, "replaying WAL").await;
+                        let report = self.percent_of(id, "replaying WAL");
                         self.replay(&work, &base, target, None, &log, &report)
                             .await?;
                     } else {
                         self.normalize(&work, None, &log).await?;
                     }
-                    self.progress_s(id, "storing the snapshot").await;
+                    self.step(id, "storing the snapshot").await;
                     self.clone_dir(&work, &data, true).await
                 }
                 .await;
@@ -202,7 +167,7 @@ impl Engine {
         id: &SnapshotId,
         req: &CreateSnapshot,
     ) -> Result<(), StorageError> {
-        let Some(row) = self.inner.meta.snapshot(id).await? else {
+        let Some(row) = self.inner.meta.get(id).await? else {
             return Ok(());
         };
         let own = if row.state == State::Creating && row.interrupted {
@@ -212,7 +177,7 @@ impl Engine {
         };
         if let Some(guard_self) = own {
             let (plan, guard) = self.plan_snapshot(req).await?;
-            self.inner.meta.mark_resumed_s(id).await?;
+            self.inner.meta.mark_resumed(id).await?;
             let guard = self.join(guard, guard_self.keys.clone());
             drop(guard_self);
             self.spawn_snapshot(id.clone(), row.timeline.clone(), plan, guard);
@@ -267,7 +232,7 @@ impl Engine {
             request: serde_json::to_string(&stored).map_err(|e| io_err("encoding a request", e))?,
             interrupted: false,
         };
-        match self.inner.meta.insert_snapshot(&identity, &row).await? {
+        match self.inner.meta.insert(&identity, &row).await? {
             Recorded::New => {
                 tracing::info!(snapshot = %id, key = %req.key, timeline = %req.timeline, point = %req.point, "creating a snapshot");
                 let guard = self.join(guard, vec![format!("s:{id}")]);
@@ -287,7 +252,7 @@ impl Engine {
     }
 
     pub(super) async fn delete_snapshot_impl(&self, id: &SnapshotId) -> Result<(), StorageError> {
-        let Some(row) = self.inner.meta.snapshot(id).await? else {
+        let Some(row) = self.inner.meta.get(id).await? else {
             return Ok(());
         };
         if (row.state == State::Creating && !row.interrupted) || self.in_use(&format!("s:{id}")) {
@@ -295,19 +260,8 @@ impl Engine {
                 message: format!("snapshot {id} is being created or copied"),
             });
         }
-        self.inner
-            .meta
-            .set_snapshot_state(id, State::Deleting, None)
+        self.mark_deleting(id, &format!("s:{id}"), (row.state, row.error.as_deref()))
             .await?;
-        if self.in_use(&format!("s:{id}")) {
-            self.inner
-                .meta
-                .set_snapshot_state(id, row.state, row.error.as_deref())
-                .await?;
-            return Err(StorageError::Busy {
-                message: format!("snapshot {id} is the source of an operation in progress"),
-            });
-        }
         tracing::info!(snapshot = %id, "deleting a snapshot");
         self.forget_sizes(&format!("s:{id}"));
         self.remove_snapshot_dirs(id).await?;

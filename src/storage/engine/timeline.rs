@@ -7,14 +7,12 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use futures::future::BoxFuture;
-
 use super::layout::pg_major_of;
 use super::locks::{base_keys, InUse};
 use super::meta::{BaseRow, Recorded, TimelineRow};
 use super::pg::StopMode;
 use super::server::pid_alive;
-use super::{crash_point, io_err, Engine, StoredRequest};
+use super::{io_err, Engine, StoredRequest};
 use crate::storage::{
     ConnInfo, CreateTimeline, Lineage, Lsn, Password, Point, Progress, SnapshotId, Source, State,
     Storage, StorageError, Timeline, TimelineId,
@@ -75,24 +73,6 @@ fn stripped(s: &Source) -> Source {
 }
 
 impl Engine {
-    pub(super) async fn ready_timeline(
-        &self,
-        id: &TimelineId,
-    ) -> Result<TimelineRow, StorageError> {
-        let row = self
-            .inner
-            .meta
-            .timeline(id)
-            .await?
-            .ok_or_else(|| StorageError::not_found("timeline", id))?;
-        if row.state != State::Ready {
-            return Err(StorageError::Conflict {
-                message: format!("timeline {id} is {:?}, not Ready", row.state),
-            });
-        }
-        Ok(row)
-    }
-
     pub(super) async fn plan_timeline(
         &self,
         req: &CreateTimeline,
@@ -114,7 +94,7 @@ impl Engine {
             )),
             Source::SchemaOnly { timeline } => {
                 let guard = self.acquire(vec![format!("t:{timeline}")]);
-                self.ready_timeline(timeline).await?;
+                self.ready(timeline).await?;
                 self.check_copyable(timeline, conn.as_ref())?;
                 Ok((
                     TlPlan::SchemaOnly {
@@ -133,7 +113,7 @@ impl Engine {
             }
             Source::Timeline { timeline, point } => {
                 let guard = self.acquire(vec![format!("t:{timeline}")]);
-                let row = self.ready_timeline(timeline).await?;
+                let row = self.ready(timeline).await?;
                 let lineage = Lineage {
                     parent: Some(timeline.clone()),
                     snapshot: None,
@@ -162,17 +142,7 @@ impl Engine {
             }
             Source::Snapshot { snapshot } => {
                 let guard = self.acquire(vec![format!("s:{snapshot}")]);
-                let s = self
-                    .inner
-                    .meta
-                    .snapshot(snapshot)
-                    .await?
-                    .ok_or_else(|| StorageError::not_found("snapshot", snapshot))?;
-                if s.state != State::Ready {
-                    return Err(StorageError::Conflict {
-                        message: format!("snapshot {snapshot} is {:?}, not Ready", s.state),
-                    });
-                }
+                let s = self.ready(snapshot).await?;
                 Ok((
                     TlPlan::Snapshot {
                         snap: snapshot.clone(),
@@ -204,12 +174,7 @@ impl Engine {
             match r {
                 Ok(()) => {
                     tracing::info!(timeline = %id, "timeline ready");
-                    if let Err(e) = me
-                        .inner
-                        .meta
-                        .set_timeline_state(&id, State::Ready, None)
-                        .await
-                    {
+                    if let Err(e) = me.inner.meta.set_state(&id, State::Ready, None).await {
                         tracing::error!(timeline = %id, error = %e, "recording a ready timeline failed");
                     }
                 }
@@ -219,41 +184,11 @@ impl Engine {
                     let _ = me
                         .inner
                         .meta
-                        .set_timeline_state(&id, State::Failed, Some(&e.to_string()))
+                        .set_state(&id, State::Failed, Some(&e.to_string()))
                         .await;
                 }
             }
         });
-    }
-
-    async fn progress_t(&self, id: &TimelineId, step: &str) {
-        crash_point(step);
-        tracing::debug!(timeline = %id, step, "timeline step");
-        let _ = self
-            .inner
-            .meta
-            .set_timeline_progress(
-                id,
-                Some(Progress {
-                    step: step.to_string(),
-                    percent: None,
-                }),
-            )
-            .await;
-    }
-
-    async fn progress_pct_t(&self, id: &TimelineId, step: &str, percent: Option<u8>) {
-        let _ = self
-            .inner
-            .meta
-            .set_timeline_progress(
-                id,
-                Some(Progress {
-                    step: step.to_string(),
-                    percent,
-                }),
-            )
-            .await;
     }
 
     pub(super) async fn remove_timeline_dirs(&self, id: &TimelineId) {
@@ -288,7 +223,7 @@ impl Engine {
         let label = format!("pgbranch-{id}");
         match plan {
             TlPlan::Empty { password } => {
-                self.progress_t(id, "initdb").await;
+                self.step(id, "initdb").await;
                 self.create_data_dir(&data).await?;
                 self.inner
                     .pg
@@ -298,29 +233,25 @@ impl Engine {
                 self.fixups(&data, Some(id))?;
             }
             TlPlan::Head { src, conn } => {
-                self.progress_t(id, "copying the source").await;
+                self.step(id, "copying the source").await;
                 let (_, lsn) = self
                     .copy_head(&src, &data, conn.as_ref(), false, false, &label)
                     .await?;
                 lineage.parent_lsn = lsn;
                 self.fixups(&data, Some(id))?;
-                self.progress_t(id, "recovering the copy").await;
+                self.step(id, "recovering the copy").await;
                 self.normalize(&data, Some(id), &log).await?;
             }
             TlPlan::Replay { base, target } => {
-                self.progress_t(id, "cloning the base").await;
+                self.step(id, "cloning the base").await;
                 self.clone_dir(&self.inner.root.join(&base.path), &data, false)
                     .await?;
                 self.fixups(&data, Some(id))?;
                 if target > base.lsn || base.in_recovery {
-                    self.progress_t(id, "replaying WAL").await;
+                    self.step(id, "replaying WAL").await;
                     // The archive of the base's timeline: this source's, or
                     // an ancestor's for a point before the source was made.
-                    let (me, tid) = (self.clone(), id.clone());
-                    let report = move |pct: Option<u8>| -> BoxFuture<'static, ()> {
-                        let (me, tid) = (me.clone(), tid.clone());
-                        Box::pin(async move { me.progress_pct_t(&tid, "replaying WAL", pct).await })
-                    };
+                    let report = self.percent_of(id, "replaying WAL");
                     self.replay(&data, &base, target, Some(id), &log, &report)
                         .await?;
                 } else {
@@ -328,11 +259,11 @@ impl Engine {
                 }
             }
             TlPlan::Snapshot { snap } => {
-                self.progress_t(id, "cloning the snapshot").await;
+                self.step(id, "cloning the snapshot").await;
                 self.clone_dir(&self.snap_dir(&snap).join("pgdata"), &data, false)
                     .await?;
                 self.fixups(&data, Some(id))?;
-                self.progress_t(id, "recovering the copy").await;
+                self.step(id, "recovering the copy").await;
                 self.normalize(&data, Some(id), &log).await?;
             }
             TlPlan::SchemaOnly { src, conn } => {
@@ -352,7 +283,7 @@ impl Engine {
             .set_timeline_pg(id, pg_major_of(&data), cd.tli, cd.seg_size)
             .await?;
         self.inner.meta.set_timeline_lineage(id, &lineage).await?;
-        self.progress_t(id, "keeping a base copy").await;
+        self.step(id, "keeping a base copy").await;
         self.clone_dir(&data, &dir.join("base"), true).await?;
         self.inner
             .meta
@@ -379,11 +310,11 @@ impl Engine {
         let work = self.tmp().join(format!("{id}-schema"));
         let dumpdir = self.tmp().join(format!("{id}-dump"));
         let r = async {
-            self.progress_t(id, "copying the source").await;
+            self.step(id, "copying the source").await;
             self.copy_head(src, &work, conn, false, false, &format!("pgbranch-{id}"))
                 .await?;
             self.fixups(&work, None)?;
-            self.progress_t(id, "dumping the schema").await;
+            self.step(id, "dumping the schema").await;
             let srv = self.private_server(&work, None, log).await?;
             self.inner.pg.private_dir(&dumpdir)?;
             let dump = dumpdir.join("schema.sql");
@@ -398,12 +329,12 @@ impl Engine {
             let dumped = self.inner.pg.run(cmd, "pg_dumpall --schema-only").await;
             srv.stop(StopMode::Immediate).await?;
             dumped?;
-            self.progress_t(id, "initdb").await;
+            self.step(id, "initdb").await;
             self.create_data_dir(data).await?;
             self.inner.pg.initdb(data, None, &self.tmp()).await?;
             self.write_hba(data)?;
             self.fixups(data, Some(id))?;
-            self.progress_t(id, "restoring the schema").await;
+            self.step(id, "restoring the schema").await;
             let srv = self.private_server(data, Some(id), log).await?;
             let mut cmd = self.inner.pg.command("psql");
             cmd.args(["-X", "-q", "-h"])
@@ -438,12 +369,7 @@ impl Engine {
             });
         }
         let id = TimelineId::new(object_id)?;
-        let row = self
-            .inner
-            .meta
-            .timeline(&id)
-            .await?
-            .ok_or_else(|| StorageError::not_found("timeline", &id))?;
+        let row = self.row(&id).await?;
         let own = if row.state == State::Creating && row.interrupted {
             self.try_acquire(format!("t:{id}"))
         } else {
@@ -454,7 +380,7 @@ impl Engine {
             let (plan, lineage, guard) = self.plan_timeline(req).await?;
             self.inner
                 .meta
-                .set_timeline_progress(
+                .set_progress(
                     &id,
                     Some(Progress {
                         step: "resuming".into(),
@@ -462,7 +388,7 @@ impl Engine {
                     }),
                 )
                 .await?;
-            self.inner.meta.mark_resumed_t(&id).await?;
+            self.inner.meta.mark_resumed(&id).await?;
             self.remove_timeline_dirs(&id).await;
             let guard = self.join(guard, guard_self.keys.clone());
             drop(guard_self);
@@ -548,7 +474,7 @@ impl Engine {
         match self
             .inner
             .meta
-            .insert_timeline(&identity_timeline(&req.source), &row)
+            .insert(&identity_timeline(&req.source), &row)
             .await?
         {
             Recorded::New => {
@@ -570,7 +496,7 @@ impl Engine {
     }
 
     pub(super) async fn delete_timeline_impl(&self, id: &TimelineId) -> Result<(), StorageError> {
-        let Some(row) = self.inner.meta.timeline(id).await? else {
+        let Some(row) = self.inner.meta.get(id).await? else {
             return Ok(());
         };
         if row.state == State::Creating && (!row.interrupted || self.in_use(&format!("t:{id}"))) {
@@ -584,19 +510,8 @@ impl Engine {
             });
         }
         self.check_replicas_stopped(id).await?;
-        self.inner
-            .meta
-            .set_timeline_state(id, State::Deleting, None)
+        self.mark_deleting(id, &format!("t:{id}"), (row.state, row.error.as_deref()))
             .await?;
-        if self.in_use(&format!("t:{id}")) {
-            self.inner
-                .meta
-                .set_timeline_state(id, row.state, row.error.as_deref())
-                .await?;
-            return Err(StorageError::Busy {
-                message: format!("timeline {id} is the source of an operation in progress"),
-            });
-        }
         tracing::info!(timeline = %id, "deleting a timeline");
         self.forget_sizes(&format!("t:{id}"));
         self.remove_replicas(id).await?;

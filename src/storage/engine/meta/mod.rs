@@ -29,9 +29,10 @@ mod wal;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::types::Value;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
-use crate::storage::{OpKey, Progress, State, StorageError};
+use crate::storage::{OpKey, Progress, SnapshotId, State, StorageError, TimelineId};
 
 pub(crate) use replicas::ReplicaRow;
 pub(crate) use snapshots::SnapshotRow;
@@ -72,41 +73,10 @@ fn str_to_ts(s: &str) -> jiff::Timestamp {
     s.parse().unwrap_or(jiff::Timestamp::UNIX_EPOCH)
 }
 
-/// Within `tx`: the operation already recorded under `key` (`Some`), or
-/// records this one (`None`: the caller inserts its object, same `tx`).
-fn record_operation(
-    tx: &rusqlite::Transaction<'_>,
-    key: &str,
-    kind: &str,
-    identity: &str,
-    object_id: &str,
-    created_at: jiff::Timestamp,
-) -> rusqlite::Result<Option<Recorded>> {
-    let existing: Option<(String, String, String)> = tx
-        .query_row(
-            "SELECT kind, identity, object_id FROM operations WHERE key = ?1",
-            params![key],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    if let Some((kind, identity, object_id)) = existing {
-        return Ok(Some(Recorded::Existing {
-            kind,
-            identity,
-            object_id,
-        }));
-    }
-    tx.execute(
-        "INSERT INTO operations (key, kind, identity, object_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![key, kind, identity, object_id, ts_to_str(created_at)],
-    )?;
-    Ok(None)
-}
-
 /// The objects with a creation lifecycle (state, progress, interruption),
 /// each kept in its own table.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Timeline,
     Snapshot,
 }
@@ -118,6 +88,84 @@ impl Kind {
             Kind::Snapshot => "snapshots",
         }
     }
+
+    /// Its name, as in the `operations` table.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Timeline => "timeline",
+            Kind::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// The id of an object with a creation lifecycle: its type says which
+/// table the object is in.
+pub(crate) trait ObjectId: std::fmt::Display + Clone + Send + Sync + 'static {
+    const KIND: Kind;
+    /// The object as stored.
+    type Row: ObjectRow<Id = Self>;
+    fn id(&self) -> &str;
+}
+
+impl ObjectId for TimelineId {
+    const KIND: Kind = Kind::Timeline;
+    type Row = TimelineRow;
+    fn id(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl ObjectId for SnapshotId {
+    const KIND: Kind = Kind::Snapshot;
+    type Row = SnapshotRow;
+    fn id(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// A stored object with a creation lifecycle: how it is read from and
+/// written into its table.
+pub(crate) trait ObjectRow: Sized + Send + 'static {
+    type Id: ObjectId<Row = Self>;
+    /// The columns [`ObjectRow::from_row`] reads, in its order.
+    const COLS: &'static str;
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
+    /// The statement inserting this row, and its parameters.
+    fn insert(&self) -> Result<(&'static str, Vec<Value>), StorageError>;
+    fn id(&self) -> &Self::Id;
+    fn key(&self) -> &OpKey;
+    fn created_at(&self) -> jiff::Timestamp;
+    fn state(&self) -> State;
+}
+
+/// The [`ObjectRow`] items every row type has the same fields for.
+macro_rules! object_row_fields {
+    ($id:ty) => {
+        type Id = $id;
+
+        fn id(&self) -> &$id {
+            &self.id
+        }
+
+        fn key(&self) -> &OpKey {
+            &self.key
+        }
+
+        fn created_at(&self) -> jiff::Timestamp {
+            self.created_at
+        }
+
+        fn state(&self) -> State {
+            self.state
+        }
+    };
+}
+use object_row_fields;
+
+/// A value the store cannot take back (an id, a key, a JSON record), as a
+/// row-reading error.
+fn bad_value(e: StorageError) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
 }
 
 /// The store. Its calls are async: each runs on the blocking pool through
@@ -253,6 +301,18 @@ impl Meta {
         .await
     }
 
+    /// One statement with its parameters.
+    async fn execute(
+        &self,
+        sql: impl Into<String>,
+        params: Vec<Value>,
+    ) -> Result<(), StorageError> {
+        let sql = sql.into();
+        self.with(move |c| c.execute(&sql, params_from_iter(params)))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn find_op(
         &self,
         key: &OpKey,
@@ -269,57 +329,151 @@ impl Meta {
         .await
     }
 
-    async fn set_progress(
+    /// Records a new object and the operation that makes it (its key and
+    /// the request's `identity`) in one transaction; or returns what the
+    /// key already made.
+    pub async fn insert<R: ObjectRow>(
         &self,
-        kind: Kind,
-        id: &str,
+        identity: &str,
+        row: &R,
+    ) -> Result<Recorded, StorageError> {
+        let (sql, values) = row.insert()?;
+        let kind = R::Id::KIND;
+        let (key, identity) = (row.key().clone(), identity.to_string());
+        let (id, created_at) = (row.id().id().to_string(), row.created_at());
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let existing: Option<(String, String, String)> = tx
+                .query_row(
+                    "SELECT kind, identity, object_id FROM operations WHERE key = ?1",
+                    params![key.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((kind, identity, object_id)) = existing {
+                return Ok(Recorded::Existing {
+                    kind,
+                    identity,
+                    object_id,
+                });
+            }
+            tx.execute(
+                "INSERT INTO operations (key, kind, identity, object_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![key.as_str(), kind.name(), identity, id, ts_to_str(created_at)],
+            )?;
+            tx.execute(sql, params_from_iter(values))?;
+            tx.commit()?;
+            Ok(Recorded::New)
+        })
+        .await
+    }
+
+    /// A timeline or snapshot by id.
+    pub async fn get<I: ObjectId>(&self, id: &I) -> Result<Option<I::Row>, StorageError> {
+        let sql = format!(
+            "SELECT {} FROM {} WHERE id = ?1",
+            I::Row::COLS,
+            I::KIND.table()
+        );
+        let id = id.id().to_string();
+        self.with(move |c| c.query_row(&sql, params![id], I::Row::from_row).optional())
+            .await
+    }
+
+    /// Every timeline or every snapshot, oldest first.
+    pub async fn all<R: ObjectRow>(&self) -> Result<Vec<R>, StorageError> {
+        let sql = format!(
+            "SELECT {} FROM {} ORDER BY created_at, id",
+            R::COLS,
+            R::Id::KIND.table()
+        );
+        self.with(move |c| {
+            let mut st = c.prepare(&sql)?;
+            let rows = st.query_map([], R::from_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Removes an object with its key and, in the same transaction, what
+    /// the `also` statements (taking the id as `?1`) remove with it.
+    async fn delete_object<I: ObjectId>(
+        &self,
+        id: &I,
+        also: &'static [&'static str],
+    ) -> Result<(), StorageError> {
+        let (kind, id) = (I::KIND, id.id().to_string());
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM operations WHERE kind = ?2 AND object_id = ?1",
+                params![id, kind.name()],
+            )?;
+            tx.execute(
+                &format!("DELETE FROM {} WHERE id = ?1", kind.table()),
+                params![id],
+            )?;
+            for sql in also {
+                tx.execute(sql, params![id])?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    pub async fn set_progress<I: ObjectId>(
+        &self,
+        id: &I,
         progress: Option<Progress>,
     ) -> Result<(), StorageError> {
         let p = progress_json(&progress)?;
-        let sql = format!("UPDATE {} SET progress = ?2 WHERE id = ?1", kind.table());
-        let id = id.to_string();
-        self.with(move |c| c.execute(&sql, params![id, p]))
+        let sql = format!("UPDATE {} SET progress = ?2 WHERE id = ?1", I::KIND.table());
+        self.execute(sql, vec![id.id().to_string().into(), p.into()])
             .await
-            .map(|_| ())
     }
 
-    async fn set_state(
+    /// Sets the state (and error), ending any progress and interruption.
+    pub async fn set_state<I: ObjectId>(
         &self,
-        kind: Kind,
-        id: &str,
+        id: &I,
         state: State,
         error: Option<&str>,
     ) -> Result<(), StorageError> {
         let sql = format!(
             "UPDATE {} SET state = ?2, error = ?3, progress = NULL, interrupted = 0 WHERE id = ?1",
-            kind.table()
+            I::KIND.table()
         );
-        let (id, error) = (id.to_string(), error.map(str::to_string));
-        self.with(move |c| c.execute(&sql, params![id, state_str(state), error]))
-            .await
-            .map(|_| ())
+        let params = vec![
+            id.id().to_string().into(),
+            state_str(state).to_string().into(),
+            error.map(str::to_string).into(),
+        ];
+        self.execute(sql, params).await
     }
 
-    async fn mark_interrupted(&self, kind: Kind, id: &str, msg: &str) -> Result<(), StorageError> {
+    /// Marks a create interrupted by a restart, `msg` as its progress.
+    pub async fn mark_interrupted<I: ObjectId>(
+        &self,
+        id: &I,
+        msg: &str,
+    ) -> Result<(), StorageError> {
         let p = progress_json(&Some(Progress {
             step: msg.to_string(),
             percent: None,
         }))?;
         let sql = format!(
             "UPDATE {} SET interrupted = 1, progress = ?2 WHERE id = ?1",
-            kind.table()
+            I::KIND.table()
         );
-        let id = id.to_string();
-        self.with(move |c| c.execute(&sql, params![id, p]))
+        self.execute(sql, vec![id.id().to_string().into(), p.into()])
             .await
-            .map(|_| ())
     }
 
-    async fn mark_resumed(&self, kind: Kind, id: &str) -> Result<(), StorageError> {
-        let sql = format!("UPDATE {} SET interrupted = 0 WHERE id = ?1", kind.table());
-        let id = id.to_string();
-        self.with(move |c| c.execute(&sql, params![id]))
-            .await
-            .map(|_| ())
+    pub async fn mark_resumed<I: ObjectId>(&self, id: &I) -> Result<(), StorageError> {
+        let sql = format!(
+            "UPDATE {} SET interrupted = 0 WHERE id = ?1",
+            I::KIND.table()
+        );
+        self.execute(sql, vec![id.id().to_string().into()]).await
     }
 }

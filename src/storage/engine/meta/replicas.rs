@@ -2,7 +2,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{parse_state, state_str, str_to_ts, ts_to_str, Meta};
+use super::{bad_value, parse_state, state_str, str_to_ts, ts_to_str, Meta};
 use crate::storage::{State, StorageError, TimelineId};
 
 /// A read replica as stored.
@@ -21,13 +21,7 @@ impl Meta {
         let state: String = r.get(2)?;
         let created: String = r.get(3)?;
         Ok(ReplicaRow {
-            timeline: TimelineId::new(tl).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    0,
-                    rusqlite::types::Type::Text,
-                    Box::new(e),
-                )
-            })?,
+            timeline: TimelineId::new(tl).map_err(bad_value)?,
             ordinal: r.get(1)?,
             state: parse_state(&state),
             created_at: str_to_ts(&created),
@@ -69,20 +63,16 @@ impl Meta {
 
     /// Records a replica (replacing a stale row of the same ordinal).
     pub async fn put_replica(&self, row: &ReplicaRow) -> Result<(), StorageError> {
-        let row = row.clone();
-        self.with(move |c| {
-            c.execute(
-                "INSERT OR REPLACE INTO replicas (timeline, ordinal, state, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    row.timeline.as_str(),
-                    row.ordinal,
-                    state_str(row.state),
-                    ts_to_str(row.created_at)
-                ],
-            )
-        })
+        self.execute(
+            "INSERT OR REPLACE INTO replicas (timeline, ordinal, state, created_at) VALUES (?1, ?2, ?3, ?4)",
+            vec![
+                row.timeline.to_string().into(),
+                row.ordinal.into(),
+                state_str(row.state).to_string().into(),
+                ts_to_str(row.created_at).into(),
+            ],
+        )
         .await
-        .map(|_| ())
     }
 
     pub async fn set_replica_state(
@@ -91,15 +81,15 @@ impl Meta {
         ordinal: u32,
         state: State,
     ) -> Result<(), StorageError> {
-        let timeline = timeline.clone();
-        self.with(move |c| {
-            c.execute(
-                "UPDATE replicas SET state = ?3 WHERE timeline = ?1 AND ordinal = ?2",
-                params![timeline.as_str(), ordinal, state_str(state)],
-            )
-        })
+        self.execute(
+            "UPDATE replicas SET state = ?3 WHERE timeline = ?1 AND ordinal = ?2",
+            vec![
+                timeline.to_string().into(),
+                ordinal.into(),
+                state_str(state).to_string().into(),
+            ],
+        )
         .await
-        .map(|_| ())
     }
 
     pub async fn delete_replica(
@@ -107,14 +97,10 @@ impl Meta {
         timeline: &TimelineId,
         ordinal: u32,
     ) -> Result<(), StorageError> {
-        let timeline = timeline.clone();
-        self.with(move |c| {
-            c.execute(
-                "DELETE FROM replicas WHERE timeline = ?1 AND ordinal = ?2",
-                params![timeline.as_str(), ordinal],
-            )
-        })
+        self.execute(
+            "DELETE FROM replicas WHERE timeline = ?1 AND ordinal = ?2",
+            vec![timeline.to_string().into(), ordinal.into()],
+        )
         .await
-        .map(|_| ())
     }
 }

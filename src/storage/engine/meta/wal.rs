@@ -4,7 +4,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{str_to_ts, ts_to_str, Meta};
+use super::{bad_value, str_to_ts, ts_to_str, Meta};
 use crate::storage::{Lsn, SnapshotId, StorageError, TimelineId};
 
 /// A base a point-in-time copy can start from.
@@ -33,30 +33,27 @@ pub(crate) struct WalIndexRow {
 
 impl Meta {
     pub async fn add_base(&self, b: &BaseRow) -> Result<(), StorageError> {
-        let b = b.clone();
-        self.with(move |c| {
-            c.execute(
-                "INSERT OR REPLACE INTO bases (path, timeline, snapshot, lsn, time, in_recovery) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    b.path,
-                    b.timeline.as_str(),
-                    b.snapshot.as_ref().map(|s| s.as_str().to_string()),
-                    b.lsn.0 as i64,
-                    ts_to_str(b.time),
-                    b.in_recovery
-                ],
-            )
-        })
+        self.execute(
+            "INSERT OR REPLACE INTO bases (path, timeline, snapshot, lsn, time, in_recovery) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            vec![
+                b.path.clone().into(),
+                b.timeline.to_string().into(),
+                b.snapshot.as_ref().map(|s| s.to_string()).into(),
+                (b.lsn.0 as i64).into(),
+                ts_to_str(b.time).into(),
+                b.in_recovery.into(),
+            ],
+        )
         .await
-        .map(|_| ())
     }
 
     /// Forgets one base (its directory is the caller's to delete).
     pub async fn delete_base(&self, path: &str) -> Result<(), StorageError> {
-        let path = path.to_string();
-        self.with(move |c| c.execute("DELETE FROM bases WHERE path = ?1", params![path]))
-            .await
-            .map(|_| ())
+        self.execute(
+            "DELETE FROM bases WHERE path = ?1",
+            vec![path.to_string().into()],
+        )
+        .await
     }
 
     /// Bases of a timeline, oldest LSN first.
@@ -67,19 +64,12 @@ impl Meta {
                 "SELECT path, timeline, snapshot, lsn, time, in_recovery FROM bases WHERE timeline = ?1 ORDER BY lsn, time",
             )?;
             let rows = st.query_map(params![timeline.as_str()], |r| {
-                let bad = |e: StorageError| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        0,
-                        rusqlite::types::Type::Text,
-                        Box::new(e),
-                    )
-                };
                 let snap: Option<String> = r.get(2)?;
                 let time: String = r.get(4)?;
                 Ok(BaseRow {
                     path: r.get(0)?,
-                    timeline: TimelineId::new(r.get::<_, String>(1)?).map_err(bad)?,
-                    snapshot: snap.map(SnapshotId::new).transpose().map_err(bad)?,
+                    timeline: TimelineId::new(r.get::<_, String>(1)?).map_err(bad_value)?,
+                    snapshot: snap.map(SnapshotId::new).transpose().map_err(bad_value)?,
                     lsn: Lsn(r.get::<_, i64>(3)? as u64),
                     time: str_to_ts(&time),
                     in_recovery: r.get(5)?,

@@ -130,6 +130,21 @@
 //! # Users
 //! PostgreSQL programs run as `run_as` (default: the current user, or
 //! `postgres` when root); data directories and archives belong to it.
+//!
+//! # Where the code is
+//! One `impl Engine` block per concern, a file each: `layout.rs` (paths,
+//! directory operations), `locks.rs` (objects in use), `sizes.rs`,
+//! `conf.rs` (PostgreSQL configuration written into copies), `server.rs`
+//! (servers on data directories), `copy.rs` (head copies, backup mode,
+//! bringing a copy to a clean state), `archive.rs` (WAL archive indexing,
+//! restore windows), `pitr.rs` (resolving points, replay), `timeline.rs`,
+//! `snapshot.rs`, `lifecycle.rs` (what those two share), `replica.rs`,
+//! `bases.rs` (rolling bases), `recover.rs` (opening a volume, recovery at
+//! open). `meta/` is the metadata store, `pg/` runs PostgreSQL's programs,
+//! `driver.rs` copies data directories. This file keeps the types, the
+//! blocking helper (every file-system walk, process wait and SQLite call
+//! goes through it, never a runtime thread) and the [`Storage`]
+//! implementation.
 
 mod archive;
 mod bases;

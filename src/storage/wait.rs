@@ -6,9 +6,10 @@
 //! (`InvalidPoint`, `InvalidArgument`, `Busy`, `Unavailable`, `Conflict`,
 //! `NotFound` as `Internal`), else `Internal`.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use super::{Snapshot, SnapshotId, State, Storage, StorageError, Timeline, TimelineId};
+use super::{Progress, Snapshot, SnapshotId, State, Storage, StorageError, Timeline, TimelineId};
 
 /// The error a failed object carries, typed again from its text.
 pub fn failed_error(text: &str) -> StorageError {
@@ -48,31 +49,14 @@ pub async fn wait_timeline_ready(
     id: &TimelineId,
     timeout: Duration,
 ) -> Result<Timeline, StorageError> {
-    let start = Instant::now();
-    loop {
-        let t = storage.get_timeline(id).await?;
-        match t.state {
-            State::Ready => return Ok(t),
-            State::Failed => {
-                return Err(failed_error(t.error.as_deref().unwrap_or("failed")));
-            }
-            State::Deleting => {
-                return Err(StorageError::Conflict {
-                    message: format!("timeline {id} is being deleted"),
-                })
-            }
-            State::Creating => {}
-        }
-        if start.elapsed() > timeout {
-            return Err(StorageError::Unavailable {
-                message: format!(
-                    "timeline {id} not ready after {timeout:?} (step: {})",
-                    t.progress.map(|p| p.step).unwrap_or_default()
-                ),
-            });
-        }
-        tokio::time::sleep(poll_pause(start.elapsed())).await;
-    }
+    let what = format!("timeline {id}");
+    wait_ready(
+        &what,
+        timeout,
+        || storage.get_timeline(id),
+        |t| (t.state, t.error.as_deref(), t.progress.as_ref()),
+    )
+    .await
 }
 
 /// Polls `get_snapshot` like [`wait_timeline_ready`].
@@ -81,17 +65,37 @@ pub async fn wait_snapshot_ready(
     id: &SnapshotId,
     timeout: Duration,
 ) -> Result<Snapshot, StorageError> {
+    let what = format!("snapshot {id}");
+    wait_ready(
+        &what,
+        timeout,
+        || storage.get_snapshot(id),
+        |s| (s.state, s.error.as_deref(), s.progress.as_ref()),
+    )
+    .await
+}
+
+/// Polls `get` until the object (`what`) is `Ready`; `status` reads its
+/// state, error and progress.
+async fn wait_ready<T, F>(
+    what: &str,
+    timeout: Duration,
+    get: impl Fn() -> F,
+    status: impl Fn(&T) -> (State, Option<&str>, Option<&Progress>),
+) -> Result<T, StorageError>
+where
+    F: Future<Output = Result<T, StorageError>>,
+{
     let start = Instant::now();
     loop {
-        let s = storage.get_snapshot(id).await?;
-        match s.state {
-            State::Ready => return Ok(s),
-            State::Failed => {
-                return Err(failed_error(s.error.as_deref().unwrap_or("failed")));
-            }
+        let o = get().await?;
+        let (state, error, progress) = status(&o);
+        match state {
+            State::Ready => return Ok(o),
+            State::Failed => return Err(failed_error(error.unwrap_or("failed"))),
             State::Deleting => {
                 return Err(StorageError::Conflict {
-                    message: format!("snapshot {id} is being deleted"),
+                    message: format!("{what} is being deleted"),
                 })
             }
             State::Creating => {}
@@ -99,8 +103,8 @@ pub async fn wait_snapshot_ready(
         if start.elapsed() > timeout {
             return Err(StorageError::Unavailable {
                 message: format!(
-                    "snapshot {id} not ready after {timeout:?} (step: {})",
-                    s.progress.map(|p| p.step).unwrap_or_default()
+                    "{what} not ready after {timeout:?} (step: {})",
+                    progress.map(|p| p.step.as_str()).unwrap_or_default()
                 ),
             });
         }

@@ -47,9 +47,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::locks::base_keys;
 use super::meta::{BaseRow, TimelineRow};
-use super::pg::{self, StartOpts};
-use super::{base_keys, crash_point, io_err, Engine};
+use super::pg::StartOpts;
+use super::{crash_point, io_err, Engine};
 use crate::storage::{DriverKind, Lsn, State, StorageError, TimelineId};
 
 /// Default WAL past the newest base that triggers a roll: about ten
@@ -161,7 +162,7 @@ impl Engine {
     /// One pass over every ready timeline: roll where due, prune, collect.
     /// A `background` pass stops early once its engine's owner dropped it.
     async fn roll_pass(&self, policy: RollPolicy, background: bool) {
-        let timelines = match self.inner.meta.timelines() {
+        let timelines = match self.inner.meta.all::<TimelineRow>().await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "base roller: reading timelines failed");
@@ -184,10 +185,10 @@ impl Engine {
 
     async fn roll_if_due(&self, t: &TimelineRow, policy: RollPolicy) -> Result<(), StorageError> {
         self.index_archive(t).await?;
-        let Some(last) = self.inner.meta.wal_index(&t.id)?.last_lsn else {
+        let Some(last) = self.inner.meta.wal_index(&t.id).await?.last_lsn else {
             return Ok(());
         };
-        let bases = self.inner.meta.bases(&t.id)?;
+        let bases = self.inner.meta.bases(&t.id).await?;
         let Some(newest) = bases.iter().max_by_key(|b| b.lsn).cloned() else {
             return Ok(());
         };
@@ -208,7 +209,7 @@ impl Engine {
             .collect();
         let _guard = self.join(guard, keys);
         // Deleted meanwhile: leave it.
-        if self.inner.meta.timeline(&t.id)?.map(|r| r.state) != Some(State::Ready) {
+        if self.inner.meta.get(&t.id).await?.map(|r| r.state) != Some(State::Ready) {
             return Ok(());
         }
         tracing::info!(timeline = %t.id, from = %newest.lsn, to = %last, "rolling a base forward");
@@ -225,7 +226,7 @@ impl Engine {
                 tracing::debug!(timeline = %t.id, "timeline deleted during a roll; roll dropped");
                 return Ok(());
             }
-            Err(_) if !self.is_ready(&t.id) => {
+            Err(_) if !self.is_ready(&t.id).await => {
                 tracing::debug!(timeline = %t.id, "timeline deleted during a roll; roll dropped");
                 return Ok(());
             }
@@ -235,8 +236,8 @@ impl Engine {
         Ok(())
     }
 
-    fn is_ready(&self, id: &TimelineId) -> bool {
-        matches!(self.inner.meta.timeline(id), Ok(Some(r)) if r.state == State::Ready)
+    async fn is_ready(&self, id: &TimelineId) -> bool {
+        self.ready(id).await.is_ok()
     }
 
     /// Clones `from` into `work`, replays to `target`, keeps the result as
@@ -293,7 +294,7 @@ impl Engine {
         // From here the timeline is held: a delete waits (Busy) for these
         // few steps, or came first and the result is dropped.
         let _timeline = self.acquire(vec![format!("t:{id}")]);
-        if !self.is_ready(id) {
+        if !self.is_ready(id).await {
             return Ok(None);
         }
         let dir = self.tl_dir(id).join("bases");
@@ -303,7 +304,14 @@ impl Engine {
         let path = format!("timelines/{id}/bases/{:016X}", lsn.0);
         // Held until the row exists, so the collector leaves it alone.
         let _held = self.acquire(vec![base_key(&path)]);
-        if self.inner.meta.bases(id)?.iter().any(|b| b.path == path) {
+        if self
+            .inner
+            .meta
+            .bases(id)
+            .await?
+            .iter()
+            .any(|b| b.path == path)
+        {
             // Already kept (the same point rolled twice): nothing to add.
             return Ok(None);
         }
@@ -317,7 +325,8 @@ impl Engine {
         let time = self
             .inner
             .meta
-            .commit_time_before(id, lsn)?
+            .commit_time_before(id, lsn)
+            .await?
             .unwrap_or(from.time)
             .max(from.time);
         let row = BaseRow {
@@ -328,21 +337,22 @@ impl Engine {
             time,
             in_recovery: true,
         };
-        self.inner.meta.add_base(&row)?;
+        self.inner.meta.add_base(&row).await?;
         Ok(Some(row))
     }
 
     /// Forgets the rolled bases beyond `keep`, then deletes the base
     /// directories of `id` that have no metadata and no user.
     async fn prune_bases(&self, id: &TimelineId, keep: usize) -> Result<(), StorageError> {
-        let bases = self.inner.meta.bases(id)?;
+        let bases = self.inner.meta.bases(id).await?;
         for b in to_prune(&bases, keep) {
-            self.inner.meta.delete_base(&b.path)?;
+            self.inner.meta.delete_base(&b.path).await?;
         }
         let known: Vec<String> = self
             .inner
             .meta
-            .bases(id)?
+            .bases(id)
+            .await?
             .into_iter()
             .map(|b| b.path)
             .collect();
@@ -359,8 +369,7 @@ impl Engine {
                 continue;
             };
             tracing::debug!(timeline = %id, path, "deleting a pruned base");
-            pg::kill_leftover(&e.path());
-            self.delete_dir(&e.path()).await?;
+            self.remove_data_dir(&e.path()).await?;
         }
         Ok(())
     }

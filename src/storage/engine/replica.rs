@@ -37,8 +37,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::lifecycle::must_be_ready;
 use super::meta::ReplicaRow;
-use super::{check_self_contained, io_err, pg, pid_alive, Engine};
+use super::server::pid_alive;
+use super::{io_err, pg, Engine};
 use crate::storage::{
     validate_replica_ordinal, CreateReplica, Password, Replica, State, StorageError, TimelineId,
 };
@@ -80,14 +82,14 @@ impl Engine {
                 message: format!("replica {n} of timeline {tl} is being created or deleted"),
             });
         };
-        if let Some(row) = self.inner.meta.replica(tl, n)? {
+        if let Some(row) = self.inner.meta.replica(tl, n).await? {
             if row.state == State::Ready && self.replica_data_dir(tl, n).exists() {
                 return Ok(Self::replica_view(&row));
             }
         }
         // The timeline must not go while it is copied.
         let source = self.acquire(vec![format!("t:{tl}")]);
-        self.ready_timeline(tl)?;
+        self.ready(tl).await?;
         // The copy runs to its end even when the caller goes away (an HTTP
         // client that timed out): a retry then finds it made (or `Busy`
         // while it is still under way) instead of starting over.
@@ -109,14 +111,17 @@ impl Engine {
             state: State::Creating,
             created_at: jiff::Timestamp::now(),
         };
-        self.inner.meta.put_replica(&row)?;
+        self.inner.meta.put_replica(&row).await?;
         tracing::info!(timeline = %tl, ordinal = n, "creating a read replica");
         match self
             .build_replica(tl, n, req.source_connection.as_ref())
             .await
         {
             Ok(()) => {
-                self.inner.meta.set_replica_state(tl, n, State::Ready)?;
+                self.inner
+                    .meta
+                    .set_replica_state(tl, n, State::Ready)
+                    .await?;
                 tracing::info!(timeline = %tl, ordinal = n, "read replica ready");
                 Ok(Self::replica_view(&ReplicaRow {
                     state: State::Ready,
@@ -128,7 +133,7 @@ impl Engine {
                 if let Err(e2) = self.remove_replica_dirs(tl, n).await {
                     tracing::warn!(timeline = %tl, ordinal = n, error = %e2, "removing a failed replica's directory failed");
                 }
-                self.inner.meta.delete_replica(tl, n)?;
+                self.inner.meta.delete_replica(tl, n).await?;
                 Err(e)
             }
         }
@@ -164,16 +169,7 @@ impl Engine {
     /// docs). Unlike `fixups`, keeps `backup_label` and writes no archive
     /// command.
     fn standby_config(&self, data: &Path, tl: &TimelineId) -> Result<(), StorageError> {
-        check_self_contained(data)?;
-        self.clear_runtime_state(
-            data,
-            &[
-                "postmaster.pid",
-                "postmaster.opts",
-                "recovery.signal",
-                "pgbranch.recovery.conf",
-            ],
-        )?;
+        self.clear_runtime_state(data)?;
         let conf = format!(
             "# Written by pgbranch for read replica of timeline {tl}. Do not edit.\n\
              wal_level = replica\n\
@@ -205,7 +201,8 @@ impl Engine {
         Ok(self
             .inner
             .meta
-            .replicas(Some(tl))?
+            .replicas(Some(tl))
+            .await?
             .iter()
             .map(Self::replica_view)
             .collect())
@@ -222,7 +219,7 @@ impl Engine {
                 message: format!("replica {n} of timeline {tl} is being created or deleted"),
             });
         };
-        if self.inner.meta.replica(tl, n)?.is_none() {
+        if self.inner.meta.replica(tl, n).await?.is_none() {
             return Ok(());
         }
         if pid_alive(&self.replica_data_dir(tl, n)) {
@@ -233,15 +230,18 @@ impl Engine {
             });
         }
         tracing::info!(timeline = %tl, ordinal = n, "deleting a read replica");
-        self.inner.meta.set_replica_state(tl, n, State::Deleting)?;
+        self.inner
+            .meta
+            .set_replica_state(tl, n, State::Deleting)
+            .await?;
         self.remove_replica_dirs(tl, n).await?;
-        self.inner.meta.delete_replica(tl, n)
+        self.inner.meta.delete_replica(tl, n).await
     }
 
     /// Refuses (`Busy`) when a replica of the timeline runs or is being
     /// made: its timeline cannot be deleted then.
-    pub(super) fn check_replicas_stopped(&self, tl: &TimelineId) -> Result<(), StorageError> {
-        for r in self.inner.meta.replicas(Some(tl))? {
+    pub(super) async fn check_replicas_stopped(&self, tl: &TimelineId) -> Result<(), StorageError> {
+        for r in self.inner.meta.replicas(Some(tl)).await? {
             if pid_alive(&self.replica_data_dir(tl, r.ordinal))
                 || self.in_use(&Self::replica_key(tl, r.ordinal))
             {
@@ -258,39 +258,43 @@ impl Engine {
 
     /// Removes every replica of a timeline (its deletion cascades).
     pub(super) async fn remove_replicas(&self, tl: &TimelineId) -> Result<(), StorageError> {
-        for r in self.inner.meta.replicas(Some(tl))? {
+        for r in self.inner.meta.replicas(Some(tl)).await? {
             self.remove_replica_dirs(tl, r.ordinal).await?;
-            self.inner.meta.delete_replica(tl, r.ordinal)?;
+            self.inner.meta.delete_replica(tl, r.ordinal).await?;
         }
-        let _ = fs::remove_dir_all(self.tl_dir(tl).join("replicas"));
+        let _ = self
+            .remove_tree(
+                "removing the replicas directory",
+                &self.tl_dir(tl).join("replicas"),
+            )
+            .await;
         Ok(())
     }
 
     async fn remove_replica_dirs(&self, tl: &TimelineId, n: u32) -> Result<(), StorageError> {
         let dir = self.replica_dir(tl, n);
         let data = dir.join("pgdata");
-        pg::kill_leftover(&data);
-        self.delete_dir(&data).await?;
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("removing a replica directory", e)),
-        }
+        self.remove_data_dir(&data).await?;
+        self.remove_tree("removing a replica directory", &dir).await
     }
 
     /// At open: replicas half made or half removed (or of a timeline that
     /// is gone) are removed.
     pub(super) async fn recover_replicas(&self) -> Result<(), StorageError> {
-        for r in self.inner.meta.replicas(None)? {
+        for r in self.inner.meta.replicas(None).await? {
             let orphan = self
                 .inner
                 .meta
-                .timeline(&r.timeline)?
+                .get(&r.timeline)
+                .await?
                 .is_none_or(|t| t.state == State::Deleting);
             if r.state != State::Ready || orphan {
                 tracing::info!(timeline = %r.timeline, ordinal = r.ordinal, state = ?r.state, "removing an unfinished read replica");
                 self.remove_replica_dirs(&r.timeline, r.ordinal).await?;
-                self.inner.meta.delete_replica(&r.timeline, r.ordinal)?;
+                self.inner
+                    .meta
+                    .delete_replica(&r.timeline, r.ordinal)
+                    .await?;
             }
         }
         Ok(())
@@ -314,16 +318,13 @@ impl Engine {
         let row = self
             .inner
             .meta
-            .replica(tl, ordinal)?
+            .replica(tl, ordinal)
+            .await?
             .ok_or_else(|| StorageError::not_found("replica", format!("{tl}/{ordinal}")))?;
-        if row.state != State::Ready {
-            return Err(StorageError::Conflict {
-                message: format!(
-                    "replica {ordinal} of timeline {tl} is {:?}, not Ready",
-                    row.state
-                ),
-            });
-        }
+        must_be_ready(
+            format_args!("replica {ordinal} of timeline {tl}"),
+            row.state,
+        )?;
         if primary_conninfo.contains("password") {
             return Err(StorageError::invalid(
                 "primary_conninfo must not carry a password; pass it separately",

@@ -1,14 +1,20 @@
 //! `pgbranch operator`: runs the controllers.
 //!
 //! One process per replica; the replicas elect a leader through a `Lease` in
-//! the operator's namespace and only the leader reconciles. `/healthz`,
+//! the operator's namespace and only the leader reconciles. Each process
+//! takes part under its own identity (pod or host name plus a random
+//! suffix), so two processes on one host, or a restarted container, never
+//! both believe they hold the Lease. The Lease lasts [`LEASE_SECONDS`] and is
+//! renewed [`LEASE_GRACE_SECONDS`] before it runs out: a leader that dies
+//! without releasing it (crash, force-deleted Pod whose token is revoked)
+//! is replaced within about `LEASE_SECONDS` + 1 s. `/healthz`,
 //! `/readyz` and Prometheus `/metrics` are served on `--metrics-addr`.
 //! SIGTERM/SIGINT stop the controllers gracefully (reconciles in flight
 //! finish) and release the Lease.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -51,9 +57,14 @@ pub struct OperatorArgs {
     /// Namespace of the Lease (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// This replica's identity (default: the pod name / host name).
+    /// This replica's name in the leader election (default: the host
+    /// name); a random suffix is added so every process has its own
+    /// identity.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// The identity, made once per process.
+    #[arg(skip)]
+    identity: OnceLock<String>,
     /// Seconds between full resyncs of every object (0: off).
     #[arg(long, env = "PGBRANCH_RESYNC_SECONDS", default_value_t = 0)]
     pub resync_seconds: u64,
@@ -156,10 +167,21 @@ impl OperatorArgs {
         })
     }
 
-    fn identity(&self) -> String {
-        self.pod_name.clone().unwrap_or_else(|| {
-            std::env::var("HOSTNAME").unwrap_or_else(|_| "pgbranch-operator".into())
-        })
+    /// This process's identity in the leader election: `<pod or host
+    /// name>-<8 random hex digits>`, the same for the life of the process.
+    pub fn identity(&self) -> String {
+        self.identity
+            .get_or_init(|| {
+                let base = self
+                    .pod_name
+                    .clone()
+                    .filter(|n| !n.trim().is_empty())
+                    .or_else(host_name)
+                    .unwrap_or_else(|| "pgbranch-operator".into());
+                let suffix = uuid::Uuid::new_v4().simple().to_string();
+                format!("{}-{}", base.trim(), &suffix[..8])
+            })
+            .clone()
     }
 
     fn lease_namespace(&self) -> String {
@@ -169,6 +191,25 @@ impl OperatorArgs {
                 .unwrap_or_else(|_| "default".into())
         })
     }
+}
+
+/// Seconds a leader's Lease is valid after its last renewal: the longest a
+/// dead leader (one that could not release the Lease) keeps the others
+/// waiting.
+pub const LEASE_SECONDS: u64 = 10;
+/// The leader renews this many seconds before its Lease runs out.
+pub const LEASE_GRACE_SECONDS: u64 = 3;
+// Failover after a crash (Lease expiry + up to 1 s of jitter) stays under
+// the 15 s the README promises, and a leader renews before expiry.
+const _: () = assert!(LEASE_SECONDS + 1 < 15 && LEASE_GRACE_SECONDS < LEASE_SECONDS);
+
+/// `$HOSTNAME`, else the kernel's host name.
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
 }
 
 #[derive(Clone)]
@@ -278,8 +319,8 @@ pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
         let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
             .with_namespace(args.lease_namespace())
             .with_identity(identity.clone())
-            .with_duration(15)
-            .with_grace(5)
+            .with_duration(LEASE_SECONDS)
+            .with_grace(LEASE_GRACE_SECONDS)
             .build()
             .await
             .map_err(|e| CliError::Other(format!("leader election: {e}")))?;
@@ -304,9 +345,11 @@ pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
             }
         }
         tracing::info!(%identity, "became the leader");
+        metrics_.set_leader(true);
         lease = Some((leader, task));
     } else {
         ready.store(true, Ordering::Relaxed);
+        metrics_.set_leader(true);
     }
 
     // Stop on a signal, or when the Lease is lost (another replica takes
@@ -332,13 +375,20 @@ pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
             }
         });
     }
-    let ctx = Context::new(client, storage, config, metrics_, Arc::new(ClusterDns));
+    let ctx = Context::new(
+        client,
+        storage,
+        config,
+        metrics_.clone(),
+        Arc::new(ClusterDns),
+    );
     let shutdown = {
         let stop = stop.clone();
         async move { stop.cancelled().await }
     };
     controller::run(ctx, shutdown).await;
     tracing::info!("controllers stopped");
+    metrics_.set_leader(false);
     stop.cancel();
     if let Some((leader, task)) = lease {
         drop(leader);
@@ -442,6 +492,29 @@ mod tests {
         let c = t.args.config().unwrap();
         let colocate = c.compute.colocate_with.unwrap();
         assert_eq!(colocate.labels["app.kubernetes.io/component"], "storage");
+    }
+
+    /// Two processes with the same pod (or host) name still take part in
+    /// the election under different identities; one process keeps its own.
+    #[test]
+    fn every_process_has_its_own_identity() {
+        let args = || {
+            T::try_parse_from([
+                "x",
+                "--storage",
+                "http://s:1",
+                "--volume-pvc",
+                "v",
+                "--pod-name",
+                "op-0",
+            ])
+            .unwrap()
+            .args
+        };
+        let (one, two) = (args(), args());
+        assert_ne!(one.identity(), two.identity());
+        assert_eq!(one.identity(), one.identity());
+        assert!(one.identity().starts_with("op-0-"), "{}", one.identity());
     }
 
     #[test]

@@ -33,7 +33,9 @@ use crate::storage::http::connect_storage;
 #[derive(Debug, clap::Args)]
 pub struct OperatorArgs {
     /// The storage layer: `embedded:/path` (in-process engine on a local
-    /// volume) or `http://host:port` (a `pgbranch storage serve`).
+    /// volume; computes then mount that directory as a host path unless
+    /// --volume-pvc or --volume-host-path says otherwise) or
+    /// `http://host:port` (a `pgbranch storage serve`).
     #[arg(long, env = "PGBRANCH_STORAGE")]
     pub storage: String,
     /// File holding the bearer token of the storage service.
@@ -84,7 +86,8 @@ pub struct ComputeFlags {
     /// namespace). Exclusive with --volume-host-path.
     #[arg(long, env = "PGBRANCH_VOLUME_PVC", conflicts_with = "volume_host_path")]
     pub volume_pvc: Option<String>,
-    /// The storage volume as a directory on the node.
+    /// The storage volume as a directory on the node. Default with
+    /// `--storage embedded:DIR`: DIR.
     #[arg(long, env = "PGBRANCH_VOLUME_HOST_PATH")]
     pub volume_host_path: Option<String>,
     /// Where computes mount the storage volume (the engine's compute root).
@@ -122,11 +125,15 @@ impl OperatorArgs {
         let volume = match (&self.compute.volume_pvc, &self.compute.volume_host_path) {
             (Some(pvc), None) => VolumeSource::Pvc(pvc.clone()),
             (None, Some(path)) => VolumeSource::HostPath(path.clone()),
-            (None, None) => {
-                return Err(CliError::Usage(
-                    "give the storage volume computes mount: --volume-pvc NAME or --volume-host-path PATH".into(),
-                ))
-            }
+            (None, None) => match self.embedded_root() {
+                // Outside a cluster the engine's directory is the volume.
+                Some(dir) => VolumeSource::HostPath(dir.to_string()),
+                None => {
+                    return Err(CliError::Usage(
+                        "give the storage volume computes mount: --volume-pvc NAME or --volume-host-path PATH (with --storage embedded:DIR the default is DIR)".into(),
+                    ))
+                }
+            },
             (Some(_), Some(_)) => {
                 return Err(CliError::Usage(
                     "--volume-pvc and --volume-host-path are exclusive".into(),
@@ -165,6 +172,14 @@ impl OperatorArgs {
             snapshot_quota: self.snapshot_quota,
             ..Config::default()
         })
+    }
+
+    /// DIR of `--storage embedded:DIR`.
+    fn embedded_root(&self) -> Option<&str> {
+        self.storage
+            .trim()
+            .strip_prefix("embedded:")
+            .filter(|d| !d.is_empty())
     }
 
     /// This process's identity in the leader election: `<pod or host
@@ -520,7 +535,32 @@ mod tests {
     #[test]
     fn a_volume_is_required() {
         let t = T::try_parse_from(["x", "--storage", "http://s:1"]).unwrap();
-        assert!(matches!(t.args.config(), Err(CliError::Usage(_))));
+        assert!(
+            matches!(t.args.config(), Err(CliError::Usage(m)) if m.contains("--volume-host-path"))
+        );
+    }
+
+    /// `--storage embedded:DIR` alone starts: computes mount DIR from the
+    /// host; an explicit volume flag still wins.
+    #[test]
+    fn embedded_storage_defaults_to_its_directory_as_the_volume() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["x", "--storage", "embedded:/srv/pgbranch"];
+            argv.extend_from_slice(extra);
+            T::try_parse_from(argv).unwrap().args.config().unwrap()
+        };
+        assert_eq!(
+            parse(&[]).compute.volume,
+            VolumeSource::HostPath("/srv/pgbranch".into())
+        );
+        assert_eq!(
+            parse(&["--volume-pvc", "pgdata"]).compute.volume,
+            VolumeSource::Pvc("pgdata".into())
+        );
+        assert_eq!(
+            parse(&["--volume-host-path", "/mnt/x"]).compute.volume,
+            VolumeSource::HostPath("/mnt/x".into())
+        );
     }
 
     #[tokio::test]

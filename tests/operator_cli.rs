@@ -34,6 +34,20 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The uid the embedded engine runs PostgreSQL as (`postgres` under root,
+/// else us): computes must run as it, or the operator refuses to start.
+fn engine_uid() -> String {
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .expect("a postgres user")
+            .uid
+            .to_string()
+    } else {
+        nix::unistd::geteuid().to_string()
+    }
+}
+
 /// This operator's identity: its pod name plus a random suffix.
 fn is_operator_0(holder: Option<&str>) -> bool {
     holder.is_some_and(|h| h.starts_with("operator-0-"))
@@ -91,6 +105,8 @@ async fn operator_binary_elects_serves_health_reconciles_and_stops_on_sigterm() 
             "default",
             "--pod-name",
             "operator-0",
+            "--compute-uid",
+            &engine_uid(),
         ])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info")
@@ -220,6 +236,8 @@ async fn operator_without_crds_still_stops_on_sigterm() {
             "default",
             "--pod-name",
             "operator-0",
+            "--compute-uid",
+            &engine_uid(),
         ])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info")

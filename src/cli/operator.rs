@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 use super::CliError;
 use crate::compute::{Colocation, ComputeConfig, VolumeSource, DEFAULT_IMAGE};
 use crate::controller::{self, ClusterDns, Config, Context, Metrics};
+use crate::storage::engine::{Engine, EngineConfig};
 use crate::storage::http::connect_storage;
+use crate::storage::{Storage, StorageInfo};
 
 #[derive(Debug, clap::Args)]
 pub struct OperatorArgs {
@@ -38,6 +40,11 @@ pub struct OperatorArgs {
     /// `http://host:port` (a `pgbranch storage serve`).
     #[arg(long, env = "PGBRANCH_STORAGE")]
     pub storage: String,
+    /// With `--storage embedded:DIR` and run as root: the user the engine
+    /// runs initdb and postgres as (default `postgres`). Its uid must be
+    /// --compute-uid: computes run as that uid on the same data directories.
+    #[arg(long, env = "PGBRANCH_STORAGE_RUN_AS", value_name = "USER")]
+    pub storage_run_as: Option<String>,
     /// File holding the bearer token of the storage service.
     #[arg(long, env = "PGBRANCH_STORAGE_TOKEN_FILE")]
     pub storage_token_file: Option<std::path::PathBuf>,
@@ -174,6 +181,15 @@ impl OperatorArgs {
         })
     }
 
+    /// The engine's configuration for `--storage embedded:DIR`.
+    fn engine_config(&self, dir: &str) -> EngineConfig {
+        EngineConfig {
+            root: std::path::PathBuf::from(dir),
+            run_as: self.storage_run_as.clone(),
+            ..EngineConfig::default()
+        }
+    }
+
     /// DIR of `--storage embedded:DIR`.
     fn embedded_root(&self) -> Option<&str> {
         self.storage
@@ -217,6 +233,71 @@ pub const LEASE_GRACE_SECONDS: u64 = 3;
 // Failover after a crash (Lease expiry + up to 1 s of jitter) stays under
 // the 15 s the README promises, and a leader renews before expiry.
 const _: () = assert!(LEASE_SECONDS + 1 < 15 && LEASE_GRACE_SECONDS < LEASE_SECONDS);
+
+/// Whether computes built from `compute` can use what the storage layer
+/// `info` makes: their data directories must be owned by the uid they run
+/// as. The error says how to make them agree.
+pub fn storage_agrees(info: &StorageInfo, compute: &ComputeConfig) -> Result<(), String> {
+    if let Some(uid) = info.data_uid {
+        if i64::from(uid) != compute.run_as_uid {
+            return Err(format!(
+                "the storage engine runs PostgreSQL as uid {uid}, which owns every data directory, but computes would run as uid {} (--compute-uid): they could not use their data directories. Pass --compute-uid {uid}, or run the engine as a user whose uid is {} (--storage-run-as USER for embedded storage, `pgbranch storage serve --run-as USER`)",
+                compute.run_as_uid, compute.run_as_uid
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the storage layer and checks it agrees with the computes: an
+/// embedded engine is checked before it is opened (nothing is written for
+/// a configuration that cannot work); a storage service that answers is
+/// refused on a mismatch, one that does not answer yet is checked in the
+/// background (the returned receiver yields the refusal, if any).
+async fn open_storage(
+    args: &OperatorArgs,
+    config: &Config,
+    token: Option<String>,
+) -> Result<(Arc<dyn Storage>, tokio::sync::oneshot::Receiver<String>), CliError> {
+    let (refuse_tx, refuse_rx) = tokio::sync::oneshot::channel();
+    if let Some(dir) = args.embedded_root() {
+        let cfg = args.engine_config(dir);
+        let planned = StorageInfo {
+            driver: crate::storage::DriverKind::Copy,
+            pg_major: 0,
+            root: dir.to_string(),
+            data_uid: Some(cfg.postgres_uid()?),
+        };
+        storage_agrees(&planned, &config.compute).map_err(CliError::Usage)?;
+        let engine = Engine::open(cfg).await?;
+        return Ok((Arc::new(engine), refuse_rx));
+    }
+    let storage = connect_storage(&args.storage, token).await?;
+    match tokio::time::timeout(Duration::from_secs(10), storage.info()).await {
+        Ok(Ok(info)) => storage_agrees(&info, &config.compute).map_err(CliError::Usage)?,
+        answer => {
+            let why = match answer {
+                Ok(Err(e)) => e.to_string(),
+                _ => "no answer in 10 s".into(),
+            };
+            tracing::warn!(error = %why, "storage does not answer yet; checking it agrees with the computes once it does");
+            let storage = storage.clone();
+            let compute = config.compute.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    if let Ok(info) = storage.info().await {
+                        if let Err(m) = storage_agrees(&info, &compute) {
+                            let _ = refuse_tx.send(m);
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    Ok((storage, refuse_rx))
+}
 
 /// `$HOSTNAME`, else the kernel's host name.
 fn host_name() -> Option<String> {
@@ -300,7 +381,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
         Some(p) => Some(std::fs::read_to_string(p)?.trim().to_string()),
         None => None,
     };
-    let storage = connect_storage(&args.storage, token).await?;
+    let (storage, refused) = open_storage(&args, &config, token).await?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| CliError::Other(format!("cannot reach the Kubernetes API: {e}")))?;
@@ -326,6 +407,20 @@ pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
             stop.cancel();
         });
     }
+    // A storage service that answered late and does not agree with the
+    // computes stops the operator.
+    let refusal = Arc::new(OnceLock::new());
+    {
+        let (stop, refusal) = (stop.clone(), refusal.clone());
+        tokio::spawn(async move {
+            if let Ok(m) = refused.await {
+                tracing::error!(error = %m, "storage does not agree with the computes, stopping");
+                let _ = refusal.set(m);
+                stop.cancel();
+            }
+        });
+    }
+    let refused = move || refusal.get().map(|m: &String| CliError::Usage(m.clone()));
 
     // Leader election: reconcile only while holding the Lease.
     let mut lease = None;
@@ -355,7 +450,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
                     drop(leader);
                     let _ = task.await;
                     let _ = http.await;
-                    return Ok(());
+                    return refused().map_or(Ok(()), Err);
                 }
             }
         }
@@ -414,6 +509,9 @@ pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
         }
     }
     let _ = http.await;
+    if let Some(e) = refused() {
+        return Err(e);
+    }
     if lost.is_cancelled() {
         return Err(CliError::Other("lost leadership".into()));
     }
@@ -538,6 +636,51 @@ mod tests {
         assert!(
             matches!(t.args.config(), Err(CliError::Usage(m)) if m.contains("--volume-host-path"))
         );
+    }
+
+    fn info(uid: u32) -> StorageInfo {
+        StorageInfo {
+            driver: crate::storage::DriverKind::Copy,
+            pg_major: 15,
+            root: "/srv/x".into(),
+            data_uid: Some(uid),
+        }
+    }
+
+    /// The engine's data directories must be the computes' (same uid).
+    #[test]
+    fn storage_must_agree_with_the_computes() {
+        let t = T::try_parse_from(["x", "--storage", "http://s:1", "--volume-pvc", "v"]).unwrap();
+        let c = t.args.config().unwrap().compute;
+        assert_eq!(c.run_as_uid, 999);
+        assert_eq!(storage_agrees(&info(999), &c), Ok(()));
+        let m = storage_agrees(&info(101), &c).unwrap_err();
+        assert!(
+            m.contains("uid 101") && m.contains("--compute-uid 101"),
+            "{m}"
+        );
+        // An engine that does not report it is not refused.
+        let old = StorageInfo {
+            data_uid: None,
+            ..info(0)
+        };
+        assert_eq!(storage_agrees(&old, &c), Ok(()));
+    }
+
+    /// The embedded engine runs PostgreSQL as --storage-run-as.
+    #[test]
+    fn embedded_engine_runs_as_the_given_user() {
+        let t = T::try_parse_from([
+            "x",
+            "--storage",
+            "embedded:/var/lib/X",
+            "--storage-run-as",
+            "pg",
+        ])
+        .unwrap();
+        let cfg = t.args.engine_config("/var/lib/X");
+        assert_eq!(cfg.root, std::path::PathBuf::from("/var/lib/X"));
+        assert_eq!(cfg.run_as.as_deref(), Some("pg"));
     }
 
     /// `--storage embedded:DIR` alone starts: computes mount DIR from the

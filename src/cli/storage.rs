@@ -119,6 +119,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         driver = %info.driver,
         pg_major = info.pg_major,
         root = %info.root,
+        data_uid = info.data_uid.unwrap_or_default(),
         auth = matches!(auth, Auth::Token(_)),
         "storage service listening"
     );

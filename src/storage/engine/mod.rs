@@ -477,26 +477,7 @@ impl Engine {
                 StorageError::invalid("no PostgreSQL found under /usr/lib/postgresql/<major>/bin")
             })?,
         };
-        let is_root = nix::unistd::geteuid().is_root();
-        let user = match (&cfg.run_as, is_root) {
-            (Some(name), _) => {
-                let u = pg::resolve_user(name)?;
-                if u.uid == nix::unistd::geteuid().as_raw() {
-                    None
-                } else {
-                    Some(u)
-                }
-            }
-            (None, true) => Some(pg::resolve_user("postgres")?),
-            (None, false) => None,
-        };
-        if let Some(u) = &user {
-            if u.uid == 0 {
-                return Err(StorageError::invalid(
-                    "run_as must not be root: initdb and postgres refuse to run as root",
-                ));
-            }
-        }
+        let user = pg::run_as_user(cfg.run_as.as_deref())?;
         let mut env = PgEnv {
             bin,
             user,
@@ -2337,6 +2318,13 @@ impl Storage for Engine {
             driver: self.inner.driver.kind(),
             pg_major: self.inner.pg.major,
             root: self.inner.root.display().to_string(),
+            data_uid: Some(
+                self.inner
+                    .pg
+                    .user
+                    .as_ref()
+                    .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid),
+            ),
         })
     }
 

@@ -1,6 +1,7 @@
 //! The operator refuses to start when the storage engine and the computes
 //! it would create disagree: data directories owned by another uid than the
-//! computes run as. Real `pgbranch operator` and
+//! computes run as, or an `archive_command` naming the engine's own path
+//! instead of where computes mount the volume. Real `pgbranch operator` and
 //! `pgbranch storage serve` binaries on real PostgreSQL; the checks run
 //! before the operator needs the Kubernetes API, which is not there
 //! (KUBECONFIG names a missing file), so an operator that passes them stops
@@ -145,11 +146,50 @@ fn embedded_engine_uid_must_be_the_compute_uid() {
 }
 
 #[test]
-fn storage_service_must_run_postgres_as_the_compute_uid() {
+fn storage_service_must_agree_on_uid_and_compute_root() {
     let dir = tempfile::tempdir().unwrap();
     let uid = engine_uid().to_string();
     let other = (engine_uid() + 1).to_string();
+
+    // The engine's own path in computes' archive_command, where computes
+    // mount the volume at the default /var/lib/pgbranch: refused, naming
+    // both paths.
     let s = Serve::start(&[]);
+    let o = operator(
+        &[
+            "--storage",
+            &s.url(),
+            "--volume-host-path",
+            "/var/lib/X",
+            "--compute-uid",
+            &uid,
+        ],
+        dir.path(),
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    let engine_root = s._dir.path().join("vol").canonicalize().unwrap();
+    assert!(
+        err.contains(&engine_root.display().to_string()) && err.contains("/var/lib/pgbranch"),
+        "{err}"
+    );
+    drop(s);
+
+    // With --compute-root set to the computes' mount path it agrees...
+    let s = Serve::start(&["--compute-root", "/var/lib/pgbranch"]);
+    let o = operator(
+        &[
+            "--storage",
+            &s.url(),
+            "--volume-host-path",
+            "/var/lib/X",
+            "--compute-uid",
+            &uid,
+        ],
+        dir.path(),
+    );
+    assert!(stderr(&o).contains(NO_API), "{}", stderr(&o));
+    // ... unless the computes run as another uid than the engine.
     let o = operator(
         &[
             "--storage",

@@ -181,10 +181,13 @@ impl OperatorArgs {
         })
     }
 
-    /// The engine's configuration for `--storage embedded:DIR`.
+    /// The engine's configuration for `--storage embedded:DIR`: computes
+    /// see the volume at --volume-mount-path, so that is the root written
+    /// into their `archive_command`.
     fn engine_config(&self, dir: &str) -> EngineConfig {
         EngineConfig {
             root: std::path::PathBuf::from(dir),
+            compute_root: Some(std::path::PathBuf::from(&self.compute.volume_mount_path)),
             run_as: self.storage_run_as.clone(),
             ..EngineConfig::default()
         }
@@ -236,13 +239,23 @@ const _: () = assert!(LEASE_SECONDS + 1 < 15 && LEASE_GRACE_SECONDS < LEASE_SECO
 
 /// Whether computes built from `compute` can use what the storage layer
 /// `info` makes: their data directories must be owned by the uid they run
-/// as. The error says how to make them agree.
+/// as, and the engine must write the volume's path as computes mount it
+/// into their `archive_command`. The error says how to make them agree.
 pub fn storage_agrees(info: &StorageInfo, compute: &ComputeConfig) -> Result<(), String> {
     if let Some(uid) = info.data_uid {
         if i64::from(uid) != compute.run_as_uid {
             return Err(format!(
                 "the storage engine runs PostgreSQL as uid {uid}, which owns every data directory, but computes would run as uid {} (--compute-uid): they could not use their data directories. Pass --compute-uid {uid}, or run the engine as a user whose uid is {} (--storage-run-as USER for embedded storage, `pgbranch storage serve --run-as USER`)",
                 compute.run_as_uid, compute.run_as_uid
+            ));
+        }
+    }
+    if let Some(root) = &info.compute_root {
+        let norm = |p: &str| p.trim_end_matches('/').to_string();
+        if norm(root) != norm(&compute.mount_path) {
+            return Err(format!(
+                "the storage engine writes {root} (its compute root) into every compute's archive_command, but computes mount the volume at {} (--volume-mount-path): archiving would fail inside every compute and copies of running branches would never finish. Make them the same: `pgbranch storage serve --compute-root {}`, or --volume-mount-path {root}",
+                compute.mount_path, compute.mount_path
             ));
         }
     }
@@ -266,6 +279,7 @@ async fn open_storage(
             driver: crate::storage::DriverKind::Copy,
             pg_major: 0,
             root: dir.to_string(),
+            compute_root: cfg.compute_root.as_ref().map(|p| p.display().to_string()),
             data_uid: Some(cfg.postgres_uid()?),
         };
         storage_agrees(&planned, &config.compute).map_err(CliError::Usage)?;
@@ -638,48 +652,68 @@ mod tests {
         );
     }
 
-    fn info(uid: u32) -> StorageInfo {
+    fn info(compute_root: &str, uid: u32) -> StorageInfo {
         StorageInfo {
             driver: crate::storage::DriverKind::Copy,
             pg_major: 15,
             root: "/srv/x".into(),
+            compute_root: Some(compute_root.into()),
             data_uid: Some(uid),
         }
     }
 
-    /// The engine's data directories must be the computes' (same uid).
+    /// The engine's data directories must be the computes' (same uid) and
+    /// its archive_command must name the volume where computes mount it.
     #[test]
     fn storage_must_agree_with_the_computes() {
         let t = T::try_parse_from(["x", "--storage", "http://s:1", "--volume-pvc", "v"]).unwrap();
         let c = t.args.config().unwrap().compute;
-        assert_eq!(c.run_as_uid, 999);
-        assert_eq!(storage_agrees(&info(999), &c), Ok(()));
-        let m = storage_agrees(&info(101), &c).unwrap_err();
+        assert_eq!(
+            (c.run_as_uid, c.mount_path.as_str()),
+            (999, "/var/lib/pgbranch")
+        );
+        assert_eq!(storage_agrees(&info("/var/lib/pgbranch", 999), &c), Ok(()));
+        assert_eq!(storage_agrees(&info("/var/lib/pgbranch/", 999), &c), Ok(()));
+        let m = storage_agrees(&info("/var/lib/pgbranch", 101), &c).unwrap_err();
         assert!(
             m.contains("uid 101") && m.contains("--compute-uid 101"),
             "{m}"
         );
-        // An engine that does not report it is not refused.
+        let m = storage_agrees(&info("/var/lib/X", 999), &c).unwrap_err();
+        assert!(
+            m.contains("/var/lib/X") && m.contains("/var/lib/pgbranch"),
+            "{m}"
+        );
+        assert!(m.contains("--compute-root /var/lib/pgbranch"), "{m}");
+        // An engine that does not report them is not refused.
         let old = StorageInfo {
+            compute_root: None,
             data_uid: None,
-            ..info(0)
+            ..info("/", 0)
         };
         assert_eq!(storage_agrees(&old, &c), Ok(()));
     }
 
-    /// The embedded engine runs PostgreSQL as --storage-run-as.
+    /// An embedded engine writes the computes' mount path, not its own
+    /// directory, into their archive_command.
     #[test]
-    fn embedded_engine_runs_as_the_given_user() {
+    fn embedded_engine_uses_the_computes_mount_path() {
         let t = T::try_parse_from([
             "x",
             "--storage",
             "embedded:/var/lib/X",
+            "--volume-host-path",
+            "/var/lib/X",
             "--storage-run-as",
             "pg",
         ])
         .unwrap();
         let cfg = t.args.engine_config("/var/lib/X");
         assert_eq!(cfg.root, std::path::PathBuf::from("/var/lib/X"));
+        assert_eq!(
+            cfg.compute_root,
+            Some(std::path::PathBuf::from("/var/lib/pgbranch"))
+        );
         assert_eq!(cfg.run_as.as_deref(), Some("pg"));
     }
 

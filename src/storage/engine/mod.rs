@@ -2318,6 +2318,7 @@ impl Storage for Engine {
             driver: self.inner.driver.kind(),
             pg_major: self.inner.pg.major,
             root: self.inner.root.display().to_string(),
+            compute_root: Some(self.inner.compute_root.display().to_string()),
             data_uid: Some(
                 self.inner
                     .pg

@@ -443,6 +443,17 @@ fn storage_stalled(e: StorageError) -> Error {
     }
 }
 
+/// The Stalled reason of a timeline that storage could not create: a
+/// source whose WAL archiving fails has its own (the message carries the
+/// archiver's state).
+fn timeline_failed_reason(error: &str) -> &'static str {
+    if error.contains(crate::storage::ARCHIVING_FAILED) {
+        "SourceArchivingFailed"
+    } else {
+        "TimelineFailed"
+    }
+}
+
 /// How to reach a running compute of `branch` as its superuser, to let the
 /// storage layer CHECKPOINT it before copying. None when it is not running.
 async fn compute_conn(ctx: &Context, branch: &Branch) -> Result<Option<ConnInfo>, Error> {
@@ -756,14 +767,11 @@ async fn apply_steps(
             ));
         }
         State::Failed => {
+            let why = tl.error.clone().unwrap_or_else(|| "no reason given".into());
             return Err(Error::stalled(
-                "TimelineFailed",
-                format!(
-                    "storage could not create timeline {}: {}",
-                    tl.id,
-                    tl.error.clone().unwrap_or_else(|| "no reason given".into())
-                ),
-            ))
+                timeline_failed_reason(&why),
+                format!("storage could not create timeline {}: {why}", tl.id),
+            ));
         }
         State::Deleting => {
             return Err(Error::stalled(
@@ -1273,6 +1281,16 @@ mod tests {
             exclusive_bytes: None,
             restore_window: None,
         }
+    }
+
+    #[test]
+    fn a_source_that_cannot_archive_has_its_own_reason() {
+        let e = format!(
+            "unavailable: {}: the copy waited 60 s ...",
+            crate::storage::ARCHIVING_FAILED
+        );
+        assert_eq!(timeline_failed_reason(&e), "SourceArchivingFailed");
+        assert_eq!(timeline_failed_reason("disk full"), "TimelineFailed");
     }
 
     #[test]

@@ -131,6 +131,7 @@
 //! PostgreSQL programs run as `run_as` (default: the current user, or
 //! `postgres` when root); data directories and archives belong to it.
 
+mod archiver;
 mod bases;
 mod driver;
 mod meta;
@@ -184,6 +185,9 @@ pub struct EngineConfig {
     /// Rolled bases kept per timeline besides its creation base (`None` =
     /// 8).
     pub base_roll_keep: Option<usize>,
+    /// How long a copy of a running source waits for the source to archive
+    /// its WAL before it fails with the archiver's state (`None` = 60 s).
+    pub archive_wait: Option<Duration>,
 }
 
 /// The embedded engine. Cheap to clone.
@@ -213,6 +217,8 @@ struct Inner {
     sizes: Mutex<HashMap<String, SizeEntry>>,
     /// When to roll bases forward (`None`: never).
     roll: Option<bases::RollPolicy>,
+    /// How long a copy waits for the source's archiver.
+    archive_wait: Duration,
     /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
     _volume_lock: nix::fcntl::Flock<fs::File>,
 }
@@ -556,6 +562,7 @@ impl Engine {
                     cfg.base_roll_keep,
                 ),
                 _volume_lock: volume_lock,
+                archive_wait: cfg.archive_wait.unwrap_or(archiver::DEFAULT_ARCHIVE_WAIT),
             }),
         };
         tracing::info!(root = %engine.inner.root.display(), driver = %kind, pg_major = engine.inner.pg.major, "storage engine open");
@@ -1144,9 +1151,10 @@ impl Engine {
         } else {
             "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
         };
-        let stopped = client.query_one(stop_sql, &[]).await;
+        let wait = self.inner.archive_wait;
+        let stopped = archiver::stop_backup(&client, conn, stop_sql, wait).await;
         copied?;
-        let row = stopped.map_err(|e| sql_err("stopping backup mode", e))?;
+        let row = stopped?;
         let lsn: String = row.get(0);
         let labelfile: String = row.get(1);
         let spcmap: Option<String> = row.get(2);
@@ -1335,8 +1343,10 @@ impl Engine {
             if std::time::Instant::now() > deadline {
                 return Err(StorageError::Unavailable {
                     message: format!(
-                        "WAL segment {name} of timeline {} was not archived within 60 s; is the compute's archive_command working?",
-                        t.id
+                        "{}: WAL segment {name} of timeline {} was not archived within 60 s; {}",
+                        crate::storage::ARCHIVING_FAILED,
+                        t.id,
+                        archiver::archiver_state(conn).await
                     ),
                 });
             }

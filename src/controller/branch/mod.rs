@@ -39,6 +39,7 @@ use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 
 use super::apply::{apply_owned, delete_owned, holder, Holder};
+use super::expiry::{self, Expiry};
 use super::status::{apply_outcome, write_status, Outcome};
 use super::{error_policy, with_deadline, Context, Error};
 use crate::api::{
@@ -691,8 +692,13 @@ async fn apply_steps(
         });
     }
     let mut requeue = ctx.config.ready_requeue;
-    if let Some(expires) = parse_expires(branch).map_err(|i| Error::stalled(i.reason, i.message))? {
-        if now >= expires {
+    let expires = parse_expires(branch).map_err(|i| Error::stalled(i.reason, i.message))?;
+    let created = expiry::created(branch);
+    match (expires, expiry::decide(expires, created, now)) {
+        (Some(expires), Expiry::BeforeCreation) => {
+            return Err(expiry::in_past("Branch", expires, created))
+        }
+        (Some(expires), Expiry::Due) => {
             if branch.spec.protected {
                 return Err(Error::stalled(
                     "BranchProtected",
@@ -700,6 +706,7 @@ async fn apply_steps(
                 ));
             }
             tracing::info!(branch = %name, %expires, "branch expired, deleting it");
+            expiry::publish_expired(ctx, branch, expires).await;
             with_deadline(
                 ctx,
                 "delete expired branch",
@@ -712,8 +719,8 @@ async fn apply_steps(
                 requeue: Action::await_change(),
             });
         }
-        let until = expires.duration_since(now).unsigned_abs();
-        requeue = requeue.min(until + Duration::from_secs(1));
+        (_, Expiry::Later(until)) => requeue = requeue.min(until + Duration::from_secs(1)),
+        _ => {}
     }
 
     // Parent.

@@ -177,28 +177,38 @@ impl ControlPlane {
         self.operator_with(name, &[])
     }
 
-    /// [`Self::operator`] with more flags.
+    /// [`Self::operator`] with more flags, on the default storage and volume
+    /// (nothing listens at that storage: nothing gets created).
     pub fn operator_with(&self, name: &str, extra: &[&str]) -> (Proc, u16) {
-        let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgbranch"));
-        cmd.args([
-            "operator",
+        let mut args = vec![
             "--storage",
-            // Nothing listens there: no objects exist, nothing is reconciled.
             "http://127.0.0.1:9",
             "--volume-host-path",
             "/var/lib/pgbranch",
-            "--lease-namespace",
-            "default",
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(extra)
-        .env("KUBECONFIG", &self.kubeconfig)
-        .env("RUST_LOG", "info")
-        .env_remove("POD_NAME")
-        .env_remove("HOSTNAME")
-        .env_remove("POD_NAMESPACE");
+        ];
+        args.extend_from_slice(extra);
+        self.operator_args(name, &args)
+    }
+
+    /// `pgbranch operator ARGS` (plus the Lease namespace and a metrics
+    /// port, returned), as a developer would start it on one machine: no
+    /// POD_NAME, no HOSTNAME.
+    pub fn operator_args(&self, name: &str, args: &[&str]) -> (Proc, u16) {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgbranch"));
+        cmd.arg("operator")
+            .args(args)
+            .args([
+                "--lease-namespace",
+                "default",
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info")
+            .env_remove("POD_NAME")
+            .env_remove("HOSTNAME")
+            .env_remove("POD_NAMESPACE");
         (
             Proc::spawn(cmd, self.dir.path().join(format!("{name}.log"))),
             port,

@@ -24,6 +24,7 @@ pub mod refresh;
 pub mod replicas;
 pub mod sql;
 pub mod validate;
+mod volume;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -791,6 +792,11 @@ async fn apply_steps(
     // Compute.
     let compute = &branch.spec.compute;
     let running = compute.enabled && !compute.suspended;
+    if running {
+        if let Some(stalled) = volume::check_claim(ctx, &ns).await? {
+            return Ok(stalled);
+        }
+    }
     let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let adopted = if compute.enabled {
         handover::compute_for_timeline(ctx, branch, &tl.id, &uid).await?

@@ -128,7 +128,10 @@ fn argo_health_test_data_pass_the_crd_rules() {
 /// {"spec":{"finalize":true}}`, is an update the CRD's transition rules allow.
 #[test]
 fn multi_step_restore_sample_can_be_finalized_by_patch() {
-    let doc = docs(&repo().join("config/samples/restore-multi-step.yaml")).remove(0);
+    let doc = docs(&repo().join("config/samples/restore-multi-step.yaml"))
+        .into_iter()
+        .find(|d| d["kind"] == "SnapshotRestore")
+        .expect("a SnapshotRestore in the sample");
     let old: SnapshotRestore = serde_json::from_value(doc).unwrap();
     assert!(!old.spec.finalize, "the sample starts as a preview");
     let mut new = old.clone();
@@ -136,6 +139,67 @@ fn multi_step_restore_sample_can_be_finalized_by_patch() {
     if let Err(e) = new.validate_cel_update(&old) {
         panic!("finalize false -> true refused: {e}");
     }
+}
+
+/// Every RFC 3339 time in a document, with its JSON path.
+fn times_in(v: &Value, path: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::String(s) if s.parse::<jiff::Timestamp>().is_ok() => {
+            out.push((path.to_string(), s.clone()))
+        }
+        Value::Object(m) => {
+            for (k, v) in m {
+                times_in(v, &format!("{path}.{k}"), out);
+            }
+        }
+        Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                times_in(v, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Samples are applied at any time after they were written: an absolute
+/// `expiresAt` would one day lie before the object's creation (refused
+/// ExpiresAtInPast, or deleted at once by an older operator), and an
+/// absolute point (`timestamp`) before the branch existed. No sample
+/// carries an absolute time; the comments say how to add one.
+#[test]
+fn samples_carry_no_absolute_time_that_rots() {
+    let mut found = Vec::new();
+    let mut check = |doc: &Value, origin: &str| {
+        let mut times = Vec::new();
+        times_in(doc, "", &mut times);
+        for (path, t) in times {
+            found.push(format!(
+                "{origin}: {}/{}{path} = {t}",
+                doc["kind"].as_str().unwrap_or("?"),
+                name_of(doc)
+            ));
+        }
+    };
+    for f in yaml_files(&repo().join("config/samples")) {
+        for doc in docs(&f) {
+            check(&doc, &f.display().to_string());
+        }
+    }
+    let chart = docs(&repo().join("charts/pgbranch/Chart.yaml")).remove(0);
+    let examples: Vec<serde_yaml::Value> = serde_yaml::from_str(
+        chart["annotations"]["artifacthub.io/crdsExamples"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    for e in examples {
+        check(&serde_json::to_value(e).unwrap(), "Chart.yaml crdsExamples");
+    }
+    assert!(
+        found.is_empty(),
+        "samples with absolute times:\n{}",
+        found.join("\n")
+    );
 }
 
 fn wave(doc: &Value) -> i64 {

@@ -75,7 +75,9 @@ pub struct BranchSpec {
     #[serde(default)]
     pub protected: bool,
     /// When set, the branch is deleted at this time (RFC 3339, such as
-    /// `2026-01-02T15:04:05Z`).
+    /// `2026-01-02T15:04:05Z`), with a Normal Event `Expired`. A time not
+    /// after the branch's creation is refused (Stalled `ExpiresAtInPast`),
+    /// never a reason to delete it at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = TIMESTAMP_MAX_LEN))]
     #[x_kube(validation = Rule::new(RULE_RFC3339).message(MSG_RFC3339))]

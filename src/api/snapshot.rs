@@ -62,7 +62,10 @@ pub struct SnapshotSpec {
     #[schemars(length(max = TIMESTAMP_MAX_LEN))]
     #[x_kube(validation = Rule::new(RULE_RFC3339).message(MSG_RFC3339))]
     pub timestamp: Option<String>,
-    /// When set, the Snapshot is deleted at this time (RFC 3339).
+    /// When set, the Snapshot is deleted at this time (RFC 3339), with a
+    /// Normal Event `Expired`. A time not after the Snapshot's creation is
+    /// refused (Stalled `ExpiresAtInPast`), never a reason to delete it at
+    /// once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = TIMESTAMP_MAX_LEN))]
     #[x_kube(validation = Rule::new(RULE_RFC3339).message(MSG_RFC3339))]

@@ -26,6 +26,12 @@ pub struct ServeArgs {
     /// The engine's volume root (timelines, snapshots, WAL archives, metadata).
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// Where computes mount this volume (their --volume-mount-path): the
+    /// path written into every data directory's archive_command. Default:
+    /// --data-dir, right when the engine and the computes mount the volume
+    /// at the same path (as the chart does).
+    #[arg(long, value_name = "DIR", env = "PGBRANCH_COMPUTE_ROOT")]
+    pub compute_root: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
@@ -89,15 +95,16 @@ fn load_auth(args: &ServeArgs) -> Result<Auth, CliError> {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<(), CliError> {
-    let auth = load_auth(&args)?;
+/// The engine's configuration from the flags.
+fn engine_config(args: &ServeArgs) -> Result<EngineConfig, CliError> {
     let driver = args
         .driver
         .as_deref()
         .map(str::parse::<DriverKind>)
         .transpose()?;
-    let cfg = EngineConfig {
+    Ok(EngineConfig {
         root: args.data_dir.clone(),
+        compute_root: args.compute_root.clone(),
         driver,
         pg_bin_dir: args.pg_bin.clone(),
         run_as: args.run_as.clone(),
@@ -106,8 +113,12 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             .map(|m| m.saturating_mul(1024 * 1024)),
         base_roll_keep: usize::try_from(args.base_roll_keep).ok(),
         ..EngineConfig::default()
-    };
-    let engine = Engine::open(cfg).await?;
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let auth = load_auth(&args)?;
+    let engine = Engine::open(engine_config(&args)?).await?;
     let info = engine.info().await?;
     let storage: Arc<dyn Storage> = Arc::new(engine);
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -119,6 +130,8 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         driver = %info.driver,
         pg_major = info.pg_major,
         root = %info.root,
+        compute_root = info.compute_root.as_deref().unwrap_or_default(),
+        data_uid = info.data_uid.unwrap_or_default(),
         auth = matches!(auth, Auth::Token(_)),
         "storage service listening"
     );
@@ -181,5 +194,21 @@ mod tests {
         // Defaults: the engine's threshold, eight kept bases.
         let t = parse(&[]).unwrap();
         assert_eq!((t.args.base_roll_wal_mib, t.args.base_roll_keep), (None, 8));
+    }
+
+    /// Computes see the volume at --compute-root (default: where the
+    /// engine has it).
+    #[test]
+    fn compute_root_reaches_the_engine() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["x", "--data-dir", "/srv/pgbranch"];
+            argv.extend_from_slice(extra);
+            engine_config(&T::try_parse_from(argv).unwrap().args).unwrap()
+        };
+        assert_eq!(parse(&[]).compute_root, None);
+        assert_eq!(
+            parse(&["--compute-root", "/var/lib/pgbranch"]).compute_root,
+            Some(PathBuf::from("/var/lib/pgbranch"))
+        );
     }
 }

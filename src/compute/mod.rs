@@ -155,11 +155,14 @@ impl Colocation {
     }
 }
 
+/// The operator builds its configuration from its flags; this default
+/// (a host directory, which needs nothing in the branch's namespace) is for
+/// embedding and tests.
 impl Default for ComputeConfig {
     fn default() -> Self {
         Self {
             default_image: DEFAULT_IMAGE.into(),
-            volume: VolumeSource::Pvc("pgbranch-storage".into()),
+            volume: VolumeSource::HostPath("/var/lib/pgbranch".into()),
             mount_path: "/var/lib/pgbranch".into(),
             run_as_uid: 999,
             cluster_domain: "cluster.local".into(),

@@ -1,5 +1,5 @@
 //! Prometheus metrics of the controllers: reconciles, errors by reason,
-//! durations, status writes.
+//! durations, status writes, and whether this replica leads.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -20,6 +21,7 @@ pub struct Metrics {
     errors: Family<Labels, Counter>,
     status_writes: Family<Labels, Counter>,
     durations: Family<Labels, Histogram>,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -63,12 +65,19 @@ impl Metrics {
             "Time spent in one reconcile, by kind",
             durations.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and reconciles, else 0",
+            leader.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             reconciles,
             errors,
             status_writes,
             durations,
+            leader,
         }
     }
 
@@ -87,6 +96,11 @@ impl Metrics {
 
     pub fn status_write(&self, k: &str) {
         self.status_writes.get_or_create(&kind(k)).inc();
+    }
+
+    /// Records whether this replica is the leader (reconciles).
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// Reconciles of a kind so far.
@@ -124,5 +138,8 @@ mod tests {
         ));
         assert!(text.contains("pgbranch_reconcile_duration_seconds_count{kind=\"Branch\"} 2"));
         assert_eq!(m.reconcile_count("Branch"), 2);
+        assert!(text.contains("pgbranch_leader 0"), "{text}");
+        m.set_leader(true);
+        assert!(m.encode().contains("pgbranch_leader 1"));
     }
 }

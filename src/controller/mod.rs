@@ -9,6 +9,7 @@
 
 pub mod apply;
 pub mod branch;
+pub mod expiry;
 pub mod metrics;
 pub mod operations;
 pub mod restore;

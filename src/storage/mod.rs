@@ -13,6 +13,10 @@ pub mod types;
 pub mod wait;
 
 pub use error::StorageError;
+
+/// How an error of a copy whose source cannot archive its WAL begins (the
+/// Branch controller reports it as `SourceArchivingFailed`).
+pub const ARCHIVING_FAILED: &str = "WAL archiving on the source is failing";
 pub use types::*;
 
 use async_trait::async_trait;

@@ -413,6 +413,16 @@ pub struct StorageInfo {
     pub pg_major: u32,
     /// Absolute path of the volume root, as the engine sees it.
     pub root: String,
+    /// The volume root as computes mount it: the path written into the
+    /// `archive_command` and `restore_command` of every data directory.
+    /// `None` from an engine that does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_root: Option<String>,
+    /// The uid owning the data directories (PostgreSQL runs as it); a
+    /// compute must run as the same uid. `None` from an engine that does
+    /// not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_uid: Option<u32>,
 }
 
 #[cfg(test)]

@@ -5,12 +5,14 @@
 //! * [`traffic`]: the operator's requests recorded, faults injected;
 //! * [`world`]: one test's world (namespace, engine, kubelet, operator) and
 //!   the helpers every scenario uses;
+//! * [`binary`]: the real `pgbranch operator` binary in a world;
 //! * [`branch_scenario`]: the Branch lifecycle scenario;
 //! * [`times`]: calendar helpers of the schedule tests.
 //!
 //! Each test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod branch_scenario;
 pub mod cluster;
 pub mod kubelet;

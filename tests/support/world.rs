@@ -50,7 +50,7 @@ use super::traffic::Traffic;
 pub const WAIT: Duration = Duration::from_secs(180);
 
 /// The operator's ServiceAccount in every test namespace.
-const OPERATOR_SA: &str = "pgbranch-operator";
+pub const OPERATOR_SA: &str = "pgbranch-operator";
 
 /// Which controllers an operator runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,6 +371,12 @@ impl World {
                 "two computes on one data directory: {conflicts:#?}"
             );
         }
+    }
+
+    /// A directory of this test's (logs, kubeconfigs); the engine's volume
+    /// is under it.
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 
     pub fn kubelet(&self) -> &Kubelet {

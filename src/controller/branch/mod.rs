@@ -24,6 +24,7 @@ pub mod refresh;
 pub mod replicas;
 pub mod sql;
 pub mod validate;
+mod volume;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +40,7 @@ use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 
 use super::apply::{apply_owned, delete_owned, holder, Holder};
+use super::expiry::{self, Expiry};
 use super::status::{apply_outcome, write_status, Outcome};
 use super::{error_policy, with_deadline, Context, Error};
 use crate::api::{
@@ -482,6 +484,17 @@ fn storage_stalled(e: StorageError) -> Error {
     }
 }
 
+/// The Stalled reason of a timeline that storage could not create: a
+/// source whose WAL archiving fails has its own (the message carries the
+/// archiver's state).
+fn timeline_failed_reason(error: &str) -> &'static str {
+    if error.contains(crate::storage::ARCHIVING_FAILED) {
+        "SourceArchivingFailed"
+    } else {
+        "TimelineFailed"
+    }
+}
+
 /// How to reach a running compute of `branch` as its superuser, to let the
 /// storage layer CHECKPOINT it before copying. None when it is not running.
 async fn compute_conn(ctx: &Context, branch: &Branch) -> Result<Option<ConnInfo>, Error> {
@@ -844,8 +857,13 @@ async fn apply_steps(
         });
     }
     let mut requeue = ctx.config.ready_requeue;
-    if let Some(expires) = parse_expires(branch).map_err(|i| Error::stalled(i.reason, i.message))? {
-        if now >= expires {
+    let expires = parse_expires(branch).map_err(|i| Error::stalled(i.reason, i.message))?;
+    let created = expiry::created(branch);
+    match (expires, expiry::decide(expires, created, now)) {
+        (Some(expires), Expiry::BeforeCreation) => {
+            return Err(expiry::in_past("Branch", expires, created))
+        }
+        (Some(expires), Expiry::Due) => {
             if branch.spec.protected {
                 return Err(Error::stalled(
                     "BranchProtected",
@@ -853,6 +871,7 @@ async fn apply_steps(
                 ));
             }
             tracing::info!(branch = %name, %expires, "branch expired, deleting it");
+            expiry::publish_expired(ctx, branch, expires).await;
             with_deadline(
                 ctx,
                 "delete expired branch",
@@ -865,8 +884,8 @@ async fn apply_steps(
                 requeue: Action::await_change(),
             });
         }
-        let until = expires.duration_since(now).unsigned_abs();
-        requeue = requeue.min(until + Duration::from_secs(1));
+        (_, Expiry::Later(until)) => requeue = requeue.min(until + Duration::from_secs(1)),
+        _ => {}
     }
 
     // Parent.
@@ -920,14 +939,11 @@ async fn apply_steps(
             ));
         }
         State::Failed => {
+            let why = tl.error.clone().unwrap_or_else(|| "no reason given".into());
             return Err(Error::stalled(
-                "TimelineFailed",
-                format!(
-                    "storage could not create timeline {}: {}",
-                    tl.id,
-                    tl.error.clone().unwrap_or_else(|| "no reason given".into())
-                ),
-            ))
+                timeline_failed_reason(&why),
+                format!("storage could not create timeline {}: {why}", tl.id),
+            ));
         }
         State::Deleting => {
             return Err(Error::stalled(
@@ -940,6 +956,11 @@ async fn apply_steps(
     // Compute.
     let compute = &branch.spec.compute;
     let running = compute.enabled && !compute.suspended;
+    if running {
+        if let Some(stalled) = volume::check_claim(ctx, &ns).await? {
+            return Ok(stalled);
+        }
+    }
     let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let adopted = if compute.enabled {
         handover::compute_for_timeline(ctx, branch, &tl.id, &uid).await?
@@ -1504,6 +1525,16 @@ mod tests {
             exclusive_bytes: None,
             restore_window: None,
         }
+    }
+
+    #[test]
+    fn a_source_that_cannot_archive_has_its_own_reason() {
+        let e = format!(
+            "unavailable: {}: the copy waited 60 s ...",
+            crate::storage::ARCHIVING_FAILED
+        );
+        assert_eq!(timeline_failed_reason(&e), "SourceArchivingFailed");
+        assert_eq!(timeline_failed_reason("disk full"), "TimelineFailed");
     }
 
     #[test]

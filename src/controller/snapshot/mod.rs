@@ -35,6 +35,7 @@ use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 
+use super::expiry::{self, Expiry};
 use super::operations::restore_holding;
 use super::status::{apply_outcome, is_ready, write_status, Outcome};
 use super::{error_policy, with_deadline, Context, Error};
@@ -280,21 +281,27 @@ async fn apply_steps(
     // Expiry.
     if let Some(exp) = &snap.spec.expires_at {
         let exp = parse_time("spec.expiresAt", exp)?;
-        if now >= exp {
-            tracing::info!(snapshot = %name, expires = %exp, "snapshot expired, deleting it");
-            let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-            with_deadline(
-                ctx,
-                "delete expired snapshot",
-                api.delete(&name, &Default::default()),
-            )
-            .await?;
-            return Ok(Done {
-                outcome: Outcome::progressing("Expired", format!("expired at {exp}; deleting")),
-                requeue: Action::await_change(),
-            });
+        let created = expiry::created(snap);
+        match expiry::decide(Some(exp), created, now) {
+            Expiry::BeforeCreation => return Err(expiry::in_past("Snapshot", exp, created)),
+            Expiry::Later(until) => requeue = requeue.min(until + Duration::from_secs(1)),
+            Expiry::Never => {}
+            Expiry::Due => {
+                tracing::info!(snapshot = %name, expires = %exp, "snapshot expired, deleting it");
+                expiry::publish_expired(ctx, snap, exp).await;
+                let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+                with_deadline(
+                    ctx,
+                    "delete expired snapshot",
+                    api.delete(&name, &Default::default()),
+                )
+                .await?;
+                return Ok(Done {
+                    outcome: Outcome::progressing("Expired", format!("expired at {exp}; deleting")),
+                    requeue: Action::await_change(),
+                });
+            }
         }
-        requeue = requeue.min(exp.duration_since(now).unsigned_abs() + Duration::from_secs(1));
     }
 
     // Taken already (or being taken): storage is the truth.

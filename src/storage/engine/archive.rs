@@ -202,8 +202,10 @@ impl Engine {
             if std::time::Instant::now() > deadline {
                 return Err(StorageError::Unavailable {
                     message: format!(
-                        "WAL segment {name} of timeline {} was not archived within 60 s; is the compute's archive_command working?",
-                        t.id
+                        "{}: WAL segment {name} of timeline {} was not archived within 60 s; {}",
+                        crate::storage::ARCHIVING_FAILED,
+                        t.id,
+                        super::archiver::archiver_state(conn).await
                     ),
                 });
             }

@@ -251,9 +251,10 @@ impl Engine {
         } else {
             "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
         };
-        let stopped = client.query_one(stop_sql, &[]).await;
+        let wait = self.inner.archive_wait;
+        let stopped = super::archiver::stop_backup(&client, conn, stop_sql, wait).await;
         copied?;
-        let row = stopped.map_err(|e| sql_err("stopping backup mode", e))?;
+        let row = stopped?;
         let lsn: String = row.get(0);
         let labelfile: String = row.get(1);
         let spcmap: Option<String> = row.get(2);

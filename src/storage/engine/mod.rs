@@ -147,6 +147,7 @@
 //! implementation.
 
 mod archive;
+mod archiver;
 mod bases;
 mod conf;
 mod copy;
@@ -211,6 +212,9 @@ pub struct EngineConfig {
     /// Rolled bases kept per timeline besides its creation base (`None` =
     /// 8).
     pub base_roll_keep: Option<usize>,
+    /// How long a copy of a running source waits for the source to archive
+    /// its WAL before it fails with the archiver's state (`None` = 60 s).
+    pub archive_wait: Option<Duration>,
 }
 
 /// The embedded engine. Cheap to clone.
@@ -240,6 +244,8 @@ struct Inner {
     sizes: Mutex<HashMap<String, SizeEntry>>,
     /// When to roll bases forward (`None`: never).
     roll: Option<bases::RollPolicy>,
+    /// How long a copy waits for the source's archiver.
+    archive_wait: Duration,
     /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
     _volume_lock: nix::fcntl::Flock<fs::File>,
 }
@@ -318,6 +324,14 @@ impl Storage for Engine {
             driver: self.inner.driver.kind(),
             pg_major: self.inner.pg.major,
             root: self.inner.root.display().to_string(),
+            compute_root: Some(self.inner.compute_root.display().to_string()),
+            data_uid: Some(
+                self.inner
+                    .pg
+                    .user
+                    .as_ref()
+                    .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid),
+            ),
         })
     }
 

@@ -44,26 +44,7 @@ impl Engine {
                 StorageError::invalid("no PostgreSQL found under /usr/lib/postgresql/<major>/bin")
             })?,
         };
-        let is_root = nix::unistd::geteuid().is_root();
-        let user = match (&cfg.run_as, is_root) {
-            (Some(name), _) => {
-                let u = pg::resolve_user(name)?;
-                if u.uid == nix::unistd::geteuid().as_raw() {
-                    None
-                } else {
-                    Some(u)
-                }
-            }
-            (None, true) => Some(pg::resolve_user("postgres")?),
-            (None, false) => None,
-        };
-        if let Some(u) = &user {
-            if u.uid == 0 {
-                return Err(StorageError::invalid(
-                    "run_as must not be root: initdb and postgres refuse to run as root",
-                ));
-            }
-        }
+        let user = pg::run_as_user(cfg.run_as.as_deref())?;
         let mut env = PgEnv {
             bin,
             user,
@@ -125,6 +106,9 @@ impl Engine {
                     cfg.base_roll_keep,
                 ),
                 _volume_lock: volume_lock,
+                archive_wait: cfg
+                    .archive_wait
+                    .unwrap_or(super::archiver::DEFAULT_ARCHIVE_WAIT),
             }),
         };
         tracing::info!(root = %engine.inner.root.display(), driver = %kind, pg_major = engine.inner.pg.major, "storage engine open");

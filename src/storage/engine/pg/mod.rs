@@ -69,6 +69,33 @@ pub(crate) fn resolve_user(name: &str) -> Result<RunAs, StorageError> {
 /// returns (e.g. a progress write) is awaited before the next poll.
 pub(crate) type OnReplay<'a> = &'a (dyn Fn(Lsn) -> BoxFuture<'static, ()> + Send + Sync);
 
+/// Whom PostgreSQL programs run as, from `run_as`: that user (no switch
+/// when it is the current one), else `postgres` when running as root, else
+/// the current user (`None`: no switch). Never root.
+pub(crate) fn run_as_user(run_as: Option<&str>) -> Result<Option<RunAs>, StorageError> {
+    let euid = nix::unistd::geteuid();
+    let user = match (run_as, euid.is_root()) {
+        (Some(name), _) => Some(resolve_user(name)?).filter(|u| u.uid != euid.as_raw()),
+        (None, true) => Some(resolve_user("postgres")?),
+        (None, false) => None,
+    };
+    if user.as_ref().is_some_and(|u| u.uid == 0) {
+        return Err(StorageError::invalid(
+            "run_as must not be root: initdb and postgres refuse to run as root",
+        ));
+    }
+    Ok(user)
+}
+
+impl super::EngineConfig {
+    /// The uid an engine opened with this configuration runs PostgreSQL
+    /// as, so owns its data directories with: computes must run as it.
+    pub fn postgres_uid(&self) -> Result<u32, StorageError> {
+        Ok(run_as_user(self.run_as.as_deref())?
+            .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid))
+    }
+}
+
 /// How [`PgEnv::start`] runs a server.
 pub(crate) struct StartOpts<'a> {
     pub port: u16,

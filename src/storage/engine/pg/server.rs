@@ -227,6 +227,13 @@ pub(crate) fn kill_leftover(dir: &Path) {
     if !String::from_utf8_lossy(&cmdline).contains("postgres") {
         return;
     }
+    // A copy of a running server carries the source's postmaster.pid: only
+    // a postmaster running in this very directory (its working directory)
+    // is a leftover; the source's must live on.
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    if cwd.is_none() || cwd != fs::canonicalize(dir).ok() {
+        return;
+    }
     let p = nix::unistd::Pid::from_raw(pid);
     tracing::warn!(pid, dir = %dir.display(), "stopping a postgres left running by an interrupted operation");
     let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGQUIT);

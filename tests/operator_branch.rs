@@ -240,8 +240,20 @@ async fn hand_edits_of_owned_objects_are_reverted_with_an_event() {
         );
     }
 
-    // And then nothing more to do.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // And then, once the compute rolled back and serves, nothing more to do.
+    eventually(120, "the compute rolled back and ready", || async {
+        let d = deployments.get(&deploy.name_any()).await.ok()?;
+        let st = d.status.clone()?;
+        (st.observed_generation == d.metadata.generation
+            && st.ready_replicas == Some(1)
+            && st.updated_replicas == Some(1)
+            && st.replicas == Some(1))
+        .then_some(())
+    })
+    .await;
+    wait_ready(&w.client, "main").await;
+    w.connect_app("main").await.query("SELECT 1", &[]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     w.traffic.reset();
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     assert!(w.traffic.writes().is_empty(), "{:#?}", w.traffic.writes());

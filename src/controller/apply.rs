@@ -120,6 +120,25 @@ where
     Ok(live)
 }
 
+/// Whether applying `desired` would change `live`: its content changed
+/// since it was last applied, or someone changed what it sets.
+pub fn needs_apply<K>(desired: &K, live: &K) -> bool
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned,
+{
+    let desired = stamp_hash(desired.clone());
+    let Ok(desired) = keep_immutable(desired, live) else {
+        return true;
+    };
+    if !is_up_to_date(live, &desired) {
+        return true;
+    }
+    match (serde_json::to_value(&desired), serde_json::to_value(live)) {
+        (Ok(d), Ok(l)) => !drift(&d, &l).is_empty(),
+        _ => true,
+    }
+}
+
 /// A Deployment's `spec.selector` cannot change: one made before the
 /// selectors changed keeps its own (its pods carry both label sets).
 fn keep_immutable<K>(desired: K, existing: &K) -> Result<K, Error>

@@ -763,6 +763,52 @@ async fn record_retained_roles(
     }
 }
 
+/// One postgres per data directory, whatever Kubernetes does. Scaling a
+/// Deployment up does not wait for its terminating Pods (a resume right
+/// after a suspend); a rollout flipped back before the Deployment
+/// controller acted on the first change reuses a ReplicaSet whose Pod is
+/// still stopping (a hand edit of the template, reverted at once); another
+/// branch's compute of the timeline may still be stopping (a restore's
+/// backup branch taking over the target's old timeline). So the compute
+/// `desired` is created or changed only once the Deployment controller has
+/// acted on its last change and no other Pod of the data directory is
+/// left; until then this says what it waits for.
+async fn compute_start_gate(
+    ctx: &Context,
+    desired: &Deployment,
+    tl: &TimelineId,
+) -> Result<Option<Done>, Error> {
+    let ns = desired.namespace().unwrap_or_default();
+    let own = desired.name_any();
+    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let live = with_deadline(ctx, "read compute", deploys.get_opt(&own)).await?;
+    if live
+        .as_ref()
+        .is_some_and(|l| !super::apply::needs_apply(desired, l))
+    {
+        return Ok(None);
+    }
+    let wait = |what: String| {
+        Some(progressing(
+            "WaitingForPreviousCompute",
+            format!("{what}; the compute of timeline {tl} starts once it is done"),
+            ctx.config.poll_interval,
+        ))
+    };
+    if let Some(l) = &live {
+        let observed = l.status.as_ref().and_then(|s| s.observed_generation);
+        if observed < l.metadata.generation {
+            return Ok(wait(format!(
+                "Deployment {own} is still rolling out its last change"
+            )));
+        }
+    }
+    let selector = format!("{LABEL_TIMELINE}={tl},{}=primary", crate::api::LABEL_ROLE);
+    Ok(blocking_pod(ctx, &ns, &selector, &own)
+        .await?
+        .and_then(|pod| wait(format!("{pod} still runs postgres on its data directory"))))
+}
+
 /// A Pod matching `selector` that keeps the Deployment `own` from
 /// starting its own: one still terminating, or one of another Deployment
 /// (described for the message).
@@ -986,50 +1032,17 @@ async fn apply_steps(
     let current = if adopted.is_some() {
         adopted.clone()
     } else if compute.enabled {
-        if running {
-            // One postgres per data directory, whatever Kubernetes does:
-            // scaling a Deployment up does not wait for its terminating
-            // Pods (a resume right after a suspend), a rollout that flips
-            // back reuses a ReplicaSet whose Pod is still stopping (a hand
-            // edit of the template, reverted), and another branch's compute
-            // of this timeline may still be stopping (a restore's backup
-            // branch taking over the target's old timeline). Until no such
-            // Pod is left, the compute is not started or changed.
-            let own = crate::compute::deployment_name(&name, tl.id.as_str());
-            let live = with_deadline(ctx, "read compute", deploys.get_opt(&own)).await?;
-            let settled = live.as_ref().is_some_and(|d| {
-                d.spec.as_ref().and_then(|s| s.replicas) != Some(0) && deployment_ready(d)
-            });
-            if !settled {
-                let selector = format!(
-                    "{LABEL_TIMELINE}={},{}=primary",
-                    tl.id,
-                    crate::api::LABEL_ROLE
-                );
-                if let Some(pod) = blocking_pod(ctx, &ns, &selector, &own).await? {
-                    return Ok(progressing(
-                        "WaitingForPreviousCompute",
-                        format!(
-                            "{pod} still runs postgres on the data directory of timeline {}; the compute starts once it is gone",
-                            tl.id
-                        ),
-                        ctx.config.poll_interval,
-                    ));
-                }
-            }
-        }
         let target = ComputeTarget {
             timeline_id: tl.id.as_str(),
             data_path: &tl.data_path,
         };
-        Some(
-            apply_owned(
-                ctx,
-                build_deployment(branch, &target, &ctx.config.compute)?,
-                &uid,
-            )
-            .await?,
-        )
+        let desired = build_deployment(branch, &target, &ctx.config.compute)?;
+        if running {
+            if let Some(wait) = compute_start_gate(ctx, &desired, &tl.id).await? {
+                return Ok(wait);
+            }
+        }
+        Some(apply_owned(ctx, desired, &uid).await?)
     } else {
         None
     };

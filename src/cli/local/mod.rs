@@ -28,7 +28,8 @@ use crate::local::api::*;
 use crate::local::client::Client;
 use crate::local::store::Store;
 use crate::local::{daemon, daemon_pid, LocalError, Paths};
-use crate::storage::{DriverKind, Lsn, Point, Progress};
+use crate::point::{parse_point, parse_point_word};
+use crate::storage::{DriverKind, Point, Progress};
 
 /// Options shared by every `local` command.
 #[derive(Debug, Args)]
@@ -112,24 +113,11 @@ pub struct PointArgs {
 }
 
 impl PointArgs {
+    /// The point the flags name (neither: head).
     fn point(&self) -> Result<Point, CliError> {
-        match (&self.lsn, &self.timestamp) {
-            (Some(l), None) => Ok(Point::Lsn(l.parse()?)),
-            (None, Some(t)) => Ok(Point::Timestamp(parse_time(t)?)),
-            (None, None) => Ok(Point::Head),
-            _ => Err(CliError::Usage(
-                "give --lsn or --timestamp, not both".into(),
-            )),
-        }
+        parse_point("--", self.lsn.as_deref(), self.timestamp.as_deref())
+            .map_err(|e| CliError::Usage(e.to_string()))
     }
-}
-
-fn parse_time(t: &str) -> Result<jiff::Timestamp, CliError> {
-    t.parse().map_err(|e| {
-        CliError::Usage(format!(
-            "{t:?} is not an RFC 3339 time (like 2026-11-26T21:00:00Z): {e}"
-        ))
-    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -216,17 +204,13 @@ pub enum RestoreAction {
     List,
 }
 
+/// `--source`: `BRANCH` (its head) or `BRANCH@POINT`, the point being
+/// `head`, an LSN or an RFC 3339 time.
 fn parse_source(s: &str) -> Result<(String, Point), CliError> {
     let Some((b, p)) = s.split_once('@') else {
         return Ok((s.to_string(), Point::Head));
     };
-    let point = if p == "head" {
-        Point::Head
-    } else if let Ok(l) = p.parse::<Lsn>() {
-        Point::Lsn(l)
-    } else {
-        Point::Timestamp(parse_time(p)?)
-    };
+    let point = parse_point_word("--source", p).map_err(|e| CliError::Usage(e.to_string()))?;
     Ok((b.to_string(), point))
 }
 
@@ -1023,6 +1007,7 @@ mod tests {
         assert_eq!(p, Point::Lsn("0/16B3740".parse().unwrap()));
         let (_, p) = parse_source("dev@2026-11-26T21:00:00Z").unwrap();
         assert!(matches!(p, Point::Timestamp(_)));
+        assert_eq!(parse_source("dev@head").unwrap().1, Point::Head);
         assert!(parse_source("dev@yesterday").is_err());
     }
 

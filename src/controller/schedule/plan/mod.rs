@@ -115,14 +115,11 @@ pub fn after(at: Timestamp, by: Duration) -> Timestamp {
     Timestamp::from_second(at.as_second().saturating_add(secs)).unwrap_or(Timestamp::MAX)
 }
 
-/// RFC 3339 in UTC, second precision (`2026-03-29T01:00:00Z`).
+/// RFC 3339 in UTC, second precision (`2026-03-29T01:00:00Z`), as the
+/// schedules write their status times ([`crate::point::read_time`] reads
+/// them back).
 pub fn rfc3339(t: Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
-/// Reads an RFC 3339 time written by [`rfc3339`] (or any RFC 3339 time).
-pub fn parse_time(text: &str) -> Option<Timestamp> {
-    text.parse().ok()
 }
 
 #[cfg(test)]
@@ -190,7 +187,7 @@ mod tests {
     #[test]
     fn times_round_trip() {
         let t = ts("2026-03-29T01:00:00Z");
-        assert_eq!(parse_time(&rfc3339(t)), Some(t));
+        assert_eq!(crate::point::read_time(&rfc3339(t)), Some(t));
         assert_eq!(
             until(t, after(t, Duration::from_secs(90))),
             Duration::from_secs(90)

@@ -38,8 +38,8 @@ enum Ended<T> {
     Failed(T),
 }
 
-/// Polls `path` until `look` says the operation is done or failed, showing
-/// its progress on `line` meanwhile.
+/// Polls `path` until `look` says the operation is done (the progress line
+/// is then finished) or failed, showing its progress on `line` meanwhile.
 async fn poll<T: DeserializeOwned>(
     c: &Client,
     path: &str,
@@ -49,7 +49,10 @@ async fn poll<T: DeserializeOwned>(
     loop {
         let v: T = c.get(path).await?;
         match look(&v) {
-            Look::Done => return Ok(Ended::Done(v)),
+            Look::Done => {
+                line.finish();
+                return Ok(Ended::Done(v));
+            }
             Look::Failed => return Ok(Ended::Failed(v)),
             Look::Busy(p, idle) => line.show(p.as_ref(), idle),
         }
@@ -145,10 +148,7 @@ pub(super) async fn snapshot(
             })
             .await?;
             let s = match ended {
-                Ended::Done(s) => {
-                    line.finish();
-                    s
-                }
+                Ended::Done(s) => s,
                 Ended::Failed(s) => {
                     // A failed request leaves nothing behind.
                     let _ = c.delete::<serde_json::Value>(&path).await;
@@ -243,10 +243,7 @@ pub(super) async fn restore(paths: &Paths, out: Output, a: RestoreArgs) -> Resul
     )
     .await?;
     let r = match ended {
-        Ended::Done(r) => {
-            line.finish();
-            r
-        }
+        Ended::Done(r) => r,
         Ended::Failed(r) => {
             return Err(CliError::Other(format!(
                 "restore {} failed: {}",
@@ -322,14 +319,16 @@ pub(super) async fn wait_branch(
         }
     })
     .await?;
-    line.finish();
     match ended {
         Ended::Done(b) => Ok(b),
-        Ended::Failed(b) => Err(CliError::Other(format!(
-            "branch {name} {}: {}",
-            b.state,
-            b.error.unwrap_or_default()
-        ))),
+        Ended::Failed(b) => {
+            line.finish();
+            Err(CliError::Other(format!(
+                "branch {name} {}: {}",
+                b.state,
+                b.error.unwrap_or_default()
+            )))
+        }
     }
 }
 

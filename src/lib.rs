@@ -8,6 +8,10 @@
 //!   Secret), built as pure functions;
 //! * [`storage`]: the `Storage` trait, the copy-on-write engine and its HTTP
 //!   service and client;
+//! * [`local`]: local mode, the engine without Kubernetes (a daemon with
+//!   real `postgres` computes behind fixed ports);
+//! * [`point`]: the one parser of points (`lsn` / `timestamp`) and RFC 3339
+//!   times, shared by the controllers, local mode and the command line;
 //! * [`cli`]: the `pgbranch` command line.
 
 pub mod api;
@@ -15,4 +19,5 @@ pub mod cli;
 pub mod compute;
 pub mod controller;
 pub mod local;
+pub mod point;
 pub mod storage;

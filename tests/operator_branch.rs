@@ -252,7 +252,11 @@ async fn hand_edits_of_owned_objects_are_reverted_with_an_event() {
     })
     .await;
     wait_ready(&w.client, "main").await;
-    w.connect_app("main").await.query("SELECT 1", &[]).await.unwrap();
+    w.connect_app("main")
+        .await
+        .query("SELECT 1", &[])
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     w.traffic.reset();
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;

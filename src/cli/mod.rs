@@ -42,6 +42,33 @@ pub enum CliError {
     Other(String),
 }
 
+/// Resolves on SIGTERM or Ctrl-C (SIGINT), saying which; a signal that
+/// cannot be listened for is warned about and never comes. The services
+/// (`operator`, `storage serve`) stop on it.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {

@@ -362,25 +362,6 @@ pub fn health_router(metrics_: Metrics, ready: Arc<AtomicBool>) -> Router {
         })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn termination() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = term => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
-}
-
 /// Installs ring as the process-wide rustls provider. kube and reqwest
 /// compile in two providers (ring, aws-lc-rs), and kube-client's TLS setup
 /// panics when the process has no default. Idempotent.
@@ -416,8 +397,7 @@ pub async fn run(args: OperatorArgs) -> Result<(), CliError> {
     {
         let stop = stop.clone();
         tokio::spawn(async move {
-            termination().await;
-            tracing::info!("termination signal received, shutting down");
+            super::shutdown_signal().await;
             stop.cancel();
         });
     }

@@ -137,34 +137,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     );
     // A plain line for scripts and tests that start us on port 0.
     println!("listening on {addr}");
-    server::serve(listener, storage, auth, shutdown_signal()).await?;
+    server::serve(listener, storage, auth, super::shutdown_signal()).await?;
     tracing::info!("storage service stopped");
     Ok(())
-}
-
-/// Resolves on SIGTERM or Ctrl-C (SIGINT).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
-        _ = term => tracing::info!("SIGTERM: shutting down"),
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Params, Row};
 
 use super::LocalError;
 use crate::storage::{Point, SnapshotId, Source, TimelineId};
@@ -260,82 +260,94 @@ impl Store {
         f(&mut c).map_err(db)
     }
 
-    pub fn setting(&self, key: &str) -> Result<Option<String>, LocalError> {
-        self.with(|c| {
-            c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
-                r.get(0)
-            })
-            .optional()
-        })
+    /// Runs one statement.
+    fn exec(&self, sql: &str, p: impl Params) -> Result<(), LocalError> {
+        self.with(|c| c.execute(sql, p).map(|_| ()))
     }
 
-    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), LocalError> {
+    /// The rows a query returns, each read by `f`.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        p: impl Params,
+        f: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, LocalError> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [key, value],
-            )
-            .map(|_| ())
-        })
-    }
-
-    pub fn branches(&self) -> Result<Vec<BranchRow>, LocalError> {
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {BRANCH_COLS} FROM branches ORDER BY created_at, name"
-            ))?;
-            let rows = st.query_map([], branch_row)?;
+            let mut st = c.prepare(sql)?;
+            let rows = st.query_map(p, f)?;
             rows.collect()
         })
     }
 
-    pub fn branch(&self, name: &str) -> Result<Option<BranchRow>, LocalError> {
-        self.with(|c| {
-            c.query_row(
-                &format!("SELECT {BRANCH_COLS} FROM branches WHERE name = ?1"),
-                [name],
-                branch_row,
-            )
-            .optional()
+    /// The row a query returns, if any, read by `f`.
+    fn row<T>(
+        &self,
+        sql: &str,
+        p: impl Params,
+        f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>, LocalError> {
+        self.with(|c| c.query_row(sql, p, f).optional())
+    }
+
+    pub fn setting(&self, key: &str) -> Result<Option<String>, LocalError> {
+        self.row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+            r.get(0)
         })
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), LocalError> {
+        self.exec(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )
+    }
+
+    pub fn branches(&self) -> Result<Vec<BranchRow>, LocalError> {
+        self.rows(
+            &format!("SELECT {BRANCH_COLS} FROM branches ORDER BY created_at, name"),
+            [],
+            branch_row,
+        )
+    }
+
+    pub fn branch(&self, name: &str) -> Result<Option<BranchRow>, LocalError> {
+        self.row(
+            &format!("SELECT {BRANCH_COLS} FROM branches WHERE name = ?1"),
+            [name],
+            branch_row,
+        )
     }
 
     pub fn insert_branch(&self, b: &BranchRow) -> Result<(), LocalError> {
         let source = json(&strip_secret(&b.source))?;
         let point = b.point.as_ref().map(json).transpose()?;
-        self.with(|c| {
-            c.execute(
-                &format!("INSERT INTO branches ({BRANCH_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
-                params![
-                    b.name,
-                    b.timeline.as_ref().map(|t| t.to_string()),
-                    b.op_key,
-                    source,
-                    b.parent,
-                    point,
-                    i64::from(b.port),
-                    b.password,
-                    b.protected,
-                    b.want_running,
-                    b.state,
-                    b.error,
-                    b.restore_target,
-                    b.created_at.to_string(),
-                ],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            &format!("INSERT INTO branches ({BRANCH_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+            params![
+                b.name,
+                b.timeline.as_ref().map(|t| t.to_string()),
+                b.op_key,
+                source,
+                b.parent,
+                point,
+                i64::from(b.port),
+                b.password,
+                b.protected,
+                b.want_running,
+                b.state,
+                b.error,
+                b.restore_target,
+                b.created_at.to_string(),
+            ],
+        )
     }
 
     pub fn set_branch_timeline(&self, name: &str, tl: &TimelineId) -> Result<(), LocalError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE branches SET timeline = ?2 WHERE name = ?1",
-                [name, tl.as_str()],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            "UPDATE branches SET timeline = ?2 WHERE name = ?1",
+            [name, tl.as_str()],
+        )
     }
 
     pub fn set_branch_state(
@@ -344,90 +356,72 @@ impl Store {
         state: &str,
         error: Option<&str>,
     ) -> Result<(), LocalError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE branches SET state = ?2, error = ?3 WHERE name = ?1",
-                params![name, state, error],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            "UPDATE branches SET state = ?2, error = ?3 WHERE name = ?1",
+            params![name, state, error],
+        )
     }
 
     pub fn set_want_running(&self, name: &str, want: bool) -> Result<(), LocalError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE branches SET want_running = ?2 WHERE name = ?1",
-                params![name, want],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            "UPDATE branches SET want_running = ?2 WHERE name = ?1",
+            params![name, want],
+        )
     }
 
     pub fn set_protected(&self, name: &str, protected: bool) -> Result<(), LocalError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE branches SET protected = ?2 WHERE name = ?1",
-                params![name, protected],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            "UPDATE branches SET protected = ?2 WHERE name = ?1",
+            params![name, protected],
+        )
     }
 
     pub fn delete_branch(&self, name: &str) -> Result<(), LocalError> {
-        self.with(|c| {
-            c.execute("DELETE FROM branches WHERE name = ?1", [name])
-                .map(|_| ())
-        })
+        self.exec("DELETE FROM branches WHERE name = ?1", [name])
     }
 
     /// Branches whose parent is `name`.
     pub fn children(&self, name: &str) -> Result<Vec<String>, LocalError> {
-        self.with(|c| {
-            let mut st = c.prepare("SELECT name FROM branches WHERE parent = ?1 ORDER BY name")?;
-            let rows = st.query_map([name], |r| r.get(0))?;
-            rows.collect()
-        })
+        self.rows(
+            "SELECT name FROM branches WHERE parent = ?1 ORDER BY name",
+            [name],
+            |r| r.get(0),
+        )
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRow>, LocalError> {
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {SNAPSHOT_COLS} FROM snapshots ORDER BY created_at, name"
-            ))?;
-            let rows = st.query_map([], snapshot_row)?;
-            rows.collect()
-        })
+        self.rows(
+            &format!("SELECT {SNAPSHOT_COLS} FROM snapshots ORDER BY created_at, name"),
+            [],
+            snapshot_row,
+        )
     }
 
     pub fn snapshot(&self, name: &str) -> Result<Option<SnapshotRow>, LocalError> {
-        self.with(|c| {
-            c.query_row(
-                &format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE name = ?1"),
-                [name],
-                snapshot_row,
-            )
-            .optional()
-        })
+        self.row(
+            &format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE name = ?1"),
+            [name],
+            snapshot_row,
+        )
     }
 
     pub fn insert_snapshot(&self, s: &SnapshotRow) -> Result<(), LocalError> {
         let point = json(&s.point)?;
-        self.with(|c| {
-            c.execute(
-                &format!("INSERT INTO snapshots ({SNAPSHOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
-                params![
-                    s.name,
-                    s.id.as_ref().map(|i| i.to_string()),
-                    s.op_key,
-                    s.error,
-                    s.branch,
-                    s.timeline.as_str(),
-                    point,
-                    s.created_at.to_string()
-                ],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            &format!(
+                "INSERT INTO snapshots ({SNAPSHOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            ),
+            params![
+                s.name,
+                s.id.as_ref().map(|i| i.to_string()),
+                s.op_key,
+                s.error,
+                s.branch,
+                s.timeline.as_str(),
+                point,
+                s.created_at.to_string()
+            ],
+        )
     }
 
     /// Records the engine's answer to a snapshot request: its id, or why
@@ -438,88 +432,68 @@ impl Store {
         id: Option<&SnapshotId>,
         error: Option<&str>,
     ) -> Result<(), LocalError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE snapshots SET id = COALESCE(?2, id), error = ?3 WHERE name = ?1",
-                params![name, id.map(|i| i.to_string()), error],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            "UPDATE snapshots SET id = COALESCE(?2, id), error = ?3 WHERE name = ?1",
+            params![name, id.map(|i| i.to_string()), error],
+        )
     }
 
     pub fn delete_snapshot(&self, name: &str) -> Result<(), LocalError> {
-        self.with(|c| {
-            c.execute("DELETE FROM snapshots WHERE name = ?1", [name])
-                .map(|_| ())
-        })
+        self.exec("DELETE FROM snapshots WHERE name = ?1", [name])
     }
 
     pub fn restores(&self) -> Result<Vec<RestoreRow>, LocalError> {
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {RESTORE_COLS} FROM restores ORDER BY started_at, id"
-            ))?;
-            let rows = st.query_map([], restore_row)?;
-            rows.collect()
-        })
+        self.rows(
+            &format!("SELECT {RESTORE_COLS} FROM restores ORDER BY started_at, id"),
+            [],
+            restore_row,
+        )
     }
 
     pub fn restore(&self, id: &str) -> Result<Option<RestoreRow>, LocalError> {
-        self.with(|c| {
-            c.query_row(
-                &format!("SELECT {RESTORE_COLS} FROM restores WHERE id = ?1"),
-                [id],
-                restore_row,
-            )
-            .optional()
-        })
+        self.row(
+            &format!("SELECT {RESTORE_COLS} FROM restores WHERE id = ?1"),
+            [id],
+            restore_row,
+        )
     }
 
     /// The unfinished restore whose preview branch is `branch`.
     pub fn restore_of_preview(&self, branch: &str) -> Result<Option<RestoreRow>, LocalError> {
-        self.with(|c| {
-            c.query_row(
-                &format!(
-                    "SELECT {RESTORE_COLS} FROM restores WHERE restored_branch = ?1 AND state IN ('{RESTORING}', '{AWAITING_FINALIZE}')"
-                ),
-                [branch],
-                restore_row,
-            )
-            .optional()
-        })
+        self.row(
+            &format!(
+                "SELECT {RESTORE_COLS} FROM restores WHERE restored_branch = ?1 AND state IN ('{RESTORING}', '{AWAITING_FINALIZE}')"
+            ),
+            [branch],
+            restore_row,
+        )
     }
 
     pub fn insert_restore(&self, r: &RestoreRow) -> Result<(), LocalError> {
-        self.with(|c| {
-            c.execute(
-                &format!("INSERT INTO restores ({RESTORE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-                params![
-                    r.id,
-                    r.target,
-                    r.source,
-                    r.finalize,
-                    r.preserve,
-                    r.restored_branch,
-                    r.timeline.as_ref().map(|t| t.to_string()),
-                    r.backup_branch,
-                    r.state,
-                    r.error,
-                    r.started_at.to_string(),
-                    r.completed_at.map(|t| t.to_string()),
-                ],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            &format!("INSERT INTO restores ({RESTORE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+            params![
+                r.id,
+                r.target,
+                r.source,
+                r.finalize,
+                r.preserve,
+                r.restored_branch,
+                r.timeline.as_ref().map(|t| t.to_string()),
+                r.backup_branch,
+                r.state,
+                r.error,
+                r.started_at.to_string(),
+                r.completed_at.map(|t| t.to_string()),
+            ],
+        )
     }
 
     pub fn set_restore_timeline(&self, id: &str, tl: &TimelineId) -> Result<(), LocalError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE restores SET timeline = ?2 WHERE id = ?1",
-                [id, tl.as_str()],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            "UPDATE restores SET timeline = ?2 WHERE id = ?1",
+            [id, tl.as_str()],
+        )
     }
 
     pub fn set_restore_state(
@@ -530,13 +504,10 @@ impl Store {
     ) -> Result<(), LocalError> {
         let done =
             (state == COMPLETED || state == FAILED).then(|| jiff::Timestamp::now().to_string());
-        self.with(|c| {
-            c.execute(
-                "UPDATE restores SET state = ?2, error = ?3, completed_at = COALESCE(?4, completed_at) WHERE id = ?1",
-                params![id, state, error, done],
-            )
-            .map(|_| ())
-        })
+        self.exec(
+            "UPDATE restores SET state = ?2, error = ?3, completed_at = COALESCE(?4, completed_at) WHERE id = ?1",
+            params![id, state, error, done],
+        )
     }
 
     /// The finalize of a restore, in one transaction: the old timeline of

@@ -442,10 +442,10 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
                 let announced = status
                     .next_refresh_time
                     .as_deref()
-                    .and_then(plan::parse_time);
+                    .and_then(crate::point::read_time);
                 let slot = cadence.latest_at_or_before(now);
                 if let (Some(a), Some(s)) = (announced, slot) {
-                    let already = last.as_deref().and_then(plan::parse_time) >= Some(s);
+                    let already = last.as_deref().and_then(crate::point::read_time) >= Some(s);
                     if a <= now && s >= a && !already {
                         let rname = refresh_name(&name, s);
                         // Our own run for this slot is not "another operation".

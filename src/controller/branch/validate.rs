@@ -2,7 +2,7 @@
 //! app identity and the declared roles. No API calls.
 
 use crate::api::{Branch, InitSource, ParentRef};
-use crate::storage::{Lsn, Point};
+use crate::storage::Point;
 
 /// A spec problem: a Stalled reason and a message a person can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,44 +20,23 @@ fn invalid(reason: &'static str, message: impl Into<String>) -> Invalid {
 
 /// The point of the parent's history a child is taken at.
 pub fn parse_point(parent: &ParentRef) -> Result<Point, Invalid> {
-    match (&parent.lsn, &parent.timestamp) {
-        (Some(_), Some(_)) => Err(invalid(
-            "InvalidPoint",
-            "spec.parent.lsn and spec.parent.timestamp are mutually exclusive; set at most one",
-        )),
-        (Some(l), None) => l.parse::<Lsn>().map(Point::Lsn).map_err(|_| {
-            invalid(
-                "InvalidPoint",
-                format!(
-                    "spec.parent.lsn {l:?} is not an LSN: expected two hexadecimal numbers separated by '/', like 16/B3733C50"
-                ),
-            )
-        }),
-        (None, Some(t)) => t.parse::<jiff::Timestamp>().map(Point::Timestamp).map_err(|e| {
-            invalid(
-                "InvalidPoint",
-                format!(
-                    "spec.parent.timestamp {t:?} is not an RFC 3339 time like 2024-05-01T12:00:00Z: {e}"
-                ),
-            )
-        }),
-        (None, None) => Ok(Point::Head),
-    }
+    crate::point::parse_point(
+        "spec.parent.",
+        parent.lsn.as_deref(),
+        parent.timestamp.as_deref(),
+    )
+    .map_err(|e| invalid("InvalidPoint", e.to_string()))
 }
 
 /// `spec.expiresAt` as a time.
 pub fn parse_expires(branch: &Branch) -> Result<Option<jiff::Timestamp>, Invalid> {
-    match &branch.spec.expires_at {
-        None => Ok(None),
-        Some(s) => s.parse::<jiff::Timestamp>().map(Some).map_err(|e| {
-            invalid(
-                "InvalidExpiresAt",
-                format!(
-                    "spec.expiresAt {s:?} is not an RFC 3339 time like 2024-05-01T12:00:00Z: {e}"
-                ),
-            )
-        }),
-    }
+    branch
+        .spec
+        .expires_at
+        .as_deref()
+        .map(|s| crate::point::parse_time("spec.expiresAt", s))
+        .transpose()
+        .map_err(|e| invalid("InvalidExpiresAt", e.to_string()))
 }
 
 /// Names PostgreSQL would refuse or that collide with the operator's own.

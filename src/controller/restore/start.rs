@@ -46,10 +46,12 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
                     "waiting for source branch {b} to be Ready"
                 )));
             }
-            crate::controller::snapshot::parse_point(
+            crate::point::parse_point(
+                "spec.source.",
                 spec.source.lsn.as_deref(),
                 spec.source.timestamp.as_deref(),
-            )?;
+            )
+            .map_err(|e| Error::stalled("InvalidPoint", e.to_string()))?;
             pg_major_of_branch(&src)
         }
         _ => {

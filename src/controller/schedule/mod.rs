@@ -108,7 +108,7 @@ fn is_kept(s: &Snapshot) -> bool {
 fn scheduled_at(s: &Snapshot) -> jiff::Timestamp {
     s.annotations()
         .get(ANNOTATION_SCHEDULED_AT)
-        .and_then(|t| plan::parse_time(t))
+        .and_then(|t| crate::point::read_time(t))
         .or_else(|| s.meta().creation_timestamp.as_ref().map(|t| t.0))
         .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
 }
@@ -145,7 +145,7 @@ fn ready_since(s: &Snapshot) -> jiff::Timestamp {
     })
     .or_else(|| {
         st.and_then(|st| st.created_at.as_deref())
-            .and_then(plan::parse_time)
+            .and_then(crate::point::read_time)
     })
     .unwrap_or_else(|| scheduled_at(s))
 }
@@ -358,7 +358,7 @@ async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Acti
             let last = status
                 .last_schedule_time
                 .as_deref()
-                .and_then(plan::parse_time);
+                .and_then(crate::point::read_time);
             let due = plan::due(&c, spec.suspend, last, created, now);
             next = due.next;
             if let Some(slot) = due.run {
@@ -443,7 +443,7 @@ async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Acti
         let prev = status
             .last_successful_time
             .as_deref()
-            .and_then(plan::parse_time);
+            .and_then(crate::point::read_time);
         if prev.is_none_or(|p| at > p) {
             status.last_successful_time = Some(plan::rfc3339(at));
         }

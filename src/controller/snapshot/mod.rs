@@ -42,8 +42,7 @@ use super::{error_policy, with_deadline, Context, Error};
 use crate::api::{Branch, DeletionPolicy, Snapshot, SnapshotStatus};
 use crate::compute::{secret_value, service_name, superuser_secret_name};
 use crate::storage::{
-    ConnInfo, CreateSnapshot, Lsn, OpKey, Password, Point, SnapshotId, State, StorageError,
-    TimelineId,
+    ConnInfo, CreateSnapshot, OpKey, Password, Point, SnapshotId, State, StorageError, TimelineId,
 };
 
 /// The finalizer the Snapshot controller puts on every Snapshot.
@@ -136,35 +135,6 @@ pub(crate) async fn secret_password(
     Ok(with_deadline(ctx, "read secret", api.get_opt(name))
         .await?
         .and_then(|s| secret_value(&s, "password")))
-}
-
-/// Parses an RFC 3339 field.
-pub(crate) fn parse_time(field: &str, s: &str) -> Result<jiff::Timestamp, Error> {
-    s.parse::<jiff::Timestamp>().map_err(|e| {
-        Error::stalled(
-            "InvalidTimestamp",
-            format!("{field} {s:?} is not an RFC 3339 timestamp: {e}"),
-        )
-    })
-}
-
-/// The point of a spec's optional `lsn` / `timestamp`.
-pub(crate) fn parse_point(lsn: Option<&str>, timestamp: Option<&str>) -> Result<Point, Error> {
-    match (lsn, timestamp) {
-        (Some(_), Some(_)) => Err(Error::stalled(
-            "InvalidPoint",
-            "lsn and timestamp are mutually exclusive: set at most one",
-        )),
-        (Some(l), None) => l
-            .parse::<Lsn>()
-            .map(Point::Lsn)
-            .map_err(|e| Error::stalled("InvalidPoint", e.to_string())),
-        (None, Some(t)) => Ok(Point::Timestamp(
-            parse_time("timestamp", t)
-                .map_err(|e| Error::stalled("InvalidPoint", e.to_string()))?,
-        )),
-        (None, None) => Ok(Point::Head),
-    }
 }
 
 /// Storage errors that will not fix themselves, as Stalled reasons.
@@ -280,7 +250,8 @@ async fn apply_steps(
 
     // Expiry.
     if let Some(exp) = &snap.spec.expires_at {
-        let exp = parse_time("spec.expiresAt", exp)?;
+        let exp = crate::point::parse_time("spec.expiresAt", exp)
+            .map_err(|e| Error::stalled("InvalidTimestamp", e.to_string()))?;
         let created = expiry::created(snap);
         match expiry::decide(Some(exp), created, now) {
             Expiry::BeforeCreation => return Err(expiry::in_past("Snapshot", exp, created)),
@@ -322,7 +293,12 @@ async fn apply_steps(
         return poll_done(ctx, status, &s, requeue);
     }
 
-    let point = parse_point(snap.spec.lsn.as_deref(), snap.spec.timestamp.as_deref())?;
+    let point = crate::point::parse_point(
+        "spec.",
+        snap.spec.lsn.as_deref(),
+        snap.spec.timestamp.as_deref(),
+    )
+    .map_err(|e| Error::stalled("InvalidPoint", e.to_string()))?;
     // Under the operation lock, from here to the recorded snapshot: no
     // restore holds the branch, the branch as it is now, the quota, then
     // create and record (see controller::operations).

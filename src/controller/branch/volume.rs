@@ -40,7 +40,7 @@ fn missing(claim: &str, ns: &str) -> Done {
                 "PersistentVolumeClaim {claim} not found in namespace {ns}: computes mount the storage volume through a claim of that name in the branch's namespace; create it there, bound to the storage volume (see the chart's NOTES)"
             ),
         },
-        phase: "Pending",
+        phase: crate::api::BranchPhase::Pending,
         requeue: Action::requeue(RECHECK),
     }
 }

@@ -1,0 +1,324 @@
+//! The branch's compute: the Deployment serving its timeline (its own,
+//! or one a restore handed over), started or changed only when no other
+//! postgres holds the data directory; the Service `<branch>`, moved to a
+//! new timeline only once that timeline's compute is ready; computes of
+//! replaced timelines removed; and, while the compute does not come up,
+//! why (from its Pods).
+
+use super::*;
+
+/// One postgres per data directory, whatever Kubernetes does. Scaling a
+/// Deployment up does not wait for its terminating Pods (a resume right
+/// after a suspend); a rollout flipped back before the Deployment
+/// controller acted on the first change reuses a ReplicaSet whose Pod is
+/// still stopping (a hand edit of the template, reverted at once); another
+/// branch's compute of the timeline may still be stopping (a restore's
+/// backup branch taking over the target's old timeline). So the compute
+/// `desired` is created or changed only once the Deployment controller has
+/// acted on its last change and no other Pod of the data directory is
+/// left; until then this says what it waits for.
+pub(super) async fn compute_start_gate(
+    ctx: &Context,
+    desired: &Deployment,
+    tl: &TimelineId,
+) -> Result<Option<Done>, Error> {
+    let ns = desired.namespace().unwrap_or_default();
+    let own = desired.name_any();
+    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let live = with_deadline(ctx, "read compute", deploys.get_opt(&own)).await?;
+    if live
+        .as_ref()
+        .is_some_and(|l| !crate::controller::apply::needs_apply(desired, l))
+    {
+        return Ok(None);
+    }
+    let wait = |what: String| {
+        Some(progressing(
+            "WaitingForPreviousCompute",
+            format!("{what}; the compute of timeline {tl} starts once it is done"),
+            ctx.config.poll_interval,
+        ))
+    };
+    if let Some(l) = &live {
+        let observed = l.status.as_ref().and_then(|s| s.observed_generation);
+        if observed < l.metadata.generation {
+            return Ok(wait(format!(
+                "Deployment {own} is still rolling out its last change"
+            )));
+        }
+    }
+    let selector = format!("{LABEL_TIMELINE}={tl},{}=primary", crate::api::LABEL_ROLE);
+    Ok(blocking_pod(ctx, &ns, &selector, &own)
+        .await?
+        .and_then(|pod| wait(format!("{pod} still runs postgres on its data directory"))))
+}
+
+/// A Pod matching `selector` that keeps the Deployment `own` from
+/// starting its own: one still terminating, or one of another Deployment
+/// (described for the message).
+pub(super) async fn blocking_pod(
+    ctx: &Context,
+    ns: &str,
+    selector: &str,
+    own: &str,
+) -> Result<Option<String>, Error> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let list = with_deadline(
+        ctx,
+        "list compute pods",
+        pods.list(&ListParams::default().labels(selector)),
+    )
+    .await?;
+    let prefix = format!("{own}-");
+    Ok(list.items.iter().find_map(|p| {
+        let ours = p
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "ReplicaSet" && o.name.starts_with(&prefix));
+        if p.metadata.deletion_timestamp.is_some() {
+            Some(format!("pod {} (stopping)", p.name_any()))
+        } else if !ours {
+            Some(format!("pod {}", p.name_any()))
+        } else {
+            None
+        }
+    }))
+}
+
+/// What keeps a compute Deployment's Pods from becoming ready, if anything
+/// that will not fix itself soon ([`crate::compute::health`]).
+pub(super) async fn compute_problem(
+    ctx: &Context,
+    d: &Deployment,
+) -> Result<Option<crate::compute::health::PodProblem>, Error> {
+    let Some(sel) = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.as_ref())
+    else {
+        return Ok(None);
+    };
+    let selector = sel
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    let list = with_deadline(
+        ctx,
+        "list compute pods",
+        pods.list(&ListParams::default().labels(&selector)),
+    )
+    .await?;
+    Ok(crate::compute::health::pod_problem(&list.items))
+}
+
+pub(super) fn deployment_ready(d: &Deployment) -> bool {
+    let gen = d.metadata.generation.unwrap_or(0);
+    d.status.as_ref().is_some_and(|s| {
+        s.ready_replicas.unwrap_or(0) >= 1 && s.observed_generation.unwrap_or(0) >= gen
+    })
+}
+
+/// What the compute stage left running.
+pub(super) struct Serving {
+    /// The Deployment serving the branch's timeline (its own or one handed
+    /// over by a restore), when the compute is enabled.
+    pub current: Option<Deployment>,
+    /// The timeline the branch's Service selects.
+    pub service_timeline: String,
+}
+
+impl Serving {
+    /// Whether the branch's timeline is served: its compute is ready and
+    /// the Service selects it.
+    pub fn serves(&self, tl: &TimelineId) -> bool {
+        self.current.as_ref().is_some_and(deployment_ready) && self.service_timeline == tl.as_str()
+    }
+}
+
+/// The timeline the branch's Service should select: it moves to the
+/// branch's timeline only once that timeline's compute is ready (a timeline
+/// swap keeps the old one served until then), or at once when no compute
+/// runs or none was selected.
+pub(super) fn service_timeline(
+    selected: Option<&str>,
+    timeline: &str,
+    running: bool,
+    compute_ready: bool,
+) -> String {
+    match selected {
+        Some(old) if old != timeline && running && !compute_ready => old.to_string(),
+        _ => timeline.to_string(),
+    }
+}
+
+/// The compute stage: the volume claim, the Deployment serving the
+/// timeline (adopted, or ours, started or changed only through
+/// [`compute_start_gate`]), the Service, and the computes of replaced
+/// timelines once the Service moved.
+pub(super) async fn reconcile_compute(
+    ctx: &Context,
+    branch: &Branch,
+    tl: &Timeline,
+    uid: &str,
+) -> Result<Step<Serving>, Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    let uid = uid.to_string();
+    let compute = &branch.spec.compute;
+    let running = compute.enabled && !compute.suspended;
+    if running {
+        if let Some(stalled) = volume::check_claim(ctx, &ns).await? {
+            return Ok(Step::Stop(stalled));
+        }
+    }
+    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let adopted = if compute.enabled {
+        handover::compute_for_timeline(ctx, branch, &tl.id, &uid).await?
+    } else {
+        None
+    };
+    // A compute adopted from a restore runs as it was started until this
+    // branch's compute spec changes; then it makes way for our own.
+    let adopted = match adopted {
+        Some(d) => match handover::adopted_outdated(&d, branch) {
+            None => Some(handover::stamp_adopted(ctx, branch, &d).await?),
+            Some(false) => Some(d),
+            Some(true) => {
+                handover::retire_adopted(ctx, branch, &d, &uid).await?;
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(d) = &adopted {
+        handover::relabel_adopted_pods(ctx, branch, d).await?;
+    }
+    let current = if adopted.is_some() {
+        adopted.clone()
+    } else if compute.enabled {
+        let target = ComputeTarget {
+            timeline_id: tl.id.as_str(),
+            data_path: &tl.data_path,
+        };
+        let desired = build_deployment(branch, &target, &ctx.config.compute)?;
+        if running {
+            if let Some(wait) = compute_start_gate(ctx, &desired, &tl.id).await? {
+                return Ok(Step::Stop(wait));
+            }
+        }
+        Some(apply_owned(ctx, desired, &uid).await?)
+    } else {
+        None
+    };
+    let compute_ready = current.as_ref().is_some_and(deployment_ready);
+
+    // The Service moves to a new timeline only once its compute is ready.
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let live_svc =
+        with_deadline(ctx, "read service", services.get_opt(&service_name(&name))).await?;
+    let selected = live_svc
+        .as_ref()
+        .filter(|s| holder(*s, &uid) == Holder::Owner)
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.selector.as_ref())
+        .and_then(|s| s.get(LABEL_TIMELINE))
+        .cloned();
+    let svc_timeline =
+        service_timeline(selected.as_deref(), tl.id.as_str(), running, compute_ready);
+    apply_owned(
+        ctx,
+        handover::service_for(
+            build_service(branch, &svc_timeline)?,
+            adopted.as_ref(),
+            &svc_timeline,
+        ),
+        &uid,
+    )
+    .await?;
+
+    // Computes of other timelines (after a swap) go once the Service moved.
+    if svc_timeline == tl.id.as_str() {
+        let others = with_deadline(
+            ctx,
+            "list computes",
+            deploys.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name}"))),
+        )
+        .await?;
+        for d in others.items {
+            let tl_label = d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default();
+            let keep = current.is_some() && tl_label == tl.id.as_str();
+            if !keep && holder(&d, &uid) == Holder::Owner {
+                delete_owned::<Deployment>(ctx, &ns, &d.name_any(), &uid).await?;
+            }
+        }
+    }
+
+    Ok(Step::Next(Serving {
+        current,
+        service_timeline: svc_timeline,
+    }))
+}
+
+/// Why the branch's timeline is not served yet: the compute Pods' own
+/// reason when they will not come up by themselves (Stalled after
+/// `compute_start_deadline`), else that it is starting.
+pub(super) async fn not_serving(
+    ctx: &Context,
+    serving: &Serving,
+    tl: &TimelineId,
+    now: jiff::Timestamp,
+) -> Result<Done, Error> {
+    let ready = serving.current.as_ref().is_some_and(deployment_ready);
+    if let Some(d) = serving.current.as_ref().filter(|_| !ready) {
+        if let Some(p) = compute_problem(ctx, d).await? {
+            let waited = p
+                .since
+                .map(|t| now.duration_since(t).unsigned_abs())
+                .unwrap_or_default();
+            let deadline = ctx.config.compute_start_deadline;
+            if waited >= deadline {
+                return Err(Error::stalled(
+                    p.reason,
+                    format!(
+                        "the compute of timeline {tl} has not started in {}s: {}",
+                        deadline.as_secs(),
+                        p.message
+                    ),
+                ));
+            }
+            return Ok(progressing(
+                p.reason,
+                format!(
+                    "the compute of timeline {tl} is not starting: {}",
+                    p.message
+                ),
+                ctx.config.poll_interval,
+            ));
+        }
+    }
+    Ok(progressing(
+        "StartingCompute",
+        format!("waiting for the compute of timeline {tl} to be ready"),
+        ctx.config.poll_interval,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_moves_to_a_new_timeline_once_its_compute_is_ready() {
+        // A swap: the old timeline stays served while the new compute starts.
+        assert_eq!(service_timeline(Some("old"), "new", true, false), "old");
+        assert_eq!(service_timeline(Some("old"), "new", true, true), "new");
+        // Nothing runs: nothing to keep serving.
+        assert_eq!(service_timeline(Some("old"), "new", false, false), "new");
+        // A first Service, or one already on the timeline.
+        assert_eq!(service_timeline(None, "new", true, false), "new");
+        assert_eq!(service_timeline(Some("new"), "new", true, false), "new");
+    }
+}

@@ -383,7 +383,7 @@ async fn a_compute_that_cannot_start_says_why() {
     wait_branch(&w.client, "crash", "Ready after a quick resume", |b| {
         condition(b, "Ready").is_some_and(|c| c.0 == "True")
             && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
-            && b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Ready")
+            && b.status.as_ref().and_then(|s| s.phase) == Some(pgbranch::api::BranchPhase::Ready)
     })
     .await;
     let events = w.api::<k8s_openapi::api::events::v1::Event>();

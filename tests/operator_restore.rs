@@ -540,7 +540,7 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
         .await
         .unwrap();
     wait_branch(&client, "prod", "Suspended", |b| {
-        b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Suspended")
+        b.status.as_ref().and_then(|s| s.phase) == Some(pgbranch::api::BranchPhase::Suspended)
     })
     .await;
     let own = serving(prod_tl.clone()).await;
@@ -958,7 +958,7 @@ async fn finalize_onto_a_suspended_target() {
     create_branch(&client, &prod).await;
     wait_branch_ready(&client, "dev").await;
     let before = wait_branch(&client, "prod", "Suspended", |b| {
-        b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Suspended")
+        b.status.as_ref().and_then(|s| s.phase) == Some(pgbranch::api::BranchPhase::Suspended)
     })
     .await;
     exec(
@@ -992,7 +992,7 @@ async fn finalize_onto_a_suspended_target() {
         "on the restored timeline, Suspended",
         |b| {
             b.status.as_ref().is_some_and(|s| {
-                s.timeline_id == restored && s.phase.as_deref() == Some("Suspended")
+                s.timeline_id == restored && s.phase == Some(pgbranch::api::BranchPhase::Suspended)
             })
         },
     )

@@ -292,6 +292,27 @@ pub struct RefreshSpec {
     pub preserve: bool,
 }
 
+/// A one-word summary of a Branch, for `kubectl get` (the conditions are
+/// the contract): `Pending` (waiting for something outside the operator,
+/// such as a volume claim), `Creating` (storage or compute is being prepared),
+/// `Ready`, `Suspended` (storage ready, no compute runs), `Failed` (the
+/// `Stalled` condition says why), `Deleting`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum BranchPhase {
+    /// Waiting for something outside the operator (a volume claim).
+    Pending,
+    /// Storage or compute is being prepared.
+    Creating,
+    /// Serving (or, with compute disabled, storage ready).
+    Ready,
+    /// Storage ready; the compute is suspended.
+    Suspended,
+    /// Stopped; the `Stalled` condition says why.
+    Failed,
+    /// Being deleted.
+    Deleting,
+}
+
 /// Observed state of a Branch.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -303,9 +324,10 @@ pub struct BranchStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// A one-word summary: Pending, Creating, Ready, Suspended, Failed, Deleting.
+    /// A one-word summary: Pending, Creating, Ready, Suspended, Failed,
+    /// Deleting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<BranchPhase>,
     /// The storage timeline this branch currently points at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeline_id: Option<String>,

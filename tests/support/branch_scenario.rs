@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, ParentRef, RoleSpec, LABEL_BRANCH};
+use pgbranch::api::{Branch, BranchPhase, BranchSpec, DatabaseSpec, ParentRef, RoleSpec, LABEL_BRANCH};
 use pgbranch::storage::Storage;
 use serde_json::json;
 
@@ -62,7 +62,7 @@ pub async fn run(h: &World) {
     let st = main.status.clone().expect("status");
     let main_tl = st.timeline_id.clone().expect("timelineId");
     eprintln!("main Ready on timeline {main_tl}");
-    assert_eq!(st.phase.as_deref(), Some("Ready"));
+    assert_eq!(st.phase, Some(BranchPhase::Ready));
     assert_eq!(st.service.as_deref(), Some("main"));
     assert_eq!(st.secret_name.as_deref(), Some("main-app"));
     assert_eq!(st.pg_major, Some(15));
@@ -250,7 +250,7 @@ pub async fn run(h: &World) {
     .await
     .expect("suspend");
     wait_branch(client, "head", "Suspended", |b| {
-        b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Suspended")
+        b.status.as_ref().and_then(|s| s.phase) == Some(BranchPhase::Suspended)
             && b.status.as_ref().and_then(|s| s.observed_generation) == b.metadata.generation
     })
     .await;

@@ -81,6 +81,9 @@ pub struct OperatorArgs {
     /// Stalled with reason SnapshotQuotaExceeded.
     #[arg(long, env = "PGBRANCH_SNAPSHOT_QUOTA", default_value_t = 10)]
     pub snapshot_quota: u32,
+    /// Most reconciles each controller runs at once (0: unbounded).
+    #[arg(long, env = "PGBRANCH_MAX_CONCURRENT_RECONCILES", default_value_t = controller::DEFAULT_CONCURRENCY)]
+    pub max_concurrent_reconciles: u16,
 }
 
 /// Flags of the computes the operator creates.
@@ -177,6 +180,7 @@ impl OperatorArgs {
                 .then(|| Duration::from_secs(self.resync_seconds)),
             instance: Some(self.identity()),
             snapshot_quota: self.snapshot_quota,
+            concurrency: self.max_concurrent_reconciles,
             ..Config::default()
         })
     }
@@ -542,6 +546,18 @@ mod tests {
         assert_eq!(c.compute.default_image, "postgres:16");
         assert_eq!(c.compute.volume, VolumeSource::Pvc("pgdata".into()));
         assert!(c.resync_interval.is_none());
+        assert_eq!(c.concurrency, controller::DEFAULT_CONCURRENCY);
+        let t = T::try_parse_from([
+            "x",
+            "--storage",
+            "http://s:1",
+            "--volume-pvc",
+            "pgdata",
+            "--max-concurrent-reconciles",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(t.args.config().unwrap().concurrency, 0, "0: unbounded");
     }
 
     #[test]

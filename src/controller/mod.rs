@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
 use kube::{Client, Resource, ResourceExt};
 
 use crate::compute::{ComputeConfig, PG_PORT};
@@ -67,6 +68,12 @@ pub struct Config {
     /// Test hook: stop the operator right after a restore records this
     /// finalize step (see [`restore::FailPoint`]).
     pub restore_fail_point: Option<restore::FailPoint>,
+    /// Most reconciles each controller runs at once (0: unbounded). Every
+    /// reconcile in flight holds an HTTP/1 connection to the apiserver per
+    /// request it makes; unbounded, thousands of new objects mean thousands
+    /// of connections, memory to match and requests the apiserver's
+    /// priority and fairness rejects (429).
+    pub concurrency: u16,
 }
 
 impl Default for Config {
@@ -84,8 +91,31 @@ impl Default for Config {
             snapshot_quota: 10,
             compute_start_deadline: Duration::from_secs(300),
             restore_fail_point: None,
+            concurrency: DEFAULT_CONCURRENCY,
         }
     }
+}
+
+/// Default of [`Config::concurrency`].
+pub const DEFAULT_CONCURRENCY: u16 = 16;
+
+/// The kube-runtime settings every controller runs with.
+pub fn controller_config(config: &Config) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(config.concurrency)
+}
+
+/// A controller of every `K` `api` lists, run with [`controller_config`].
+pub fn controller_for<K>(api: kube::Api<K>, config: &Config) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    Controller::new(api, watcher::Config::default()).with_config(controller_config(config))
 }
 
 /// Turns a branch's Service into an address the operator can connect to.

@@ -46,7 +46,7 @@ use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
 use super::apply::{apply_owned, delete_owned, holder, Holder};
@@ -103,7 +103,7 @@ pub async fn run(
     };
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let owned = watcher::Config::default().labels(LABEL_BRANCH);
-    let controller = Controller::new(branches.clone(), watcher::Config::default());
+    let controller = crate::controller::controller_for(branches.clone(), &ctx.config);
     let store = controller.store();
     let own_store = store.clone();
     let mut controller = controller

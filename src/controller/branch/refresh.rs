@@ -43,7 +43,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::{watcher, Controller};
+use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -88,7 +88,7 @@ pub async fn run(
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let controller = Controller::new(branches, watcher::Config::default())
+    let controller = crate::controller::controller_for(branches, &ctx.config)
         .owns(
             restores,
             watcher::Config::default().labels(LABEL_REFRESH_OF),

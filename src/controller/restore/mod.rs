@@ -102,7 +102,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
-use kube::runtime::{watcher, Controller};
+use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -194,7 +194,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let mut controller = Controller::new(restores, watcher::Config::default())
+    let mut controller = crate::controller::controller_for(restores, &ctx.config)
         .owns(branches, watcher::Config::default().labels(LABEL_RESTORE))
         .graceful_shutdown_on(shutdown.clone());
     if let Some(every) = ctx.config.resync_interval {

@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::{watcher, Controller};
+use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -62,7 +62,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let mut controller = Controller::new(schedules, watcher::Config::default())
+    let mut controller = crate::controller::controller_for(schedules, &ctx.config)
         .owns(snapshots, watcher::Config::default().labels(LABEL_SCHEDULE))
         .graceful_shutdown_on(shutdown.clone());
     if let Some(every) = ctx.config.resync_interval {

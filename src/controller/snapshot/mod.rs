@@ -32,7 +32,6 @@ use futures::StreamExt;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
-use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 
 use super::expiry::{self, Expiry};
@@ -60,7 +59,7 @@ pub async fn run(
         None => Api::all(ctx.client.clone()),
     };
     let mut controller =
-        Controller::new(api, watcher::Config::default()).graceful_shutdown_on(shutdown.clone());
+        crate::controller::controller_for(api, &ctx.config).graceful_shutdown_on(shutdown.clone());
     if let Some(every) = ctx.config.resync_interval {
         let ticks = futures::stream::unfold((), move |()| async move {
             tokio::time::sleep(every).await;

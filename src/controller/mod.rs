@@ -160,6 +160,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// When each object's status stats were last refreshed (by UID).
     stats: Mutex<HashMap<String, std::time::Instant>>,
+    /// Branches waiting for their Service's endpoints to switch.
+    pub(crate) switch_waits: branch::endpoints::SwitchWaits,
     /// One data-changing operation per branch ([`operations`]).
     pub operations: operations::OperationLock,
 }
@@ -208,6 +210,7 @@ impl Context {
             clock,
             failures: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
+            switch_waits: Default::default(),
             operations: operations::OperationLock::default(),
         })
     }

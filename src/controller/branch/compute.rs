@@ -239,7 +239,9 @@ pub(super) async fn reconcile_compute(
     )
     .await?;
 
-    // Computes of other timelines (after a swap) go once the Service moved.
+    // Computes of other timelines (after a swap) go once the Service moved
+    // and its clients followed: its EndpointSlices list the current
+    // compute alone and kube-proxy had time to apply them.
     if svc_timeline == tl.id.as_str() {
         let others = with_deadline(
             ctx,
@@ -247,12 +249,26 @@ pub(super) async fn reconcile_compute(
             deploys.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name}"))),
         )
         .await?;
-        for d in others.items {
-            let tl_label = d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default();
-            let keep = current.is_some() && tl_label == tl.id.as_str();
-            if !keep && holder(&d, &uid) == Holder::Owner {
-                delete_owned::<Deployment>(ctx, &ns, &d.name_any(), &uid).await?;
+        let stale: Vec<Deployment> = others
+            .items
+            .into_iter()
+            .filter(|d| {
+                let tl_label = d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default();
+                let keep = current.is_some() && tl_label == tl.id.as_str();
+                !keep && holder(d, &uid) == Holder::Owner
+            })
+            .collect();
+        let stopping = stale
+            .iter()
+            .all(|d| d.metadata.deletion_timestamp.is_some());
+        if let (Some(cur), false) = (current.as_ref().filter(|_| running), stopping) {
+            if let Some(wait) = endpoints_wait(ctx, branch, cur, &tl.id, &uid).await? {
+                return Ok(Step::Stop(wait));
             }
+        }
+        ctx.switch_waits.done(&uid);
+        for d in stale {
+            delete_owned::<Deployment>(ctx, &ns, &d.name_any(), &uid).await?;
         }
     }
 
@@ -260,6 +276,41 @@ pub(super) async fn reconcile_compute(
         current,
         service_timeline: svc_timeline,
     }))
+}
+
+/// Before the computes of replaced timelines stop: wait (at most
+/// [`endpoints::SWITCH_TIMEOUT`]) until the Service's EndpointSlices list
+/// the current compute alone, then give kube-proxy its sync period.
+async fn endpoints_wait(
+    ctx: &Context,
+    branch: &Branch,
+    current: &Deployment,
+    tl: &TimelineId,
+    uid: &str,
+) -> Result<Option<Done>, Error> {
+    let ns = branch.namespace().unwrap_or_default();
+    let name = branch.name_any();
+    match endpoints::switched(ctx, &ns, &service_name(&name), current).await? {
+        endpoints::Switch::Pending(why) => {
+            let waited = ctx.switch_waits.waited(uid);
+            if waited < endpoints::SWITCH_TIMEOUT {
+                return Ok(Some(progressing(
+                    "SwitchingEndpoints",
+                    why,
+                    Duration::from_millis(250).min(ctx.config.poll_interval),
+                )));
+            }
+            tracing::warn!(branch = %name, timeline = %tl, waited_s = waited.as_secs(), reason = %why,
+                "the Service's EndpointSlices did not switch to the new compute; stopping the old one anyway");
+        }
+        endpoints::Switch::Done => {
+            tracing::info!(branch = %name, timeline = %tl, settle_ms = endpoints::KUBE_PROXY_SETTLE.as_millis() as u64,
+                "Service endpoints list the new compute alone; stopping the old one after kube-proxy's sync");
+            tokio::time::sleep(endpoints::KUBE_PROXY_SETTLE).await;
+        }
+        endpoints::Switch::NotRouted => {}
+    }
+    Ok(None)
 }
 
 /// Why the branch's timeline is not served yet: the compute Pods' own

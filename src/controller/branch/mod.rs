@@ -23,6 +23,7 @@ mod cleanup;
 mod compute;
 mod credentials;
 mod database;
+pub mod endpoints;
 pub mod handover;
 pub mod refresh;
 pub mod replicas;
@@ -42,6 +43,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
@@ -101,6 +103,10 @@ pub async fn run(
             Api::all(client.clone()),
         ),
     };
+    let slices: Api<EndpointSlice> = match &ctx.config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let owned = watcher::Config::default().labels(LABEL_BRANCH);
     let controller = crate::controller::controller_for(branches.clone(), &ctx.config);
@@ -109,7 +115,16 @@ pub async fn run(
     let mut controller = controller
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
-        .owns(secrets, owned)
+        .owns(secrets, owned.clone())
+        // The EndpointSlices of a branch's Services (they carry the
+        // Service's labels): a switch waits for them (see [`endpoints`]).
+        .watches(slices, owned, |s: EndpointSlice| {
+            let ns = s.namespace();
+            s.labels()
+                .get(LABEL_BRANCH)
+                .zip(ns)
+                .map(|(b, ns)| ObjectRef::new(b).within(&ns))
+        })
         // A branch's changes wake its parent (which may wait for its
         // children to go) and its children (which may wait for it to be
         // Ready, or for it to exist).

@@ -118,6 +118,25 @@ pub(super) async fn ensure_timeline(
             )
         })?;
         return match with_deadline(ctx, "get timeline", ctx.storage.get_timeline(&id)).await {
+            // Still being created by us: ask again with the same key. A
+            // creation that needs secrets (a superuser password, the
+            // parent's connection) and was interrupted by a restart of
+            // storage resumes only that way; otherwise storage returns it
+            // as it is.
+            Ok(tl) if tl.state == State::Creating && tl.key.as_str() == uid => {
+                match create_timeline(ctx, branch, parent, creds, uid, true).await {
+                    Ok(Step::Next(again)) if again.id == tl.id => Ok(Step::Next(again)),
+                    Ok(Step::Next(other)) => {
+                        tracing::warn!(branch = %branch.name_any(), timeline = %tl.id, other = %other.id, "storage answered the create with another timeline; keeping the recorded one");
+                        Ok(Step::Next(tl))
+                    }
+                    // Waiting for the parent or another copy of it, or the
+                    // request no longer matches (say the parent moved):
+                    // keep polling the recorded timeline.
+                    Ok(Step::Stop(_)) | Err(Error::Stalled { .. }) => Ok(Step::Next(tl)),
+                    Err(e) => Err(e),
+                }
+            }
             Ok(tl) => Ok(Step::Next(tl)),
             Err(Error::Storage(StorageError::NotFound { .. })) => Err(Error::stalled(
                 "TimelineNotFound",
@@ -134,6 +153,27 @@ pub(super) async fn ensure_timeline(
             .await
             .map(Step::Next);
     }
+    let tl = match create_timeline(ctx, branch, parent, creds, uid, false).await? {
+        Step::Next(tl) => tl,
+        Step::Stop(done) => return Ok(Step::Stop(done)),
+    };
+    status.timeline_id = Some(tl.id.to_string());
+    Ok(Step::Next(tl))
+}
+
+/// Asks storage for the branch's timeline, keyed by the Branch UID: starts
+/// its creation, or returns it (resuming a creation a restart of storage
+/// interrupted). `Stop`: not yet (parent not Ready, another copy of the
+/// parent under way, the source snapshot not ready). `again`: the timeline
+/// exists and is being created; this only looks it up (or resumes it).
+async fn create_timeline(
+    ctx: &Context,
+    branch: &Branch,
+    parent: Option<&Branch>,
+    creds: &Credentials,
+    uid: &str,
+    again: bool,
+) -> Result<Step<Timeline>, Error> {
     let key = OpKey::new(uid.to_string()).map_err(|e| {
         Error::stalled(
             "InvalidUid",
@@ -224,14 +264,17 @@ pub(super) async fn ensure_timeline(
             branch.name_any()
         )),
     };
-    tracing::info!(branch = %branch.name_any(), "creating timeline");
+    if again {
+        tracing::debug!(branch = %branch.name_any(), "asking storage again for the timeline being created");
+    } else {
+        tracing::info!(branch = %branch.name_any(), "creating timeline");
+    }
     let tl = with_deadline(ctx, "create timeline", ctx.storage.create_timeline(req))
         .await
         .map_err(|e| match e {
             Error::Storage(s) => storage_stalled(s),
             e => e,
         })?;
-    status.timeline_id = Some(tl.id.to_string());
     Ok(Step::Next(tl))
 }
 

@@ -206,6 +206,23 @@ image_runs_pgbranch() {
     grep -q 'name = "pgbranch"' Cargo.toml
 }
 check "Dockerfile builds and runs the pgbranch binary" image_runs_pgbranch
+# The e2e tier builds the image without Docker from the Dockerfile's own
+# recipe (scripts/image_recipe.py): the Dockerfile must stay one it can
+# reproduce, and it must refuse the ones it cannot.
+check "Dockerfile is reproducible without Docker (scripts/image_recipe.py describe)" \
+  offline python3 scripts/image_recipe.py describe
+recipe_refuses_fixtures() {
+  local f rc=0
+  for f in tests/manifest-fixtures/Dockerfile.*; do
+    if "${OFFLINE[@]}" python3 scripts/image_recipe.py --dockerfile "$f" describe >/dev/null 2>&1; then
+      echo "image_recipe.py accepted $f"
+      rc=1
+    fi
+  done
+  return $rc
+}
+check "image_recipe.py refuses what it cannot reproduce (tests/manifest-fixtures/Dockerfile.*)" \
+  recipe_refuses_fixtures
 
 # --- Argo CD health checks ------------------------------------------------------
 check "Argo CD health.lua generated from argo/health/ (scripts/argo_health.py)" \

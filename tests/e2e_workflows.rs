@@ -820,6 +820,27 @@ fn probe_report_measures_the_longest_outage() {
 }
 
 #[test]
+fn probe_report_measures_the_switch_between_computes() {
+    // Old compute .5 until 1400; a slow attempt; the new one .9 from 1750.
+    let r = probe_report(
+        "ok 1000 10.0.0.5 60\nok 1200 10.0.0.5 50\nok 1400 10.0.0.5 55\n\
+         ok 1750 10.0.0.9 240\nok 2000 10.0.0.9 60\nok 2900 10.0.0.9 800\n",
+    );
+    assert_eq!(r.servers, ["10.0.0.5", "10.0.0.9"]);
+    assert_eq!(
+        r.switch_gap_ms,
+        Some(350),
+        "from the last old answer to the first new one"
+    );
+    assert_eq!(r.longest_gap_ms, 900, "a slow attempt is a gap too");
+    assert_eq!((r.failed, r.longest_outage_ms), (0, 0));
+    assert_eq!(r.slowest_attempt_ms, 800);
+    let one = probe_report("ok 1000 10.0.0.5 50\nfail 1300 200\nok 1500 10.0.0.5 40\n");
+    assert_eq!(one.switch_gap_ms, None, "one server: no switch");
+    assert_eq!((one.failed, one.longest_outage_ms), (1, 500));
+}
+
+#[test]
 fn pct_encodes_everything_but_unreserved() {
     assert_eq!(pct("aZ09-._~"), "aZ09-._~");
     assert_eq!(pct("p@ss:w/rd%"), "p%40ss%3Aw%2Frd%25");

@@ -24,6 +24,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::Status;
 use kube::{Api, Client, Resource, ResourceExt};
 use pgbranch::api::{Branch, Snapshot, SnapshotRestore, SnapshotSchedule};
+use pgbranch::storage::http::client::HttpStorage;
+use pgbranch::storage::Storage;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -46,6 +48,16 @@ pub struct Env {
     pub timeout: Duration,
     /// Keep a failed test's namespace for inspection.
     pub keep_failed: bool,
+    /// The namespace pgbranch is installed in.
+    pub operator_namespace: String,
+    /// `PGBRANCH_E2E_CLAIM_HOST_PATH`: pgbranch mounts a claim in each
+    /// branch's namespace (config/default); each test namespace gets one,
+    /// bound to a hostPath PersistentVolume on this directory.
+    pub claim_host_path: Option<String>,
+    /// `PGBRANCH_E2E_CHECK_STORAGE=1`: the storage Service's ClusterIP is
+    /// reachable from here (the k8s-node kit); every test then checks that
+    /// no timeline or snapshot of its namespace is left in storage.
+    pub check_storage: bool,
 }
 
 /// The e2e environment, or `None` (after printing the skip notice) when
@@ -82,6 +94,10 @@ pub async fn env(test: &str) -> Option<Env> {
             .unwrap_or_else(|| "postgres:15".to_string()),
     };
     let keep_failed = std::env::var("PGBRANCH_E2E_KEEP_NAMESPACES").is_ok_and(|v| v == "1");
+    let claim_host_path = std::env::var("PGBRANCH_E2E_CLAIM_HOST_PATH")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let check_storage = std::env::var("PGBRANCH_E2E_CHECK_STORAGE").is_ok_and(|v| v == "1");
     eprintln!(
         "{test}: e2e on {} (psql image {psql_image}, waits up to {timeout:?})",
         kubeconfig.display()
@@ -92,7 +108,18 @@ pub async fn env(test: &str) -> Option<Env> {
         psql_image,
         timeout,
         keep_failed,
+        operator_namespace: operator_namespace(),
+        claim_host_path,
+        check_storage,
     })
+}
+
+/// `PGBRANCH_E2E_OPERATOR_NAMESPACE`, default `pgbranch-system`.
+pub fn operator_namespace() -> String {
+    std::env::var("PGBRANCH_E2E_OPERATOR_NAMESPACE")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "pgbranch-system".to_string())
 }
 
 async fn client_from(path: &Path) -> Client {
@@ -106,9 +133,12 @@ async fn client_from(path: &Path) -> Client {
 
 /// The `--compute-image=` the installed operator runs with.
 async fn operator_compute_image(client: &Client) -> Option<String> {
-    let ns = std::env::var("PGBRANCH_E2E_OPERATOR_NAMESPACE")
-        .unwrap_or_else(|_| "pgbranch-system".to_string());
-    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    operator_arg(client, "--compute-image=").await
+}
+
+/// The value of an `--flag=` argument of the installed operator.
+pub async fn operator_arg(client: &Client, prefix: &str) -> Option<String> {
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &operator_namespace());
     let list = deploys
         .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
         .await
@@ -119,7 +149,7 @@ async fn operator_compute_image(client: &Client) -> Option<String> {
         .flat_map(|s| s.template.spec.iter())
         .flat_map(|p| p.containers.iter())
         .flat_map(|c| c.args.iter().flatten())
-        .find_map(|a| a.strip_prefix("--compute-image=").map(str::to_string))
+        .find_map(|a| a.strip_prefix(prefix).map(str::to_string))
 }
 
 // ---------------------------------------------------------------------------
@@ -134,6 +164,10 @@ pub struct TestNamespace {
     kubeconfig: PathBuf,
     keep_failed: bool,
     done: bool,
+    /// The hostPath PersistentVolume made for the namespace's claim.
+    volume: Option<String>,
+    /// When the test made it (the test's wall time is printed at the end).
+    started: Instant,
 }
 
 impl TestNamespace {
@@ -141,6 +175,7 @@ impl TestNamespace {
     /// volume by hostPath (single-node install), which only the
     /// `privileged` Pod Security level admits.
     pub async fn create(env: &Env, prefix: &str) -> Self {
+        let started = Instant::now();
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
         let name = format!("pgbranch-e2e-{prefix}-{suffix}");
         let ns: Namespace = serde_json::from_value(json!({
@@ -171,12 +206,18 @@ impl TestNamespace {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let volume = match &env.claim_host_path {
+            Some(dir) => Some(storage_claim(env, &name, dir).await),
+            None => None,
+        };
         eprintln!("namespace {name}");
         Self {
             name,
             kubeconfig: env.kubeconfig.clone(),
             keep_failed: env.keep_failed,
             done: false,
+            volume,
+            started,
         }
     }
 
@@ -204,8 +245,180 @@ impl TestNamespace {
             }
             tokio::time::sleep(POLL).await;
         }
-        eprintln!("namespace {} deleted", self.name);
+        eprintln!(
+            "namespace {} deleted; the test took {:.0} s",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+        if let Some(pv) = &self.volume {
+            delete_volume(&env.client, pv).await;
+        }
+        // Nothing of the namespace is left in storage: every timeline and
+        // snapshot went with its Branch or Snapshot.
+        if let Some(storage) = storage(env).await {
+            let left = stored_in(&storage, &self.name).await;
+            assert!(
+                left.is_empty(),
+                "orphans in storage after namespace {} was deleted: {left:?}",
+                self.name
+            );
+            eprintln!("storage: no timeline or snapshot of {} left", self.name);
+        }
     }
+}
+
+/// A hostPath PersistentVolume on `dir` and the claim the operator's
+/// `--volume-pvc` names, bound to it, in namespace `ns` (config/default
+/// mounts the storage volume in each branch's namespace by that claim).
+/// Returns the volume's name.
+async fn storage_claim(env: &Env, ns: &str, dir: &str) -> String {
+    let claim = operator_arg(&env.client, "--volume-pvc=")
+        .await
+        .unwrap_or_else(|| {
+            panic!("PGBRANCH_E2E_CLAIM_HOST_PATH is set but the operator has no --volume-pvc")
+        });
+    let pv_name = format!("pgbranch-e2e-{ns}");
+    let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": pv_name, "labels": {NAMESPACE_LABEL: "true"}},
+        "spec": {
+            "capacity": {"storage": "50Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "claimRef": {"namespace": ns, "name": claim},
+            "hostPath": {"path": dir, "type": "Directory"},
+        },
+    }))
+    .expect("volume object");
+    Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(env.client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .unwrap_or_else(|e| panic!("create volume {pv_name}: {e}"));
+    let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "volumeName": pv_name,
+            "resources": {"requests": {"storage": "50Gi"}},
+        },
+    }))
+    .expect("claim object");
+    create(env, ns, pvc).await;
+    eprintln!("namespace {ns}: claim {claim} on volume {pv_name} ({dir})");
+    pv_name
+}
+
+async fn delete_volume(client: &Client, name: &str) {
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client.clone());
+    match pvs.delete(name, &DeleteParams::background()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.is_not_found() => {}
+        Err(e) => eprintln!("deleting volume {name}: {e}"),
+    }
+}
+
+/// A client of the installed storage service, when
+/// `PGBRANCH_E2E_CHECK_STORAGE=1` (its ClusterIP is reachable from here):
+/// the Service the operator's `--storage=` URL names, with the token of
+/// the operator's storage-token Secret.
+pub async fn storage(env: &Env) -> Option<HttpStorage> {
+    if !env.check_storage {
+        return None;
+    }
+    let url = operator_arg(&env.client, "--storage=")
+        .await
+        .expect("the operator's --storage= argument");
+    let rest = url.strip_prefix("http://").expect("--storage is http://");
+    let (host, port) = rest.split_once(':').expect("--storage=http://host:port");
+    let port = port.trim_end_matches('/');
+    let mut parts = host.split('.');
+    let (svc_name, svc_ns) = (
+        parts.next().expect("service name"),
+        parts.next().unwrap_or("default"),
+    );
+    let svc = Api::<Service>::namespaced(env.client.clone(), svc_ns)
+        .get(svc_name)
+        .await
+        .unwrap_or_else(|e| panic!("storage Service {svc_ns}/{svc_name}: {e}"));
+    let ip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("the storage Service has a ClusterIP");
+    let deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &env.operator_namespace);
+    let secret_name = deploys
+        .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+        .await
+        .expect("list operator Deployments")
+        .items
+        .iter()
+        .filter_map(|d| d.spec.as_ref())
+        .flat_map(|s| s.template.spec.iter())
+        .flat_map(|p| p.volumes.iter().flatten())
+        .find(|v| v.name == "storage-token")
+        .and_then(|v| v.secret.as_ref())
+        .and_then(|s| s.secret_name.clone())
+        .expect("the operator mounts a storage-token Secret");
+    let token = secret_data(env, &env.operator_namespace, &secret_name).await["token"]
+        .trim()
+        .to_string();
+    Some(
+        HttpStorage::with_timeout(
+            &format!("http://{ip}:{port}"),
+            Some(token),
+            Duration::from_secs(10),
+        )
+        .expect("storage client"),
+    )
+}
+
+/// Labels (`<namespace>/<name>`) of the timelines and snapshots storage
+/// holds for namespace `ns`.
+pub async fn stored_in(storage: &HttpStorage, ns: &str) -> Vec<String> {
+    let prefix = format!("{ns}/");
+    let timelines = storage.list_timelines().await.expect("list timelines");
+    let snapshots = storage.list_snapshots().await.expect("list snapshots");
+    timelines
+        .iter()
+        .filter_map(|t| t.label.as_deref())
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| format!("timeline {l}"))
+        .chain(
+            snapshots
+                .iter()
+                .filter_map(|s| s.label.as_deref())
+                .filter(|l| l.starts_with(&prefix))
+                .map(|l| format!("snapshot {l}")),
+        )
+        .collect()
+}
+
+/// Timelines storage holds for `ns` that no Branch of `ns` has as its
+/// `status.timelineId` (ids with their labels).
+pub async fn orphan_timelines(env: &Env, storage: &HttpStorage, ns: &str) -> Vec<String> {
+    let prefix = format!("{ns}/");
+    let branches: Api<Branch> = Api::namespaced(env.client.clone(), ns);
+    let used: Vec<String> = branches
+        .list(&ListParams::default())
+        .await
+        .expect("list branches")
+        .items
+        .iter()
+        .filter_map(|b| b.status.as_ref().and_then(|s| s.timeline_id.clone()))
+        .collect();
+    storage
+        .list_timelines()
+        .await
+        .expect("list timelines")
+        .iter()
+        .filter(|t| t.label.as_deref().is_some_and(|l| l.starts_with(&prefix)))
+        .filter(|t| !used.contains(&t.id.to_string()))
+        .map(|t| format!("{} ({})", t.id, t.label.clone().unwrap_or_default()))
+        .collect()
 }
 
 async fn delete_namespace(client: &Client, name: &str) {
@@ -245,6 +458,7 @@ impl Drop for TestNamespace {
         // use a thread with its own runtime and client.
         let name = self.name.clone();
         let kubeconfig = self.kubeconfig.clone();
+        let volume = self.volume.clone();
         let worker = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -254,6 +468,11 @@ impl Drop for TestNamespace {
                 let client = client_from(&kubeconfig).await;
                 delete_namespace(&client, &name).await;
                 eprintln!("namespace {name}: deletion started");
+                // Released once the namespace (and its claim) is gone;
+                // deleted now, it goes then (pv-protection finalizer).
+                if let Some(pv) = volume {
+                    delete_volume(&client, &pv).await;
+                }
             });
         });
         let _ = worker.join();
@@ -888,8 +1107,10 @@ pub async fn uri_secret(env: &Env, ns: &str, name: &str, uri: &str) {
 // ---------------------------------------------------------------------------
 // A client that keeps connecting through a Service (downtime of a finalize).
 
-/// A Pod that opens a new connection through a Secret's `uri` every 200 ms
-/// and logs `ok <ms>` or `fail <ms>` (Unix milliseconds).
+/// A Pod that opens a new connection through a Secret's `uri` every 100 ms
+/// (plus psql's own start, ~50 ms) and logs `ok <ms> <server address>
+/// <attempt ms>` or `fail <ms> <attempt ms>` (Unix milliseconds at the end
+/// of the attempt, and how long it took).
 pub struct Prober {
     pub pod: String,
     ns: String,
@@ -903,18 +1124,37 @@ pub struct ProbeReport {
     /// The longest time between two successful connections that had failed
     /// ones in between (0 when none failed).
     pub longest_outage_ms: i64,
+    /// The longest time between two successful connections, failed ones in
+    /// between or not (a connection that hangs is an outage too); one
+    /// probe's own period when nothing went wrong.
+    pub longest_gap_ms: i64,
+    /// The server addresses that answered, in order of first answer (a
+    /// switch of computes shows as a second address).
+    pub servers: Vec<String>,
+    /// The time from the last connection the first server answered to the
+    /// first one another server answered: the switch as clients saw it
+    /// (`None` when only one server answered).
+    pub switch_gap_ms: Option<i64>,
+    /// The longest time a connection attempt took (psql's start included).
+    pub slowest_attempt_ms: i64,
     /// The last attempt succeeded.
     pub last_ok: bool,
 }
 
-/// Parses prober log lines.
+/// Parses prober log lines (`ok <unix ms> [<server address> [<attempt ms>]]`,
+/// `fail <unix ms> [<attempt ms>]`; times at the end of the attempt).
 pub fn probe_report(log: &str) -> ProbeReport {
     let mut r = ProbeReport {
         ok: 0,
         failed: 0,
         longest_outage_ms: 0,
+        longest_gap_ms: 0,
+        servers: vec![],
+        switch_gap_ms: None,
+        slowest_attempt_ms: 0,
         last_ok: false,
     };
+    let mut last_first_server_at: Option<i64> = None;
     let mut last_ok_at: Option<i64> = None;
     let mut failing = false;
     for line in log.lines() {
@@ -925,10 +1165,24 @@ pub fn probe_report(log: &str) -> ProbeReport {
         match what {
             "ok" => {
                 r.ok += 1;
-                if failing {
-                    if let Some(prev) = last_ok_at {
+                if let Some(prev) = last_ok_at {
+                    r.longest_gap_ms = r.longest_gap_ms.max(at - prev);
+                    if failing {
                         r.longest_outage_ms = r.longest_outage_ms.max(at - prev);
                     }
+                }
+                if let Some(server) = parts.next() {
+                    if !r.servers.iter().any(|s| s == server) {
+                        r.servers.push(server.to_string());
+                    }
+                    if r.servers[0] == server {
+                        last_first_server_at = Some(at);
+                    } else if r.switch_gap_ms.is_none() {
+                        r.switch_gap_ms = last_first_server_at.map(|l| at - l);
+                    }
+                }
+                if let Some(Ok(took)) = parts.next().map(str::parse::<i64>) {
+                    r.slowest_attempt_ms = r.slowest_attempt_ms.max(took);
                 }
                 failing = false;
                 last_ok_at = Some(at);
@@ -936,6 +1190,9 @@ pub fn probe_report(log: &str) -> ProbeReport {
             }
             "fail" => {
                 r.failed += 1;
+                if let Some(Ok(took)) = parts.next().map(str::parse::<i64>) {
+                    r.slowest_attempt_ms = r.slowest_attempt_ms.max(took);
+                }
                 failing = true;
                 r.last_ok = false;
             }
@@ -953,14 +1210,24 @@ impl Prober {
             "prober-{seq}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..5]
         );
-        let script = "while true; do \
-             if psql -X -Atq -d \"$PGBRANCH_URI\" -c 'SELECT 1' >/dev/null 2>&1; \
-             then echo \"ok $(date +%s%3N)\"; else echo \"fail $(date +%s%3N)\"; fi; \
-             sleep 0.2; done";
+        let script = "while true; do s=$(date +%s%3N); \
+             if a=$(psql -X -Atq -d \"$PGBRANCH_URI\" -c 'SELECT inet_server_addr()' 2>/dev/null); \
+             then e=$(date +%s%3N); echo \"ok $e $a $((e - s))\"; \
+             else e=$(date +%s%3N); echo \"fail $e $((e - s))\"; fi; \
+             sleep 0.1; done";
         let mut pod = psql_pod(&name, &env.psql_image, secret, &[]);
         if let Some(c) = pod.spec.as_mut().and_then(|s| s.containers.first_mut()) {
             c.command = Some(vec!["sh".into(), "-c".into()]);
             c.args = Some(vec![escape_args(script)]);
+            // CPU enough that its own start-up is not what it measures
+            // on a busy node (the psql Pods ask for 10m).
+            c.resources = Some(
+                serde_json::from_value(json!({
+                    "requests": {"cpu": "250m", "memory": "16Mi"},
+                    "limits": {"memory": "128Mi"},
+                }))
+                .expect("resources"),
+            );
             if let Some(env_vars) = c.env.as_mut() {
                 for e in env_vars
                     .iter_mut()

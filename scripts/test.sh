@@ -32,3 +32,13 @@ cargo test --locked --all-targets -- --test-threads="${PGBRANCH_TEST_THREADS:-2}
 if [ -x scripts/check-manifests.sh ]; then
   bash scripts/check-manifests.sh
 fi
+
+# Tier 5: end to end on a real single-node Kubernetes cluster, the k8s-node
+# kit next to this repository (root only): the core set with the Helm chart,
+# then config/default (scripts/e2e.sh ci; `bash scripts/e2e.sh` runs the
+# full set). Elsewhere it needs kind: see docs/e2e.md.
+if [ "$(id -u)" -eq 0 ] && [ -d ../shared/k8s-node ]; then
+  bash scripts/e2e.sh ci
+else
+  echo "SKIP e2e tier (tier 5): needs root and ../shared/k8s-node; with kind: bash scripts/e2e.sh (docs/e2e.md)"
+fi

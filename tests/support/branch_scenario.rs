@@ -8,7 +8,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-use pgbranch::api::{Branch, BranchPhase, BranchSpec, DatabaseSpec, ParentRef, RoleSpec, LABEL_BRANCH};
+use pgbranch::api::{
+    Branch, BranchPhase, BranchSpec, DatabaseSpec, ParentRef, RoleSpec, LABEL_BRANCH,
+};
 use pgbranch::storage::Storage;
 use serde_json::json;
 

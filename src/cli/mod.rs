@@ -2,6 +2,7 @@
 //! service, CRD generation and local mode.
 
 pub mod crd;
+pub mod kubectl;
 pub mod local;
 pub mod operator;
 pub mod storage;
@@ -27,6 +28,9 @@ pub enum Command {
     Crd(crd::CrdArgs),
     /// Branches on this machine, no cluster: `pgbranch local init`.
     Local(local::LocalArgs),
+    /// The kubectl plugin (`kubectl pgbranch …` when this binary is on
+    /// PATH as `kubectl-pgbranch`): status, create, restore, finalize.
+    Kubectl(kubectl::KubectlArgs),
 }
 
 /// Errors that end the program with a message.
@@ -69,6 +73,22 @@ async fn shutdown_signal() {
     }
 }
 
+/// The command line, as given: run as `kubectl-pgbranch` (the kubectl
+/// plugin's name; kubectl runs `kubectl-pgbranch ARGS` for `kubectl
+/// pgbranch ARGS`), the arguments are the `kubectl` subcommand's.
+pub fn args_from(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let plugin = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("kubectl-pgbranch"));
+    if plugin {
+        argv[0] = "kubectl-pgbranch".into();
+        argv.insert(1, "kubectl".into());
+    }
+    argv
+}
+
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
@@ -76,5 +96,22 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Storage(cmd) => storage::run(cmd).await,
         Command::Crd(args) => crd::run(args),
         Command::Local(args) => local::run(args).await,
+        Command::Kubectl(args) => kubectl::run(args).await,
+    }
+}
+
+/// Sizes in binary units, one decimal.
+pub(crate) fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
     }
 }

@@ -10,9 +10,10 @@ use serde::de::DeserializeOwned;
 
 use super::args::parse_source;
 use super::output::{
-    branch_table, human_bytes, print_list, print_one, restore_table, snapshot_table, ProgressLine,
+    branch_table, print_list, print_one, restore_table, snapshot_table, ProgressLine,
 };
 use super::{client, BranchCommand, Output, RestoreAction, RestoreArgs, SnapshotCommand};
+use crate::cli::human_bytes;
 use crate::cli::CliError;
 use crate::local::api::{
     BranchView, CreateBranchRequest, CreateSnapshotRequest, FinalizeRequest, RestoreRequest,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::Output;
-use crate::cli::CliError;
+use crate::cli::{human_bytes, CliError};
 use crate::local::api::{BranchView, RestoreView, SnapshotView};
 use crate::storage::{Point, Progress};
 
@@ -134,22 +134,6 @@ fn point_text(p: &Option<Point>) -> String {
         Some(Point::Head) => "head".into(),
         Some(Point::Lsn(l)) => format!("lsn {l}"),
         Some(Point::Timestamp(t)) => t.to_string(),
-    }
-}
-
-/// Sizes in binary units, one decimal.
-pub(super) fn human_bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", units[u])
     }
 }
 

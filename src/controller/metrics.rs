@@ -1,8 +1,21 @@
 //! Prometheus metrics of the controllers: reconciles, errors by reason,
-//! durations, status writes, and whether this replica leads.
+//! durations, status writes, and whether this replica leads; the fleet as
+//! the controllers' caches hold it (objects by kind and phase, each object
+//! that is Stalled with its reason), read at scrape time, so the numbers
+//! are those of the objects that exist; and how long operations took
+//! (creation to first Ready, a restore from start to completion).
+//!
+//! The chart's Grafana dashboard and alert rules
+//! (`charts/pgbranch/files/observability/`) use only these names;
+//! `tests/observability.rs` checks them against a scrape.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use kube::runtime::reflector::Store;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -13,6 +26,68 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+/// What the fleet gauges need of one object: its kind, where it is, its
+/// `status.phase` and, when `Stalled` is True, the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectState {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub phase: Option<String>,
+    pub stalled: Option<String>,
+}
+
+impl ObjectState {
+    /// Reads the state from an object's status, whatever its kind (every
+    /// kind has `phase` or the Ready/Stalled conditions in the same shape).
+    pub fn of<K: Resource<DynamicType = ()> + Serialize>(obj: &K) -> ObjectState {
+        let status = serde_json::to_value(obj)
+            .ok()
+            .and_then(|v| v.get("status").cloned())
+            .unwrap_or_default();
+        let conditions = status.get("conditions").and_then(|c| c.as_array());
+        let find = |t: &str| {
+            conditions.and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.get("type").and_then(|x| x.as_str()) == Some(t))
+            })
+        };
+        let stalled = find("Stalled")
+            .filter(|c| c.get("status").and_then(|x| x.as_str()) == Some("True"))
+            .and_then(|c| c.get("reason").and_then(|x| x.as_str()))
+            .map(String::from);
+        let phase = status
+            .get("phase")
+            .and_then(|p| p.as_str())
+            .map(String::from)
+            .or_else(|| {
+                // Kinds without a phase (Snapshot, SnapshotSchedule): from
+                // the conditions.
+                let ready = find("Ready")
+                    .is_some_and(|c| c.get("status").and_then(|x| x.as_str()) == Some("True"));
+                Some(
+                    if stalled.is_some() {
+                        "Failed"
+                    } else if ready {
+                        "Ready"
+                    } else {
+                        "Pending"
+                    }
+                    .to_string(),
+                )
+            });
+        ObjectState {
+            kind: K::kind(&()).to_string(),
+            namespace: obj.namespace().unwrap_or_default(),
+            name: obj.name_any(),
+            phase,
+            stalled,
+        }
+    }
+}
+
+type Source = Box<dyn Fn() -> Vec<ObjectState> + Send + Sync>;
+
 /// The operator's metrics and the registry that exposes them.
 #[derive(Clone)]
 pub struct Metrics {
@@ -22,6 +97,15 @@ pub struct Metrics {
     status_writes: Family<Labels, Counter>,
     durations: Family<Labels, Histogram>,
     leader: Gauge,
+    objects: Family<Labels, Gauge>,
+    stalled: Family<Labels, Gauge>,
+    operations: Family<Labels, Histogram>,
+    /// The controllers' caches, read at scrape time.
+    sources: Arc<Mutex<Vec<Source>>>,
+    /// UIDs seen Ready by this process (an operation ends once).
+    seen_ready: Arc<Mutex<HashSet<String>>>,
+    /// One scrape at a time (the fleet gauges are rebuilt for each).
+    scrape: Arc<Mutex<()>>,
 }
 
 impl Default for Metrics {
@@ -71,6 +155,27 @@ impl Metrics {
             "1 while this replica holds the leader Lease and reconciles, else 0",
             leader.clone(),
         );
+        let objects = Family::<Labels, Gauge>::default();
+        registry.register(
+            "objects",
+            "Objects the operator manages, by kind and status.phase (Snapshot and SnapshotSchedule: Ready, Pending or Failed from their conditions)",
+            objects.clone(),
+        );
+        let stalled = Family::<Labels, Gauge>::default();
+        registry.register(
+            "stalled",
+            "1 for each object whose Stalled condition is True, by kind, namespace, name and reason",
+            stalled.clone(),
+        );
+        // 0.25 s .. ~70 min.
+        let operations = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.25, 2.0, 15))
+        });
+        registry.register(
+            "operation_duration_seconds",
+            "How long operations took: branch and snapshot from creation to first Ready, restore from start to Completed",
+            operations.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             reconciles,
@@ -78,6 +183,12 @@ impl Metrics {
             status_writes,
             durations,
             leader,
+            objects,
+            stalled,
+            operations,
+            sources: Arc::default(),
+            seen_ready: Arc::default(),
+            scrape: Arc::default(),
         }
     }
 
@@ -103,6 +214,69 @@ impl Metrics {
         self.leader.set(i64::from(leading));
     }
 
+    /// Counts the objects of a controller's cache at every scrape.
+    pub fn track<K>(&self, store: Store<K>)
+    where
+        K: Resource<DynamicType = ()> + Serialize + Clone + Send + Sync + 'static,
+    {
+        let source: Source = Box::new(move || {
+            store
+                .state()
+                .iter()
+                .map(|o| ObjectState::of(o.as_ref()))
+                .collect()
+        });
+        if let Ok(mut s) = self.sources.lock() {
+            s.push(source);
+        }
+    }
+
+    /// An operation of `operation` (`branch`, `snapshot`, `restore`) done
+    /// after `took`.
+    pub fn operation_done(&self, operation: &str, took: Duration) {
+        self.operations
+            .get_or_create(&vec![("operation".into(), operation.into())])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records `uid` as Ready; true the first time this process sees it
+    /// (so an operation's end is counted once).
+    pub fn first_ready(&self, uid: &str) -> bool {
+        self.seen_ready
+            .lock()
+            .map(|mut s| s.insert(uid.to_string()))
+            .unwrap_or(false)
+    }
+
+    fn refresh_fleet(&self) {
+        let states: Vec<ObjectState> = match self.sources.lock() {
+            Ok(s) => s.iter().flat_map(|f| f()).collect(),
+            Err(_) => return,
+        };
+        let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+        self.stalled.clear();
+        for o in &states {
+            let phase = o.phase.clone().unwrap_or_else(|| "Pending".into());
+            *counts.entry((o.kind.clone(), phase)).or_default() += 1;
+            if let Some(reason) = &o.stalled {
+                self.stalled
+                    .get_or_create(&vec![
+                        ("kind".into(), o.kind.clone()),
+                        ("namespace".into(), o.namespace.clone()),
+                        ("name".into(), o.name.clone()),
+                        ("reason".into(), reason.clone()),
+                    ])
+                    .set(1);
+            }
+        }
+        self.objects.clear();
+        for ((kind, phase), n) in counts {
+            self.objects
+                .get_or_create(&vec![("kind".into(), kind), ("phase".into(), phase)])
+                .set(n);
+        }
+    }
+
     /// Reconciles of a kind so far.
     pub fn reconcile_count(&self, k: &str) -> u64 {
         self.reconciles.get_or_create(&kind(k)).get()
@@ -110,6 +284,8 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        let _one = self.scrape.lock();
+        self.refresh_fleet();
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -141,5 +317,49 @@ mod tests {
         assert!(text.contains("pgbranch_leader 0"), "{text}");
         m.set_leader(true);
         assert!(m.encode().contains("pgbranch_leader 1"));
+        m.operation_done("restore", Duration::from_secs(3));
+        assert!(m
+            .encode()
+            .contains("pgbranch_operation_duration_seconds_count{operation=\"restore\"} 1"));
+        assert!(m.first_ready("u1"));
+        assert!(!m.first_ready("u1"));
+    }
+
+    #[test]
+    fn the_fleet_is_read_from_the_objects_status() {
+        use crate::api::{condition, Branch, BranchPhase, BranchStatus, Snapshot, SnapshotStatus};
+        let mut b = Branch::new("dev", Default::default());
+        b.metadata.namespace = Some("team".into());
+        b.status = Some(BranchStatus {
+            phase: Some(BranchPhase::Failed),
+            conditions: vec![condition(
+                "Stalled",
+                "True",
+                "PointOutsideRestoreWindow",
+                "",
+                None,
+                jiff::Timestamp::UNIX_EPOCH,
+            )],
+            ..Default::default()
+        });
+        let st = ObjectState::of(&b);
+        assert_eq!(st.kind, "Branch");
+        assert_eq!(st.phase.as_deref(), Some("Failed"));
+        assert_eq!(st.stalled.as_deref(), Some("PointOutsideRestoreWindow"));
+        let mut s = Snapshot::new("s", Default::default());
+        s.status = Some(SnapshotStatus {
+            conditions: vec![condition(
+                "Ready",
+                "True",
+                "Ready",
+                "",
+                None,
+                jiff::Timestamp::UNIX_EPOCH,
+            )],
+            ..Default::default()
+        });
+        let st = ObjectState::of(&s);
+        assert_eq!(st.phase.as_deref(), Some("Ready"));
+        assert_eq!(st.stalled, None);
     }
 }

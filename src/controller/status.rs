@@ -118,6 +118,7 @@ where
         None => Value::Object(Map::new()),
     };
     let new_v = serde_json::to_value(new)?;
+    first_ready(ctx, obj, &old_v, &new_v);
     let Some(diff) = merge_diff(&old_v, &new_v) else {
         return Ok(false);
     };
@@ -162,6 +163,31 @@ where
         }
     }
     Ok(true)
+}
+
+/// A Branch or Snapshot Ready for the first time: how long it took from
+/// its creation (once per object and process).
+fn first_ready<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, old: &Value, new: &Value) {
+    let kind = K::kind(&());
+    if kind != "Branch" && kind != "Snapshot" {
+        return;
+    }
+    let ready = |v: &Value| is_ready(&conditions_of(v));
+    if ready(old) || !ready(new) {
+        return;
+    }
+    let (Some(uid), Some(created)) = (
+        obj.meta().uid.as_deref(),
+        obj.meta().creation_timestamp.as_ref(),
+    ) else {
+        return;
+    };
+    if ctx.metrics.first_ready(uid) {
+        let took = jiff::Timestamp::now()
+            .duration_since(created.0)
+            .unsigned_abs();
+        ctx.metrics.operation_done(&kind.to_lowercase(), took);
+    }
 }
 
 fn conditions_of(status: &Value) -> Vec<Condition> {

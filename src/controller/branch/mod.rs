@@ -111,6 +111,7 @@ pub async fn run(
     let owned = watcher::Config::default().labels(LABEL_BRANCH);
     let controller = crate::controller::controller_for(branches.clone(), &ctx.config);
     let store = controller.store();
+    ctx.metrics.track(store.clone());
     let own_store = store.clone();
     let mut controller = controller
         .owns(deployments, owned.clone())

@@ -211,7 +211,13 @@ pub(super) async fn finalizing(
         step_done(run, st, step).await?;
     }
     st.phase = Some(RestorePhase::Completed);
-    st.completed_at = Some(jiff::Timestamp::now().to_string());
+    let now = jiff::Timestamp::now();
+    st.completed_at = Some(now.to_string());
+    if let Some(started) = st.started_at.as_deref().and_then(crate::point::read_time) {
+        run.ctx
+            .metrics
+            .operation_done("restore", now.duration_since(started).unsigned_abs());
+    }
     st.progress = None;
     Ok(Done {
         outcome: Outcome::ready("Completed", completed_message(run.r, st)),

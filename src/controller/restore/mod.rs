@@ -205,6 +205,7 @@ pub async fn run(
         controller = controller.reconcile_all_on(ticks);
     }
     let store = controller.store();
+    ctx.metrics.track(store.clone());
     let running = controller
         .run(reconcile, error_policy::<SnapshotRestore>, ctx)
         .for_each(|res| async move {

@@ -68,6 +68,7 @@ pub async fn run(
         controller = controller.reconcile_all_on(ticks);
     }
     let store = controller.store();
+    ctx.metrics.track(store.clone());
     let running = controller
         .run(reconcile, error_policy::<Snapshot>, ctx)
         .for_each(|res| async move {

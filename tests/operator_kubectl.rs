@@ -288,5 +288,58 @@ async fn the_plugin_creates_waits_restores_finalizes_and_draws_the_tree() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no parent"));
 
+    // A support bundle: the objects and Events, no secret of the namespace.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("report.tar.gz");
+    let out = k.ok(&["report", "--file", file.to_str().unwrap()]).await;
+    assert!(out.contains("secrets redacted"), "{out}");
+    let unpacked = dir.path().join("x");
+    std::fs::create_dir(&unpacked).unwrap();
+    let st = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&file)
+        .arg("-C")
+        .arg(&unpacked)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let report = unpacked.join("report");
+    let branches_yaml = std::fs::read_to_string(report.join("objects/branches.yaml")).unwrap();
+    assert!(branches_yaml.contains("name: dev") && branches_yaml.contains("name: prod"));
+    assert!(std::fs::read_to_string(report.join("status.txt"))
+        .unwrap()
+        .contains("├─ dev"));
+    assert!(std::fs::read_to_string(report.join("events.yaml"))
+        .unwrap()
+        .contains("reason:"));
+    let secrets_txt = std::fs::read_to_string(report.join("secrets.txt")).unwrap();
+    assert!(secrets_txt.contains("dev-app"), "{secrets_txt}");
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(h.client.clone(), &h.ns);
+    let mut values = Vec::new();
+    for s in secrets.list(&Default::default()).await.unwrap().items {
+        for (key, v) in s.data.unwrap_or_default() {
+            let v = String::from_utf8_lossy(&v.0).into_owned();
+            if key.contains("password") {
+                assert!(v.len() >= 6);
+                values.push(v);
+            }
+        }
+    }
+    assert!(!values.is_empty());
+    for entry in walkdir::WalkDir::new(&report) {
+        let entry = entry.unwrap();
+        if entry.file_type().is_file() {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            for v in &values {
+                assert!(
+                    !text.contains(v.as_str()),
+                    "{} holds a password",
+                    entry.path().display()
+                );
+            }
+        }
+    }
+
     h.shutdown().await;
 }

@@ -10,6 +10,7 @@
 //! branch tree ([`status`]); `connection-string` reads the branch's Secret.
 
 pub mod objects;
+pub mod report;
 pub mod status;
 
 use std::io::{IsTerminal, Write};
@@ -127,6 +128,16 @@ pub enum KubectlCommand {
         wait: bool,
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+    },
+    /// A support bundle (tar.gz): objects, computes, Events, logs and the
+    /// status tree of the namespace (or of one branch), every secret
+    /// redacted.
+    Report {
+        /// Only this branch, its descendants and what touches them.
+        branch: Option<String>,
+        /// The file to write (default `pgbranch-report-<ns>-<time>.tar.gz`).
+        #[arg(long = "file", short = 'f')]
+        file: Option<String>,
     },
     /// The branch's connection URI, from its Secret (`--ro`: the read
     /// replicas' Service).
@@ -300,6 +311,11 @@ pub async fn run(args: KubectlArgs) -> Result<(), CliError> {
             if *wait {
                 wait_restore(&restores, restore, Duration::from_secs(*timeout)).await?;
             }
+            Ok(())
+        }
+        KubectlCommand::Report { branch, file } => {
+            let path = report::run(&client, &ns, branch.as_deref(), file.as_deref()).await?;
+            println!("wrote {path} (secrets redacted)");
             Ok(())
         }
         KubectlCommand::ConnectionString { branch, ro } => {

@@ -11,10 +11,9 @@ use kube::ResourceExt;
 
 use super::names::meta;
 use super::{
-    desired_replicas, ro_service_name, service_host, ComputeConfig, ComputeError, LABEL_COMPONENT,
-    PG_PORT,
+    desired_replicas, ro_service_name, service_host, ComputeConfig, ComputeError, PG_PORT,
 };
-use crate::api::Branch;
+use crate::api::{Branch, LABEL_COMPONENT};
 
 /// Credentials of one role, as stored in a Secret.
 #[derive(Clone, PartialEq, Eq)]

@@ -19,10 +19,9 @@ use kube::ResourceExt;
 use super::names::meta;
 use super::{
     deployment_name, primary_selector, replica_deployment_name, replica_selector, service_host,
-    superuser_secret_name, Colocation, ComputeConfig, ComputeError, VolumeSource, LABEL_COMPONENT,
-    PG_PORT,
+    superuser_secret_name, Colocation, ComputeConfig, ComputeError, VolumeSource, PG_PORT,
 };
-use crate::api::Branch;
+use crate::api::{Branch, LABEL_COMPONENT};
 
 /// What a compute Deployment runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -322,9 +321,10 @@ fn default_resources() -> ResourceRequirements {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::LABEL_REPLICA_ORDINAL;
     use crate::api::{ComputeSpec, LABEL_BRANCH, LABEL_ROLE, LABEL_TIMELINE};
     use crate::compute::fixtures::{branch, cfg, replica_target, target, with_replicas};
-    use crate::compute::{build_service, desired_replicas, LABEL_REPLICA_ORDINAL};
+    use crate::compute::{build_service, desired_replicas};
 
     #[test]
     fn computes_share_the_storage_pods_node_when_asked() {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use kube::Resource;
 
-use super::ANNOTATION_APPLIED_HASH;
+use crate::api::ANNOTATION_APPLIED_HASH;
 
 /// A stable hash of an object's desired content (FNV-1a over its JSON), put
 /// in [`ANNOTATION_APPLIED_HASH`] so unchanged objects are not re-applied.

@@ -52,18 +52,6 @@ pub use service::*;
 pub const PG_PORT: i32 = 5432;
 /// Default compute image (stock PostgreSQL; its major must match the data).
 pub const DEFAULT_IMAGE: &str = "postgres:15";
-/// Label naming the component of an object (`compute`, `credentials`).
-pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
-/// Label naming who manages an object.
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// Annotation holding a hash of what the operator last applied, so an
-/// unchanged object is never re-applied (no write in steady state).
-pub const ANNOTATION_APPLIED_HASH: &str = "pgbranch.dev/applied-hash";
-/// Annotation on the app Secret: the `<timeline>/<generation>` on which the
-/// declarative roles, databases and passwords were last applied over SQL.
-pub const ANNOTATION_SQL_APPLIED: &str = "pgbranch.dev/sql-applied";
-/// Label on a replica compute: its ordinal (`0`, `1`, ...).
-pub const LABEL_REPLICA_ORDINAL: &str = "pgbranch.dev/replica-ordinal";
 /// Where compute pods find the storage volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeSource {

@@ -7,17 +7,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 
 use super::ComputeError;
-use super::{LABEL_MANAGED_BY, LABEL_REPLICA_ORDINAL};
-use crate::api::{Branch, LABEL_BRANCH, LABEL_ROLE, LABEL_TIMELINE};
-
-/// Labels a Branch may carry that must never be copied onto its children
-/// (Argo CD and Helm tracking: a copy would make the tool prune or claim them).
-const TRACKING_LABELS: &[&str] = &[
-    "app.kubernetes.io/instance",
-    "argocd.argoproj.io/instance",
-    "app.kubernetes.io/managed-by",
-    "helm.sh/chart",
-];
+use crate::api::{
+    Branch, LABEL_BRANCH, LABEL_MANAGED_BY, LABEL_REPLICA_ORDINAL, LABEL_ROLE, LABEL_TIMELINE,
+    TRACKING_LABELS,
+};
 
 /// Name of the compute Deployment of a branch's timeline.
 pub fn deployment_name(branch: &str, timeline_id: &str) -> String {
@@ -55,6 +48,20 @@ pub fn superuser_secret_name(branch: &str) -> String {
 /// Name of the Secret of a declared role that is not the app role.
 pub fn role_secret_name(branch: &str, role: &str) -> String {
     format!("{branch}-{role}")
+}
+
+/// The part of a role's Secret name derived from the role (lower-cased,
+/// `_` and other characters Kubernetes refuses become `-`).
+pub fn secret_suffix(role: &str) -> String {
+    role.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }
 
 /// The in-cluster DNS name of a branch's Service (`<svc>.<ns>.svc`).

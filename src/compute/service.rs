@@ -9,10 +9,9 @@ use kube::ResourceExt;
 
 use super::names::meta;
 use super::{
-    primary_selector, replicas_selector, ro_service_name, service_name, ComputeError,
-    LABEL_COMPONENT, PG_PORT,
+    primary_selector, replicas_selector, ro_service_name, service_name, ComputeError, PG_PORT,
 };
-use crate::api::Branch;
+use crate::api::{Branch, LABEL_COMPONENT};
 
 /// The Service `<branch>`: the stable address, selecting the primary of the
 /// branch's current timeline.
@@ -63,11 +62,9 @@ fn postgres_service(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::LABEL_ROLE;
+    use crate::api::{LABEL_REPLICA_ORDINAL, LABEL_ROLE};
     use crate::compute::fixtures::{branch, cfg, replica_target, target, with_replicas};
-    use crate::compute::{
-        build_deployment, build_replica_deployment, ReplicaTarget, LABEL_REPLICA_ORDINAL,
-    };
+    use crate::compute::{build_deployment, build_replica_deployment, ReplicaTarget};
 
     #[test]
     fn service_is_named_after_the_branch() {

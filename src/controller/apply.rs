@@ -85,7 +85,7 @@ where
 {
     let ns = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<K> = ctx.api(&ns);
     let mut desired = stamp_hash(desired);
     if let Some(existing) = with_deadline(ctx, "read child object", api.get_opt(&name)).await? {
         desired = keep_immutable(desired, &existing)?;
@@ -346,7 +346,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
     K: Resource<Scope = kube::core::NamespaceResourceScope>,
 {
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<K> = ctx.api(ns);
     let Some(existing) = with_deadline(ctx, "read child object", api.get_opt(name)).await? else {
         return Ok(true);
     };

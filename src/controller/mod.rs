@@ -14,7 +14,9 @@ pub mod metrics;
 pub mod operations;
 pub mod restore;
 pub mod schedule;
+pub mod secrets;
 pub mod snapshot;
+pub mod sql;
 pub mod status;
 
 use std::collections::HashMap;
@@ -23,11 +25,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use kube::core::NamespaceResourceScope;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::compute::{ComputeConfig, PG_PORT};
 use crate::storage::{Storage, StorageError};
@@ -213,6 +216,26 @@ impl Context {
             switch_waits: Default::default(),
             operations: operations::OperationLock::default(),
         })
+    }
+
+    /// The one way to an [`Api`]: the `K` objects of namespace `ns`.
+    pub fn api<K>(&self, ns: &str) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+    {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// The `K` objects the operator watches: those of its namespace
+    /// ([`Config::namespace`]), else of every namespace.
+    pub fn watched<K>(&self) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+    {
+        match &self.config.namespace {
+            Some(ns) => self.api(ns),
+            None => Api::all(self.client.clone()),
+        }
     }
 
     fn failures_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {

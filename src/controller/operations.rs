@@ -48,7 +48,7 @@ pub async fn restore_holding(
     branch: &str,
     except_uid: Option<&str>,
 ) -> Result<Option<(String, RestorePhase)>, Error> {
-    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<SnapshotRestore> = ctx.api(ns);
     let list = with_deadline(ctx, "list restores", api.list(&ListParams::default())).await?;
     let mut found: Vec<(String, RestorePhase)> = list
         .items
@@ -91,7 +91,7 @@ pub async fn snapshot_being_taken(
     ns: &str,
     branches: &[&str],
 ) -> Result<Option<(String, String)>, Error> {
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<Snapshot> = ctx.api(ns);
     let list = with_deadline(ctx, "list snapshots", api.list(&ListParams::default())).await?;
     let mut found: Vec<(String, String)> = list
         .items

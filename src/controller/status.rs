@@ -122,7 +122,7 @@ where
         return Ok(false);
     };
     let ns = obj.namespace().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<K> = ctx.api(&ns);
     let patch = json!({
         "metadata": { "resourceVersion": obj.resource_version() },
         "status": diff,

@@ -50,7 +50,7 @@ pub(super) async fn cleanup_steps(
             "the branch is protected: set spec.protected to false to delete it",
         ));
     }
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let branches: Api<Branch> = ctx.api(&ns);
     let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
     let mut children: Vec<String> = all
         .items
@@ -70,7 +70,7 @@ pub(super) async fn cleanup_steps(
     }
 
     // Compute first: storage refuses to delete a timeline that still runs.
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let deploys: Api<Deployment> = ctx.api(&ns);
     let list = with_deadline(
         ctx,
         "list computes",
@@ -138,7 +138,7 @@ pub(super) async fn cleanup_steps(
 
     delete_owned::<Service>(ctx, &ns, &service_name(&name), &uid).await?;
     delete_owned::<Service>(ctx, &ns, &ro_service_name(&name), &uid).await?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<Secret> = ctx.api(&ns);
     let owned = with_deadline(
         ctx,
         "list secrets",

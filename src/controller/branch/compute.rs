@@ -24,7 +24,7 @@ pub(super) async fn compute_start_gate(
 ) -> Result<Option<Done>, Error> {
     let ns = desired.namespace().unwrap_or_default();
     let own = desired.name_any();
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let deploys: Api<Deployment> = ctx.api(&ns);
     let live = with_deadline(ctx, "read compute", deploys.get_opt(&own)).await?;
     if live
         .as_ref()
@@ -62,7 +62,7 @@ pub(super) async fn blocking_pod(
     selector: &str,
     own: &str,
 ) -> Result<Option<String>, Error> {
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = ctx.api(ns);
     let list = with_deadline(
         ctx,
         "list compute pods",
@@ -103,8 +103,7 @@ pub(super) async fn compute_problem(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = ctx.api(&d.namespace().unwrap_or_default());
     let list = with_deadline(
         ctx,
         "list compute pods",
@@ -174,7 +173,7 @@ pub(super) async fn reconcile_compute(
             return Ok(Step::Stop(stalled));
         }
     }
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let deploys: Api<Deployment> = ctx.api(&ns);
     let adopted = if compute.enabled {
         handover::compute_for_timeline(ctx, branch, &tl.id, &uid).await?
     } else {
@@ -216,7 +215,7 @@ pub(super) async fn reconcile_compute(
     let compute_ready = current.as_ref().is_some_and(deployment_ready);
 
     // The Service moves to a new timeline only once its compute is ready.
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<Service> = ctx.api(&ns);
     let live_svc =
         with_deadline(ctx, "read service", services.get_opt(&service_name(&name))).await?;
     let selected = live_svc

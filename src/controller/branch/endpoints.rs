@@ -26,10 +26,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
+use crate::api::LABEL_SERVICE_NAME;
 use crate::controller::{with_deadline, Context, Error};
-
-/// The label the EndpointSlice controller puts on a Service's slices.
-pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 
 /// How long kube-proxy may take to apply EndpointSlices it has seen: its
 /// default `iptables.minSyncPeriod` / `nftables.minSyncPeriod` (1 s) plus
@@ -150,7 +148,7 @@ pub async fn switched(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let pods: Api<Pod> = ctx.api(ns);
     let pods = match with_deadline(
         ctx,
         "list compute pods",
@@ -171,7 +169,7 @@ pub async fn switched(
     if compute_pods.is_empty() {
         return Ok(Switch::NotRouted);
     }
-    let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<EndpointSlice> = ctx.api(ns);
     let slices = match with_deadline(
         ctx,
         "list endpointslices",

@@ -40,21 +40,15 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{progressing, Done, ANNOTATION_ADOPT_TIMELINE};
+use super::{progressing, Done};
 use crate::api::{
-    Branch, Snapshot, SnapshotRestore, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF,
-    LABEL_ROLE, LABEL_TIMELINE,
+    Branch, Snapshot, SnapshotRestore, ANNOTATION_ADOPTED_COMPUTE, ANNOTATION_ADOPT_TIMELINE,
+    ANNOTATION_HANDOVER_TO, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF, LABEL_ROLE,
+    LABEL_TIMELINE,
 };
 use crate::controller::apply::{holder, Holder};
 use crate::controller::{with_deadline, Context, Error};
 use crate::storage::{SnapshotId, Source, TimelineId};
-
-/// Annotation on a restored branch: the branch its compute is handed to.
-pub const ANNOTATION_HANDOVER_TO: &str = "pgbranch.dev/handover-to";
-
-/// Annotation on an adopted compute Deployment: the hash of the adopting
-/// branch's `spec.compute` when it adopted it.
-pub const ANNOTATION_ADOPTED_COMPUTE: &str = "pgbranch.dev/adopted-compute";
 
 /// The hash an adopted Deployment is stamped with: the part of
 /// `spec.compute` the primary's pod is made from (`readReplicas` only
@@ -81,7 +75,7 @@ async fn patch_deployment(
     what: &'static str,
     patch: serde_json::Value,
 ) -> Result<Deployment, Error> {
-    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<Deployment> = ctx.api(ns);
     with_deadline(
         ctx,
         what,
@@ -149,7 +143,7 @@ pub(super) async fn retire_adopted(
         .collect::<Vec<_>>()
         .join(",");
     if !selector.is_empty() {
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = ctx.api(&ns);
         let left = with_deadline(
             ctx,
             "list pods",
@@ -191,7 +185,7 @@ pub(super) async fn snapshot_source(
         return Ok(None);
     };
     let ns = branch.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Snapshot> = ctx.api(&ns);
     let Some(snap) = with_deadline(ctx, "read snapshot", api.get_opt(name)).await? else {
         return Err(Error::stalled(
             "SnapshotNotFound",
@@ -227,9 +221,9 @@ pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> 
             format!("annotation {ANNOTATION_ADOPT_TIMELINE} is honoured only on a backup branch the operator made: {why}"),
         )
     };
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let branches: Api<Branch> = ctx.api(&ns);
     if let Some(restore) = branch.labels().get(LABEL_RESTORE_BACKUP_OF) {
-        let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
+        let api: Api<SnapshotRestore> = ctx.api(&ns);
         let Some(r) = with_deadline(ctx, "read restore", api.get_opt(restore)).await? else {
             return Err(refuse(format!("SnapshotRestore {restore} not found")));
         };
@@ -290,14 +284,14 @@ pub(super) async fn compute_for_timeline(
     let ns = branch.namespace().unwrap_or_default();
     let name = branch.name_any();
     let own_name = crate::compute::deployment_name(&name, tl.as_str());
-    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Deployment> = ctx.api(&ns);
     let list = with_deadline(
         ctx,
         "list computes",
         api.list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={tl}"))),
     )
     .await?;
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let branches: Api<Branch> = ctx.api(&ns);
     for d in list.items {
         // Read replicas follow a primary; they are never the compute.
         if d.labels().get(LABEL_ROLE).map(String::as_str) == Some("replica") {
@@ -403,7 +397,7 @@ pub(super) async fn relabel_adopted_pods(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<Pod> = ctx.api(&ns);
     let list = with_deadline(
         ctx,
         "list compute pods",

@@ -27,15 +27,14 @@ pub mod endpoints;
 pub mod handover;
 pub mod refresh;
 pub mod replicas;
-pub mod sql;
 mod timeline;
 pub mod validate;
 mod volume;
 
+use super::{secrets, sql};
 use cleanup::reconcile_cleanup;
 use compute::{blocking_pod, deployment_ready};
-use credentials::{fallback_superuser_passwords, secret_password, Credentials};
-use timeline::compute_conn;
+use credentials::{fallback_superuser_passwords, Credentials};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,22 +56,17 @@ use super::status::{apply_outcome, write_status, Outcome};
 use super::{error_policy, with_deadline, Context, Error};
 use crate::api::{
     Branch, BranchPhase, BranchStatus, ConnectionStatus, CredentialsPolicy, InitSource,
-    LABEL_BRANCH, LABEL_TIMELINE,
+    ANNOTATION_ADOPT_TIMELINE, ANNOTATION_SQL_APPLIED, LABEL_BRANCH, LABEL_TIMELINE,
 };
 use crate::compute::{
     app_secret_name, build_credentials_secret, build_deployment, build_service, content_hash,
-    ro_service_name, role_secret_name, secret_value, service_host, service_name,
-    superuser_secret_name, ComputeTarget, RoleCredentials, ANNOTATION_SQL_APPLIED, PG_PORT,
+    ro_service_name, role_secret_name, secret_suffix, secret_value, service_host, service_name,
+    superuser_secret_name, ComputeTarget, RoleCredentials, PG_PORT,
 };
 use crate::storage::{
-    ConnInfo, CreateTimeline, OpKey, Password, Source, State, StorageError, Timeline, TimelineId,
+    CreateTimeline, OpKey, Password, Source, State, StorageError, Timeline, TimelineId,
 };
-use validate::{app_identity, generate_password, parse_point, secret_suffix};
-
-/// Annotation on a new Branch naming an existing timeline to take over
-/// instead of creating one (a restore's backup branch keeps the replaced
-/// timeline this way). Read only while `status.timelineId` is empty.
-pub const ANNOTATION_ADOPT_TIMELINE: &str = "pgbranch.dev/adopt-timeline";
+use validate::{app_identity, generate_password, parse_point};
 
 /// The finalizer the Branch controller puts on every Branch.
 pub const FINALIZER: &str = "pgbranch.dev/branch-cleanup";
@@ -194,7 +188,7 @@ fn related_branches(b: &Branch, known: &[Arc<Branch>]) -> Vec<ObjectRef<Branch>>
 async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = branch.namespace().unwrap_or_default();
-    let api: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Branch> = ctx.api(&ns);
     let res = super::finalizer_result(
         finalizer(&api, FINALIZER, branch.clone(), |ev| async {
             match ev {
@@ -444,8 +438,7 @@ async fn expire(
             }
             tracing::info!(branch = %name, %expires, "branch expired, deleting it");
             expiry::publish_expired(ctx, branch, expires).await;
-            let branches: Api<Branch> =
-                Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
+            let branches: Api<Branch> = ctx.api(&branch.namespace().unwrap_or_default());
             with_deadline(
                 ctx,
                 "delete expired branch",
@@ -471,7 +464,7 @@ async fn read_parent(ctx: &Context, branch: &Branch) -> Result<Option<Branch>, E
         return Ok(None);
     };
     let ns = branch.namespace().unwrap_or_default();
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let branches: Api<Branch> = ctx.api(&ns);
     match with_deadline(ctx, "read parent", branches.get_opt(&p.branch)).await? {
         Some(pb) => Ok(Some(pb)),
         None => Err(Error::stalled(
@@ -498,8 +491,7 @@ async fn replaced_timelines(
     if history.is_empty() {
         return Ok(history);
     }
-    let branches: Api<Branch> =
-        Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
+    let branches: Api<Branch> = ctx.api(&branch.namespace().unwrap_or_default());
     let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
     Ok(history
         .into_iter()

@@ -49,22 +49,13 @@ use serde_json::json;
 
 use crate::api::{
     backup_branch_name, Branch, RestorePhase, RestoreSource, Snapshot, SnapshotRestore,
-    SnapshotRestoreSpec, FIELD_MANAGER, LABEL_RESTORE_BACKUP_OF, MAX_BRANCH_NAME_LEN, READY,
-    STALLED,
+    SnapshotRestoreSpec, ANNOTATION_BACKUP_HANDLED, ANNOTATION_PRESERVE, ANNOTATION_SCHEDULED_AT,
+    FIELD_MANAGER, LABEL_REFRESH_OF, LABEL_RESTORE_BACKUP_OF, MAX_BRANCH_NAME_LEN, READY, STALLED,
 };
 use crate::controller::apply::{holder, Holder};
 use crate::controller::schedule::plan::{self, Cadence};
-use crate::controller::schedule::ANNOTATION_SCHEDULED_AT;
 use crate::controller::{error_policy, with_deadline, Context, Error};
 
-/// Label on a refresh's SnapshotRestore: the refreshed branch.
-pub const LABEL_REFRESH_OF: &str = "pgbranch.dev/refresh-of";
-/// Annotation on a refresh's SnapshotRestore: whether its backup is kept.
-pub const ANNOTATION_PRESERVE: &str = "pgbranch.dev/refresh-preserve";
-/// Annotation on a refresh's SnapshotRestore once its backup branch was
-/// dealt with (`deleted` or `kept`), so it is looked at (and warned about)
-/// once.
-pub const ANNOTATION_BACKUP_HANDLED: &str = "pgbranch.dev/refresh-backup";
 /// Finished refresh restores kept per branch (for `kubectl get`).
 pub const KEEP_FINISHED: usize = 3;
 
@@ -154,7 +145,7 @@ async fn blocker(
     if !is_ready(&branch.status.clone().unwrap_or_default().conditions) {
         return Ok(Some(format!("branch {name} is not Ready")));
     }
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let branches: Api<Branch> = ctx.api(&ns);
     match with_deadline(ctx, "read parent", branches.get_opt(parent)).await? {
         None => return Ok(Some(format!("the parent branch {parent} does not exist"))),
         Some(p) if !is_ready(&p.status.clone().unwrap_or_default().conditions) => {
@@ -162,7 +153,7 @@ async fn blocker(
         }
         Some(_) => {}
     }
-    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let snaps: Api<Snapshot> = ctx.api(&ns);
     let list = with_deadline(ctx, "list snapshots", snaps.list(&ListParams::default())).await?;
     Ok(operation_under_way(&name, restores, &list.items))
 }
@@ -241,7 +232,7 @@ async fn create_refresh(
         },
         status: None,
     };
-    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<SnapshotRestore> = ctx.api(&ns);
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
@@ -291,7 +282,7 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
         return Ok(true);
     };
     let ns = branch.namespace().unwrap_or_default();
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let branches: Api<Branch> = ctx.api(&ns);
     let Some(b) = with_deadline(ctx, "read backup", branches.get_opt(&backup)).await? else {
         mark_handled(ctx, r, "deleted").await?;
         return Ok(true);
@@ -359,8 +350,7 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
 
 /// Records on a refresh's SnapshotRestore that its backup was dealt with.
 async fn mark_handled(ctx: &Context, r: &SnapshotRestore, how: &str) -> Result<(), Error> {
-    let api: Api<SnapshotRestore> =
-        Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
+    let api: Api<SnapshotRestore> = ctx.api(&r.namespace().unwrap_or_default());
     let patch = json!({"metadata": {"annotations": {ANNOTATION_BACKUP_HANDLED: how}}});
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -396,7 +386,7 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
     {
         return Ok(Action::await_change());
     }
-    let restore_api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
+    let restore_api: Api<SnapshotRestore> = ctx.api(&ns);
     let all_restores = with_deadline(
         ctx,
         "list restores",
@@ -499,7 +489,7 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
 
     let next_text = next.map(plan::rfc3339);
     if last != status.last_refresh_time || next_text != status.next_refresh_time {
-        let api: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+        let api: Api<Branch> = ctx.api(&ns);
         let patch = json!({"status": {"lastRefreshTime": last, "nextRefreshTime": next_text}});
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),

@@ -29,12 +29,12 @@ use kube::{Api, ResourceExt};
 
 use super::super::apply::{apply_owned, delete_owned, holder, Holder};
 use super::super::{with_deadline, Context, Error};
-use super::{compute_conn, deployment_ready};
-use crate::api::{Branch, LABEL_BRANCH, LABEL_ROLE, LABEL_TIMELINE};
+use super::deployment_ready;
+use crate::api::{Branch, LABEL_BRANCH, LABEL_REPLICA_ORDINAL, LABEL_ROLE, LABEL_TIMELINE};
 use crate::compute::{
     build_replica_deployment, build_ro_service, desired_replicas, ro_service_name, ReplicaTarget,
-    LABEL_REPLICA_ORDINAL,
 };
+use crate::controller::secrets;
 use crate::storage::{CreateReplica, Replica, State, StorageError, TimelineId};
 
 /// A replica Deployment of the branch, as observed.
@@ -173,7 +173,7 @@ pub(super) async fn reconcile(
     let (wanted, running) = desired_replicas(branch);
 
     // Observe.
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let deploys: Api<Deployment> = ctx.api(&ns);
     let listed = with_deadline(
         ctx,
         "list replica computes",
@@ -202,7 +202,7 @@ pub(super) async fn reconcile(
         .collect();
     // Pods outlive their Deployment while they stop: another Branch's
     // replica pod still holds its data directory.
-    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod_api: Api<Pod> = ctx.api(&ns);
     let pod_list = with_deadline(
         ctx,
         "list replica pods",
@@ -269,7 +269,7 @@ pub(super) async fn reconcile(
     if !plan.create.is_empty() {
         // The primary's connection: backup mode on drivers that cannot
         // snapshot a running server atomically.
-        let conn = compute_conn(ctx, branch).await?;
+        let conn = secrets::superuser_conn(ctx, branch).await?;
         for n in &plan.create {
             tracing::info!(branch = %name, timeline = %current, ordinal = n, "creating read replica");
             let req = CreateReplica {
@@ -290,7 +290,7 @@ pub(super) async fn reconcile(
             // replica's data directory is stopping or belongs to another
             // Deployment.
             let dname = crate::compute::replica_deployment_name(&name, current.as_str(), *n);
-            let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+            let deploys: Api<Deployment> = ctx.api(&ns);
             let settled = with_deadline(ctx, "read replica", deploys.get_opt(&dname))
                 .await?
                 .is_some_and(|d| {

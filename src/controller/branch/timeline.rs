@@ -33,30 +33,6 @@ pub(super) fn timeline_failed_reason(error: &str) -> &'static str {
     }
 }
 
-/// How to reach a running compute of `branch` as its superuser, to let the
-/// storage layer CHECKPOINT it before copying. None when it is not running.
-pub(super) async fn compute_conn(
-    ctx: &Context,
-    branch: &Branch,
-) -> Result<Option<ConnInfo>, Error> {
-    if !branch.spec.compute.enabled || branch.spec.compute.suspended {
-        return Ok(None);
-    }
-    let ns = branch.namespace().unwrap_or_default();
-    let name = branch.name_any();
-    let Some(password) = secret_password(ctx, &ns, &superuser_secret_name(&name)).await? else {
-        return Ok(None);
-    };
-    let (host, port) = ctx.resolver.resolve(&ns, &service_name(&name)).await?;
-    Ok(Some(ConnInfo {
-        host,
-        port,
-        user: "postgres".into(),
-        password: Some(Password(password)),
-        dbname: "postgres".into(),
-    }))
-}
-
 /// Takes over an existing timeline named by [`ANNOTATION_ADOPT_TIMELINE`]
 /// (a restore's backup branch, an imported timeline) instead of creating
 /// one, unless another Branch already serves it.
@@ -73,7 +49,7 @@ pub(super) async fn adopt_timeline(
         )
     })?;
     let ns = branch.namespace().unwrap_or_default();
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let branches: Api<Branch> = ctx.api(&ns);
     let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
     if let Some(other) = all.items.iter().find(|b| {
         b.uid() != branch.uid()
@@ -251,7 +227,7 @@ async fn create_timeline(
                     point,
                 }
             };
-            (source, compute_conn(ctx, p).await?)
+            (source, secrets::superuser_conn(ctx, p).await?)
         }
     };
     let req = CreateTimeline {

@@ -2,6 +2,7 @@
 //! app identity and the declared roles. No API calls.
 
 use crate::api::{Branch, InitSource, ParentRef};
+use crate::compute::secret_suffix;
 use crate::storage::Point;
 
 /// A spec problem: a Stalled reason and a message a person can act on.
@@ -128,20 +129,6 @@ fn check_identifier(what: &str, s: &str) -> Result<(), Invalid> {
         ));
     }
     Ok(())
-}
-
-/// The part of a role's Secret name derived from the role (lower-cased,
-/// `_` and other characters Kubernetes refuses become `-`).
-pub fn secret_suffix(role: &str) -> String {
-    role.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect()
 }
 
 /// The application user and database of a branch: the first declared role

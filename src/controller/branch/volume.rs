@@ -51,7 +51,7 @@ pub(super) async fn check_claim(ctx: &Context, ns: &str) -> Result<Option<Done>,
     let Some(claim) = claim_of(&ctx.config.compute.volume) else {
         return Ok(None);
     };
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let pvcs: Api<PersistentVolumeClaim> = ctx.api(ns);
     let found = with_deadline(ctx, "read the volume claim", pvcs.get_opt(claim)).await?;
     Ok(found.is_none().then(|| missing(claim, ns)))
 }

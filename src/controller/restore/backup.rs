@@ -22,14 +22,14 @@ pub(super) async fn create_backup(
         }
         return Ok(());
     }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secrets: Api<Secret> = ctx.api(ns);
     for (suffix, user, pw) in target_credentials(ctx, ns, target).await? {
         let name = match suffix.as_str() {
             "superuser" => superuser_secret_name(bname),
             "app" => app_secret_name(bname),
             s => role_secret_name(bname, s),
         };
-        if secret(ctx, ns, &name).await?.is_some() {
+        if secrets::get(ctx, ns, &name).await?.is_some() {
             continue;
         }
         // Same type as the target's (a Secret's type is immutable, and the
@@ -39,7 +39,7 @@ pub(super) async fn create_backup(
             "app" => app_secret_name(&target.name_any()),
             s => role_secret_name(&target.name_any(), s),
         };
-        let type_ = secret(ctx, ns, &source)
+        let type_ = secrets::get(ctx, ns, &source)
             .await?
             .and_then(|s| s.type_)
             .unwrap_or_else(|| "Opaque".into());

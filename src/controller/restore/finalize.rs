@@ -172,7 +172,7 @@ async fn observe(run: &Run<'_>, st: &SnapshotRestoreStatus) -> Result<Finalize, 
             ),
         ));
     }
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
+    let services: Api<Service> = ctx.api(&run.ns);
     let live_svc =
         with_deadline(ctx, "read service", services.get_opt(&service_name(&tname))).await?;
     if last_step(st).is_none_or(|l| l < FinalizeStep::Target) {
@@ -303,7 +303,7 @@ async fn target(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
         .await?;
     }
     // The selector of the Deployment that serves t_new, in one patch.
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &run.ns);
+    let deploys: Api<Deployment> = ctx.api(&run.ns);
     let list = with_deadline(
         ctx,
         "list computes",
@@ -322,7 +322,7 @@ async fn target(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
         .and_then(|s| s.selector.match_labels.clone());
     if let (Some(sel), Some(svc)) = (sel, f.live_svc.as_ref()) {
         let want = selector_patch(&sel, svc.spec.as_ref().and_then(|s| s.selector.as_ref()));
-        let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
+        let services: Api<Service> = ctx.api(&run.ns);
         with_deadline(
             ctx,
             "retarget service",
@@ -343,8 +343,8 @@ async fn target(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
 /// 4. The target's controller adopts the compute and stops the old one.
 async fn compute(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let ctx = run.ctx;
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &run.ns);
+    let services: Api<Service> = ctx.api(&run.ns);
+    let deploys: Api<Deployment> = ctx.api(&run.ns);
     let svc = with_deadline(
         ctx,
         "read service",

@@ -85,7 +85,7 @@ mod restoring;
 mod start;
 
 use backup::{create_backup, reparent_children};
-use credentials::{secret, set_target_passwords, target_credentials};
+use credentials::{set_target_passwords, target_credentials};
 use finalize::finalizing;
 use restoring::{check_service_owned, restoring, svc_selector_timeline};
 use start::start;
@@ -108,27 +108,22 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::apply::{holder, Holder};
-use super::branch::handover::ANNOTATION_HANDOVER_TO;
-use super::branch::sql;
-use super::branch::ANNOTATION_ADOPT_TIMELINE;
 use super::operations::snapshot_being_taken;
-use super::snapshot::secret_password;
 use super::status::{apply_outcome, is_ready, merge_diff, outcome_changed, Outcome};
 use super::{error_policy, with_deadline, Context, Error};
+use super::{secrets, sql};
 use crate::api::{
     Branch, BranchSpec, ParentRef, RestorePhase, Snapshot, SnapshotRestore, SnapshotRestoreStatus,
-    TimelineHistoryEntry, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF, LABEL_ROLE,
-    LABEL_TIMELINE, STALLED,
+    TimelineHistoryEntry, ANNOTATION_ADOPT_TIMELINE, ANNOTATION_HANDOVER_TO, FIELD_MANAGER,
+    LABEL_BRANCH, LABEL_RESTORE, LABEL_RESTORE_BACKUP_OF, LABEL_ROLE, LABEL_TIMELINE, STALLED,
 };
 use crate::compute::{
-    app_secret_name, role_secret_name, secret_value, service_name, superuser_secret_name,
+    app_secret_name, role_secret_name, secret_suffix, service_name, superuser_secret_name,
 };
 use crate::storage::TimelineId;
 
 /// The finalizer: a restore is not deleted in the middle of finalizing.
 pub const FINALIZER: &str = "pgbranch.dev/restore-cleanup";
-/// Label on a restored branch: the SnapshotRestore that made it.
-pub const LABEL_RESTORE: &str = "pgbranch.dev/restore";
 const KIND: &str = "SnapshotRestore";
 /// How many earlier timelines a Branch's `status.history` keeps.
 const HISTORY_LEN: usize = 10;
@@ -219,7 +214,7 @@ pub async fn run(
 async fn reconcile(r: Arc<SnapshotRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = r.namespace().unwrap_or_default();
-    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<SnapshotRestore> = ctx.api(&ns);
     let res = super::finalizer_result(
         finalizer(&api, FINALIZER, r.clone(), |ev| async {
             match ev {
@@ -456,7 +451,7 @@ pub fn default_backup_name(target: &str, at: jiff::Timestamp) -> String {
 }
 
 fn branch_api(ctx: &Context, ns: &str) -> Api<Branch> {
-    Api::namespaced(ctx.client.clone(), ns)
+    ctx.api(ns)
 }
 
 fn pg_major_of_branch(b: &Branch) -> Option<i64> {

@@ -144,7 +144,7 @@ async fn precheck(run: &Run<'_>, st: &SnapshotRestoreStatus) -> Result<(), Error
             ),
         ));
     }
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
+    let services: Api<Service> = ctx.api(&run.ns);
     let svc = with_deadline(ctx, "read service", services.get_opt(&service_name(&tname))).await?;
     check_service_owned(
         svc.as_ref(),

@@ -19,7 +19,7 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
     // Source.
     let source_major = match (&spec.source.snapshot, &spec.source.branch) {
         (Some(s), None) => {
-            let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+            let api: Api<Snapshot> = ctx.api(&ns);
             let Some(snap) = with_deadline(ctx, "read snapshot", api.get_opt(s)).await? else {
                 return Err(Error::stalled(
                     "SourceNotFound",
@@ -102,7 +102,7 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
                 "Snapshot {snap} of branch {b} is being taken; the restore starts when it is ready"
             )));
         }
-        let all: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
+        let all: Api<SnapshotRestore> = ctx.api(&ns);
         let others = with_deadline(ctx, "list restores", all.list(&ListParams::default())).await?;
         if let Some(o) = others.items.iter().find(|o| {
             o.uid() != r.uid()

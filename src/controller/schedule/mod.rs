@@ -36,13 +36,9 @@ use super::status::{apply_outcome, write_status, Outcome};
 use super::{error_policy, with_deadline, Context, Error};
 use crate::api::{
     parse_span, Branch, Snapshot, SnapshotSchedule, SnapshotScheduleStatus, SnapshotSpec,
-    FIELD_MANAGER, LABEL_KEEP, READY, STALLED,
+    ANNOTATION_SCHEDULED_AT, FIELD_MANAGER, LABEL_KEEP, LABEL_SCHEDULE, READY, STALLED,
 };
 
-/// Label on every Snapshot a schedule made: the schedule's name.
-pub const LABEL_SCHEDULE: &str = "pgbranch.dev/schedule";
-/// Annotation on every object a scheduled run made: the run's slot (RFC 3339).
-pub const ANNOTATION_SCHEDULED_AT: &str = "pgbranch.dev/scheduled-at";
 /// The Snapshot `Stalled` reason of a run refused by the snapshot quota.
 pub const REASON_QUOTA: &str = "SnapshotQuotaExceeded";
 const KIND: &str = "SnapshotSchedule";
@@ -176,7 +172,7 @@ async fn owned_snapshots(
     uid: &str,
 ) -> Result<Vec<Snapshot>, Error> {
     let ns = sched.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Snapshot> = ctx.api(&ns);
     let selector = format!("{LABEL_SCHEDULE}={}", plan::label_value(&sched.name_any()));
     let list = with_deadline(
         ctx,
@@ -195,7 +191,7 @@ async fn owned_snapshots(
 /// so neither retention nor the schedule's deletion removes it.
 async fn release(ctx: &Context, snap: &Snapshot, uid: &str) -> Result<(), Error> {
     let ns = snap.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Snapshot> = ctx.api(&ns);
     let rest: Vec<_> = snap
         .meta()
         .owner_references
@@ -235,7 +231,7 @@ async fn create_run(
     let ns = sched.namespace().unwrap_or_default();
     let name = sched.name_any();
     let uid = sched.uid().unwrap_or_default();
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let branches: Api<Branch> = ctx.api(&ns);
     if with_deadline(ctx, "read branch", branches.get_opt(&sched.spec.branch))
         .await?
         .is_none()
@@ -293,7 +289,7 @@ async fn create_run(
         },
         status: None,
     };
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Snapshot> = ctx.api(&ns);
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
@@ -401,7 +397,7 @@ async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Acti
             problem.get_or_insert(Outcome::stalled(e.reason(), e.to_string()));
         }
         Ok(policy) => {
-            let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+            let api: Api<Snapshot> = ctx.api(&ns);
             for doomed in plan::prune(&infos, &policy, now) {
                 tracing::info!(schedule = %name, snapshot = %doomed, "retention: deleting snapshot");
                 match with_deadline(

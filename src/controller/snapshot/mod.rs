@@ -39,10 +39,7 @@ use super::operations::restore_holding;
 use super::status::{apply_outcome, is_ready, write_status, Outcome};
 use super::{error_policy, with_deadline, Context, Error};
 use crate::api::{Branch, DeletionPolicy, Snapshot, SnapshotStatus};
-use crate::compute::{secret_value, service_name, superuser_secret_name};
-use crate::storage::{
-    ConnInfo, CreateSnapshot, OpKey, Password, Point, SnapshotId, State, StorageError, TimelineId,
-};
+use crate::storage::{CreateSnapshot, OpKey, Point, SnapshotId, State, StorageError, TimelineId};
 
 /// The finalizer the Snapshot controller puts on every Snapshot.
 pub const FINALIZER: &str = "pgbranch.dev/snapshot-cleanup";
@@ -55,7 +52,7 @@ pub async fn run(
 ) {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let api: Api<Snapshot> = match &ctx.config.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        Some(ns) => ctx.api(ns),
         None => Api::all(ctx.client.clone()),
     };
     let mut controller =
@@ -82,7 +79,7 @@ pub async fn run(
 async fn reconcile(snap: Arc<Snapshot>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = snap.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Snapshot> = ctx.api(&ns);
     let res = super::finalizer_result(
         finalizer(&api, FINALIZER, snap.clone(), |ev| async {
             match ev {
@@ -97,43 +94,6 @@ async fn reconcile(snap: Arc<Snapshot>, ctx: Arc<Context>) -> Result<Action, Err
         ctx.record_success(snap.as_ref());
     }
     res
-}
-
-/// How to reach the running compute of `branch` as its superuser (so the
-/// storage layer can `CHECKPOINT` it before a head copy). `None` when no
-/// compute runs or its Secret is not there.
-pub(crate) async fn branch_superuser_conn(
-    ctx: &Context,
-    branch: &Branch,
-) -> Result<Option<ConnInfo>, Error> {
-    if !branch.spec.compute.enabled || branch.spec.compute.suspended {
-        return Ok(None);
-    }
-    let ns = branch.namespace().unwrap_or_default();
-    let name = branch.name_any();
-    let Some(password) = secret_password(ctx, &ns, &superuser_secret_name(&name)).await? else {
-        return Ok(None);
-    };
-    let (host, port) = ctx.resolver.resolve(&ns, &service_name(&name)).await?;
-    Ok(Some(ConnInfo {
-        host,
-        port,
-        user: "postgres".into(),
-        password: Some(Password(password)),
-        dbname: "postgres".into(),
-    }))
-}
-
-/// The `password` key of a Secret, if the Secret exists.
-pub(crate) async fn secret_password(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-) -> Result<Option<String>, Error> {
-    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
-    Ok(with_deadline(ctx, "read secret", api.get_opt(name))
-        .await?
-        .and_then(|s| secret_value(&s, "password")))
 }
 
 /// Storage errors that will not fix themselves, as Stalled reasons.
@@ -259,7 +219,7 @@ async fn apply_steps(
             Expiry::Due => {
                 tracing::info!(snapshot = %name, expires = %exp, "snapshot expired, deleting it");
                 expiry::publish_expired(ctx, snap, exp).await;
-                let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+                let api: Api<Snapshot> = ctx.api(&ns);
                 with_deadline(
                     ctx,
                     "delete expired snapshot",
@@ -314,7 +274,7 @@ async fn apply_steps(
             requeue: Action::requeue(ctx.config.poll_interval),
         });
     }
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
+    let branches: Api<Branch> = ctx.api(&ns);
     let Some(branch) =
         with_deadline(ctx, "read branch", branches.get_opt(&snap.spec.branch)).await?
     else {
@@ -342,10 +302,10 @@ async fn apply_steps(
     let key = OpKey::new(uid.clone())
         .map_err(|e| Error::stalled("InvalidUid", format!("UID not usable as a key: {e}")))?;
     let source_connection = match point {
-        Point::Head => branch_superuser_conn(ctx, &branch).await?,
+        Point::Head => super::secrets::superuser_conn(ctx, &branch).await?,
         _ => None,
     };
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Snapshot> = ctx.api(&ns);
     let all = with_deadline(ctx, "list snapshots", api.list(&ListParams::default())).await?;
     let used = all
         .items

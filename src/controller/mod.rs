@@ -13,6 +13,7 @@ pub mod expiry;
 pub mod metrics;
 pub mod operations;
 pub mod restore;
+pub mod runner;
 pub mod schedule;
 pub mod secrets;
 pub mod snapshot;
@@ -26,16 +27,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kube::core::NamespaceResourceScope;
-use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 
 use crate::compute::{ComputeConfig, PG_PORT};
 use crate::storage::{Storage, StorageError};
 
 pub use metrics::Metrics;
+pub use runner::{
+    backoff, controller_config, controller_for, drive, error_policy, finalizer_result,
+    until_stopped, with_finalizer, Drive,
+};
 
 /// Operator settings.
 #[derive(Debug, Clone)]
@@ -101,34 +104,6 @@ impl Default for Config {
 
 /// Default of [`Config::concurrency`].
 pub const DEFAULT_CONCURRENCY: u16 = 16;
-
-/// The kube-runtime settings every controller runs with.
-pub fn controller_config(config: &Config) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(config.concurrency)
-}
-
-/// A controller of every `K` `api` lists, run with [`controller_config`].
-/// Its cache keeps the objects without `metadata.managedFields`: nothing
-/// reads them from the cache, and they are most of a cached object's
-/// memory (a Branch's status alone is a tree of a dozen maps there), which
-/// at 10,000 Branches is most of the operator's.
-pub fn controller_for<K>(api: kube::Api<K>, config: &Config) -> Controller<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let trigger = watcher(api, watcher::Config::default())
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
-        .reflect(writer)
-        .applied_objects();
-    Controller::for_stream(trigger, reader).with_config(controller_config(config))
-}
 
 /// Turns a branch's Service into an address the operator can connect to.
 #[async_trait]
@@ -346,24 +321,6 @@ impl Error {
     }
 }
 
-/// The result of kube-runtime's finalizer helper as a reconcile result. An
-/// object that is gone by the time its finalizer is removed (its deletion
-/// raced with ours, as for a restore's restored branch) is done, not an
-/// error.
-pub fn finalizer_result(
-    res: Result<Action, kube::runtime::finalizer::Error<Error>>,
-) -> Result<Action, Error> {
-    match res {
-        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
-            if s.code == 404 =>
-        {
-            tracing::debug!("the object was gone before its finalizer was removed");
-            Ok(Action::await_change())
-        }
-        r => r.map_err(|e| Error::Finalizer(Box::new(e))),
-    }
-}
-
 fn kube_retryable(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
@@ -390,76 +347,6 @@ where
     }
 }
 
-/// Backoff after `n` consecutive failures: 1 s doubling to 5 min.
-pub fn backoff(n: u32) -> Duration {
-    let secs = 1u64 << n.saturating_sub(1).min(9);
-    Duration::from_secs(secs.min(300))
-}
-
-/// The error policy shared by the controllers: short fixed polls while
-/// waiting, exponential backoff for retryable errors, a long requeue for
-/// terminal ones (they are reported as Stalled and re-checked on change).
-pub fn error_policy<K>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action
-where
-    K: Resource<DynamicType = ()>,
-{
-    let kind = K::kind(&()).to_string();
-    if let Error::Waiting(what) = err {
-        tracing::debug!(object = %obj.name_any(), %what, "waiting");
-        return Action::requeue(ctx.config.poll_interval);
-    }
-    ctx.metrics.error(&kind, &err.reason());
-    if err.reason() == "Conflict" {
-        // Our write raced with another writer (the restore writing a
-        // branch's timeline, the status of a fresh object): not a failure,
-        // re-read and go on at once. Backing off here kept a branch
-        // un-Ready for half a minute after a finalize.
-        tracing::debug!(kind, object = %obj.name_any(), error = %err, "conflict, re-reading");
-        return Action::requeue(Duration::from_millis(200));
-    }
-    let n = ctx.record_failure(obj.as_ref());
-    if err.is_retryable() {
-        tracing::warn!(kind, object = %obj.name_any(), error = %err, attempt = n, "reconcile failed, retrying");
-        Action::requeue(backoff(n))
-    } else {
-        tracing::error!(kind, object = %obj.name_any(), error = %err, "reconcile failed");
-        Action::requeue(Duration::from_secs(300).max(backoff(n)))
-    }
-}
-
-/// Awaits a controller's run (`running`: its stream driven to the end),
-/// but once `shutdown` has fired, returns at once if the controller's
-/// store was never filled — its kind could not be listed (its CRD is not
-/// installed, or RBAC forbids it). kube-runtime holds a controller's runner
-/// until its store is ready, so such a controller would never finish its
-/// graceful shutdown (the operator would hang on SIGTERM); with nothing ever
-/// listed, no reconcile can be in flight.
-pub async fn until_stopped<K>(
-    kind: &'static str,
-    store: kube::runtime::reflector::Store<K>,
-    shutdown: impl Future<Output = ()>,
-    running: impl Future<Output = ()>,
-) where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    let never_listed = async {
-        shutdown.await;
-        if futures::FutureExt::now_or_never(store.wait_until_ready()).is_none() {
-            tracing::warn!(
-                kind,
-                "stopping a controller whose kind was never listed (is its CRD installed?)"
-            );
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        () = running => {}
-        () = never_listed => {}
-    }
-}
-
 /// Starts every controller and runs until `shutdown` resolves (then lets
 /// reconciles in flight finish).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
@@ -476,14 +363,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(2), Duration::from_secs(2));
-        assert_eq!(backoff(5), Duration::from_secs(16));
-        assert_eq!(backoff(40), Duration::from_secs(300));
-    }
 
     #[test]
     fn storage_errors_map_to_retry_or_terminal() {

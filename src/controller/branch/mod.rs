@@ -37,15 +37,14 @@ use compute::{blocking_pod, deployment_ready};
 use credentials::{fallback_superuser_passwords, Credentials};
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -53,7 +52,7 @@ use kube::{Api, ResourceExt};
 use super::apply::{apply_owned, delete_owned, holder, Holder};
 use super::expiry::{self, Expiry};
 use super::status::{apply_outcome, write_status, Outcome};
-use super::{error_policy, with_deadline, Context, Error};
+use super::{with_deadline, Context, Drive, Error};
 use crate::api::{
     Branch, BranchPhase, BranchStatus, ConnectionStatus, CredentialsPolicy, InitSource,
     ANNOTATION_ADOPT_TIMELINE, ANNOTATION_SQL_APPLIED, LABEL_BRANCH, LABEL_TIMELINE,
@@ -77,42 +76,17 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
-    let (branches, deployments, services, secrets): (
-        Api<Branch>,
-        Api<Deployment>,
-        Api<Service>,
-        Api<Secret>,
-    ) = match &ctx.config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
-    let slices: Api<EndpointSlice> = match &ctx.config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let branches: Api<Branch> = ctx.watched();
     let owned = watcher::Config::default().labels(LABEL_BRANCH);
-    let controller = crate::controller::controller_for(branches.clone(), &ctx.config);
+    let controller = super::controller_for(branches.clone(), &ctx.config);
     let store = controller.store();
-    let own_store = store.clone();
-    let mut controller = controller
-        .owns(deployments, owned.clone())
-        .owns(services, owned.clone())
-        .owns(secrets, owned.clone())
+    let controller = controller
+        .owns(ctx.watched::<Deployment>(), owned.clone())
+        .owns(ctx.watched::<Service>(), owned.clone())
+        .owns(ctx.watched::<Secret>(), owned.clone())
         // The EndpointSlices of a branch's Services (they carry the
         // Service's labels): a switch waits for them (see [`endpoints`]).
-        .watches(slices, owned, |s: EndpointSlice| {
+        .watches(ctx.watched::<EndpointSlice>(), owned, |s: EndpointSlice| {
             let ns = s.namespace();
             s.labels()
                 .get(LABEL_BRANCH)
@@ -124,26 +98,13 @@ pub async fn run(
         // Ready, or for it to exist).
         .watches(branches, watcher::Config::default(), move |b: Branch| {
             related_branches(&b, &store.state())
-        })
-        .graceful_shutdown_on(shutdown.clone());
-    if let Some(every) = ctx.config.resync_interval {
-        let ticks = futures::stream::unfold((), move |()| async move {
-            tokio::time::sleep(every).await;
-            Some(((), ()))
         });
-        controller = controller.reconcile_all_on(ticks);
-    }
-    let running = controller
-        .run(reconcile, error_policy::<Branch>, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
-            }
-        });
-    // Without the Branch CRD installed the store never fills and
-    // kube-runtime would never finish a graceful shutdown.
-    super::until_stopped(KIND, own_store, shutdown, running).await;
+    let how = Drive {
+        kind: KIND,
+        controller: "branch",
+        primary: true,
+    };
+    super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 /// The Branch holding the data `b` was copied from: `status.parentBranch`
@@ -186,23 +147,13 @@ fn related_branches(b: &Branch, known: &[Arc<Branch>]) -> Vec<ObjectRef<Branch>>
 }
 
 async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let ns = branch.namespace().unwrap_or_default();
-    let api: Api<Branch> = ctx.api(&ns);
-    let res = super::finalizer_result(
-        finalizer(&api, FINALIZER, branch.clone(), |ev| async {
-            match ev {
-                FinalizerEvent::Apply(b) => reconcile_apply(b, &ctx).await,
-                FinalizerEvent::Cleanup(b) => reconcile_cleanup(b, &ctx).await,
-            }
-        })
-        .await,
-    );
-    ctx.metrics.reconciled(KIND, started.elapsed());
-    if res.is_ok() {
-        ctx.record_success(branch.as_ref());
-    }
-    res
+    super::with_finalizer(&ctx, FINALIZER, branch, |ev| async {
+        match ev {
+            FinalizerEvent::Apply(b) => reconcile_apply(b, &ctx).await,
+            FinalizerEvent::Cleanup(b) => reconcile_cleanup(b, &ctx).await,
+        }
+    })
+    .await
 }
 
 /// The end of one pass: what to report and when to look again.

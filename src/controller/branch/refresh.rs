@@ -38,7 +38,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -54,7 +53,7 @@ use crate::api::{
 };
 use crate::controller::apply::{holder, Holder};
 use crate::controller::schedule::plan::{self, Cadence};
-use crate::controller::{error_policy, with_deadline, Context, Error};
+use crate::controller::{with_deadline, Context, Drive, Error};
 
 /// Finished refresh restores kept per branch (for `kubectl get`).
 pub const KEEP_FINISHED: usize = 3;
@@ -70,30 +69,16 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
-    let (branches, restores): (Api<Branch>, Api<SnapshotRestore>) = match &ctx.config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    let controller = crate::controller::controller_for(ctx.watched::<Branch>(), &ctx.config).owns(
+        ctx.watched::<SnapshotRestore>(),
+        watcher::Config::default().labels(LABEL_REFRESH_OF),
+    );
+    let how = Drive {
+        kind: "Branch",
+        controller: "refresh",
+        primary: false,
     };
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let controller = crate::controller::controller_for(branches, &ctx.config)
-        .owns(
-            restores,
-            watcher::Config::default().labels(LABEL_REFRESH_OF),
-        )
-        .graceful_shutdown_on(shutdown.clone());
-    let store = controller.store();
-    let running = controller
-        .run(reconcile, error_policy::<Branch>, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "refresh reconcile did not complete");
-            }
-        });
-    crate::controller::until_stopped("Branch", store, shutdown, running).await;
+    crate::controller::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 fn phase_done(r: &SnapshotRestore) -> bool {
@@ -126,11 +111,7 @@ async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Err
     if branch.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let res = reconcile_refresh(&branch, &ctx).await;
-    if res.is_ok() {
-        ctx.record_success(branch.as_ref());
-    }
-    res
+    reconcile_refresh(&branch, &ctx).await
 }
 
 /// What keeps a refresh from running now, if anything.

@@ -92,16 +92,15 @@ use start::start;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
@@ -110,8 +109,8 @@ use tokio_util::sync::CancellationToken;
 use super::apply::{holder, Holder};
 use super::operations::snapshot_being_taken;
 use super::status::{apply_outcome, is_ready, merge_diff, outcome_changed, Outcome};
-use super::{error_policy, with_deadline, Context, Error};
 use super::{secrets, sql};
+use super::{with_deadline, Context, Drive, Error};
 use crate::api::{
     Branch, BranchSpec, ParentRef, RestorePhase, Snapshot, SnapshotRestore, SnapshotRestoreStatus,
     TimelineHistoryEntry, ANNOTATION_ADOPT_TIMELINE, ANNOTATION_HANDOVER_TO, FIELD_MANAGER,
@@ -180,68 +179,39 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let client = ctx.client.clone();
-    let (restores, branches): (Api<SnapshotRestore>, Api<Branch>) = match &ctx.config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    let controller = super::controller_for(ctx.watched::<SnapshotRestore>(), &ctx.config).owns(
+        ctx.watched::<Branch>(),
+        watcher::Config::default().labels(LABEL_RESTORE),
+    );
+    let how = Drive {
+        kind: KIND,
+        controller: "restore",
+        primary: true,
     };
-    let mut controller = crate::controller::controller_for(restores, &ctx.config)
-        .owns(branches, watcher::Config::default().labels(LABEL_RESTORE))
-        .graceful_shutdown_on(shutdown.clone());
-    if let Some(every) = ctx.config.resync_interval {
-        let ticks = futures::stream::unfold((), move |()| async move {
-            tokio::time::sleep(every).await;
-            Some(((), ()))
-        });
-        controller = controller.reconcile_all_on(ticks);
-    }
-    let store = controller.store();
-    let running = controller
-        .run(reconcile, error_policy::<SnapshotRestore>, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
-            }
-        });
-    super::until_stopped(KIND, store, shutdown, running).await;
+    super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 async fn reconcile(r: Arc<SnapshotRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let ns = r.namespace().unwrap_or_default();
-    let api: Api<SnapshotRestore> = ctx.api(&ns);
-    let res = super::finalizer_result(
-        finalizer(&api, FINALIZER, r.clone(), |ev| async {
-            match ev {
-                FinalizerEvent::Apply(r) => reconcile_apply(&r, &ctx).await.map(|(a, _)| a),
-                FinalizerEvent::Cleanup(r) => {
-                    let phase = r.status.as_ref().and_then(|s| s.phase);
-                    if phase != Some(RestorePhase::Finalizing) {
-                        // Deleting a restore undoes nothing.
-                        return Ok(Action::await_change());
-                    }
-                    let (_, phase) = reconcile_apply(&r, &ctx).await?;
-                    match phase {
-                        RestorePhase::Finalizing => Err(Error::Waiting(
-                            "the restore is finalizing; it is deleted once done".into(),
-                        )),
-                        _ => Ok(Action::await_change()),
-                    }
+    super::with_finalizer(&ctx, FINALIZER, r, |ev| async {
+        match ev {
+            FinalizerEvent::Apply(r) => reconcile_apply(&r, &ctx).await.map(|(a, _)| a),
+            FinalizerEvent::Cleanup(r) => {
+                let phase = r.status.as_ref().and_then(|s| s.phase);
+                if phase != Some(RestorePhase::Finalizing) {
+                    // Deleting a restore undoes nothing.
+                    return Ok(Action::await_change());
+                }
+                let (_, phase) = reconcile_apply(&r, &ctx).await?;
+                match phase {
+                    RestorePhase::Finalizing => Err(Error::Waiting(
+                        "the restore is finalizing; it is deleted once done".into(),
+                    )),
+                    _ => Ok(Action::await_change()),
                 }
             }
-        })
-        .await,
-    );
-    ctx.metrics.reconciled(KIND, started.elapsed());
-    if res.is_ok() {
-        ctx.record_success(r.as_ref());
-    }
-    res
+        }
+    })
+    .await
 }
 
 /// One reconcile: the object, the last status written, helpers to write.

@@ -17,9 +17,8 @@ pub mod plan;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -33,7 +32,7 @@ use plan::{Cadence, OwnedSnapshot, PlanError, RetentionPolicy};
 
 use super::apply::{holder, Holder};
 use super::status::{apply_outcome, write_status, Outcome};
-use super::{error_policy, with_deadline, Context, Error};
+use super::{with_deadline, Context, Drive, Error};
 use crate::api::{
     parse_span, Branch, Snapshot, SnapshotSchedule, SnapshotScheduleStatus, SnapshotSpec,
     ANNOTATION_SCHEDULED_AT, FIELD_MANAGER, LABEL_KEEP, LABEL_SCHEDULE, READY, STALLED,
@@ -48,52 +47,25 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let client = ctx.client.clone();
-    let (schedules, snapshots): (Api<SnapshotSchedule>, Api<Snapshot>) = match &ctx.config.namespace
-    {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    let controller = super::controller_for(ctx.watched::<SnapshotSchedule>(), &ctx.config).owns(
+        ctx.watched::<Snapshot>(),
+        watcher::Config::default().labels(LABEL_SCHEDULE),
+    );
+    let how = Drive {
+        kind: KIND,
+        controller: "schedule",
+        primary: true,
     };
-    let mut controller = crate::controller::controller_for(schedules, &ctx.config)
-        .owns(snapshots, watcher::Config::default().labels(LABEL_SCHEDULE))
-        .graceful_shutdown_on(shutdown.clone());
-    if let Some(every) = ctx.config.resync_interval {
-        let ticks = futures::stream::unfold((), move |()| async move {
-            tokio::time::sleep(every).await;
-            Some(((), ()))
-        });
-        controller = controller.reconcile_all_on(ticks);
-    }
-    let store = controller.store();
-    let running = controller
-        .run(reconcile, error_policy::<SnapshotSchedule>, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
-            }
-        });
-    super::until_stopped(KIND, store, shutdown, running).await;
+    super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 async fn reconcile(sched: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let res = if sched.meta().deletion_timestamp.is_some() {
+    if sched.meta().deletion_timestamp.is_some() {
         // Owned Snapshots go with the schedule (owner references); the
         // ones a user kept were released from it.
-        Ok(Action::await_change())
-    } else {
-        reconcile_apply(&sched, &ctx).await
-    };
-    ctx.metrics.reconciled(KIND, started.elapsed());
-    if res.is_ok() {
-        ctx.record_success(sched.as_ref());
+        return Ok(Action::await_change());
     }
-    res
+    reconcile_apply(&sched, &ctx).await
 }
 
 fn is_kept(s: &Snapshot) -> bool {

@@ -26,18 +26,17 @@
 //! key when status was lost); `Retain` leaves it in storage.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::{Api, ResourceExt};
 
 use super::expiry::{self, Expiry};
 use super::operations::restore_holding;
 use super::status::{apply_outcome, is_ready, write_status, Outcome};
-use super::{error_policy, with_deadline, Context, Error};
+use super::{with_deadline, Context, Drive, Error};
 use crate::api::{Branch, DeletionPolicy, Snapshot, SnapshotStatus};
 use crate::storage::{CreateSnapshot, OpKey, Point, SnapshotId, State, StorageError, TimelineId};
 
@@ -50,50 +49,23 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let api: Api<Snapshot> = match &ctx.config.namespace {
-        Some(ns) => ctx.api(ns),
-        None => Api::all(ctx.client.clone()),
+    let controller = super::controller_for(ctx.watched::<Snapshot>(), &ctx.config);
+    let how = Drive {
+        kind: KIND,
+        controller: "snapshot",
+        primary: true,
     };
-    let mut controller =
-        crate::controller::controller_for(api, &ctx.config).graceful_shutdown_on(shutdown.clone());
-    if let Some(every) = ctx.config.resync_interval {
-        let ticks = futures::stream::unfold((), move |()| async move {
-            tokio::time::sleep(every).await;
-            Some(((), ()))
-        });
-        controller = controller.reconcile_all_on(ticks);
-    }
-    let store = controller.store();
-    let running = controller
-        .run(reconcile, error_policy::<Snapshot>, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
-            }
-        });
-    super::until_stopped(KIND, store, shutdown, running).await;
+    super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 async fn reconcile(snap: Arc<Snapshot>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let ns = snap.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = ctx.api(&ns);
-    let res = super::finalizer_result(
-        finalizer(&api, FINALIZER, snap.clone(), |ev| async {
-            match ev {
-                FinalizerEvent::Apply(s) => reconcile_apply(s, &ctx).await,
-                FinalizerEvent::Cleanup(s) => reconcile_cleanup(s, &ctx).await,
-            }
-        })
-        .await,
-    );
-    ctx.metrics.reconciled(KIND, started.elapsed());
-    if res.is_ok() {
-        ctx.record_success(snap.as_ref());
-    }
-    res
+    super::with_finalizer(&ctx, FINALIZER, snap, |ev| async {
+        match ev {
+            FinalizerEvent::Apply(s) => reconcile_apply(s, &ctx).await,
+            FinalizerEvent::Cleanup(s) => reconcile_cleanup(s, &ctx).await,
+        }
+    })
+    .await
 }
 
 /// Storage errors that will not fix themselves, as Stalled reasons.

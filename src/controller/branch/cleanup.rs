@@ -121,10 +121,10 @@ pub(super) async fn cleanup_steps(
     }
     for id in timelines {
         if handover::claimed_elsewhere(&all.items, &uid, &id) {
-            tracing::info!(branch = %name, timeline = %id, "timeline now belongs to another branch; keeping it");
+            tracing::info!(timeline = %id, "timeline now belongs to another branch; keeping it");
             continue;
         }
-        tracing::info!(branch = %name, timeline = %id, "deleting timeline");
+        tracing::info!(timeline = %id, "deleting timeline");
         match with_deadline(ctx, "delete timeline", ctx.storage.delete_timeline(&id)).await {
             Ok(()) => {}
             Err(Error::Storage(StorageError::Busy { message })) => {
@@ -148,6 +148,6 @@ pub(super) async fn cleanup_steps(
     for s in owned.items {
         delete_owned::<Secret>(ctx, &ns, &s.name_any(), &uid).await?;
     }
-    tracing::info!(branch = %name, "branch deleted");
+    tracing::info!("branch deleted");
     Ok(None)
 }

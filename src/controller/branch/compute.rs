@@ -299,11 +299,11 @@ async fn endpoints_wait(
                     Duration::from_millis(250).min(ctx.config.poll_interval),
                 )));
             }
-            tracing::warn!(branch = %name, timeline = %tl, waited_s = waited.as_secs(), reason = %why,
+            tracing::warn!(timeline = %tl, waited_s = waited.as_secs(), reason = %why,
                 "the Service's EndpointSlices did not switch to the new compute; stopping the old one anyway");
         }
         endpoints::Switch::Done => {
-            tracing::info!(branch = %name, timeline = %tl, settle_ms = endpoints::KUBE_PROXY_SETTLE.as_millis() as u64,
+            tracing::info!(timeline = %tl, settle_ms = endpoints::KUBE_PROXY_SETTLE.as_millis() as u64,
                 "Service endpoints list the new compute alone; stopping the old one after kube-proxy's sync");
             tokio::time::sleep(endpoints::KUBE_PROXY_SETTLE).await;
         }

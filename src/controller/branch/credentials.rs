@@ -182,7 +182,7 @@ pub(super) async fn remove_stale_role_secrets(
     for s in list.items {
         let sname = s.name_any();
         if !keep.contains(&sname) && holder(&s, uid) == Holder::Owner {
-            tracing::info!(branch = %name, secret = %sname, "deleting the Secret of a role removed from spec.roles");
+            tracing::info!(secret = %sname, "deleting the Secret of a role removed from spec.roles");
             delete_owned::<Secret>(ctx, &ns, &sname, uid).await?;
         }
     }

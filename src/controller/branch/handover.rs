@@ -121,7 +121,7 @@ pub(super) async fn retire_adopted(
     let ns = branch.namespace().unwrap_or_default();
     let dname = d.name_any();
     if d.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
-        tracing::info!(branch = %branch.name_any(), deployment = %dname, "spec.compute changed: stopping the compute adopted from a restore");
+        tracing::info!(deployment = %dname, "spec.compute changed: stopping the compute adopted from a restore");
         let patch = json!({"spec": {"replicas": 0}});
         patch_deployment(ctx, &ns, &dname, "stop adopted compute", patch).await?;
         return Err(Error::Waiting(format!(
@@ -333,7 +333,7 @@ pub(super) async fn compute_for_timeline(
         let oref = branch
             .controller_owner_ref(&())
             .ok_or_else(|| Error::stalled("InvalidObject", "the Branch has no UID"))?;
-        tracing::info!(branch = %name, deployment = %dname, timeline = %tl, "adopting the compute handed over by a restore");
+        tracing::info!(deployment = %dname, timeline = %tl, "adopting the compute handed over by a restore");
         let patch = json!({
             "metadata": {
                 "ownerReferences": [oref],
@@ -408,7 +408,7 @@ pub(super) async fn relabel_adopted_pods(
         if p.labels().get(LABEL_BRANCH) == Some(&name) || p.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        tracing::info!(branch = %name, pod = %p.name_any(), "labelling an adopted compute pod with its branch");
+        tracing::info!(pod = %p.name_any(), "labelling an adopted compute pod with its branch");
         let patch = json!({"metadata": {"labels": {LABEL_BRANCH: name}}});
         match with_deadline(
             ctx,

@@ -182,7 +182,7 @@ async fn finish(
     let (done, err) = match result {
         Ok(d) => (d, None),
         Err(Error::Stalled { reason, message }) => {
-            tracing::warn!(branch = %branch.name_any(), %reason, %message, "stalled");
+            tracing::warn!(%reason, %message, "stalled");
             (
                 Done {
                     outcome: Outcome::Stalled { reason, message },
@@ -387,7 +387,7 @@ async fn expire(
                     format!("the branch expired at {expires} but is protected; unprotect it to let it be deleted"),
                 ));
             }
-            tracing::info!(branch = %name, %expires, "branch expired, deleting it");
+            tracing::info!(%expires, "branch expired, deleting it");
             expiry::publish_expired(ctx, branch, expires).await;
             let branches: Api<Branch> = ctx.api(&branch.namespace().unwrap_or_default());
             with_deadline(

@@ -220,7 +220,7 @@ async fn create_refresh(
     };
     match with_deadline(ctx, "create restore", api.create(&params, &restore)).await {
         Ok(r) => {
-            tracing::info!(branch = %name, restore = %rname, slot = %plan::rfc3339(slot), "refresh started");
+            tracing::info!(restore = %rname, slot = %plan::rfc3339(slot), "refresh started");
             publish(
                 ctx,
                 branch,
@@ -303,7 +303,7 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
         mark_handled(ctx, r, "kept").await?;
         return Ok(true);
     }
-    tracing::info!(branch = %branch.name_any(), backup = %backup, "deleting the pre-refresh backup (preserve is false)");
+    tracing::info!(backup = %backup, "deleting the pre-refresh backup (preserve is false)");
     match with_deadline(
         ctx,
         "delete backup",
@@ -444,7 +444,7 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
                                 last = Some(plan::rfc3339(s));
                             }
                             Some(why) => {
-                                tracing::info!(branch = %name, slot = %plan::rfc3339(s), reason = %why, "refresh skipped");
+                                tracing::info!(slot = %plan::rfc3339(s), reason = %why, "refresh skipped");
                                 publish(
                                     ctx,
                                     branch,

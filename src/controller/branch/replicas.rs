@@ -246,7 +246,7 @@ pub(super) async fn reconcile(
     // Apply.
     let mut pending = !plan.blocked.is_empty();
     if pending {
-        tracing::info!(branch = %name, timeline = %current, ordinals = ?plan.blocked, "read replicas wait for another branch's replica computes to go");
+        tracing::info!(timeline = %current, ordinals = ?plan.blocked, "read replicas wait for another branch's replica computes to go");
     }
     for d in &plan.delete_deployments {
         if !delete_owned::<Deployment>(ctx, &ns, d, uid).await? {
@@ -254,7 +254,7 @@ pub(super) async fn reconcile(
         }
     }
     for (tl, n) in &plan.delete_stored {
-        tracing::info!(branch = %name, timeline = %tl, ordinal = n, "deleting read replica");
+        tracing::info!(timeline = %tl, ordinal = n, "deleting read replica");
         match with_deadline(ctx, "delete replica", ctx.storage.delete_replica(tl, *n)).await {
             Ok(()) => {}
             Err(Error::Storage(StorageError::Busy { .. })) => pending = true,
@@ -271,7 +271,7 @@ pub(super) async fn reconcile(
         // snapshot a running server atomically.
         let conn = secrets::superuser_conn(ctx, branch).await?;
         for n in &plan.create {
-            tracing::info!(branch = %name, timeline = %current, ordinal = n, "creating read replica");
+            tracing::info!(timeline = %current, ordinal = n, "creating read replica");
             let req = CreateReplica {
                 timeline: current.clone(),
                 ordinal: *n,

@@ -65,7 +65,7 @@ pub(super) async fn adopt_timeline(
     }
     match with_deadline(ctx, "get timeline", ctx.storage.get_timeline(&id)).await {
         Ok(tl) => {
-            tracing::info!(branch = %branch.name_any(), timeline = %id, "adopting timeline");
+            tracing::info!(timeline = %id, "adopting timeline");
             status.timeline_id = Some(tl.id.to_string());
             Ok(tl)
         }
@@ -103,7 +103,7 @@ pub(super) async fn ensure_timeline(
                 match create_timeline(ctx, branch, parent, creds, uid, true).await {
                     Ok(Step::Next(again)) if again.id == tl.id => Ok(Step::Next(again)),
                     Ok(Step::Next(other)) => {
-                        tracing::warn!(branch = %branch.name_any(), timeline = %tl.id, other = %other.id, "storage answered the create with another timeline; keeping the recorded one");
+                        tracing::warn!(timeline = %tl.id, other = %other.id, "storage answered the create with another timeline; keeping the recorded one");
                         Ok(Step::Next(tl))
                     }
                     // Waiting for the parent or another copy of it, or the
@@ -241,9 +241,9 @@ async fn create_timeline(
         )),
     };
     if again {
-        tracing::debug!(branch = %branch.name_any(), "asking storage again for the timeline being created");
+        tracing::debug!("asking storage again for the timeline being created");
     } else {
-        tracing::info!(branch = %branch.name_any(), "creating timeline");
+        tracing::info!("creating timeline");
     }
     let tl = with_deadline(ctx, "create timeline", ctx.storage.create_timeline(req))
         .await

@@ -93,7 +93,7 @@ pub(super) async fn create_backup(
         ANNOTATION_ADOPT_TIMELINE.to_string(),
         t_old,
     )]));
-    tracing::info!(restore = %run.name, backup = %bname, "creating the backup branch");
+    tracing::info!(backup = %bname, "creating the backup branch");
     match with_deadline(
         ctx,
         "create backup branch",
@@ -147,7 +147,7 @@ pub(super) async fn reparent_children(
         if !from_old {
             continue;
         }
-        tracing::info!(restore = %run.name, child = %name, backup = %bname, "re-parenting child branch to the backup");
+        tracing::info!(child = %name, backup = %bname, "re-parenting child branch to the backup");
         let patch = json!({
             "metadata": {"resourceVersion": b.resource_version()},
             "status": {"parentBranch": bname, "parentTimelineId": t_old.to_string()},

@@ -48,7 +48,7 @@ pub(super) async fn set_target_passwords(
         // The restored branch has the target's compute spec: nothing runs.
         // The target's controller sets its passwords when its compute next
         // starts (the data's source branch's password is its fallback).
-        tracing::info!(restore = %run.name, "no compute runs: passwords are set when the target's compute starts");
+        tracing::info!("no compute runs: passwords are set when the target's compute starts");
         return Ok(());
     }
     let all = target_credentials(ctx, ns, target).await?;
@@ -86,6 +86,6 @@ pub(super) async fn set_target_passwords(
             })
         }
     }
-    tracing::info!(restore = %run.name, branch = %rname, "the restored data holds the target's passwords");
+    tracing::info!(branch = %rname, "the restored data holds the target's passwords");
     Ok(())
 }

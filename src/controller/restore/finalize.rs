@@ -94,7 +94,7 @@ async fn step_done(
     st.finalize_step = Some(step.as_str().into());
     st.progress = Some(format!("finalize step {} done", step.as_str()));
     run.save(st).await?;
-    tracing::info!(restore = %run.name, step = step.as_str(), "finalize step done");
+    tracing::info!(step = step.as_str(), "finalize step done");
     run.event(
         EventType::Normal,
         "FinalizeStep",
@@ -103,7 +103,10 @@ async fn step_done(
     .await;
     if let Some(fp) = &run.ctx.config.restore_fail_point {
         if fp.after_step == step {
-            tracing::warn!(restore = %run.name, step = step.as_str(), "fail point reached: stopping the operator");
+            tracing::warn!(
+                step = step.as_str(),
+                "fail point reached: stopping the operator"
+            );
             fp.crash.cancel();
             return Err(Error::Waiting(format!(
                 "fail point after {}",
@@ -290,7 +293,7 @@ async fn target(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
             "metadata": {"resourceVersion": f.target.resource_version()},
             "status": {"timelineId": f.t_new.to_string(), "history": history},
         });
-        tracing::info!(restore = %run.name, target = %f.tname, from = %f.t_old, to = %f.t_new, "moving the target to the restored timeline");
+        tracing::info!(target = %f.tname, from = %f.t_old, to = %f.t_new, "moving the target to the restored timeline");
         with_deadline(
             ctx,
             "move target",

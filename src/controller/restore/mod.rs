@@ -306,7 +306,7 @@ async fn reconcile_apply(
     let (done, err) = match result {
         Ok(d) => (d, None),
         Err(Error::Stalled { reason, message }) => {
-            tracing::warn!(restore = %run.name, %reason, %message, "stalled");
+            tracing::warn!(%reason, %message, "stalled");
             if TERMINAL.contains(&reason.as_str()) {
                 st.phase = Some(RestorePhase::Failed);
             }

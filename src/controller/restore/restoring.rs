@@ -36,7 +36,7 @@ pub(super) async fn restoring(
         }
         None => {
             let b = restored_branch_object(run, &rname).await?;
-            tracing::info!(restore = %run.name, branch = %rname, "creating the restored branch");
+            tracing::info!(branch = %rname, "creating the restored branch");
             with_deadline(
                 ctx,
                 "create restored branch",

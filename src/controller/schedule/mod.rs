@@ -268,7 +268,7 @@ async fn create_run(
     };
     match with_deadline(ctx, "create snapshot", api.create(&params, &snap)).await {
         Ok(created) => {
-            tracing::info!(schedule = %name, snapshot = %snap_name, slot = %plan::rfc3339(slot), "scheduled run: snapshot created");
+            tracing::info!(snapshot = %snap_name, slot = %plan::rfc3339(slot), "scheduled run: snapshot created");
             Ok((created, true))
         }
         Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
@@ -293,7 +293,6 @@ async fn create_run(
 
 async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Action, Error> {
     let now = ctx.clock.now();
-    let name = sched.name_any();
     let ns = sched.namespace().unwrap_or_default();
     let uid = sched.uid().unwrap_or_default();
     let spec = &sched.spec;
@@ -331,7 +330,7 @@ async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Acti
             next = due.next;
             if let Some(slot) = due.run {
                 if due.skipped_missed {
-                    tracing::info!(schedule = %name, slot = %plan::rfc3339(slot), "runs were missed; catching up with the latest one only");
+                    tracing::info!(slot = %plan::rfc3339(slot), "runs were missed; catching up with the latest one only");
                 }
                 match create_run(ctx, sched, slot, now).await {
                     Ok((snap, fresh)) => {
@@ -371,7 +370,7 @@ async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Acti
         Ok(policy) => {
             let api: Api<Snapshot> = ctx.api(&ns);
             for doomed in plan::prune(&infos, &policy, now) {
-                tracing::info!(schedule = %name, snapshot = %doomed, "retention: deleting snapshot");
+                tracing::info!(snapshot = %doomed, "retention: deleting snapshot");
                 match with_deadline(
                     ctx,
                     "delete snapshot",

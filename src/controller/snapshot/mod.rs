@@ -98,7 +98,7 @@ async fn reconcile_apply(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action, E
     let (done, err) = match result {
         Ok(d) => (d, None),
         Err(Error::Stalled { reason, message }) => {
-            tracing::warn!(snapshot = %snap.name_any(), %reason, %message, "stalled");
+            tracing::warn!(%reason, %message, "stalled");
             let requeue = Action::requeue(
                 if reason == "BranchNotFound" || reason == "SnapshotQuotaExceeded" {
                     Duration::from_secs(30)
@@ -189,7 +189,7 @@ async fn apply_steps(
             Expiry::Later(until) => requeue = requeue.min(until + Duration::from_secs(1)),
             Expiry::Never => {}
             Expiry::Due => {
-                tracing::info!(snapshot = %name, expires = %exp, "snapshot expired, deleting it");
+                tracing::info!(expires = %exp, "snapshot expired, deleting it");
                 expiry::publish_expired(ctx, snap, exp).await;
                 let api: Api<Snapshot> = ctx.api(&ns);
                 with_deadline(
@@ -294,7 +294,7 @@ async fn apply_steps(
             ),
         ));
     }
-    tracing::info!(snapshot = %name, branch = %snap.spec.branch, %point, "taking snapshot");
+    tracing::info!(branch = %snap.spec.branch, %point, "taking snapshot");
     let req = CreateSnapshot {
         key,
         timeline,
@@ -375,9 +375,8 @@ fn poll_done(
 }
 
 async fn reconcile_cleanup(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action, Error> {
-    let name = snap.name_any();
     if snap.spec.deletion_policy == DeletionPolicy::Retain {
-        tracing::info!(snapshot = %name, id = ?snap.status.as_ref().and_then(|s| s.snapshot_id.clone()), "deletionPolicy Retain: keeping the stored snapshot");
+        tracing::info!(id = ?snap.status.as_ref().and_then(|s| s.snapshot_id.clone()), "deletionPolicy Retain: keeping the stored snapshot");
         return Ok(Action::await_change());
     }
     let mut ids = vec![];
@@ -398,7 +397,7 @@ async fn reconcile_cleanup(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action,
         }
     }
     for id in ids {
-        tracing::info!(snapshot = %name, id = %id, "deleting stored snapshot");
+        tracing::info!(id = %id, "deleting stored snapshot");
         match with_deadline(ctx, "delete snapshot", ctx.storage.delete_snapshot(&id)).await {
             Ok(()) => {}
             Err(Error::Storage(StorageError::Busy { message })) => {

@@ -121,47 +121,110 @@ where
     let Some(diff) = merge_diff(&old_v, &new_v) else {
         return Ok(false);
     };
-    let ns = obj.namespace().unwrap_or_default();
-    let api: Api<K> = ctx.api(&ns);
-    let patch = json!({
-        "metadata": { "resourceVersion": obj.resource_version() },
-        "status": diff,
-    });
+    patch_status(ctx, obj, "write status", diff, Guard::ResourceVersion).await?;
+    let old_conds = conditions_of(&old_v);
+    if outcome_changed(&old_conds, outcome) {
+        publish_outcome(ctx, obj, outcome, None).await;
+    }
+    Ok(true)
+}
+
+/// Whether a status patch holds only if the object is unchanged since it
+/// was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Only at the object's resourceVersion: a concurrent writer makes
+    /// the patch fail with 409 and the reconcile re-reads.
+    ResourceVersion,
+    /// Whatever changed since (the writer is the status's one owner and
+    /// writes several times in one reconcile).
+    None,
+}
+
+/// Merge-patches `fields` into the status of `obj` with the operator's
+/// field manager, within the step deadline (`step` names it in a
+/// timeout), and counts the write.
+pub async fn patch_status<K>(
+    ctx: &Context,
+    obj: &K,
+    step: &'static str,
+    fields: Value,
+    guard: Guard,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = ctx.api(&obj.namespace().unwrap_or_default());
+    let patch = match guard {
+        Guard::ResourceVersion => json!({
+            "metadata": { "resourceVersion": obj.resource_version() },
+            "status": fields,
+        }),
+        Guard::None => json!({ "status": fields }),
+    };
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
     super::with_deadline(
         ctx,
-        "write status",
+        step,
         api.patch_status(&obj.name_any(), &params, &Patch::Merge(&patch)),
     )
     .await?;
     ctx.metrics.status_write(K::kind(&()).as_ref());
-    let old_conds = conditions_of(&old_v);
-    let transition = outcome_changed(&old_conds, outcome);
-    if transition {
-        let type_ = match outcome {
-            Outcome::Stalled { .. } => EventType::Warning,
-            _ => EventType::Normal,
-        };
-        let ev = Event {
-            type_,
-            reason: reason_of(outcome).to_string(),
-            note: Some(truncate(message_of(outcome), 1000)),
-            action: match outcome {
-                Outcome::Progressing { .. } => "Reconciling",
-                Outcome::Ready { .. } => "Ready",
-                Outcome::Stalled { .. } => "Stalled",
-            }
-            .to_string(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish event");
-        }
+    Ok(())
+}
+
+/// Publishes the Event of an outcome: Warning when Stalled, Normal
+/// otherwise, its reason and message; the action is `action`, else the
+/// condition the outcome sets (`Reconciling`, `Ready`, `Stalled`).
+pub async fn publish_outcome<K>(ctx: &Context, obj: &K, outcome: &Outcome, action: Option<&str>)
+where
+    K: Resource<DynamicType = ()>,
+{
+    let (type_, default_action) = match outcome {
+        Outcome::Progressing { .. } => (EventType::Normal, "Reconciling"),
+        Outcome::Ready { .. } => (EventType::Normal, "Ready"),
+        Outcome::Stalled { .. } => (EventType::Warning, "Stalled"),
+    };
+    publish(
+        ctx,
+        obj,
+        type_,
+        reason_of(outcome),
+        action.unwrap_or(default_action),
+        message_of(outcome),
+    )
+    .await;
+}
+
+/// Publishes an Event about `obj`, its note cut to 1,000 bytes (the API
+/// refuses longer ones). A failure to publish is logged, never an error of
+/// the reconcile.
+pub async fn publish<K>(
+    ctx: &Context,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let ev = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(truncate(note, 1000)),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish event");
     }
-    Ok(true)
 }
 
 fn conditions_of(status: &Value) -> Vec<Condition> {

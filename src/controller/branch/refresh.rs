@@ -41,7 +41,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -53,6 +53,7 @@ use crate::api::{
 };
 use crate::controller::apply::{holder, Holder};
 use crate::controller::schedule::plan::{self, Cadence};
+use crate::controller::status::{self, Guard};
 use crate::controller::{with_deadline, Context, Drive, Error};
 
 /// Finished refresh restores kept per branch (for `kubectl get`).
@@ -95,16 +96,7 @@ fn is_ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condit
 }
 
 async fn publish(ctx: &Context, branch: &Branch, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Refresh".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &branch.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish event");
-    }
+    status::publish(ctx, branch, type_, reason, "Refresh", &note).await;
 }
 
 async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -470,18 +462,8 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
 
     let next_text = next.map(plan::rfc3339);
     if last != status.last_refresh_time || next_text != status.next_refresh_time {
-        let api: Api<Branch> = ctx.api(&ns);
-        let patch = json!({"status": {"lastRefreshTime": last, "nextRefreshTime": next_text}});
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        with_deadline(
-            ctx,
-            "write refresh status",
-            api.patch_status(&name, &params, &Patch::Merge(&patch)),
-        )
-        .await?;
+        let fields = json!({"lastRefreshTime": last, "nextRefreshTime": next_text});
+        status::patch_status(ctx, branch, "write refresh status", fields, Guard::None).await?;
     }
     Ok(Action::requeue(wait))
 }

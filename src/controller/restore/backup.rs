@@ -148,20 +148,8 @@ pub(super) async fn reparent_children(
             continue;
         }
         tracing::info!(child = %name, backup = %bname, "re-parenting child branch to the backup");
-        let patch = json!({
-            "metadata": {"resourceVersion": b.resource_version()},
-            "status": {"parentBranch": bname, "parentTimelineId": t_old.to_string()},
-        });
-        with_deadline(
-            ctx,
-            "re-parent child",
-            branches.patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Merge(&patch),
-            ),
-        )
-        .await?;
+        let fields = json!({"parentBranch": bname, "parentTimelineId": t_old.to_string()});
+        status::patch_status(ctx, &b, "re-parent child", fields, Guard::ResourceVersion).await?;
     }
     Ok(())
 }

@@ -98,7 +98,7 @@ async fn step_done(
     run.event(
         EventType::Normal,
         "FinalizeStep",
-        format!("finalize step {} done", step.as_str()),
+        &format!("finalize step {} done", step.as_str()),
     )
     .await;
     if let Some(fp) = &run.ctx.config.restore_fail_point {
@@ -289,19 +289,14 @@ async fn target(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
             },
         );
         history.truncate(HISTORY_LEN);
-        let patch = json!({
-            "metadata": {"resourceVersion": f.target.resource_version()},
-            "status": {"timelineId": f.t_new.to_string(), "history": history},
-        });
+        let fields = json!({"timelineId": f.t_new.to_string(), "history": history});
         tracing::info!(target = %f.tname, from = %f.t_old, to = %f.t_new, "moving the target to the restored timeline");
-        with_deadline(
+        status::patch_status(
             ctx,
+            &f.target,
             "move target",
-            branch_api(ctx, &run.ns).patch_status(
-                &f.tname,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Merge(&patch),
-            ),
+            fields,
+            Guard::ResourceVersion,
         )
         .await?;
     }

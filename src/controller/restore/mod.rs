@@ -99,7 +99,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
@@ -108,7 +108,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::apply::{holder, Holder};
 use super::operations::snapshot_being_taken;
-use super::status::{apply_outcome, is_ready, merge_diff, outcome_changed, Outcome};
+use super::status::{self, apply_outcome, is_ready, merge_diff, outcome_changed, Guard, Outcome};
 use super::{secrets, sql};
 use super::{with_deadline, Context, Drive, Error};
 use crate::api::{
@@ -233,47 +233,23 @@ impl Run<'_> {
         let Some(diff) = merge_diff(&old, &new) else {
             return Ok(());
         };
-        let api: Api<SnapshotRestore> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-        with_deadline(
-            self.ctx,
-            "write restore status",
-            api.patch_status(
-                &self.name,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Merge(&json!({ "status": diff })),
-            ),
-        )
-        .await?;
-        self.ctx.metrics.status_write(KIND);
+        status::patch_status(self.ctx, self.r, "write restore status", diff, Guard::None).await?;
         if st.phase != self.saved.phase {
             if let Some(p) = st.phase {
                 let note = match (p, &st.progress) {
                     (_, Some(pr)) => format!("phase {p:?}: {pr}"),
                     _ => format!("phase {p:?}"),
                 };
-                self.event(EventType::Normal, &format!("{p:?}"), note).await;
+                self.event(EventType::Normal, &format!("{p:?}"), &note)
+                    .await;
             }
         }
         self.saved = st.clone();
         Ok(())
     }
 
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
-        let ev = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Restore".into(),
-            secondary: None,
-        };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&ev, &self.r.object_ref(&()))
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish event");
-        }
+    async fn event(&self, type_: EventType, reason: &str, note: &str) {
+        status::publish(self.ctx, self.r, type_, reason, "Restore", note).await;
     }
 }
 
@@ -345,13 +321,7 @@ async fn reconcile_apply(
     );
     run.save(&st).await?;
     if outcome_changed(&old_conditions, &done.outcome) {
-        let (type_, reason, msg) = match &done.outcome {
-            Outcome::Stalled { reason, message } => (EventType::Warning, reason, message),
-            Outcome::Progressing { reason, message } | Outcome::Ready { reason, message } => {
-                (EventType::Normal, reason, message)
-            }
-        };
-        run.event(type_, reason, msg.clone()).await;
+        status::publish_outcome(ctx, r, &done.outcome, Some("Restore")).await;
     }
     let phase = st.phase.unwrap_or_default();
     match err {

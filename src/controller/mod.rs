@@ -15,6 +15,7 @@ pub mod operations;
 pub mod restore;
 pub mod runner;
 pub mod schedule;
+pub mod scheduling;
 pub mod secrets;
 pub mod snapshot;
 pub mod sql;

@@ -3,7 +3,7 @@
 //! Its own small controller over Branches (so a refresh problem never
 //! blocks the Branch's own reconcile). At each slot of `spec.refresh.schedule`
 //! (cron in `timeZone`, the same planning as SnapshotSchedules: see
-//! [`crate::controller::schedule::plan`]) it creates one `SnapshotRestore`:
+//! [`crate::controller::scheduling`]) it creates one `SnapshotRestore`:
 //! source the parent at its head, target this branch, `finalize: true`,
 //! named `<branch>-refresh-<yyyymmddhhmm>` of the slot (a retry finds it),
 //! owned by the branch and labelled `pgbranch.dev/refresh-of: <branch>`.
@@ -52,7 +52,7 @@ use crate::api::{
     FIELD_MANAGER, LABEL_REFRESH_OF, LABEL_RESTORE_BACKUP_OF, MAX_BRANCH_NAME_LEN, READY, STALLED,
 };
 use crate::controller::apply::{holder, Holder};
-use crate::controller::schedule::plan::{self, Cadence};
+use crate::controller::scheduling::{self as plan, Cadence};
 use crate::controller::status::{self, Guard};
 use crate::controller::{with_deadline, Context, Drive, Error};
 

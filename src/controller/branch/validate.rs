@@ -73,13 +73,14 @@ pub fn validate_spec(branch: &Branch) -> Result<(), Invalid> {
                 "spec.refresh re-copies the branch from its parent: it needs spec.parent",
             ));
         }
-        crate::controller::schedule::plan::Cadence::cron(&r.schedule, r.time_zone.as_deref())
-            .map_err(|e| {
+        crate::controller::scheduling::Cadence::cron(&r.schedule, r.time_zone.as_deref()).map_err(
+            |e| {
                 invalid(
                     "InvalidRefreshSchedule",
                     format!("spec.refresh: {e}; no refresh runs until it is fixed"),
                 )
-            })?;
+            },
+        )?;
     }
     let mut seen = std::collections::BTreeSet::new();
     for (i, r) in branch.spec.roles.iter().enumerate() {

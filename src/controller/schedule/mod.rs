@@ -4,16 +4,15 @@
 //! `pgbranch.dev/schedule=<name>` and controlled by it) → release the ones
 //! a user labelled `pgbranch.dev/keep: "true"` (their owner reference is
 //! removed, so deleting the schedule does not delete them either) → when a
-//! run is due ([`plan::due`]: at most one, the latest missed slot), create
+//! run is due ([`super::scheduling::due`]: at most one, the latest missed slot), create
 //! its Snapshot, named from the slot so that a retry finds it instead of
-//! making a second one → prune by retention ([`plan::prune`]; also while
+//! making a second one → prune by retention ([`super::scheduling::prune`]; also while
 //! suspended or blocked) → status and a requeue at the next run.
 //!
 //! Times come from [`Context::clock`], so tests drive the schedule with a
 //! [`ManualClock`].
 
 pub mod clock;
-pub mod plan;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,8 +26,8 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::scheduling::{self as plan, Cadence, OwnedSnapshot, PlanError, RetentionPolicy};
 pub use clock::{Clock, ManualClock, SystemClock};
-use plan::{Cadence, OwnedSnapshot, PlanError, RetentionPolicy};
 
 use super::apply::{holder, Holder};
 use super::status::{apply_outcome, write_status, Outcome};

@@ -1,5 +1,6 @@
 //! The status contract shared by every kind: `Ready`, `Reconciling` and
-//! `Stalled` conditions in the `metav1.Condition` shape (DESIGN §3).
+//! `Stalled` conditions in the `metav1.Condition` shape (ARCHITECTURE.md,
+//! "Conditions").
 //!
 //! Pure functions, no API calls:
 //! * [`set_condition`] sets or replaces one condition, keeping

@@ -5,7 +5,14 @@
 //! [`crate::compute`]) → apply (server-side apply, one field manager, skipped
 //! when unchanged) → status ([`status::write_status`], only when changed).
 //! Errors say whether a retry can help ([`Error::is_retryable`]); failures
-//! that will not fix themselves are reported as a `Stalled` condition.
+//! that will not fix themselves are reported as a `Stalled` condition
+//! (ARCHITECTURE.md, "The reconcile pipeline contract").
+//!
+//! The kit every controller shares, so none imports a sibling's internals:
+//! [`runner`] (set-up, the reconcile span, finalizers, the error policy),
+//! [`Context::api`], [`status`] (the status writer and Event publisher),
+//! [`apply`], [`secrets`] (the Secret reader), [`sql`], [`operations`],
+//! [`expiry`], [`scheduling`] and [`metrics`].
 
 pub mod apply;
 pub mod branch;

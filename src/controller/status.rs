@@ -1,7 +1,8 @@
-//! The status contract (DESIGN §3): `Ready`, `Reconciling` and `Stalled`
-//! conditions with `observedGeneration`, `lastTransitionTime` moved only when
-//! a condition's status flips, and one helper that writes status only when it
-//! changed, with an Event on every transition.
+//! The status contract (ARCHITECTURE.md, "Conditions"): `Ready`,
+//! `Reconciling` and `Stalled` conditions with `observedGeneration`,
+//! `lastTransitionTime` moved only when a condition's status flips; the one
+//! status writer of every controller (only the changed fields, an Event on
+//! every transition) and the one Event publisher.
 
 use std::fmt::Debug;
 

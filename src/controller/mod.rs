@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use kube::api::ListParams;
 use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -219,6 +220,29 @@ impl Context {
             Some(ns) => self.api(ns),
             None => Api::all(self.client.clone()),
         }
+    }
+
+    /// The `K` objects of namespace `ns` whose labels match `selector`
+    /// (every one when it is empty), listed within the step deadline
+    /// (`step` names it in a timeout).
+    pub async fn list<K>(
+        &self,
+        ns: &str,
+        step: &'static str,
+        selector: &str,
+    ) -> Result<Vec<K>, Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let mut params = ListParams::default();
+        if !selector.is_empty() {
+            params = params.labels(selector);
+        }
+        let api: Api<K> = self.api(ns);
+        Ok(with_deadline(self, step, api.list(&params)).await?.items)
     }
 
     fn failures_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {

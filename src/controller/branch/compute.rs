@@ -62,15 +62,11 @@ pub(super) async fn blocking_pod(
     selector: &str,
     own: &str,
 ) -> Result<Option<String>, Error> {
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = ctx.api(ns);
-    let list = with_deadline(
-        ctx,
-        "list compute pods",
-        pods.list(&ListParams::default().labels(selector)),
-    )
-    .await?;
+    let list = ctx
+        .list::<k8s_openapi::api::core::v1::Pod>(ns, "list compute pods", selector)
+        .await?;
     let prefix = format!("{own}-");
-    Ok(list.items.iter().find_map(|p| {
+    Ok(list.iter().find_map(|p| {
         let ours = p
             .owner_references()
             .iter()
@@ -103,14 +99,14 @@ pub(super) async fn compute_problem(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = ctx.api(&d.namespace().unwrap_or_default());
-    let list = with_deadline(
-        ctx,
-        "list compute pods",
-        pods.list(&ListParams::default().labels(&selector)),
-    )
-    .await?;
-    Ok(crate::compute::health::pod_problem(&list.items))
+    let list = ctx
+        .list::<k8s_openapi::api::core::v1::Pod>(
+            &d.namespace().unwrap_or_default(),
+            "list compute pods",
+            &selector,
+        )
+        .await?;
+    Ok(crate::compute::health::pod_problem(&list))
 }
 
 pub(super) fn deployment_ready(d: &Deployment) -> bool {
@@ -173,7 +169,6 @@ pub(super) async fn reconcile_compute(
             return Ok(Step::Stop(stalled));
         }
     }
-    let deploys: Api<Deployment> = ctx.api(&ns);
     let adopted = if compute.enabled {
         handover::compute_for_timeline(ctx, branch, &tl.id, &uid).await?
     } else {
@@ -242,14 +237,10 @@ pub(super) async fn reconcile_compute(
     // and its clients followed: its EndpointSlices list the current
     // compute alone and kube-proxy had time to apply them.
     if svc_timeline == tl.id.as_str() {
-        let others = with_deadline(
-            ctx,
-            "list computes",
-            deploys.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name}"))),
-        )
-        .await?;
+        let others = ctx
+            .list::<Deployment>(&ns, "list computes", &format!("{LABEL_BRANCH}={name}"))
+            .await?;
         let stale: Vec<Deployment> = others
-            .items
             .into_iter()
             .filter(|d| {
                 let tl_label = d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default();

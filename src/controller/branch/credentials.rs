@@ -168,18 +168,14 @@ pub(super) async fn remove_stale_role_secrets(
             .iter()
             .map(|r| role_secret_name(&name, &secret_suffix(&r.user))),
     );
-    let api: Api<Secret> = ctx.api(&ns);
     let selector = format!(
         "{LABEL_BRANCH}={name},{}=credentials",
         crate::api::LABEL_COMPONENT
     );
-    let list = with_deadline(
-        ctx,
-        "list credential secrets",
-        api.list(&ListParams::default().labels(&selector)),
-    )
-    .await?;
-    for s in list.items {
+    let list = ctx
+        .list::<Secret>(&ns, "list credential secrets", &selector)
+        .await?;
+    for s in list {
         let sname = s.name_any();
         if !keep.contains(&sname) && holder(&s, uid) == Holder::Owner {
             tracing::info!(secret = %sname, "deleting the Secret of a role removed from spec.roles");
@@ -202,13 +198,10 @@ pub(super) async fn fallback_superuser_passwords(
     let ns = branch.namespace().unwrap_or_default();
     let mut names: Vec<String> = parent.map(|p| p.name_any()).into_iter().collect();
     {
-        let branches: Api<Branch> = ctx.api(&ns);
-        let all =
-            with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+        let all = ctx.list::<Branch>(&ns, "list branches", "").await?;
         if let Some(ptl) = &tl.lineage.parent {
             names.extend(
-                all.items
-                    .iter()
+                all.iter()
                     .filter(|b| {
                         b.status.as_ref().and_then(|s| s.timeline_id.as_deref())
                             == Some(ptl.as_str())
@@ -219,8 +212,7 @@ pub(super) async fn fallback_superuser_passwords(
         // The branch that served this very timeline before a restore
         // replaced it (its passwords are in this data).
         names.extend(
-            all.items
-                .iter()
+            all.iter()
                 .filter(|b| {
                     b.status
                         .as_ref()
@@ -229,18 +221,13 @@ pub(super) async fn fallback_superuser_passwords(
                 .map(|b| b.name_any()),
         );
         if let Some(snap) = &tl.lineage.snapshot {
-            let snapshots: Api<crate::api::Snapshot> = ctx.api(&ns);
             // The Snapshot kind may not be installed: then there is nothing to find.
-            if let Ok(list) = with_deadline(
-                ctx,
-                "list snapshots",
-                snapshots.list(&ListParams::default()),
-            )
-            .await
+            if let Ok(list) = ctx
+                .list::<crate::api::Snapshot>(&ns, "list snapshots", "")
+                .await
             {
                 names.extend(
-                    list.items
-                        .iter()
+                    list.iter()
                         .filter(|s| {
                             s.status.as_ref().and_then(|st| st.snapshot_id.as_deref())
                                 == Some(snap.as_str())

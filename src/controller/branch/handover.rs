@@ -36,7 +36,7 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -143,17 +143,13 @@ pub(super) async fn retire_adopted(
         .collect::<Vec<_>>()
         .join(",");
     if !selector.is_empty() {
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = ctx.api(&ns);
-        let left = with_deadline(
-            ctx,
-            "list pods",
-            pods.list(&ListParams::default().labels(&selector)),
-        )
-        .await?;
-        if !left.items.is_empty() {
+        let left = ctx
+            .list::<k8s_openapi::api::core::v1::Pod>(&ns, "list pods", &selector)
+            .await?;
+        if !left.is_empty() {
             return Err(Error::Waiting(format!(
                 "waiting for {} pod(s) of Deployment {dname} to terminate",
-                left.items.len()
+                left.len()
             )));
         }
     }
@@ -249,12 +245,12 @@ pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> 
     // Otherwise a Branch's status history (written only by the operator)
     // must name this branch as the backup of that timeline. A timeline
     // another Branch serves is reported by the adoption itself.
-    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
-    let served = all.items.iter().any(|b| {
+    let all = ctx.list::<Branch>(&ns, "list branches", "").await?;
+    let served = all.iter().any(|b| {
         b.uid() != branch.uid()
             && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id)
     });
-    let recorded = all.items.iter().any(|b| {
+    let recorded = all.iter().any(|b| {
         b.status.as_ref().is_some_and(|s| {
             s.history
                 .iter()
@@ -284,15 +280,11 @@ pub(super) async fn compute_for_timeline(
     let ns = branch.namespace().unwrap_or_default();
     let name = branch.name_any();
     let own_name = crate::compute::deployment_name(&name, tl.as_str());
-    let api: Api<Deployment> = ctx.api(&ns);
-    let list = with_deadline(
-        ctx,
-        "list computes",
-        api.list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={tl}"))),
-    )
-    .await?;
+    let list = ctx
+        .list::<Deployment>(&ns, "list computes", &format!("{LABEL_TIMELINE}={tl}"))
+        .await?;
     let branches: Api<Branch> = ctx.api(&ns);
-    for d in list.items {
+    for d in list {
         // Read replicas follow a primary; they are never the compute.
         if d.labels().get(LABEL_ROLE).map(String::as_str) == Some("replica") {
             continue;
@@ -398,13 +390,8 @@ pub(super) async fn relabel_adopted_pods(
         .collect::<Vec<_>>()
         .join(",");
     let pods: Api<Pod> = ctx.api(&ns);
-    let list = with_deadline(
-        ctx,
-        "list compute pods",
-        pods.list(&ListParams::default().labels(&selector)),
-    )
-    .await?;
-    for p in list.items {
+    let list = ctx.list::<Pod>(&ns, "list compute pods", &selector).await?;
+    for p in list {
         if p.labels().get(LABEL_BRANCH) == Some(&name) || p.metadata.deletion_timestamp.is_some() {
             continue;
         }

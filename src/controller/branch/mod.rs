@@ -42,7 +42,6 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::runtime::reflector::ObjectRef;
@@ -442,11 +441,12 @@ async fn replaced_timelines(
     if history.is_empty() {
         return Ok(history);
     }
-    let branches: Api<Branch> = ctx.api(&branch.namespace().unwrap_or_default());
-    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    let all = ctx
+        .list::<Branch>(&branch.namespace().unwrap_or_default(), "list branches", "")
+        .await?;
     Ok(history
         .into_iter()
-        .filter(|t| !handover::claimed_elsewhere(&all.items, uid, t))
+        .filter(|t| !handover::claimed_elsewhere(&all, uid, t))
         .collect())
 }
 

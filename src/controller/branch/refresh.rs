@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
@@ -126,9 +126,8 @@ async fn blocker(
         }
         Some(_) => {}
     }
-    let snaps: Api<Snapshot> = ctx.api(&ns);
-    let list = with_deadline(ctx, "list snapshots", snaps.list(&ListParams::default())).await?;
-    Ok(operation_under_way(&name, restores, &list.items))
+    let list = ctx.list::<Snapshot>(&ns, "list snapshots", "").await?;
+    Ok(operation_under_way(&name, restores, &list))
 }
 
 /// Another operation on branch `name`, if one is under way: a
@@ -268,9 +267,8 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
     if b.meta().deletion_timestamp.is_some() {
         return Ok(false);
     }
-    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    let all = ctx.list::<Branch>(&ns, "list branches", "").await?;
     let dependants: Vec<String> = all
-        .items
         .iter()
         .filter(|c| {
             c.spec.parent.as_ref().is_some_and(|p| p.branch == backup)
@@ -360,13 +358,9 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
         return Ok(Action::await_change());
     }
     let restore_api: Api<SnapshotRestore> = ctx.api(&ns);
-    let all_restores = with_deadline(
-        ctx,
-        "list restores",
-        restore_api.list(&ListParams::default()),
-    )
-    .await?
-    .items;
+    let all_restores = ctx
+        .list::<SnapshotRestore>(&ns, "list restores", "")
+        .await?;
     let mut ours: Vec<&SnapshotRestore> = all_restores
         .iter()
         .filter(|r| r.labels().contains_key(LABEL_REFRESH_OF) && holder(*r, &uid) == Holder::Owner)

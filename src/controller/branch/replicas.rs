@@ -24,7 +24,6 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
 use super::super::apply::{apply_owned, delete_owned, holder, Holder};
@@ -173,13 +172,13 @@ pub(super) async fn reconcile(
     let (wanted, running) = desired_replicas(branch);
 
     // Observe.
-    let deploys: Api<Deployment> = ctx.api(&ns);
-    let listed = with_deadline(
-        ctx,
-        "list replica computes",
-        deploys.list(&ListParams::default().labels(&format!("{LABEL_ROLE}=replica"))),
-    )
-    .await?;
+    let listed = ctx
+        .list::<Deployment>(
+            &ns,
+            "list replica computes",
+            &format!("{LABEL_ROLE}=replica"),
+        )
+        .await?;
     let seen = |d: &Deployment| SeenDeployment {
         name: d.name_any(),
         timeline: d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default(),
@@ -191,10 +190,8 @@ pub(super) async fn reconcile(
     let ours = |d: &Deployment| {
         d.labels().get(LABEL_BRANCH) == Some(&name) && holder(d, uid) == Holder::Owner
     };
-    let deployments: Vec<SeenDeployment> =
-        listed.items.iter().filter(|d| ours(d)).map(seen).collect();
+    let deployments: Vec<SeenDeployment> = listed.iter().filter(|d| ours(d)).map(seen).collect();
     let mut others: Vec<(String, u32)> = listed
-        .items
         .iter()
         .filter(|d| !ours(d))
         .map(seen)
@@ -202,15 +199,11 @@ pub(super) async fn reconcile(
         .collect();
     // Pods outlive their Deployment while they stop: another Branch's
     // replica pod still holds its data directory.
-    let pod_api: Api<Pod> = ctx.api(&ns);
-    let pod_list = with_deadline(
-        ctx,
-        "list replica pods",
-        pod_api.list(&ListParams::default().labels(&format!("{LABEL_ROLE}=replica"))),
-    )
-    .await?;
+    let pod_list = ctx
+        .list::<Pod>(&ns, "list replica pods", &format!("{LABEL_ROLE}=replica"))
+        .await?;
     let mut pods = vec![];
-    for p in &pod_list.items {
+    for p in &pod_list {
         let l = p.labels();
         let (Some(t), Some(n)) = (
             l.get(LABEL_TIMELINE),

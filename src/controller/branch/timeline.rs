@@ -49,9 +49,8 @@ pub(super) async fn adopt_timeline(
         )
     })?;
     let ns = branch.namespace().unwrap_or_default();
-    let branches: Api<Branch> = ctx.api(&ns);
-    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
-    if let Some(other) = all.items.iter().find(|b| {
+    let all = ctx.list::<Branch>(&ns, "list branches", "").await?;
+    if let Some(other) = all.iter().find(|b| {
         b.uid() != branch.uid()
             && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id.as_str())
     }) {

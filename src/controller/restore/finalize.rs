@@ -301,19 +301,18 @@ async fn target(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
         .await?;
     }
     // The selector of the Deployment that serves t_new, in one patch.
-    let deploys: Api<Deployment> = ctx.api(&run.ns);
-    let list = with_deadline(
-        ctx,
-        "list computes",
-        deploys.list(&ListParams::default().labels(&format!(
-            // Read replicas follow a primary: never the compute.
-            "{LABEL_TIMELINE}={},{LABEL_ROLE}!=replica",
-            f.t_new
-        ))),
-    )
-    .await?;
+    let list = ctx
+        .list::<Deployment>(
+            &run.ns,
+            "list computes",
+            &format!(
+                // Read replicas follow a primary: never the compute.
+                "{LABEL_TIMELINE}={},{LABEL_ROLE}!=replica",
+                f.t_new
+            ),
+        )
+        .await?;
     let sel = list
-        .items
         .iter()
         .find(|d| d.metadata.deletion_timestamp.is_none())
         .and_then(|d| d.spec.as_ref())

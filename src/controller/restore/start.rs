@@ -102,9 +102,10 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
                 "Snapshot {snap} of branch {b} is being taken; the restore starts when it is ready"
             )));
         }
-        let all: Api<SnapshotRestore> = ctx.api(&ns);
-        let others = with_deadline(ctx, "list restores", all.list(&ListParams::default())).await?;
-        if let Some(o) = others.items.iter().find(|o| {
+        let others = ctx
+            .list::<SnapshotRestore>(&ns, "list restores", "")
+            .await?;
+        if let Some(o) = others.iter().find(|o| {
             o.uid() != r.uid()
                 && o.spec.target.as_deref() == Some(t.as_str())
                 && o.status.as_ref().and_then(|s| s.phase) == Some(RestorePhase::Finalizing)

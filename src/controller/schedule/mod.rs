@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
@@ -134,16 +134,11 @@ async fn owned_snapshots(
     uid: &str,
 ) -> Result<Vec<Snapshot>, Error> {
     let ns = sched.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = ctx.api(&ns);
     let selector = format!("{LABEL_SCHEDULE}={}", plan::label_value(&sched.name_any()));
-    let list = with_deadline(
-        ctx,
-        "list snapshots",
-        api.list(&ListParams::default().labels(&selector)),
-    )
-    .await?;
+    let list = ctx
+        .list::<Snapshot>(&ns, "list snapshots", &selector)
+        .await?;
     Ok(list
-        .items
         .into_iter()
         .filter(|s| holder(s, uid) == Holder::Owner)
         .collect())

@@ -28,7 +28,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::{Api, ResourceExt};
@@ -277,10 +276,8 @@ async fn apply_steps(
         Point::Head => super::secrets::superuser_conn(ctx, &branch).await?,
         _ => None,
     };
-    let api: Api<Snapshot> = ctx.api(&ns);
-    let all = with_deadline(ctx, "list snapshots", api.list(&ListParams::default())).await?;
+    let all = ctx.list::<Snapshot>(&ns, "list snapshots", "").await?;
     let used = all
-        .items
         .iter()
         .filter(|s| s.uid().as_deref() != Some(uid.as_str()))
         .filter(|s| s.status.as_ref().is_some_and(|st| st.snapshot_id.is_some()))

@@ -45,8 +45,8 @@ use crate::storage::{Storage, StorageError};
 
 pub use metrics::Metrics;
 pub use runner::{
-    backoff, controller_config, controller_for, drive, error_policy, finalizer_result,
-    until_stopped, with_finalizer, Drive,
+    backoff, controller_config, controller_for, drive, error_policy, finalizer_result, uid_of,
+    until_stopped, with_finalizer, Drive, Shutdown,
 };
 
 /// Operator settings.
@@ -381,7 +381,7 @@ where
 
 /// Starts every controller and runs until `shutdown` resolves (then lets
 /// reconciles in flight finish).
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::join!(
         branch::run(ctx.clone(), shutdown.clone()),

@@ -49,6 +49,10 @@ where
     Controller::for_stream(trigger, reader).with_config(controller_config(config))
 }
 
+/// What a controller runs until: a future that resolves at shutdown.
+pub trait Shutdown: Future<Output = ()> + Send + Sync + 'static {}
+impl<F: Future<Output = ()> + Send + Sync + 'static> Shutdown for F {}
+
 /// How [`drive`] runs a controller.
 #[derive(Debug, Clone, Copy)]
 pub struct Drive {
@@ -63,6 +67,24 @@ pub struct Drive {
     pub primary: bool,
 }
 
+impl Drive {
+    /// The kind's own controller, named `controller`.
+    pub fn of(kind: &'static str, controller: &'static str) -> Self {
+        Drive {
+            kind,
+            controller,
+            primary: true,
+        }
+    }
+}
+
+/// The UID of an object, which a stored object always has (one without is
+/// Stalled `InvalidObject`).
+pub fn uid_of<K: Resource<DynamicType = ()>>(obj: &K) -> Result<String, Error> {
+    obj.uid()
+        .ok_or_else(|| Error::stalled("InvalidObject", format!("the {} has no UID", K::kind(&()))))
+}
+
 /// Runs `controller` (its watches already set up) until `shutdown`
 /// resolves: each reconcile in a span naming the object, its duration
 /// recorded, its failures forgotten once it succeeds; errors go through
@@ -71,7 +93,7 @@ pub struct Drive {
 pub async fn drive<K, R, Fut>(
     controller: Controller<K>,
     ctx: Arc<Context>,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl Shutdown,
     how: Drive,
     mut reconcile: R,
 ) where

@@ -51,7 +51,7 @@ use kube::{Api, ResourceExt};
 use super::apply::{apply_owned, delete_owned, holder, Holder};
 use super::expiry::{self, Expiry};
 use super::status::{apply_outcome, write_status, Outcome};
-use super::{with_deadline, Context, Drive, Error};
+use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
     Branch, BranchPhase, BranchStatus, ConnectionStatus, CredentialsPolicy, InitSource,
     ANNOTATION_ADOPT_TIMELINE, ANNOTATION_SQL_APPLIED, LABEL_BRANCH, LABEL_TIMELINE,
@@ -71,10 +71,7 @@ pub const FINALIZER: &str = "pgbranch.dev/branch-cleanup";
 const KIND: &str = "Branch";
 
 /// Runs the Branch controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     let branches: Api<Branch> = ctx.watched();
     let owned = watcher::Config::default().labels(LABEL_BRANCH);
     let controller = super::controller_for(branches.clone(), &ctx.config);
@@ -98,11 +95,7 @@ pub async fn run(
         .watches(branches, watcher::Config::default(), move |b: Branch| {
             related_branches(&b, &store.state())
         });
-    let how = Drive {
-        kind: KIND,
-        controller: "branch",
-        primary: true,
-    };
+    let how = Drive::of(KIND, "branch");
     super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
@@ -255,9 +248,7 @@ async fn apply_steps(
 ) -> Result<Done, Error> {
     let ns = branch.namespace().unwrap_or_default();
     let name = branch.name_any();
-    let uid = branch
-        .uid()
-        .ok_or_else(|| Error::stalled("InvalidObject", "the Branch has no UID"))?;
+    let uid = super::uid_of(branch)?;
     let now = jiff::Timestamp::now();
 
     validate::validate_spec(branch).map_err(|i| Error::stalled(i.reason, i.message))?;

@@ -54,7 +54,7 @@ use crate::api::{
 use crate::controller::apply::{holder, Holder};
 use crate::controller::scheduling::{self as plan, Cadence};
 use crate::controller::status::{self, Guard};
-use crate::controller::{with_deadline, Context, Drive, Error};
+use crate::controller::{with_deadline, Context, Drive, Error, Shutdown};
 
 /// Finished refresh restores kept per branch (for `kubectl get`).
 pub const KEEP_FINISHED: usize = 3;
@@ -66,10 +66,7 @@ pub fn refresh_name(branch: &str, slot: jiff::Timestamp) -> String {
 }
 
 /// Runs the refresh controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     let controller = crate::controller::controller_for(ctx.watched::<Branch>(), &ctx.config).owns(
         ctx.watched::<SnapshotRestore>(),
         watcher::Config::default().labels(LABEL_REFRESH_OF),

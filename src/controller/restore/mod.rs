@@ -110,7 +110,7 @@ use super::apply::{holder, Holder};
 use super::operations::snapshot_being_taken;
 use super::status::{self, apply_outcome, is_ready, merge_diff, outcome_changed, Guard, Outcome};
 use super::{secrets, sql};
-use super::{with_deadline, Context, Drive, Error};
+use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
     Branch, BranchSpec, ParentRef, RestorePhase, Snapshot, SnapshotRestore, SnapshotRestoreStatus,
     TimelineHistoryEntry, ANNOTATION_ADOPT_TIMELINE, ANNOTATION_HANDOVER_TO, FIELD_MANAGER,
@@ -175,19 +175,12 @@ pub struct FailPoint {
 }
 
 /// Runs the SnapshotRestore controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     let controller = super::controller_for(ctx.watched::<SnapshotRestore>(), &ctx.config).owns(
         ctx.watched::<Branch>(),
         watcher::Config::default().labels(LABEL_RESTORE),
     );
-    let how = Drive {
-        kind: KIND,
-        controller: "restore",
-        primary: true,
-    };
+    let how = Drive::of(KIND, "restore");
     super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 

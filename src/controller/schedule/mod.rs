@@ -31,7 +31,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 
 use super::apply::{holder, Holder};
 use super::status::{apply_outcome, write_status, Outcome};
-use super::{with_deadline, Context, Drive, Error};
+use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
     parse_span, Branch, Snapshot, SnapshotSchedule, SnapshotScheduleStatus, SnapshotSpec,
     ANNOTATION_SCHEDULED_AT, FIELD_MANAGER, LABEL_KEEP, LABEL_SCHEDULE, READY, STALLED,
@@ -42,19 +42,12 @@ pub const REASON_QUOTA: &str = "SnapshotQuotaExceeded";
 const KIND: &str = "SnapshotSchedule";
 
 /// Runs the SnapshotSchedule controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     let controller = super::controller_for(ctx.watched::<SnapshotSchedule>(), &ctx.config).owns(
         ctx.watched::<Snapshot>(),
         watcher::Config::default().labels(LABEL_SCHEDULE),
     );
-    let how = Drive {
-        kind: KIND,
-        controller: "schedule",
-        primary: true,
-    };
+    let how = Drive::of(KIND, "schedule");
     super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 

@@ -35,7 +35,7 @@ use kube::{Api, ResourceExt};
 use super::expiry::{self, Expiry};
 use super::operations::restore_holding;
 use super::status::{apply_outcome, is_ready, write_status, Outcome};
-use super::{with_deadline, Context, Drive, Error};
+use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{Branch, DeletionPolicy, Snapshot, SnapshotStatus};
 use crate::storage::{CreateSnapshot, OpKey, Point, SnapshotId, State, StorageError, TimelineId};
 
@@ -44,16 +44,9 @@ pub const FINALIZER: &str = "pgbranch.dev/snapshot-cleanup";
 const KIND: &str = "Snapshot";
 
 /// Runs the Snapshot controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     let controller = super::controller_for(ctx.watched::<Snapshot>(), &ctx.config);
-    let how = Drive {
-        kind: KIND,
-        controller: "snapshot",
-        primary: true,
-    };
+    let how = Drive::of(KIND, "snapshot");
     super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
@@ -172,9 +165,7 @@ async fn apply_steps(
 ) -> Result<Done, Error> {
     let ns = snap.namespace().unwrap_or_default();
     let name = snap.name_any();
-    let uid = snap
-        .uid()
-        .ok_or_else(|| Error::stalled("InvalidObject", "the Snapshot has no UID"))?;
+    let uid = super::uid_of(snap)?;
     let now = jiff::Timestamp::now();
     let mut requeue = ctx.config.ready_requeue;
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::{Context, Error};
-use crate::api::conditions::set_health;
+use crate::api::conditions::{set_health, StatusContract};
 use crate::api::{FIELD_MANAGER, READY, RECONCILING, STALLED};
 
 /// What a reconcile concluded about an object: the shared
@@ -49,6 +49,39 @@ pub fn apply_outcome(
     now: jiff::Timestamp,
 ) {
     set_health(conditions, outcome, generation, now);
+}
+
+/// Stamps a pass's outcome on a status: `observedGeneration` and the
+/// Ready/Reconciling/Stalled conditions, for `generation`.
+pub fn stamp<S: StatusContract>(status: &mut S, outcome: &Outcome, generation: Option<i64>) {
+    status.set_observed_generation(generation);
+    apply_outcome(
+        status.conditions_mut(),
+        outcome,
+        generation,
+        jiff::Timestamp::now(),
+    );
+}
+
+/// Ends a pass: stamps `outcome` on `new` ([`stamp`]) and writes it over
+/// `old` with [`write_status`]. Returns whether a write happened.
+pub async fn conclude<K, S>(
+    ctx: &Context,
+    obj: &K,
+    old: Option<&S>,
+    new: &mut S,
+    outcome: &Outcome,
+) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + Debug,
+    S: Serialize + StatusContract,
+{
+    stamp(new, outcome, obj.meta().generation);
+    write_status(ctx, obj, old, new, outcome).await
 }
 
 /// The status of a condition type, if present.

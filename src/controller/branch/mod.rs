@@ -50,7 +50,7 @@ use kube::{Api, ResourceExt};
 
 use super::apply::{apply_owned, delete_owned, holder, Holder};
 use super::expiry::{self, Expiry};
-use super::status::{apply_outcome, write_status, Outcome};
+use super::status::{conclude, Outcome};
 use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
     Branch, BranchPhase, BranchStatus, ConnectionStatus, CredentialsPolicy, InitSource,
@@ -209,16 +209,15 @@ async fn finish(
             Some(e),
         ),
     };
-    let generation = branch.metadata.generation;
-    status.observed_generation = generation;
     status.phase = Some(done.phase);
-    apply_outcome(
-        &mut status.conditions,
+    conclude(
+        ctx,
+        branch,
+        branch.status.as_ref(),
+        &mut status,
         &done.outcome,
-        generation,
-        jiff::Timestamp::now(),
-    );
-    write_status(ctx, branch, branch.status.as_ref(), &status, &done.outcome).await?;
+    )
+    .await?;
     match err {
         Some(e) => Err(e),
         None => Ok(done.requeue),

@@ -108,7 +108,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::apply::{holder, Holder};
 use super::operations::snapshot_being_taken;
-use super::status::{self, apply_outcome, is_ready, merge_diff, outcome_changed, Guard, Outcome};
+use super::status::{self, is_ready, merge_diff, outcome_changed, Guard, Outcome};
 use super::{secrets, sql};
 use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
@@ -301,17 +301,10 @@ async fn reconcile_apply(
             Some(e),
         ),
     };
-    let generation = r.metadata.generation;
-    st.observed_generation = generation;
     if st.phase.is_none() {
         st.phase = Some(RestorePhase::Pending);
     }
-    apply_outcome(
-        &mut st.conditions,
-        &done.outcome,
-        generation,
-        jiff::Timestamp::now(),
-    );
+    status::stamp(&mut st, &done.outcome, r.metadata.generation);
     run.save(&st).await?;
     if outcome_changed(&old_conditions, &done.outcome) {
         status::publish_outcome(ctx, r, &done.outcome, Some("Restore")).await;

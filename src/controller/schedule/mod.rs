@@ -30,7 +30,7 @@ use super::scheduling::{self as plan, Cadence, OwnedSnapshot, PlanError, Retenti
 pub use clock::{Clock, ManualClock, SystemClock};
 
 use super::apply::{holder, Holder};
-use super::status::{apply_outcome, write_status, Outcome};
+use super::status::{conclude, Outcome};
 use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
     parse_span, Branch, Snapshot, SnapshotSchedule, SnapshotScheduleStatus, SnapshotSpec,
@@ -425,15 +425,7 @@ async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Acti
             ),
         },
     };
-    let generation = sched.metadata.generation;
-    status.observed_generation = generation;
-    apply_outcome(
-        &mut status.conditions,
-        &outcome,
-        generation,
-        jiff::Timestamp::now(),
-    );
-    write_status(ctx, sched, sched.status.as_ref(), &status, &outcome).await?;
+    conclude(ctx, sched, sched.status.as_ref(), &mut status, &outcome).await?;
 
     let mut wait = ctx.config.ready_requeue;
     if let Some(n) = next {

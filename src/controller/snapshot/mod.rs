@@ -34,7 +34,7 @@ use kube::{Api, ResourceExt};
 
 use super::expiry::{self, Expiry};
 use super::operations::restore_holding;
-use super::status::{apply_outcome, is_ready, write_status, Outcome};
+use super::status::{conclude, is_ready, Outcome};
 use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{Branch, DeletionPolicy, Snapshot, SnapshotStatus};
 use crate::storage::{CreateSnapshot, OpKey, Point, SnapshotId, State, StorageError, TimelineId};
@@ -122,19 +122,11 @@ async fn reconcile_apply(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action, E
             Some(e),
         ),
     };
-    let generation = snap.metadata.generation;
-    status.observed_generation = generation;
-    apply_outcome(
-        &mut status.conditions,
-        &done.outcome,
-        generation,
-        jiff::Timestamp::now(),
-    );
-    write_status(
+    conclude(
         ctx,
         snap.as_ref(),
         snap.status.as_ref(),
-        &status,
+        &mut status,
         &done.outcome,
     )
     .await?;
@@ -300,14 +292,7 @@ async fn apply_steps(
     // Recorded before the lock is released, so the next count sees it.
     let outcome = Outcome::progressing("TakingSnapshot", format!("taking snapshot {}", s.id));
     let mut st = status.clone();
-    apply_outcome(
-        &mut st.conditions,
-        &outcome,
-        snap.metadata.generation,
-        jiff::Timestamp::now(),
-    );
-    st.observed_generation = snap.metadata.generation;
-    write_status(ctx, snap, snap.status.as_ref(), &st, &outcome).await?;
+    conclude(ctx, snap, snap.status.as_ref(), &mut st, &outcome).await?;
     drop(_guard);
     *status = st;
     poll_done(ctx, status, &s, requeue)

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{with_deadline, Context, Error};
+use super::{with_deadline, Context, Error, Object};
 use crate::api::FIELD_MANAGER;
 use crate::compute::{is_up_to_date, stamp_hash};
 
@@ -80,8 +80,7 @@ pub fn holder<K: Resource>(obj: &K, owner_uid: &str) -> Holder {
 /// object.
 pub async fn apply_owned<K>(ctx: &Context, desired: K, owner_uid: &str) -> Result<K, Error>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
-    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K: Object,
 {
     let ns = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
@@ -343,8 +342,7 @@ pub async fn delete_owned<K>(
     owner_uid: &str,
 ) -> Result<bool, Error>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
-    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K: Object,
 {
     let api: Api<K> = ctx.api(ns);
     let Some(existing) = with_deadline(ctx, "read child object", api.get_opt(name)).await? else {

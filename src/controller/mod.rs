@@ -49,6 +49,33 @@ pub use runner::{
     until_stopped, with_finalizer, Drive, Shutdown,
 };
 
+/// A namespaced kind the controllers read and write, ours or a built-in
+/// one (Deployment, Secret, ...): the bounds the kube client asks for,
+/// named once.
+pub trait Object:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Object for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Operator settings.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -10,16 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::core::NamespaceResourceScope;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tracing::Instrument;
 
-use super::{Config, Context, Error};
+use super::{Config, Context, Error, Object};
 
 /// The kube-runtime settings every controller runs with.
 pub fn controller_config(config: &Config) -> kube::runtime::controller::Config {
@@ -33,13 +30,7 @@ pub fn controller_config(config: &Config) -> kube::runtime::controller::Config {
 /// at 10,000 Branches is most of the operator's.
 pub fn controller_for<K>(api: kube::Api<K>, config: &Config) -> Controller<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Object,
 {
     let (reader, writer) = reflector::store();
     let trigger = watcher(api, watcher::Config::default())
@@ -97,7 +88,7 @@ pub async fn drive<K, R, Fut>(
     how: Drive,
     mut reconcile: R,
 ) where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Object,
     R: FnMut(Arc<K>, Arc<Context>) -> Fut,
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
@@ -154,11 +145,7 @@ pub async fn with_finalizer<K, F, Fut>(
     reconcile: F,
 ) -> Result<Action, Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + Debug,
+    K: Object,
     F: FnOnce(FinalizerEvent<K>) -> Fut,
     Fut: Future<Output = Result<Action, Error>>,
 {

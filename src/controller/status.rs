@@ -10,11 +10,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::{Context, Error};
+use super::{Context, Error, Object};
 use crate::api::conditions::{set_health, StatusContract};
 use crate::api::{FIELD_MANAGER, READY, RECONCILING, STALLED};
 
@@ -73,11 +72,7 @@ pub async fn conclude<K, S>(
     outcome: &Outcome,
 ) -> Result<bool, Error>
 where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + Debug,
+    K: Object,
     S: Serialize + StatusContract,
 {
     stamp(new, outcome, obj.meta().generation);
@@ -140,11 +135,7 @@ pub async fn write_status<K, S>(
     outcome: &Outcome,
 ) -> Result<bool, Error>
 where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + Debug,
+    K: Object,
     S: Serialize,
 {
     let old_v = match old {
@@ -186,10 +177,7 @@ pub async fn patch_status<K>(
     guard: Guard,
 ) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug,
+    K: Object,
 {
     let api: Api<K> = ctx.api(&obj.namespace().unwrap_or_default());
     let patch = match guard {

@@ -86,7 +86,7 @@ where
     let name = desired.name_any();
     let api: Api<K> = ctx.api(&ns);
     let mut desired = stamp_hash(desired);
-    if let Some(existing) = with_deadline(ctx, "read child object", api.get_opt(&name)).await? {
+    if let Some(existing) = ctx.get::<K>(&ns, "read child object", &name).await? {
         desired = keep_immutable(desired, &existing)?;
         if let Holder::Other(who) = holder(&existing, owner_uid) {
             return Err(Error::stalled(
@@ -345,7 +345,7 @@ where
     K: Object,
 {
     let api: Api<K> = ctx.api(ns);
-    let Some(existing) = with_deadline(ctx, "read child object", api.get_opt(name)).await? else {
+    let Some(existing) = ctx.get::<K>(ns, "read child object", name).await? else {
         return Ok(true);
     };
     if holder(&existing, owner_uid) != Holder::Owner {
@@ -366,9 +366,7 @@ where
             Err(e) => return Err(e),
         }
     }
-    Ok(with_deadline(ctx, "read child object", api.get_opt(name))
-        .await?
-        .is_none())
+    Ok(ctx.get::<K>(ns, "read child object", name).await?.is_none())
 }
 
 #[cfg(test)]

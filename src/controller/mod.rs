@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kube::api::ListParams;
+use kube::api::{ListParams, PostParams};
 use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -270,6 +270,32 @@ impl Context {
         }
         let api: Api<K> = self.api(ns);
         Ok(with_deadline(self, step, api.list(&params)).await?.items)
+    }
+
+    /// The `K` named `name` in namespace `ns`, if it exists, read within
+    /// the step deadline.
+    pub async fn get<K: Object>(
+        &self,
+        ns: &str,
+        step: &'static str,
+        name: &str,
+    ) -> Result<Option<K>, Error> {
+        with_deadline(self, step, self.api::<K>(ns).get_opt(name)).await
+    }
+
+    /// Creates `obj` in namespace `ns` with the operator's field manager,
+    /// within the step deadline (`step` names it in a timeout).
+    pub async fn create<K: Object>(
+        &self,
+        ns: &str,
+        step: &'static str,
+        obj: &K,
+    ) -> Result<K, Error> {
+        let params = PostParams {
+            field_manager: Some(crate::api::FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        with_deadline(self, step, self.api::<K>(ns).create(&params, obj)).await
     }
 
     fn failures_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {

@@ -3,17 +3,16 @@
 //! branch's running compute (its password is in `<branch>-superuser`).
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 
-use super::{with_deadline, Context, Error};
+use super::{Context, Error};
 use crate::api::Branch;
 use crate::compute::{secret_value, service_name, superuser_secret_name};
 use crate::storage::{ConnInfo, Password};
 
 /// The Secret `name` of namespace `ns`, if it exists.
 pub async fn get(ctx: &Context, ns: &str, name: &str) -> Result<Option<Secret>, Error> {
-    let api: Api<Secret> = ctx.api(ns);
-    with_deadline(ctx, "read secret", api.get_opt(name)).await
+    ctx.get(ns, "read secret", name).await
 }
 
 /// The `password` key of a Secret, if the Secret exists and has one.

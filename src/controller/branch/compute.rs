@@ -24,8 +24,7 @@ pub(super) async fn compute_start_gate(
 ) -> Result<Option<Done>, Error> {
     let ns = desired.namespace().unwrap_or_default();
     let own = desired.name_any();
-    let deploys: Api<Deployment> = ctx.api(&ns);
-    let live = with_deadline(ctx, "read compute", deploys.get_opt(&own)).await?;
+    let live = ctx.get::<Deployment>(&ns, "read compute", &own).await?;
     if live
         .as_ref()
         .is_some_and(|l| !crate::controller::apply::needs_apply(desired, l))
@@ -210,9 +209,9 @@ pub(super) async fn reconcile_compute(
     let compute_ready = current.as_ref().is_some_and(deployment_ready);
 
     // The Service moves to a new timeline only once its compute is ready.
-    let services: Api<Service> = ctx.api(&ns);
-    let live_svc =
-        with_deadline(ctx, "read service", services.get_opt(&service_name(&name))).await?;
+    let live_svc = ctx
+        .get::<Service>(&ns, "read service", &service_name(&name))
+        .await?;
     let selected = live_svc
         .as_ref()
         .filter(|s| holder(*s, &uid) == Holder::Owner)

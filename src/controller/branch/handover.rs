@@ -181,8 +181,7 @@ pub(super) async fn snapshot_source(
         return Ok(None);
     };
     let ns = branch.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = ctx.api(&ns);
-    let Some(snap) = with_deadline(ctx, "read snapshot", api.get_opt(name)).await? else {
+    let Some(snap) = ctx.get::<Snapshot>(&ns, "read snapshot", name).await? else {
         return Err(Error::stalled(
             "SnapshotNotFound",
             format!("snapshot {name:?} (spec.fromSnapshot) not found in namespace {ns}"),
@@ -217,10 +216,11 @@ pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> 
             format!("annotation {ANNOTATION_ADOPT_TIMELINE} is honoured only on a backup branch the operator made: {why}"),
         )
     };
-    let branches: Api<Branch> = ctx.api(&ns);
     if let Some(restore) = branch.labels().get(LABEL_RESTORE_BACKUP_OF) {
-        let api: Api<SnapshotRestore> = ctx.api(&ns);
-        let Some(r) = with_deadline(ctx, "read restore", api.get_opt(restore)).await? else {
+        let Some(r) = ctx
+            .get::<SnapshotRestore>(&ns, "read restore", restore)
+            .await?
+        else {
             return Err(refuse(format!("SnapshotRestore {restore} not found")));
         };
         let st = r.status.unwrap_or_default();
@@ -232,7 +232,7 @@ pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> 
             )));
         }
         if let Some(target) = &r.spec.target {
-            if let Some(t) = with_deadline(ctx, "read branch", branches.get_opt(target)).await? {
+            if let Some(t) = ctx.get::<Branch>(&ns, "read branch", target).await? {
                 if t.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id) {
                     return Err(Error::Waiting(format!(
                         "timeline {id} is still branch {target}'s; restore {restore} moves it next"
@@ -283,7 +283,6 @@ pub(super) async fn compute_for_timeline(
     let list = ctx
         .list::<Deployment>(&ns, "list computes", &format!("{LABEL_TIMELINE}={tl}"))
         .await?;
-    let branches: Api<Branch> = ctx.api(&ns);
     for d in list {
         // Read replicas follow a primary; they are never the compute.
         if d.labels().get(LABEL_ROLE).map(String::as_str) == Some("replica") {
@@ -305,7 +304,7 @@ pub(super) async fn compute_for_timeline(
             .find(|o| o.controller == Some(true) && o.kind == "Branch")
             .map(|o| o.name.clone());
         let owner_branch = match &owner {
-            Some(o) => with_deadline(ctx, "read branch", branches.get_opt(o)).await?,
+            Some(o) => ctx.get::<Branch>(&ns, "read branch", o).await?,
             None => None,
         };
         let handed = owner_branch

@@ -404,8 +404,7 @@ async fn read_parent(ctx: &Context, branch: &Branch) -> Result<Option<Branch>, E
         return Ok(None);
     };
     let ns = branch.namespace().unwrap_or_default();
-    let branches: Api<Branch> = ctx.api(&ns);
-    match with_deadline(ctx, "read parent", branches.get_opt(&p.branch)).await? {
+    match ctx.get::<Branch>(&ns, "read parent", &p.branch).await? {
         Some(pb) => Ok(Some(pb)),
         None => Err(Error::stalled(
             "ParentNotFound",

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
@@ -115,8 +115,7 @@ async fn blocker(
     if !is_ready(&branch.status.clone().unwrap_or_default().conditions) {
         return Ok(Some(format!("branch {name} is not Ready")));
     }
-    let branches: Api<Branch> = ctx.api(&ns);
-    match with_deadline(ctx, "read parent", branches.get_opt(parent)).await? {
+    match ctx.get::<Branch>(&ns, "read parent", parent).await? {
         None => return Ok(Some(format!("the parent branch {parent} does not exist"))),
         Some(p) if !is_ready(&p.status.clone().unwrap_or_default().conditions) => {
             return Ok(Some(format!("the parent branch {parent} is not Ready")))
@@ -201,12 +200,7 @@ async fn create_refresh(
         },
         status: None,
     };
-    let api: Api<SnapshotRestore> = ctx.api(&ns);
-    let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    match with_deadline(ctx, "create restore", api.create(&params, &restore)).await {
+    match ctx.create(&ns, "create restore", &restore).await {
         Ok(r) => {
             tracing::info!(restore = %rname, slot = %plan::rfc3339(slot), "refresh started");
             publish(
@@ -222,11 +216,10 @@ async fn create_refresh(
             .await;
             Ok(r)
         }
-        Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
-            with_deadline(ctx, "read restore", api.get_opt(&rname))
-                .await?
-                .ok_or_else(|| Error::Waiting(format!("SnapshotRestore {rname} is being replaced")))
-        }
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => ctx
+            .get::<SnapshotRestore>(&ns, "read restore", &rname)
+            .await?
+            .ok_or_else(|| Error::Waiting(format!("SnapshotRestore {rname} is being replaced"))),
         Err(e) => Err(e),
     }
 }
@@ -252,7 +245,7 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
     };
     let ns = branch.namespace().unwrap_or_default();
     let branches: Api<Branch> = ctx.api(&ns);
-    let Some(b) = with_deadline(ctx, "read backup", branches.get_opt(&backup)).await? else {
+    let Some(b) = ctx.get::<Branch>(&ns, "read backup", &backup).await? else {
         mark_handled(ctx, r, "deleted").await?;
         return Ok(true);
     };

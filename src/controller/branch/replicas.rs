@@ -24,7 +24,7 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 
 use super::super::apply::{apply_owned, delete_owned, holder, Holder};
 use super::super::{with_deadline, Context, Error};
@@ -283,8 +283,8 @@ pub(super) async fn reconcile(
             // replica's data directory is stopping or belongs to another
             // Deployment.
             let dname = crate::compute::replica_deployment_name(&name, current.as_str(), *n);
-            let deploys: Api<Deployment> = ctx.api(&ns);
-            let settled = with_deadline(ctx, "read replica", deploys.get_opt(&dname))
+            let settled = ctx
+                .get::<Deployment>(&ns, "read replica", &dname)
                 .await?
                 .is_some_and(|d| {
                     d.spec.as_ref().and_then(|s| s.replicas) != Some(0) && deployment_ready(&d)

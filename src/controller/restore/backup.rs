@@ -12,7 +12,7 @@ pub(super) async fn create_backup(
     let ctx = run.ctx;
     let ns = &run.ns;
     let branches = branch_api(ctx, ns);
-    let existing = with_deadline(ctx, "read backup", branches.get_opt(bname)).await?;
+    let existing = ctx.get::<Branch>(ns, "read backup", bname).await?;
     if let Some(b) = &existing {
         if b.labels().get(LABEL_RESTORE_BACKUP_OF) != Some(&run.name) {
             return Err(Error::stalled(

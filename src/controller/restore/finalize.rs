@@ -175,9 +175,9 @@ async fn observe(run: &Run<'_>, st: &SnapshotRestoreStatus) -> Result<Finalize, 
             ),
         ));
     }
-    let services: Api<Service> = ctx.api(&run.ns);
-    let live_svc =
-        with_deadline(ctx, "read service", services.get_opt(&service_name(&tname))).await?;
+    let live_svc = ctx
+        .get::<Service>(&run.ns, "read service", &service_name(&tname))
+        .await?;
     if last_step(st).is_none_or(|l| l < FinalizeStep::Target) {
         check_service_owned(live_svc.as_ref(), &target, &target_uid)?;
     }
@@ -242,7 +242,9 @@ fn wait_step(run: &Run<'_>, progress: String, message: String) -> Pending {
 async fn passwords(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let ctx = run.ctx;
     let branches = branch_api(ctx, &run.ns);
-    let Some(rb) = with_deadline(ctx, "read restored branch", branches.get_opt(&f.rname)).await?
+    let Some(rb) = ctx
+        .get::<Branch>(&run.ns, "read restored branch", &f.rname)
+        .await?
     else {
         return Err(Error::stalled(
             "RestoredBranchFailed",
@@ -340,14 +342,10 @@ async fn target(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
 /// 4. The target's controller adopts the compute and stops the old one.
 async fn compute(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let ctx = run.ctx;
-    let services: Api<Service> = ctx.api(&run.ns);
     let deploys: Api<Deployment> = ctx.api(&run.ns);
-    let svc = with_deadline(
-        ctx,
-        "read service",
-        services.get_opt(&service_name(&f.tname)),
-    )
-    .await?;
+    let svc = ctx
+        .get::<Service>(&run.ns, "read service", &service_name(&f.tname))
+        .await?;
     // Read replicas follow a primary: never the compute.
     let primaries = |tl: &TimelineId| {
         ListParams::default().labels(&format!("{LABEL_TIMELINE}={tl},{LABEL_ROLE}!=replica"))
@@ -391,7 +389,9 @@ async fn children(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
 async fn cleanup(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let ctx = run.ctx;
     let branches = branch_api(ctx, &run.ns);
-    let Some(rb) = with_deadline(ctx, "read restored branch", branches.get_opt(&f.rname)).await?
+    let Some(rb) = ctx
+        .get::<Branch>(&run.ns, "read restored branch", &f.rname)
+        .await?
     else {
         return Ok(None);
     };

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
@@ -34,7 +34,7 @@ use super::status::{conclude, Outcome};
 use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
     parse_span, Branch, Snapshot, SnapshotSchedule, SnapshotScheduleStatus, SnapshotSpec,
-    ANNOTATION_SCHEDULED_AT, FIELD_MANAGER, LABEL_KEEP, LABEL_SCHEDULE, READY, STALLED,
+    ANNOTATION_SCHEDULED_AT, LABEL_KEEP, LABEL_SCHEDULE, READY, STALLED,
 };
 
 /// The Snapshot `Stalled` reason of a run refused by the snapshot quota.
@@ -181,8 +181,8 @@ async fn create_run(
     let ns = sched.namespace().unwrap_or_default();
     let name = sched.name_any();
     let uid = sched.uid().unwrap_or_default();
-    let branches: Api<Branch> = ctx.api(&ns);
-    if with_deadline(ctx, "read branch", branches.get_opt(&sched.spec.branch))
+    if ctx
+        .get::<Branch>(&ns, "read branch", &sched.spec.branch)
         .await?
         .is_none()
     {
@@ -239,18 +239,14 @@ async fn create_run(
         },
         status: None,
     };
-    let api: Api<Snapshot> = ctx.api(&ns);
-    let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    match with_deadline(ctx, "create snapshot", api.create(&params, &snap)).await {
+    match ctx.create(&ns, "create snapshot", &snap).await {
         Ok(created) => {
             tracing::info!(snapshot = %snap_name, slot = %plan::rfc3339(slot), "scheduled run: snapshot created");
             Ok((created, true))
         }
         Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
-            let existing = with_deadline(ctx, "read snapshot", api.get_opt(&snap_name))
+            let existing = ctx
+                .get::<Snapshot>(&ns, "read snapshot", &snap_name)
                 .await?
                 .ok_or_else(|| Error::Waiting(format!("snapshot {snap_name} is being replaced")))?;
             if holder(&existing, &uid) == Holder::Owner {

@@ -228,9 +228,9 @@ async fn apply_steps(
             requeue: Action::requeue(ctx.config.poll_interval),
         });
     }
-    let branches: Api<Branch> = ctx.api(&ns);
-    let Some(branch) =
-        with_deadline(ctx, "read branch", branches.get_opt(&snap.spec.branch)).await?
+    let Some(branch) = ctx
+        .get::<Branch>(&ns, "read branch", &snap.spec.branch)
+        .await?
     else {
         return Err(Error::stalled(
             "BranchNotFound",

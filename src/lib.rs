@@ -2,7 +2,7 @@
 //! custom resources.
 //!
 //! Modules follow the layers in `ARCHITECTURE.md` (`cli` → `controller` →
-//! {`compute`, `local`} → {`storage`, `api`}; `point` under all of them):
+//! {`compute`, `local`, `point`} → {`storage`, `api`}):
 //! * [`api`]: the CRD types (`pgbranch.dev/v1alpha1`), conditions, names,
 //!   labels and annotations;
 //! * [`cli`]: the `pgbranch` command line (`operator`, `storage`, `local`,

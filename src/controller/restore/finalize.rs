@@ -237,15 +237,17 @@ fn wait_step(run: &Run<'_>, progress: String, message: String) -> Pending {
     ))
 }
 
+/// The restored branch, if it is still there.
+async fn restored_branch(run: &Run<'_>, f: &Finalize) -> Result<Option<Branch>, Error> {
+    run.ctx.get(&run.ns, "read restored branch", &f.rname).await
+}
+
 /// 1. The restored branch hands over to the target; its database takes the
 ///    target's passwords.
 async fn passwords(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let ctx = run.ctx;
     let branches = branch_api(ctx, &run.ns);
-    let Some(rb) = ctx
-        .get::<Branch>(&run.ns, "read restored branch", &f.rname)
-        .await?
-    else {
+    let Some(rb) = restored_branch(run, f).await? else {
         return Err(Error::stalled(
             "RestoredBranchFailed",
             format!("the restored branch {} is gone", f.rname),
@@ -389,10 +391,7 @@ async fn children(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
 async fn cleanup(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let ctx = run.ctx;
     let branches = branch_api(ctx, &run.ns);
-    let Some(rb) = ctx
-        .get::<Branch>(&run.ns, "read restored branch", &f.rname)
-        .await?
-    else {
+    let Some(rb) = restored_branch(run, f).await? else {
         return Ok(None);
     };
     if rb.labels().get(LABEL_RESTORE) != Some(&run.name) {

@@ -154,8 +154,9 @@ fn rules_compile_have_plain_messages_and_bounded_strings() {
                 if message.is_none_or(|m| m.trim().is_empty() || m.contains('\n')) {
                     problems.push(format!("{path}: {text:?} needs a one-line message"));
                 }
-                // DESIGN §3: a real apiserver refuses string(<int>) in
-                // messageExpression and drops oldSelf ones under optionalOldSelf.
+                // ARCHITECTURE.md, "CEL rules a real apiserver accepts": a
+                // real apiserver refuses string(<int>) in messageExpression
+                // and drops oldSelf ones under optionalOldSelf.
                 if let Some(expr) = rule.get("messageExpression").and_then(Value::as_str) {
                     if expr.contains("string(") {
                         problems.push(format!("{path}: messageExpression uses string(): {expr}"));

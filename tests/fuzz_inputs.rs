@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use http::{Method, Request, StatusCode};
 use pgbranch::api::{parse_span, validate_branch_name, validate_dns_label};
-use pgbranch::controller::schedule::plan::Cadence;
+use pgbranch::controller::scheduling::Cadence;
 use pgbranch::point::{parse_lsn, parse_point, parse_point_word, parse_time};
 use pgbranch::storage::engine::{Engine, EngineConfig};
 use pgbranch::storage::http::server::{router, Auth};

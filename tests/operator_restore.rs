@@ -702,7 +702,7 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
     );
     intruder.metadata.annotations = Some(
         [(
-            pgbranch::controller::branch::ANNOTATION_ADOPT_TIMELINE.to_string(),
+            pgbranch::api::ANNOTATION_ADOPT_TIMELINE.to_string(),
             orphan.id.to_string(),
         )]
         .into(),

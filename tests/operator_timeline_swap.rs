@@ -13,8 +13,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
+use pgbranch::api::ANNOTATION_ADOPT_TIMELINE;
 use pgbranch::api::{Branch, BranchSpec, DatabaseSpec, RoleSpec, LABEL_BRANCH, LABEL_TIMELINE};
-use pgbranch::controller::branch::ANNOTATION_ADOPT_TIMELINE;
 use pgbranch::storage::wait::wait_timeline_ready;
 use pgbranch::storage::{
     ConnInfo, CreateTimeline, OpKey, Password, Point, Source, Storage, TimelineId,

@@ -1,5 +1,6 @@
 //! The status contract shared by every kind: `Ready`, `Reconciling` and
-//! `Stalled` conditions in the `metav1.Condition` shape (DESIGN §3).
+//! `Stalled` conditions in the `metav1.Condition` shape (ARCHITECTURE.md,
+//! "Conditions").
 //!
 //! Pure functions, no API calls:
 //! * [`set_condition`] sets or replaces one condition, keeping
@@ -239,6 +240,35 @@ pub fn status_changed<S: Serialize>(old: Option<&S>, new: &S) -> bool {
         _ => true,
     }
 }
+
+/// A status under the shared contract: `observedGeneration` and the
+/// conditions.
+pub trait StatusContract {
+    /// Its conditions.
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+    /// Sets `observedGeneration`.
+    fn set_observed_generation(&mut self, generation: Option<i64>);
+}
+
+macro_rules! status_contract {
+    ($($t:ty),*) => {$(
+        impl StatusContract for $t {
+            fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+                &mut self.conditions
+            }
+            fn set_observed_generation(&mut self, generation: Option<i64>) {
+                self.observed_generation = generation;
+            }
+        }
+    )*};
+}
+
+status_contract!(
+    super::BranchStatus,
+    super::SnapshotStatus,
+    super::SnapshotRestoreStatus,
+    super::SnapshotScheduleStatus
+);
 
 #[cfg(test)]
 mod tests {

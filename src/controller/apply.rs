@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{with_deadline, Context, Error};
+use super::{with_deadline, Context, Error, Object};
 use crate::api::FIELD_MANAGER;
 use crate::compute::{is_up_to_date, stamp_hash};
 
@@ -80,14 +80,13 @@ pub fn holder<K: Resource>(obj: &K, owner_uid: &str) -> Holder {
 /// object.
 pub async fn apply_owned<K>(ctx: &Context, desired: K, owner_uid: &str) -> Result<K, Error>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
-    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K: Object,
 {
     let ns = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<K> = ctx.api(&ns);
     let mut desired = stamp_hash(desired);
-    if let Some(existing) = with_deadline(ctx, "read child object", api.get_opt(&name)).await? {
+    if let Some(existing) = ctx.get::<K>(&ns, "read child object", &name).await? {
         desired = keep_immutable(desired, &existing)?;
         if let Holder::Other(who) = holder(&existing, owner_uid) {
             return Err(Error::stalled(
@@ -343,11 +342,10 @@ pub async fn delete_owned<K>(
     owner_uid: &str,
 ) -> Result<bool, Error>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
-    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K: Object,
 {
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    let Some(existing) = with_deadline(ctx, "read child object", api.get_opt(name)).await? else {
+    let api: Api<K> = ctx.api(ns);
+    let Some(existing) = ctx.get::<K>(ns, "read child object", name).await? else {
         return Ok(true);
     };
     if holder(&existing, owner_uid) != Holder::Owner {
@@ -368,9 +366,7 @@ where
             Err(e) => return Err(e),
         }
     }
-    Ok(with_deadline(ctx, "read child object", api.get_opt(name))
-        .await?
-        .is_none())
+    Ok(ctx.get::<K>(ns, "read child object", name).await?.is_none())
 }
 
 #[cfg(test)]

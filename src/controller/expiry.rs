@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::Resource;
 
 use super::{Context, Error};
@@ -74,19 +74,11 @@ pub async fn publish_expired<K>(ctx: &Context, obj: &K, expires: jiff::Timestamp
 where
     K: Resource<DynamicType = ()>,
 {
-    let ev = Event {
-        type_: EventType::Normal,
-        reason: EXPIRED.into(),
-        note: Some(format!(
-            "spec.expiresAt {expires} passed: deleting the {}",
-            K::kind(&())
-        )),
-        action: "Delete".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish event");
-    }
+    let note = format!(
+        "spec.expiresAt {expires} passed: deleting the {}",
+        K::kind(&())
+    );
+    super::status::publish(ctx, obj, EventType::Normal, EXPIRED, "Delete", &note).await;
 }
 
 #[cfg(test)]

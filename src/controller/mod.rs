@@ -5,7 +5,14 @@
 //! [`crate::compute`]) → apply (server-side apply, one field manager, skipped
 //! when unchanged) → status ([`status::write_status`], only when changed).
 //! Errors say whether a retry can help ([`Error::is_retryable`]); failures
-//! that will not fix themselves are reported as a `Stalled` condition.
+//! that will not fix themselves are reported as a `Stalled` condition
+//! (ARCHITECTURE.md, "The reconcile pipeline contract").
+//!
+//! The kit every controller shares, so none imports a sibling's internals:
+//! [`runner`] (set-up, the reconcile span, finalizers, the error policy),
+//! [`Context::api`], [`status`] (the status writer and Event publisher),
+//! [`apply`], [`secrets`] (the Secret reader), [`sql`], [`operations`],
+//! [`expiry`], [`scheduling`] and [`metrics`].
 
 pub mod apply;
 pub mod branch;
@@ -13,8 +20,12 @@ pub mod expiry;
 pub mod metrics;
 pub mod operations;
 pub mod restore;
+pub mod runner;
 pub mod schedule;
+pub mod scheduling;
+pub mod secrets;
 pub mod snapshot;
+pub mod sql;
 pub mod status;
 
 use std::collections::HashMap;
@@ -23,16 +34,47 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kube::runtime::controller::Action;
+use kube::api::{ListParams, PostParams};
+use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 
 use crate::compute::{ComputeConfig, PG_PORT};
 use crate::storage::{Storage, StorageError};
 
 pub use metrics::Metrics;
+pub use runner::{
+    backoff, controller_config, controller_for, drive, error_policy, finalizer_result, uid_of,
+    until_stopped, with_finalizer, Drive, Shutdown,
+};
+
+/// A namespaced kind the controllers read and write, ours or a built-in
+/// one (Deployment, Secret, ...): the bounds the kube client asks for,
+/// named once.
+pub trait Object:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Object for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
 
 /// Operator settings.
 #[derive(Debug, Clone)]
@@ -98,34 +140,6 @@ impl Default for Config {
 
 /// Default of [`Config::concurrency`].
 pub const DEFAULT_CONCURRENCY: u16 = 16;
-
-/// The kube-runtime settings every controller runs with.
-pub fn controller_config(config: &Config) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(config.concurrency)
-}
-
-/// A controller of every `K` `api` lists, run with [`controller_config`].
-/// Its cache keeps the objects without `metadata.managedFields`: nothing
-/// reads them from the cache, and they are most of a cached object's
-/// memory (a Branch's status alone is a tree of a dozen maps there), which
-/// at 10,000 Branches is most of the operator's.
-pub fn controller_for<K>(api: kube::Api<K>, config: &Config) -> Controller<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let trigger = watcher(api, watcher::Config::default())
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
-        .reflect(writer)
-        .applied_objects();
-    Controller::for_stream(trigger, reader).with_config(controller_config(config))
-}
 
 /// Turns a branch's Service into an address the operator can connect to.
 #[async_trait]
@@ -213,6 +227,75 @@ impl Context {
             switch_waits: Default::default(),
             operations: operations::OperationLock::default(),
         })
+    }
+
+    /// The one way to an [`Api`]: the `K` objects of namespace `ns`.
+    pub fn api<K>(&self, ns: &str) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+    {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// The `K` objects the operator watches: those of its namespace
+    /// ([`Config::namespace`]), else of every namespace.
+    pub fn watched<K>(&self) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+    {
+        match &self.config.namespace {
+            Some(ns) => self.api(ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    /// The `K` objects of namespace `ns` whose labels match `selector`
+    /// (every one when it is empty), listed within the step deadline
+    /// (`step` names it in a timeout).
+    pub async fn list<K>(
+        &self,
+        ns: &str,
+        step: &'static str,
+        selector: &str,
+    ) -> Result<Vec<K>, Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let mut params = ListParams::default();
+        if !selector.is_empty() {
+            params = params.labels(selector);
+        }
+        let api: Api<K> = self.api(ns);
+        Ok(with_deadline(self, step, api.list(&params)).await?.items)
+    }
+
+    /// The `K` named `name` in namespace `ns`, if it exists, read within
+    /// the step deadline.
+    pub async fn get<K: Object>(
+        &self,
+        ns: &str,
+        step: &'static str,
+        name: &str,
+    ) -> Result<Option<K>, Error> {
+        with_deadline(self, step, self.api::<K>(ns).get_opt(name)).await
+    }
+
+    /// Creates `obj` in namespace `ns` with the operator's field manager,
+    /// within the step deadline (`step` names it in a timeout).
+    pub async fn create<K: Object>(
+        &self,
+        ns: &str,
+        step: &'static str,
+        obj: &K,
+    ) -> Result<K, Error> {
+        let params = PostParams {
+            field_manager: Some(crate::api::FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        with_deadline(self, step, self.api::<K>(ns).create(&params, obj)).await
     }
 
     fn failures_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
@@ -323,24 +406,6 @@ impl Error {
     }
 }
 
-/// The result of kube-runtime's finalizer helper as a reconcile result. An
-/// object that is gone by the time its finalizer is removed (its deletion
-/// raced with ours, as for a restore's restored branch) is done, not an
-/// error.
-pub fn finalizer_result(
-    res: Result<Action, kube::runtime::finalizer::Error<Error>>,
-) -> Result<Action, Error> {
-    match res {
-        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)))
-            if s.code == 404 =>
-        {
-            tracing::debug!("the object was gone before its finalizer was removed");
-            Ok(Action::await_change())
-        }
-        r => r.map_err(|e| Error::Finalizer(Box::new(e))),
-    }
-}
-
 fn kube_retryable(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
@@ -367,79 +432,9 @@ where
     }
 }
 
-/// Backoff after `n` consecutive failures: 1 s doubling to 5 min.
-pub fn backoff(n: u32) -> Duration {
-    let secs = 1u64 << n.saturating_sub(1).min(9);
-    Duration::from_secs(secs.min(300))
-}
-
-/// The error policy shared by the controllers: short fixed polls while
-/// waiting, exponential backoff for retryable errors, a long requeue for
-/// terminal ones (they are reported as Stalled and re-checked on change).
-pub fn error_policy<K>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action
-where
-    K: Resource<DynamicType = ()>,
-{
-    let kind = K::kind(&()).to_string();
-    if let Error::Waiting(what) = err {
-        tracing::debug!(object = %obj.name_any(), %what, "waiting");
-        return Action::requeue(ctx.config.poll_interval);
-    }
-    ctx.metrics.error(&kind, &err.reason());
-    if err.reason() == "Conflict" {
-        // Our write raced with another writer (the restore writing a
-        // branch's timeline, the status of a fresh object): not a failure,
-        // re-read and go on at once. Backing off here kept a branch
-        // un-Ready for half a minute after a finalize.
-        tracing::debug!(kind, object = %obj.name_any(), error = %err, "conflict, re-reading");
-        return Action::requeue(Duration::from_millis(200));
-    }
-    let n = ctx.record_failure(obj.as_ref());
-    if err.is_retryable() {
-        tracing::warn!(kind, object = %obj.name_any(), error = %err, attempt = n, "reconcile failed, retrying");
-        Action::requeue(backoff(n))
-    } else {
-        tracing::error!(kind, object = %obj.name_any(), error = %err, "reconcile failed");
-        Action::requeue(Duration::from_secs(300).max(backoff(n)))
-    }
-}
-
-/// Awaits a controller's run (`running`: its stream driven to the end),
-/// but once `shutdown` has fired, returns at once if the controller's
-/// store was never filled — its kind could not be listed (its CRD is not
-/// installed, or RBAC forbids it). kube-runtime holds a controller's runner
-/// until its store is ready, so such a controller would never finish its
-/// graceful shutdown (the operator would hang on SIGTERM); with nothing ever
-/// listed, no reconcile can be in flight.
-pub async fn until_stopped<K>(
-    kind: &'static str,
-    store: kube::runtime::reflector::Store<K>,
-    shutdown: impl Future<Output = ()>,
-    running: impl Future<Output = ()>,
-) where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    let never_listed = async {
-        shutdown.await;
-        if futures::FutureExt::now_or_never(store.wait_until_ready()).is_none() {
-            tracing::warn!(
-                kind,
-                "stopping a controller whose kind was never listed (is its CRD installed?)"
-            );
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        () = running => {}
-        () = never_listed => {}
-    }
-}
-
 /// Starts every controller and runs until `shutdown` resolves (then lets
 /// reconciles in flight finish).
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::join!(
         branch::run(ctx.clone(), shutdown.clone()),
@@ -453,14 +448,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(2), Duration::from_secs(2));
-        assert_eq!(backoff(5), Duration::from_secs(16));
-        assert_eq!(backoff(40), Duration::from_secs(300));
-    }
 
     #[test]
     fn storage_errors_map_to_retry_or_terminal() {

@@ -20,10 +20,9 @@
 //! one goes first and the other waits (`WaitingForRestore` /
 //! `WaitingForSnapshot`), whatever the order their reconciles run in.
 
-use kube::api::ListParams;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 
-use super::{with_deadline, Context, Error};
+use super::{Context, Error};
 use crate::api::{RestorePhase, Snapshot, SnapshotRestore};
 
 /// The operator's operation lock (see the module docs). The snapshot quota
@@ -48,10 +47,8 @@ pub async fn restore_holding(
     branch: &str,
     except_uid: Option<&str>,
 ) -> Result<Option<(String, RestorePhase)>, Error> {
-    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), ns);
-    let list = with_deadline(ctx, "list restores", api.list(&ListParams::default())).await?;
+    let list = ctx.list::<SnapshotRestore>(ns, "list restores", "").await?;
     let mut found: Vec<(String, RestorePhase)> = list
-        .items
         .iter()
         .filter(|r| except_uid.is_none() || r.uid().as_deref() != except_uid)
         .filter_map(|r| {
@@ -91,10 +88,8 @@ pub async fn snapshot_being_taken(
     ns: &str,
     branches: &[&str],
 ) -> Result<Option<(String, String)>, Error> {
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), ns);
-    let list = with_deadline(ctx, "list snapshots", api.list(&ListParams::default())).await?;
+    let list = ctx.list::<Snapshot>(ns, "list snapshots", "").await?;
     let mut found: Vec<(String, String)> = list
-        .items
         .iter()
         .filter(|s| branches.contains(&s.spec.branch.as_str()) && snapshot_holds(s))
         .map(|s| (s.name_any(), s.spec.branch.clone()))

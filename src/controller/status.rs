@@ -1,7 +1,8 @@
-//! The status contract (DESIGN §3): `Ready`, `Reconciling` and `Stalled`
-//! conditions with `observedGeneration`, `lastTransitionTime` moved only when
-//! a condition's status flips, and one helper that writes status only when it
-//! changed, with an Event on every transition.
+//! The status contract (ARCHITECTURE.md, "Conditions"): `Ready`,
+//! `Reconciling` and `Stalled` conditions with `observedGeneration`,
+//! `lastTransitionTime` moved only when a condition's status flips; the one
+//! status writer of every controller (only the changed fields, an Event on
+//! every transition) and the one Event publisher.
 
 use std::fmt::Debug;
 
@@ -9,12 +10,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::{Context, Error};
-use crate::api::conditions::set_health;
+use super::{Context, Error, Object};
+use crate::api::conditions::{set_health, StatusContract};
 use crate::api::{FIELD_MANAGER, READY, RECONCILING, STALLED};
 
 /// What a reconcile concluded about an object: the shared
@@ -48,6 +48,35 @@ pub fn apply_outcome(
     now: jiff::Timestamp,
 ) {
     set_health(conditions, outcome, generation, now);
+}
+
+/// Stamps a pass's outcome on a status: `observedGeneration` and the
+/// Ready/Reconciling/Stalled conditions, for `generation`.
+pub fn stamp<S: StatusContract>(status: &mut S, outcome: &Outcome, generation: Option<i64>) {
+    status.set_observed_generation(generation);
+    apply_outcome(
+        status.conditions_mut(),
+        outcome,
+        generation,
+        jiff::Timestamp::now(),
+    );
+}
+
+/// Ends a pass: stamps `outcome` on `new` ([`stamp`]) and writes it over
+/// `old` with [`write_status`]. Returns whether a write happened.
+pub async fn conclude<K, S>(
+    ctx: &Context,
+    obj: &K,
+    old: Option<&S>,
+    new: &mut S,
+    outcome: &Outcome,
+) -> Result<bool, Error>
+where
+    K: Object,
+    S: Serialize + StatusContract,
+{
+    stamp(new, outcome, obj.meta().generation);
+    write_status(ctx, obj, old, new, outcome).await
 }
 
 /// The status of a condition type, if present.
@@ -106,11 +135,7 @@ pub async fn write_status<K, S>(
     outcome: &Outcome,
 ) -> Result<bool, Error>
 where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + Debug,
+    K: Object,
     S: Serialize,
 {
     let old_v = match old {
@@ -122,47 +147,107 @@ where
     let Some(diff) = merge_diff(&old_v, &new_v) else {
         return Ok(false);
     };
-    let ns = obj.namespace().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "metadata": { "resourceVersion": obj.resource_version() },
-        "status": diff,
-    });
+    patch_status(ctx, obj, "write status", diff, Guard::ResourceVersion).await?;
+    let old_conds = conditions_of(&old_v);
+    if outcome_changed(&old_conds, outcome) {
+        publish_outcome(ctx, obj, outcome, None).await;
+    }
+    Ok(true)
+}
+
+/// Whether a status patch holds only if the object is unchanged since it
+/// was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Only at the object's resourceVersion: a concurrent writer makes
+    /// the patch fail with 409 and the reconcile re-reads.
+    ResourceVersion,
+    /// Whatever changed since (the writer is the status's one owner and
+    /// writes several times in one reconcile).
+    None,
+}
+
+/// Merge-patches `fields` into the status of `obj` with the operator's
+/// field manager, within the step deadline (`step` names it in a
+/// timeout), and counts the write.
+pub async fn patch_status<K>(
+    ctx: &Context,
+    obj: &K,
+    step: &'static str,
+    fields: Value,
+    guard: Guard,
+) -> Result<(), Error>
+where
+    K: Object,
+{
+    let api: Api<K> = ctx.api(&obj.namespace().unwrap_or_default());
+    let patch = match guard {
+        Guard::ResourceVersion => json!({
+            "metadata": { "resourceVersion": obj.resource_version() },
+            "status": fields,
+        }),
+        Guard::None => json!({ "status": fields }),
+    };
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
     super::with_deadline(
         ctx,
-        "write status",
+        step,
         api.patch_status(&obj.name_any(), &params, &Patch::Merge(&patch)),
     )
     .await?;
     ctx.metrics.status_write(K::kind(&()).as_ref());
-    let old_conds = conditions_of(&old_v);
-    let transition = outcome_changed(&old_conds, outcome);
-    if transition {
-        let type_ = match outcome {
-            Outcome::Stalled { .. } => EventType::Warning,
-            _ => EventType::Normal,
-        };
-        let ev = Event {
-            type_,
-            reason: reason_of(outcome).to_string(),
-            note: Some(truncate(message_of(outcome), 1000)),
-            action: match outcome {
-                Outcome::Progressing { .. } => "Reconciling",
-                Outcome::Ready { .. } => "Ready",
-                Outcome::Stalled { .. } => "Stalled",
-            }
-            .to_string(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish event");
-        }
+    Ok(())
+}
+
+/// Publishes the Event of an outcome: Warning when Stalled, Normal
+/// otherwise, its reason and message; the action is `action`, else the
+/// condition the outcome sets (`Reconciling`, `Ready`, `Stalled`).
+pub async fn publish_outcome<K>(ctx: &Context, obj: &K, outcome: &Outcome, action: Option<&str>)
+where
+    K: Resource<DynamicType = ()>,
+{
+    let (type_, default_action) = match outcome {
+        Outcome::Progressing { .. } => (EventType::Normal, "Reconciling"),
+        Outcome::Ready { .. } => (EventType::Normal, "Ready"),
+        Outcome::Stalled { .. } => (EventType::Warning, "Stalled"),
+    };
+    publish(
+        ctx,
+        obj,
+        type_,
+        reason_of(outcome),
+        action.unwrap_or(default_action),
+        message_of(outcome),
+    )
+    .await;
+}
+
+/// Publishes an Event about `obj`, its note cut to 1,000 bytes (the API
+/// refuses longer ones). A failure to publish is logged, never an error of
+/// the reconcile.
+pub async fn publish<K>(
+    ctx: &Context,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let ev = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(truncate(note, 1000)),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish event");
     }
-    Ok(true)
 }
 
 /// A Branch or Snapshot Ready for the first time: how long it took from

@@ -50,10 +50,8 @@ pub(super) async fn cleanup_steps(
             "the branch is protected: set spec.protected to false to delete it",
         ));
     }
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    let all = ctx.list::<Branch>(&ns, "list branches", "").await?;
     let mut children: Vec<String> = all
-        .items
         .iter()
         .filter(|b| effective_parent(b).as_deref() == Some(name.as_str()))
         .map(|b| b.name_any())
@@ -70,19 +68,11 @@ pub(super) async fn cleanup_steps(
     }
 
     // Compute first: storage refuses to delete a timeline that still runs.
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let list = with_deadline(
-        ctx,
-        "list computes",
-        deploys.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name}"))),
-    )
-    .await?;
+    let list = ctx
+        .list::<Deployment>(&ns, "list computes", &format!("{LABEL_BRANCH}={name}"))
+        .await?;
     let mut remaining = 0;
-    for d in list
-        .items
-        .iter()
-        .filter(|d| holder(*d, &uid) == Holder::Owner)
-    {
+    for d in list.iter().filter(|d| holder(*d, &uid) == Holder::Owner) {
         if !delete_owned::<Deployment>(ctx, &ns, &d.name_any(), &uid).await? {
             remaining += 1;
         }
@@ -106,7 +96,6 @@ pub(super) async fn cleanup_steps(
         }
     } else {
         let used: Vec<String> = all
-            .items
             .iter()
             .filter(|b| b.uid().as_deref() != Some(uid.as_str()))
             .filter_map(|b| b.status.as_ref().and_then(|s| s.timeline_id.clone()))
@@ -120,11 +109,11 @@ pub(super) async fn cleanup_steps(
         );
     }
     for id in timelines {
-        if handover::claimed_elsewhere(&all.items, &uid, &id) {
-            tracing::info!(branch = %name, timeline = %id, "timeline now belongs to another branch; keeping it");
+        if handover::claimed_elsewhere(&all, &uid, &id) {
+            tracing::info!(timeline = %id, "timeline now belongs to another branch; keeping it");
             continue;
         }
-        tracing::info!(branch = %name, timeline = %id, "deleting timeline");
+        tracing::info!(timeline = %id, "deleting timeline");
         match with_deadline(ctx, "delete timeline", ctx.storage.delete_timeline(&id)).await {
             Ok(()) => {}
             Err(Error::Storage(StorageError::Busy { message })) => {
@@ -138,16 +127,12 @@ pub(super) async fn cleanup_steps(
 
     delete_owned::<Service>(ctx, &ns, &service_name(&name), &uid).await?;
     delete_owned::<Service>(ctx, &ns, &ro_service_name(&name), &uid).await?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let owned = with_deadline(
-        ctx,
-        "list secrets",
-        secrets.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name}"))),
-    )
-    .await?;
-    for s in owned.items {
+    let owned = ctx
+        .list::<Secret>(&ns, "list secrets", &format!("{LABEL_BRANCH}={name}"))
+        .await?;
+    for s in owned {
         delete_owned::<Secret>(ctx, &ns, &s.name_any(), &uid).await?;
     }
-    tracing::info!(branch = %name, "branch deleted");
+    tracing::info!("branch deleted");
     Ok(None)
 }

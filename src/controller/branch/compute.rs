@@ -24,8 +24,7 @@ pub(super) async fn compute_start_gate(
 ) -> Result<Option<Done>, Error> {
     let ns = desired.namespace().unwrap_or_default();
     let own = desired.name_any();
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let live = with_deadline(ctx, "read compute", deploys.get_opt(&own)).await?;
+    let live = ctx.get::<Deployment>(&ns, "read compute", &own).await?;
     if live
         .as_ref()
         .is_some_and(|l| !crate::controller::apply::needs_apply(desired, l))
@@ -62,15 +61,11 @@ pub(super) async fn blocking_pod(
     selector: &str,
     own: &str,
 ) -> Result<Option<String>, Error> {
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let list = with_deadline(
-        ctx,
-        "list compute pods",
-        pods.list(&ListParams::default().labels(selector)),
-    )
-    .await?;
+    let list = ctx
+        .list::<k8s_openapi::api::core::v1::Pod>(ns, "list compute pods", selector)
+        .await?;
     let prefix = format!("{own}-");
-    Ok(list.items.iter().find_map(|p| {
+    Ok(list.iter().find_map(|p| {
         let ours = p
             .owner_references()
             .iter()
@@ -103,15 +98,14 @@ pub(super) async fn compute_problem(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
-    let list = with_deadline(
-        ctx,
-        "list compute pods",
-        pods.list(&ListParams::default().labels(&selector)),
-    )
-    .await?;
-    Ok(crate::compute::health::pod_problem(&list.items))
+    let list = ctx
+        .list::<k8s_openapi::api::core::v1::Pod>(
+            &d.namespace().unwrap_or_default(),
+            "list compute pods",
+            &selector,
+        )
+        .await?;
+    Ok(crate::compute::health::pod_problem(&list))
 }
 
 pub(super) fn deployment_ready(d: &Deployment) -> bool {
@@ -174,7 +168,6 @@ pub(super) async fn reconcile_compute(
             return Ok(Step::Stop(stalled));
         }
     }
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let adopted = if compute.enabled {
         handover::compute_for_timeline(ctx, branch, &tl.id, &uid).await?
     } else {
@@ -216,9 +209,9 @@ pub(super) async fn reconcile_compute(
     let compute_ready = current.as_ref().is_some_and(deployment_ready);
 
     // The Service moves to a new timeline only once its compute is ready.
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let live_svc =
-        with_deadline(ctx, "read service", services.get_opt(&service_name(&name))).await?;
+    let live_svc = ctx
+        .get::<Service>(&ns, "read service", &service_name(&name))
+        .await?;
     let selected = live_svc
         .as_ref()
         .filter(|s| holder(*s, &uid) == Holder::Owner)
@@ -243,14 +236,10 @@ pub(super) async fn reconcile_compute(
     // and its clients followed: its EndpointSlices list the current
     // compute alone and kube-proxy had time to apply them.
     if svc_timeline == tl.id.as_str() {
-        let others = with_deadline(
-            ctx,
-            "list computes",
-            deploys.list(&ListParams::default().labels(&format!("{LABEL_BRANCH}={name}"))),
-        )
-        .await?;
+        let others = ctx
+            .list::<Deployment>(&ns, "list computes", &format!("{LABEL_BRANCH}={name}"))
+            .await?;
         let stale: Vec<Deployment> = others
-            .items
             .into_iter()
             .filter(|d| {
                 let tl_label = d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default();
@@ -300,11 +289,11 @@ async fn endpoints_wait(
                     Duration::from_millis(250).min(ctx.config.poll_interval),
                 )));
             }
-            tracing::warn!(branch = %name, timeline = %tl, waited_s = waited.as_secs(), reason = %why,
+            tracing::warn!(timeline = %tl, waited_s = waited.as_secs(), reason = %why,
                 "the Service's EndpointSlices did not switch to the new compute; stopping the old one anyway");
         }
         endpoints::Switch::Done => {
-            tracing::info!(branch = %name, timeline = %tl, settle_ms = endpoints::KUBE_PROXY_SETTLE.as_millis() as u64,
+            tracing::info!(timeline = %tl, settle_ms = endpoints::KUBE_PROXY_SETTLE.as_millis() as u64,
                 "Service endpoints list the new compute alone; stopping the old one after kube-proxy's sync");
             tokio::time::sleep(endpoints::KUBE_PROXY_SETTLE).await;
         }

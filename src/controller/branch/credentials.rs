@@ -14,25 +14,6 @@ pub(super) struct Credentials {
     pub sql_marker: Option<String>,
 }
 
-pub(super) async fn get_secret(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-) -> Result<Option<Secret>, Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    with_deadline(ctx, "read secret", api.get_opt(name)).await
-}
-
-pub(super) async fn secret_password(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-) -> Result<Option<String>, Error> {
-    Ok(get_secret(ctx, ns, name)
-        .await?
-        .and_then(|s| secret_value(&s, "password")))
-}
-
 /// A role's password: the branch's Secret's (when it is for that user),
 /// else (inherit) the parent's for the same role, else a new one.
 pub(super) async fn role_password(
@@ -47,7 +28,7 @@ pub(super) async fn role_password(
         .chain(std::iter::once(parent_secret.filter(|_| inherit)))
         .flatten();
     for name in candidates {
-        if let Some(s) = get_secret(ctx, ns, &name).await? {
+        if let Some(s) = secrets::get(ctx, ns, &name).await? {
             if secret_value(&s, "user").as_deref() == Some(user) {
                 if let Some(pw) = secret_value(&s, "password") {
                     return Ok(pw);
@@ -74,11 +55,11 @@ pub(super) async fn ensure_credentials(
 
     // The superuser.
     let su_name = superuser_secret_name(&name);
-    let superuser = match secret_password(ctx, &ns, &su_name).await? {
+    let superuser = match secrets::password(ctx, &ns, &su_name).await? {
         Some(pw) => pw,
         None if inherit => {
             let pname = parent_name.clone().unwrap_or_default();
-            secret_password(ctx, &ns, &superuser_secret_name(&pname))
+            secrets::password(ctx, &ns, &superuser_secret_name(&pname))
                 .await?
                 .ok_or_else(|| {
                     Error::Waiting(format!(
@@ -123,7 +104,7 @@ pub(super) async fn ensure_credentials(
         password: app_password,
         database: app_db.clone(),
     };
-    let existing_app = get_secret(ctx, &ns, &app_secret_name(&name)).await?;
+    let existing_app = secrets::get(ctx, &ns, &app_secret_name(&name)).await?;
     let sql_marker = existing_app
         .as_ref()
         .filter(|s| holder(*s, uid) == Holder::Owner)
@@ -187,21 +168,17 @@ pub(super) async fn remove_stale_role_secrets(
             .iter()
             .map(|r| role_secret_name(&name, &secret_suffix(&r.user))),
     );
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!(
         "{LABEL_BRANCH}={name},{}=credentials",
-        crate::compute::LABEL_COMPONENT
+        crate::api::LABEL_COMPONENT
     );
-    let list = with_deadline(
-        ctx,
-        "list credential secrets",
-        api.list(&ListParams::default().labels(&selector)),
-    )
-    .await?;
-    for s in list.items {
+    let list = ctx
+        .list::<Secret>(&ns, "list credential secrets", &selector)
+        .await?;
+    for s in list {
         let sname = s.name_any();
         if !keep.contains(&sname) && holder(&s, uid) == Holder::Owner {
-            tracing::info!(branch = %name, secret = %sname, "deleting the Secret of a role removed from spec.roles");
+            tracing::info!(secret = %sname, "deleting the Secret of a role removed from spec.roles");
             delete_owned::<Secret>(ctx, &ns, &sname, uid).await?;
         }
     }
@@ -221,13 +198,10 @@ pub(super) async fn fallback_superuser_passwords(
     let ns = branch.namespace().unwrap_or_default();
     let mut names: Vec<String> = parent.map(|p| p.name_any()).into_iter().collect();
     {
-        let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-        let all =
-            with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+        let all = ctx.list::<Branch>(&ns, "list branches", "").await?;
         if let Some(ptl) = &tl.lineage.parent {
             names.extend(
-                all.items
-                    .iter()
+                all.iter()
                     .filter(|b| {
                         b.status.as_ref().and_then(|s| s.timeline_id.as_deref())
                             == Some(ptl.as_str())
@@ -238,8 +212,7 @@ pub(super) async fn fallback_superuser_passwords(
         // The branch that served this very timeline before a restore
         // replaced it (its passwords are in this data).
         names.extend(
-            all.items
-                .iter()
+            all.iter()
                 .filter(|b| {
                     b.status
                         .as_ref()
@@ -248,18 +221,13 @@ pub(super) async fn fallback_superuser_passwords(
                 .map(|b| b.name_any()),
         );
         if let Some(snap) = &tl.lineage.snapshot {
-            let snapshots: Api<crate::api::Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
             // The Snapshot kind may not be installed: then there is nothing to find.
-            if let Ok(list) = with_deadline(
-                ctx,
-                "list snapshots",
-                snapshots.list(&ListParams::default()),
-            )
-            .await
+            if let Ok(list) = ctx
+                .list::<crate::api::Snapshot>(&ns, "list snapshots", "")
+                .await
             {
                 names.extend(
-                    list.items
-                        .iter()
+                    list.iter()
                         .filter(|s| {
                             s.status.as_ref().and_then(|st| st.snapshot_id.as_deref())
                                 == Some(snap.as_str())
@@ -273,7 +241,7 @@ pub(super) async fn fallback_superuser_passwords(
     names.dedup();
     let mut out = vec![];
     for n in names {
-        if let Some(pw) = secret_password(ctx, &ns, &superuser_secret_name(&n)).await? {
+        if let Some(pw) = secrets::password(ctx, &ns, &superuser_secret_name(&n)).await? {
             if !out.contains(&pw) {
                 out.push(pw);
             }

@@ -135,7 +135,6 @@ pub(super) async fn apply_database(
             }
         };
         tracing::info!(
-            branch = %name,
             rotated_superuser = report.rotated_superuser,
             roles_created = ?report.roles_created,
             databases_created = ?report.databases_created,

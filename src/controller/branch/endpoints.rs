@@ -23,13 +23,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::ListParams;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 
-use crate::controller::{with_deadline, Context, Error};
-
-/// The label the EndpointSlice controller puts on a Service's slices.
-pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+use crate::api::LABEL_SERVICE_NAME;
+use crate::controller::{Context, Error};
 
 /// How long kube-proxy may take to apply EndpointSlices it has seen: its
 /// default `iptables.minSyncPeriod` / `nftables.minSyncPeriod` (1 s) plus
@@ -150,15 +147,8 @@ pub async fn switched(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let pods = match with_deadline(
-        ctx,
-        "list compute pods",
-        pods.list(&ListParams::default().labels(&selector)),
-    )
-    .await
-    {
-        Ok(l) => l.items,
+    let pods = match ctx.list::<Pod>(ns, "list compute pods", &selector).await {
+        Ok(l) => l,
         // An API server without pods (a test double): nothing routes.
         Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => return Ok(Switch::NotRouted),
         Err(e) => return Err(e),
@@ -171,15 +161,15 @@ pub async fn switched(
     if compute_pods.is_empty() {
         return Ok(Switch::NotRouted);
     }
-    let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), ns);
-    let slices = match with_deadline(
-        ctx,
-        "list endpointslices",
-        api.list(&ListParams::default().labels(&format!("{LABEL_SERVICE_NAME}={service}"))),
-    )
-    .await
+    let slices = match ctx
+        .list::<EndpointSlice>(
+            ns,
+            "list endpointslices",
+            &format!("{LABEL_SERVICE_NAME}={service}"),
+        )
+        .await
     {
-        Ok(l) => l.items,
+        Ok(l) => l,
         // No discovery.k8s.io/v1 here: nothing routes through slices.
         Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => {
             tracing::debug!(namespace = %ns, service = %service, "EndpointSlices not served; not waiting for them");

@@ -36,25 +36,19 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{progressing, Done, ANNOTATION_ADOPT_TIMELINE};
+use super::{progressing, Done};
 use crate::api::{
-    Branch, Snapshot, SnapshotRestore, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF,
-    LABEL_ROLE, LABEL_TIMELINE,
+    Branch, Snapshot, SnapshotRestore, ANNOTATION_ADOPTED_COMPUTE, ANNOTATION_ADOPT_TIMELINE,
+    ANNOTATION_HANDOVER_TO, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF, LABEL_ROLE,
+    LABEL_TIMELINE,
 };
 use crate::controller::apply::{holder, Holder};
 use crate::controller::{with_deadline, Context, Error};
 use crate::storage::{SnapshotId, Source, TimelineId};
-
-/// Annotation on a restored branch: the branch its compute is handed to.
-pub const ANNOTATION_HANDOVER_TO: &str = "pgbranch.dev/handover-to";
-
-/// Annotation on an adopted compute Deployment: the hash of the adopting
-/// branch's `spec.compute` when it adopted it.
-pub const ANNOTATION_ADOPTED_COMPUTE: &str = "pgbranch.dev/adopted-compute";
 
 /// The hash an adopted Deployment is stamped with: the part of
 /// `spec.compute` the primary's pod is made from (`readReplicas` only
@@ -81,7 +75,7 @@ async fn patch_deployment(
     what: &'static str,
     patch: serde_json::Value,
 ) -> Result<Deployment, Error> {
-    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<Deployment> = ctx.api(ns);
     with_deadline(
         ctx,
         what,
@@ -127,7 +121,7 @@ pub(super) async fn retire_adopted(
     let ns = branch.namespace().unwrap_or_default();
     let dname = d.name_any();
     if d.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
-        tracing::info!(branch = %branch.name_any(), deployment = %dname, "spec.compute changed: stopping the compute adopted from a restore");
+        tracing::info!(deployment = %dname, "spec.compute changed: stopping the compute adopted from a restore");
         let patch = json!({"spec": {"replicas": 0}});
         patch_deployment(ctx, &ns, &dname, "stop adopted compute", patch).await?;
         return Err(Error::Waiting(format!(
@@ -149,17 +143,13 @@ pub(super) async fn retire_adopted(
         .collect::<Vec<_>>()
         .join(",");
     if !selector.is_empty() {
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        let left = with_deadline(
-            ctx,
-            "list pods",
-            pods.list(&ListParams::default().labels(&selector)),
-        )
-        .await?;
-        if !left.items.is_empty() {
+        let left = ctx
+            .list::<k8s_openapi::api::core::v1::Pod>(&ns, "list pods", &selector)
+            .await?;
+        if !left.is_empty() {
             return Err(Error::Waiting(format!(
                 "waiting for {} pod(s) of Deployment {dname} to terminate",
-                left.items.len()
+                left.len()
             )));
         }
     }
@@ -191,8 +181,7 @@ pub(super) async fn snapshot_source(
         return Ok(None);
     };
     let ns = branch.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(snap) = with_deadline(ctx, "read snapshot", api.get_opt(name)).await? else {
+    let Some(snap) = ctx.get::<Snapshot>(&ns, "read snapshot", name).await? else {
         return Err(Error::stalled(
             "SnapshotNotFound",
             format!("snapshot {name:?} (spec.fromSnapshot) not found in namespace {ns}"),
@@ -227,10 +216,11 @@ pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> 
             format!("annotation {ANNOTATION_ADOPT_TIMELINE} is honoured only on a backup branch the operator made: {why}"),
         )
     };
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(restore) = branch.labels().get(LABEL_RESTORE_BACKUP_OF) {
-        let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
-        let Some(r) = with_deadline(ctx, "read restore", api.get_opt(restore)).await? else {
+        let Some(r) = ctx
+            .get::<SnapshotRestore>(&ns, "read restore", restore)
+            .await?
+        else {
             return Err(refuse(format!("SnapshotRestore {restore} not found")));
         };
         let st = r.status.unwrap_or_default();
@@ -242,7 +232,7 @@ pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> 
             )));
         }
         if let Some(target) = &r.spec.target {
-            if let Some(t) = with_deadline(ctx, "read branch", branches.get_opt(target)).await? {
+            if let Some(t) = ctx.get::<Branch>(&ns, "read branch", target).await? {
                 if t.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id) {
                     return Err(Error::Waiting(format!(
                         "timeline {id} is still branch {target}'s; restore {restore} moves it next"
@@ -255,12 +245,12 @@ pub(super) async fn check_adoption(ctx: &Context, branch: &Branch, id: &str) -> 
     // Otherwise a Branch's status history (written only by the operator)
     // must name this branch as the backup of that timeline. A timeline
     // another Branch serves is reported by the adoption itself.
-    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
-    let served = all.items.iter().any(|b| {
+    let all = ctx.list::<Branch>(&ns, "list branches", "").await?;
+    let served = all.iter().any(|b| {
         b.uid() != branch.uid()
             && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id)
     });
-    let recorded = all.items.iter().any(|b| {
+    let recorded = all.iter().any(|b| {
         b.status.as_ref().is_some_and(|s| {
             s.history
                 .iter()
@@ -290,15 +280,10 @@ pub(super) async fn compute_for_timeline(
     let ns = branch.namespace().unwrap_or_default();
     let name = branch.name_any();
     let own_name = crate::compute::deployment_name(&name, tl.as_str());
-    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let list = with_deadline(
-        ctx,
-        "list computes",
-        api.list(&ListParams::default().labels(&format!("{LABEL_TIMELINE}={tl}"))),
-    )
-    .await?;
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    for d in list.items {
+    let list = ctx
+        .list::<Deployment>(&ns, "list computes", &format!("{LABEL_TIMELINE}={tl}"))
+        .await?;
+    for d in list {
         // Read replicas follow a primary; they are never the compute.
         if d.labels().get(LABEL_ROLE).map(String::as_str) == Some("replica") {
             continue;
@@ -319,7 +304,7 @@ pub(super) async fn compute_for_timeline(
             .find(|o| o.controller == Some(true) && o.kind == "Branch")
             .map(|o| o.name.clone());
         let owner_branch = match &owner {
-            Some(o) => with_deadline(ctx, "read branch", branches.get_opt(o)).await?,
+            Some(o) => ctx.get::<Branch>(&ns, "read branch", o).await?,
             None => None,
         };
         let handed = owner_branch
@@ -339,7 +324,7 @@ pub(super) async fn compute_for_timeline(
         let oref = branch
             .controller_owner_ref(&())
             .ok_or_else(|| Error::stalled("InvalidObject", "the Branch has no UID"))?;
-        tracing::info!(branch = %name, deployment = %dname, timeline = %tl, "adopting the compute handed over by a restore");
+        tracing::info!(deployment = %dname, timeline = %tl, "adopting the compute handed over by a restore");
         let patch = json!({
             "metadata": {
                 "ownerReferences": [oref],
@@ -403,18 +388,13 @@ pub(super) async fn relabel_adopted_pods(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let list = with_deadline(
-        ctx,
-        "list compute pods",
-        pods.list(&ListParams::default().labels(&selector)),
-    )
-    .await?;
-    for p in list.items {
+    let pods: Api<Pod> = ctx.api(&ns);
+    let list = ctx.list::<Pod>(&ns, "list compute pods", &selector).await?;
+    for p in list {
         if p.labels().get(LABEL_BRANCH) == Some(&name) || p.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        tracing::info!(branch = %name, pod = %p.name_any(), "labelling an adopted compute pod with its branch");
+        tracing::info!(pod = %p.name_any(), "labelling an adopted compute pod with its branch");
         let patch = json!({"metadata": {"labels": {LABEL_BRANCH: name}}});
         match with_deadline(
             ctx,

@@ -27,99 +27,62 @@ pub mod endpoints;
 pub mod handover;
 pub mod refresh;
 pub mod replicas;
-pub mod sql;
 mod timeline;
 pub mod validate;
 mod volume;
 
+use super::{secrets, sql};
 use cleanup::reconcile_cleanup;
 use compute::{blocking_pod, deployment_ready};
-use credentials::{fallback_superuser_passwords, secret_password, Credentials};
-use timeline::compute_conn;
+use credentials::{fallback_superuser_passwords, Credentials};
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
 use super::apply::{apply_owned, delete_owned, holder, Holder};
 use super::expiry::{self, Expiry};
-use super::status::{apply_outcome, write_status, Outcome};
-use super::{error_policy, with_deadline, Context, Error};
+use super::status::{conclude, Outcome};
+use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
     Branch, BranchPhase, BranchStatus, ConnectionStatus, CredentialsPolicy, InitSource,
-    LABEL_BRANCH, LABEL_TIMELINE,
+    ANNOTATION_ADOPT_TIMELINE, ANNOTATION_SQL_APPLIED, LABEL_BRANCH, LABEL_TIMELINE,
 };
 use crate::compute::{
     app_secret_name, build_credentials_secret, build_deployment, build_service, content_hash,
-    ro_service_name, role_secret_name, secret_value, service_host, service_name,
-    superuser_secret_name, ComputeTarget, RoleCredentials, ANNOTATION_SQL_APPLIED, PG_PORT,
+    ro_service_name, role_secret_name, secret_suffix, secret_value, service_host, service_name,
+    superuser_secret_name, ComputeTarget, RoleCredentials, PG_PORT,
 };
 use crate::storage::{
-    ConnInfo, CreateTimeline, OpKey, Password, Source, State, StorageError, Timeline, TimelineId,
+    CreateTimeline, OpKey, Password, Source, State, StorageError, Timeline, TimelineId,
 };
-use validate::{app_identity, generate_password, parse_point, secret_suffix};
-
-/// Annotation on a new Branch naming an existing timeline to take over
-/// instead of creating one (a restore's backup branch keeps the replaced
-/// timeline this way). Read only while `status.timelineId` is empty.
-pub const ANNOTATION_ADOPT_TIMELINE: &str = "pgbranch.dev/adopt-timeline";
+use validate::{app_identity, generate_password, parse_point};
 
 /// The finalizer the Branch controller puts on every Branch.
 pub const FINALIZER: &str = "pgbranch.dev/branch-cleanup";
 const KIND: &str = "Branch";
 
 /// Runs the Branch controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let client = ctx.client.clone();
-    let (branches, deployments, services, secrets): (
-        Api<Branch>,
-        Api<Deployment>,
-        Api<Service>,
-        Api<Secret>,
-    ) = match &ctx.config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
-    let slices: Api<EndpointSlice> = match &ctx.config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
+    let branches: Api<Branch> = ctx.watched();
     let owned = watcher::Config::default().labels(LABEL_BRANCH);
-    let controller = crate::controller::controller_for(branches.clone(), &ctx.config);
+    let controller = super::controller_for(branches.clone(), &ctx.config);
     let store = controller.store();
-    ctx.metrics.track(store.clone());
-    let own_store = store.clone();
-    let mut controller = controller
-        .owns(deployments, owned.clone())
-        .owns(services, owned.clone())
-        .owns(secrets, owned.clone())
+    let controller = controller
+        .owns(ctx.watched::<Deployment>(), owned.clone())
+        .owns(ctx.watched::<Service>(), owned.clone())
+        .owns(ctx.watched::<Secret>(), owned.clone())
         // The EndpointSlices of a branch's Services (they carry the
         // Service's labels): a switch waits for them (see [`endpoints`]).
-        .watches(slices, owned, |s: EndpointSlice| {
+        .watches(ctx.watched::<EndpointSlice>(), owned, |s: EndpointSlice| {
             let ns = s.namespace();
             s.labels()
                 .get(LABEL_BRANCH)
@@ -131,26 +94,9 @@ pub async fn run(
         // Ready, or for it to exist).
         .watches(branches, watcher::Config::default(), move |b: Branch| {
             related_branches(&b, &store.state())
-        })
-        .graceful_shutdown_on(shutdown.clone());
-    if let Some(every) = ctx.config.resync_interval {
-        let ticks = futures::stream::unfold((), move |()| async move {
-            tokio::time::sleep(every).await;
-            Some(((), ()))
         });
-        controller = controller.reconcile_all_on(ticks);
-    }
-    let running = controller
-        .run(reconcile, error_policy::<Branch>, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
-            }
-        });
-    // Without the Branch CRD installed the store never fills and
-    // kube-runtime would never finish a graceful shutdown.
-    super::until_stopped(KIND, own_store, shutdown, running).await;
+    let how = Drive::of(KIND, "branch");
+    super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 /// The Branch holding the data `b` was copied from: `status.parentBranch`
@@ -193,23 +139,13 @@ fn related_branches(b: &Branch, known: &[Arc<Branch>]) -> Vec<ObjectRef<Branch>>
 }
 
 async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let ns = branch.namespace().unwrap_or_default();
-    let api: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    let res = super::finalizer_result(
-        finalizer(&api, FINALIZER, branch.clone(), |ev| async {
-            match ev {
-                FinalizerEvent::Apply(b) => reconcile_apply(b, &ctx).await,
-                FinalizerEvent::Cleanup(b) => reconcile_cleanup(b, &ctx).await,
-            }
-        })
-        .await,
-    );
-    ctx.metrics.reconciled(KIND, started.elapsed());
-    if res.is_ok() {
-        ctx.record_success(branch.as_ref());
-    }
-    res
+    super::with_finalizer(&ctx, FINALIZER, branch, |ev| async {
+        match ev {
+            FinalizerEvent::Apply(b) => reconcile_apply(b, &ctx).await,
+            FinalizerEvent::Cleanup(b) => reconcile_cleanup(b, &ctx).await,
+        }
+    })
+    .await
 }
 
 /// The end of one pass: what to report and when to look again.
@@ -238,7 +174,7 @@ async fn finish(
     let (done, err) = match result {
         Ok(d) => (d, None),
         Err(Error::Stalled { reason, message }) => {
-            tracing::warn!(branch = %branch.name_any(), %reason, %message, "stalled");
+            tracing::warn!(%reason, %message, "stalled");
             (
                 Done {
                     outcome: Outcome::Stalled { reason, message },
@@ -273,16 +209,15 @@ async fn finish(
             Some(e),
         ),
     };
-    let generation = branch.metadata.generation;
-    status.observed_generation = generation;
     status.phase = Some(done.phase);
-    apply_outcome(
-        &mut status.conditions,
+    conclude(
+        ctx,
+        branch,
+        branch.status.as_ref(),
+        &mut status,
         &done.outcome,
-        generation,
-        jiff::Timestamp::now(),
-    );
-    write_status(ctx, branch, branch.status.as_ref(), &status, &done.outcome).await?;
+    )
+    .await?;
     match err {
         Some(e) => Err(e),
         None => Ok(done.requeue),
@@ -312,9 +247,7 @@ async fn apply_steps(
 ) -> Result<Done, Error> {
     let ns = branch.namespace().unwrap_or_default();
     let name = branch.name_any();
-    let uid = branch
-        .uid()
-        .ok_or_else(|| Error::stalled("InvalidObject", "the Branch has no UID"))?;
+    let uid = super::uid_of(branch)?;
     let now = jiff::Timestamp::now();
 
     validate::validate_spec(branch).map_err(|i| Error::stalled(i.reason, i.message))?;
@@ -443,10 +376,9 @@ async fn expire(
                     format!("the branch expired at {expires} but is protected; unprotect it to let it be deleted"),
                 ));
             }
-            tracing::info!(branch = %name, %expires, "branch expired, deleting it");
+            tracing::info!(%expires, "branch expired, deleting it");
             expiry::publish_expired(ctx, branch, expires).await;
-            let branches: Api<Branch> =
-                Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
+            let branches: Api<Branch> = ctx.api(&branch.namespace().unwrap_or_default());
             with_deadline(
                 ctx,
                 "delete expired branch",
@@ -472,8 +404,7 @@ async fn read_parent(ctx: &Context, branch: &Branch) -> Result<Option<Branch>, E
         return Ok(None);
     };
     let ns = branch.namespace().unwrap_or_default();
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    match with_deadline(ctx, "read parent", branches.get_opt(&p.branch)).await? {
+    match ctx.get::<Branch>(&ns, "read parent", &p.branch).await? {
         Some(pb) => Ok(Some(pb)),
         None => Err(Error::stalled(
             "ParentNotFound",
@@ -499,12 +430,12 @@ async fn replaced_timelines(
     if history.is_empty() {
         return Ok(history);
     }
-    let branches: Api<Branch> =
-        Api::namespaced(ctx.client.clone(), &branch.namespace().unwrap_or_default());
-    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    let all = ctx
+        .list::<Branch>(&branch.namespace().unwrap_or_default(), "list branches", "")
+        .await?;
     Ok(history
         .into_iter()
-        .filter(|t| !handover::claimed_elsewhere(&all.items, uid, t))
+        .filter(|t| !handover::claimed_elsewhere(&all, uid, t))
         .collect())
 }
 

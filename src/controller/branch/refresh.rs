@@ -3,7 +3,7 @@
 //! Its own small controller over Branches (so a refresh problem never
 //! blocks the Branch's own reconcile). At each slot of `spec.refresh.schedule`
 //! (cron in `timeZone`, the same planning as SnapshotSchedules: see
-//! [`crate::controller::schedule::plan`]) it creates one `SnapshotRestore`:
+//! [`crate::controller::scheduling`]) it creates one `SnapshotRestore`:
 //! source the parent at its head, target this branch, `finalize: true`,
 //! named `<branch>-refresh-<yyyymmddhhmm>` of the slot (a retry finds it),
 //! owned by the branch and labelled `pgbranch.dev/refresh-of: <branch>`.
@@ -38,33 +38,24 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{
     backup_branch_name, Branch, RestorePhase, RestoreSource, Snapshot, SnapshotRestore,
-    SnapshotRestoreSpec, FIELD_MANAGER, LABEL_RESTORE_BACKUP_OF, MAX_BRANCH_NAME_LEN, READY,
-    STALLED,
+    SnapshotRestoreSpec, ANNOTATION_BACKUP_HANDLED, ANNOTATION_PRESERVE, ANNOTATION_SCHEDULED_AT,
+    FIELD_MANAGER, LABEL_REFRESH_OF, LABEL_RESTORE_BACKUP_OF, MAX_BRANCH_NAME_LEN, READY, STALLED,
 };
 use crate::controller::apply::{holder, Holder};
-use crate::controller::schedule::plan::{self, Cadence};
-use crate::controller::schedule::ANNOTATION_SCHEDULED_AT;
-use crate::controller::{error_policy, with_deadline, Context, Error};
+use crate::controller::scheduling::{self as plan, Cadence};
+use crate::controller::status::{self, Guard};
+use crate::controller::{with_deadline, Context, Drive, Error, Shutdown};
 
-/// Label on a refresh's SnapshotRestore: the refreshed branch.
-pub const LABEL_REFRESH_OF: &str = "pgbranch.dev/refresh-of";
-/// Annotation on a refresh's SnapshotRestore: whether its backup is kept.
-pub const ANNOTATION_PRESERVE: &str = "pgbranch.dev/refresh-preserve";
-/// Annotation on a refresh's SnapshotRestore once its backup branch was
-/// dealt with (`deleted` or `kept`), so it is looked at (and warned about)
-/// once.
-pub const ANNOTATION_BACKUP_HANDLED: &str = "pgbranch.dev/refresh-backup";
 /// Finished refresh restores kept per branch (for `kubectl get`).
 pub const KEEP_FINISHED: usize = 3;
 
@@ -75,34 +66,17 @@ pub fn refresh_name(branch: &str, slot: jiff::Timestamp) -> String {
 }
 
 /// Runs the refresh controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let client = ctx.client.clone();
-    let (branches, restores): (Api<Branch>, Api<SnapshotRestore>) = match &ctx.config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
+    let controller = crate::controller::controller_for(ctx.watched::<Branch>(), &ctx.config).owns(
+        ctx.watched::<SnapshotRestore>(),
+        watcher::Config::default().labels(LABEL_REFRESH_OF),
+    );
+    let how = Drive {
+        kind: "Branch",
+        controller: "refresh",
+        primary: false,
     };
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let controller = crate::controller::controller_for(branches, &ctx.config)
-        .owns(
-            restores,
-            watcher::Config::default().labels(LABEL_REFRESH_OF),
-        )
-        .graceful_shutdown_on(shutdown.clone());
-    let store = controller.store();
-    let running = controller
-        .run(reconcile, error_policy::<Branch>, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "refresh reconcile did not complete");
-            }
-        });
-    crate::controller::until_stopped("Branch", store, shutdown, running).await;
+    crate::controller::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 fn phase_done(r: &SnapshotRestore) -> bool {
@@ -119,27 +93,14 @@ fn is_ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condit
 }
 
 async fn publish(ctx: &Context, branch: &Branch, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Refresh".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &branch.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish event");
-    }
+    status::publish(ctx, branch, type_, reason, "Refresh", &note).await;
 }
 
 async fn reconcile(branch: Arc<Branch>, ctx: Arc<Context>) -> Result<Action, Error> {
     if branch.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let res = reconcile_refresh(&branch, &ctx).await;
-    if res.is_ok() {
-        ctx.record_success(branch.as_ref());
-    }
-    res
+    reconcile_refresh(&branch, &ctx).await
 }
 
 /// What keeps a refresh from running now, if anything.
@@ -154,17 +115,15 @@ async fn blocker(
     if !is_ready(&branch.status.clone().unwrap_or_default().conditions) {
         return Ok(Some(format!("branch {name} is not Ready")));
     }
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    match with_deadline(ctx, "read parent", branches.get_opt(parent)).await? {
+    match ctx.get::<Branch>(&ns, "read parent", parent).await? {
         None => return Ok(Some(format!("the parent branch {parent} does not exist"))),
         Some(p) if !is_ready(&p.status.clone().unwrap_or_default().conditions) => {
             return Ok(Some(format!("the parent branch {parent} is not Ready")))
         }
         Some(_) => {}
     }
-    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let list = with_deadline(ctx, "list snapshots", snaps.list(&ListParams::default())).await?;
-    Ok(operation_under_way(&name, restores, &list.items))
+    let list = ctx.list::<Snapshot>(&ns, "list snapshots", "").await?;
+    Ok(operation_under_way(&name, restores, &list))
 }
 
 /// Another operation on branch `name`, if one is under way: a
@@ -241,14 +200,9 @@ async fn create_refresh(
         },
         status: None,
     };
-    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
-    let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    match with_deadline(ctx, "create restore", api.create(&params, &restore)).await {
+    match ctx.create(&ns, "create restore", &restore).await {
         Ok(r) => {
-            tracing::info!(branch = %name, restore = %rname, slot = %plan::rfc3339(slot), "refresh started");
+            tracing::info!(restore = %rname, slot = %plan::rfc3339(slot), "refresh started");
             publish(
                 ctx,
                 branch,
@@ -262,11 +216,10 @@ async fn create_refresh(
             .await;
             Ok(r)
         }
-        Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
-            with_deadline(ctx, "read restore", api.get_opt(&rname))
-                .await?
-                .ok_or_else(|| Error::Waiting(format!("SnapshotRestore {rname} is being replaced")))
-        }
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => ctx
+            .get::<SnapshotRestore>(&ns, "read restore", &rname)
+            .await?
+            .ok_or_else(|| Error::Waiting(format!("SnapshotRestore {rname} is being replaced"))),
         Err(e) => Err(e),
     }
 }
@@ -291,8 +244,8 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
         return Ok(true);
     };
     let ns = branch.namespace().unwrap_or_default();
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(b) = with_deadline(ctx, "read backup", branches.get_opt(&backup)).await? else {
+    let branches: Api<Branch> = ctx.api(&ns);
+    let Some(b) = ctx.get::<Branch>(&ns, "read backup", &backup).await? else {
         mark_handled(ctx, r, "deleted").await?;
         return Ok(true);
     };
@@ -304,9 +257,8 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
     if b.meta().deletion_timestamp.is_some() {
         return Ok(false);
     }
-    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
+    let all = ctx.list::<Branch>(&ns, "list branches", "").await?;
     let dependants: Vec<String> = all
-        .items
         .iter()
         .filter(|c| {
             c.spec.parent.as_ref().is_some_and(|p| p.branch == backup)
@@ -331,7 +283,7 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
         mark_handled(ctx, r, "kept").await?;
         return Ok(true);
     }
-    tracing::info!(branch = %branch.name_any(), backup = %backup, "deleting the pre-refresh backup (preserve is false)");
+    tracing::info!(backup = %backup, "deleting the pre-refresh backup (preserve is false)");
     match with_deadline(
         ctx,
         "delete backup",
@@ -359,8 +311,7 @@ async fn drop_backup(ctx: &Context, branch: &Branch, r: &SnapshotRestore) -> Res
 
 /// Records on a refresh's SnapshotRestore that its backup was dealt with.
 async fn mark_handled(ctx: &Context, r: &SnapshotRestore, how: &str) -> Result<(), Error> {
-    let api: Api<SnapshotRestore> =
-        Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
+    let api: Api<SnapshotRestore> = ctx.api(&r.namespace().unwrap_or_default());
     let patch = json!({"metadata": {"annotations": {ANNOTATION_BACKUP_HANDLED: how}}});
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -396,14 +347,10 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
     {
         return Ok(Action::await_change());
     }
-    let restore_api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
-    let all_restores = with_deadline(
-        ctx,
-        "list restores",
-        restore_api.list(&ListParams::default()),
-    )
-    .await?
-    .items;
+    let restore_api: Api<SnapshotRestore> = ctx.api(&ns);
+    let all_restores = ctx
+        .list::<SnapshotRestore>(&ns, "list restores", "")
+        .await?;
     let mut ours: Vec<&SnapshotRestore> = all_restores
         .iter()
         .filter(|r| r.labels().contains_key(LABEL_REFRESH_OF) && holder(*r, &uid) == Holder::Owner)
@@ -473,7 +420,7 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
                                 last = Some(plan::rfc3339(s));
                             }
                             Some(why) => {
-                                tracing::info!(branch = %name, slot = %plan::rfc3339(s), reason = %why, "refresh skipped");
+                                tracing::info!(slot = %plan::rfc3339(s), reason = %why, "refresh skipped");
                                 publish(
                                     ctx,
                                     branch,
@@ -499,18 +446,8 @@ async fn reconcile_refresh(branch: &Branch, ctx: &Context) -> Result<Action, Err
 
     let next_text = next.map(plan::rfc3339);
     if last != status.last_refresh_time || next_text != status.next_refresh_time {
-        let api: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({"status": {"lastRefreshTime": last, "nextRefreshTime": next_text}});
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        with_deadline(
-            ctx,
-            "write refresh status",
-            api.patch_status(&name, &params, &Patch::Merge(&patch)),
-        )
-        .await?;
+        let fields = json!({"lastRefreshTime": last, "nextRefreshTime": next_text});
+        status::patch_status(ctx, branch, "write refresh status", fields, Guard::None).await?;
     }
     Ok(Action::requeue(wait))
 }

@@ -24,17 +24,16 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::ListParams;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 
 use super::super::apply::{apply_owned, delete_owned, holder, Holder};
 use super::super::{with_deadline, Context, Error};
-use super::{compute_conn, deployment_ready};
-use crate::api::{Branch, LABEL_BRANCH, LABEL_ROLE, LABEL_TIMELINE};
+use super::deployment_ready;
+use crate::api::{Branch, LABEL_BRANCH, LABEL_REPLICA_ORDINAL, LABEL_ROLE, LABEL_TIMELINE};
 use crate::compute::{
     build_replica_deployment, build_ro_service, desired_replicas, ro_service_name, ReplicaTarget,
-    LABEL_REPLICA_ORDINAL,
 };
+use crate::controller::secrets;
 use crate::storage::{CreateReplica, Replica, State, StorageError, TimelineId};
 
 /// A replica Deployment of the branch, as observed.
@@ -173,13 +172,13 @@ pub(super) async fn reconcile(
     let (wanted, running) = desired_replicas(branch);
 
     // Observe.
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let listed = with_deadline(
-        ctx,
-        "list replica computes",
-        deploys.list(&ListParams::default().labels(&format!("{LABEL_ROLE}=replica"))),
-    )
-    .await?;
+    let listed = ctx
+        .list::<Deployment>(
+            &ns,
+            "list replica computes",
+            &format!("{LABEL_ROLE}=replica"),
+        )
+        .await?;
     let seen = |d: &Deployment| SeenDeployment {
         name: d.name_any(),
         timeline: d.labels().get(LABEL_TIMELINE).cloned().unwrap_or_default(),
@@ -191,10 +190,8 @@ pub(super) async fn reconcile(
     let ours = |d: &Deployment| {
         d.labels().get(LABEL_BRANCH) == Some(&name) && holder(d, uid) == Holder::Owner
     };
-    let deployments: Vec<SeenDeployment> =
-        listed.items.iter().filter(|d| ours(d)).map(seen).collect();
+    let deployments: Vec<SeenDeployment> = listed.iter().filter(|d| ours(d)).map(seen).collect();
     let mut others: Vec<(String, u32)> = listed
-        .items
         .iter()
         .filter(|d| !ours(d))
         .map(seen)
@@ -202,15 +199,11 @@ pub(super) async fn reconcile(
         .collect();
     // Pods outlive their Deployment while they stop: another Branch's
     // replica pod still holds its data directory.
-    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod_list = with_deadline(
-        ctx,
-        "list replica pods",
-        pod_api.list(&ListParams::default().labels(&format!("{LABEL_ROLE}=replica"))),
-    )
-    .await?;
+    let pod_list = ctx
+        .list::<Pod>(&ns, "list replica pods", &format!("{LABEL_ROLE}=replica"))
+        .await?;
     let mut pods = vec![];
-    for p in &pod_list.items {
+    for p in &pod_list {
         let l = p.labels();
         let (Some(t), Some(n)) = (
             l.get(LABEL_TIMELINE),
@@ -246,7 +239,7 @@ pub(super) async fn reconcile(
     // Apply.
     let mut pending = !plan.blocked.is_empty();
     if pending {
-        tracing::info!(branch = %name, timeline = %current, ordinals = ?plan.blocked, "read replicas wait for another branch's replica computes to go");
+        tracing::info!(timeline = %current, ordinals = ?plan.blocked, "read replicas wait for another branch's replica computes to go");
     }
     for d in &plan.delete_deployments {
         if !delete_owned::<Deployment>(ctx, &ns, d, uid).await? {
@@ -254,7 +247,7 @@ pub(super) async fn reconcile(
         }
     }
     for (tl, n) in &plan.delete_stored {
-        tracing::info!(branch = %name, timeline = %tl, ordinal = n, "deleting read replica");
+        tracing::info!(timeline = %tl, ordinal = n, "deleting read replica");
         match with_deadline(ctx, "delete replica", ctx.storage.delete_replica(tl, *n)).await {
             Ok(()) => {}
             Err(Error::Storage(StorageError::Busy { .. })) => pending = true,
@@ -269,9 +262,9 @@ pub(super) async fn reconcile(
     if !plan.create.is_empty() {
         // The primary's connection: backup mode on drivers that cannot
         // snapshot a running server atomically.
-        let conn = compute_conn(ctx, branch).await?;
+        let conn = secrets::superuser_conn(ctx, branch).await?;
         for n in &plan.create {
-            tracing::info!(branch = %name, timeline = %current, ordinal = n, "creating read replica");
+            tracing::info!(timeline = %current, ordinal = n, "creating read replica");
             let req = CreateReplica {
                 timeline: current.clone(),
                 ordinal: *n,
@@ -290,8 +283,8 @@ pub(super) async fn reconcile(
             // replica's data directory is stopping or belongs to another
             // Deployment.
             let dname = crate::compute::replica_deployment_name(&name, current.as_str(), *n);
-            let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-            let settled = with_deadline(ctx, "read replica", deploys.get_opt(&dname))
+            let settled = ctx
+                .get::<Deployment>(&ns, "read replica", &dname)
                 .await?
                 .is_some_and(|d| {
                     d.spec.as_ref().and_then(|s| s.replicas) != Some(0) && deployment_ready(&d)

@@ -33,30 +33,6 @@ pub(super) fn timeline_failed_reason(error: &str) -> &'static str {
     }
 }
 
-/// How to reach a running compute of `branch` as its superuser, to let the
-/// storage layer CHECKPOINT it before copying. None when it is not running.
-pub(super) async fn compute_conn(
-    ctx: &Context,
-    branch: &Branch,
-) -> Result<Option<ConnInfo>, Error> {
-    if !branch.spec.compute.enabled || branch.spec.compute.suspended {
-        return Ok(None);
-    }
-    let ns = branch.namespace().unwrap_or_default();
-    let name = branch.name_any();
-    let Some(password) = secret_password(ctx, &ns, &superuser_secret_name(&name)).await? else {
-        return Ok(None);
-    };
-    let (host, port) = ctx.resolver.resolve(&ns, &service_name(&name)).await?;
-    Ok(Some(ConnInfo {
-        host,
-        port,
-        user: "postgres".into(),
-        password: Some(Password(password)),
-        dbname: "postgres".into(),
-    }))
-}
-
 /// Takes over an existing timeline named by [`ANNOTATION_ADOPT_TIMELINE`]
 /// (a restore's backup branch, an imported timeline) instead of creating
 /// one, unless another Branch already serves it.
@@ -73,9 +49,8 @@ pub(super) async fn adopt_timeline(
         )
     })?;
     let ns = branch.namespace().unwrap_or_default();
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    let all = with_deadline(ctx, "list branches", branches.list(&ListParams::default())).await?;
-    if let Some(other) = all.items.iter().find(|b| {
+    let all = ctx.list::<Branch>(&ns, "list branches", "").await?;
+    if let Some(other) = all.iter().find(|b| {
         b.uid() != branch.uid()
             && b.status.as_ref().and_then(|s| s.timeline_id.as_deref()) == Some(id.as_str())
     }) {
@@ -89,7 +64,7 @@ pub(super) async fn adopt_timeline(
     }
     match with_deadline(ctx, "get timeline", ctx.storage.get_timeline(&id)).await {
         Ok(tl) => {
-            tracing::info!(branch = %branch.name_any(), timeline = %id, "adopting timeline");
+            tracing::info!(timeline = %id, "adopting timeline");
             status.timeline_id = Some(tl.id.to_string());
             Ok(tl)
         }
@@ -127,7 +102,7 @@ pub(super) async fn ensure_timeline(
                 match create_timeline(ctx, branch, parent, creds, uid, true).await {
                     Ok(Step::Next(again)) if again.id == tl.id => Ok(Step::Next(again)),
                     Ok(Step::Next(other)) => {
-                        tracing::warn!(branch = %branch.name_any(), timeline = %tl.id, other = %other.id, "storage answered the create with another timeline; keeping the recorded one");
+                        tracing::warn!(timeline = %tl.id, other = %other.id, "storage answered the create with another timeline; keeping the recorded one");
                         Ok(Step::Next(tl))
                     }
                     // Waiting for the parent or another copy of it, or the
@@ -251,7 +226,7 @@ async fn create_timeline(
                     point,
                 }
             };
-            (source, compute_conn(ctx, p).await?)
+            (source, secrets::superuser_conn(ctx, p).await?)
         }
     };
     let req = CreateTimeline {
@@ -265,9 +240,9 @@ async fn create_timeline(
         )),
     };
     if again {
-        tracing::debug!(branch = %branch.name_any(), "asking storage again for the timeline being created");
+        tracing::debug!("asking storage again for the timeline being created");
     } else {
-        tracing::info!(branch = %branch.name_any(), "creating timeline");
+        tracing::info!("creating timeline");
     }
     let tl = with_deadline(ctx, "create timeline", ctx.storage.create_timeline(req))
         .await

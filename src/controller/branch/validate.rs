@@ -2,6 +2,7 @@
 //! app identity and the declared roles. No API calls.
 
 use crate::api::{Branch, InitSource, ParentRef};
+use crate::compute::secret_suffix;
 use crate::storage::Point;
 
 /// A spec problem: a Stalled reason and a message a person can act on.
@@ -72,13 +73,14 @@ pub fn validate_spec(branch: &Branch) -> Result<(), Invalid> {
                 "spec.refresh re-copies the branch from its parent: it needs spec.parent",
             ));
         }
-        crate::controller::schedule::plan::Cadence::cron(&r.schedule, r.time_zone.as_deref())
-            .map_err(|e| {
+        crate::controller::scheduling::Cadence::cron(&r.schedule, r.time_zone.as_deref()).map_err(
+            |e| {
                 invalid(
                     "InvalidRefreshSchedule",
                     format!("spec.refresh: {e}; no refresh runs until it is fixed"),
                 )
-            })?;
+            },
+        )?;
     }
     let mut seen = std::collections::BTreeSet::new();
     for (i, r) in branch.spec.roles.iter().enumerate() {
@@ -128,20 +130,6 @@ fn check_identifier(what: &str, s: &str) -> Result<(), Invalid> {
         ));
     }
     Ok(())
-}
-
-/// The part of a role's Secret name derived from the role (lower-cased,
-/// `_` and other characters Kubernetes refuses become `-`).
-pub fn secret_suffix(role: &str) -> String {
-    role.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect()
 }
 
 /// The application user and database of a branch: the first declared role

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::runtime::controller::Action;
-use kube::Api;
 
 use super::Done;
 use crate::compute::VolumeSource;
 use crate::controller::status::Outcome;
-use crate::controller::{with_deadline, Context, Error};
+use crate::controller::{Context, Error};
 
 /// The Stalled reason of a branch whose namespace lacks the volume claim.
 pub const VOLUME_CLAIM_MISSING: &str = "VolumeClaimMissing";
@@ -51,8 +50,9 @@ pub(super) async fn check_claim(ctx: &Context, ns: &str) -> Result<Option<Done>,
     let Some(claim) = claim_of(&ctx.config.compute.volume) else {
         return Ok(None);
     };
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-    let found = with_deadline(ctx, "read the volume claim", pvcs.get_opt(claim)).await?;
+    let found = ctx
+        .get::<PersistentVolumeClaim>(ns, "read the volume claim", claim)
+        .await?;
     Ok(found.is_none().then(|| missing(claim, ns)))
 }
 

@@ -12,7 +12,7 @@ pub(super) async fn create_backup(
     let ctx = run.ctx;
     let ns = &run.ns;
     let branches = branch_api(ctx, ns);
-    let existing = with_deadline(ctx, "read backup", branches.get_opt(bname)).await?;
+    let existing = ctx.get::<Branch>(ns, "read backup", bname).await?;
     if let Some(b) = &existing {
         if b.labels().get(LABEL_RESTORE_BACKUP_OF) != Some(&run.name) {
             return Err(Error::stalled(
@@ -22,14 +22,14 @@ pub(super) async fn create_backup(
         }
         return Ok(());
     }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secrets: Api<Secret> = ctx.api(ns);
     for (suffix, user, pw) in target_credentials(ctx, ns, target).await? {
         let name = match suffix.as_str() {
             "superuser" => superuser_secret_name(bname),
             "app" => app_secret_name(bname),
             s => role_secret_name(bname, s),
         };
-        if secret(ctx, ns, &name).await?.is_some() {
+        if secrets::get(ctx, ns, &name).await?.is_some() {
             continue;
         }
         // Same type as the target's (a Secret's type is immutable, and the
@@ -39,7 +39,7 @@ pub(super) async fn create_backup(
             "app" => app_secret_name(&target.name_any()),
             s => role_secret_name(&target.name_any(), s),
         };
-        let type_ = secret(ctx, ns, &source)
+        let type_ = secrets::get(ctx, ns, &source)
             .await?
             .and_then(|s| s.type_)
             .unwrap_or_else(|| "Opaque".into());
@@ -93,7 +93,7 @@ pub(super) async fn create_backup(
         ANNOTATION_ADOPT_TIMELINE.to_string(),
         t_old,
     )]));
-    tracing::info!(restore = %run.name, backup = %bname, "creating the backup branch");
+    tracing::info!(backup = %bname, "creating the backup branch");
     match with_deadline(
         ctx,
         "create backup branch",
@@ -147,21 +147,9 @@ pub(super) async fn reparent_children(
         if !from_old {
             continue;
         }
-        tracing::info!(restore = %run.name, child = %name, backup = %bname, "re-parenting child branch to the backup");
-        let patch = json!({
-            "metadata": {"resourceVersion": b.resource_version()},
-            "status": {"parentBranch": bname, "parentTimelineId": t_old.to_string()},
-        });
-        with_deadline(
-            ctx,
-            "re-parent child",
-            branches.patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Merge(&patch),
-            ),
-        )
-        .await?;
+        tracing::info!(child = %name, backup = %bname, "re-parenting child branch to the backup");
+        let fields = json!({"parentBranch": bname, "parentTimelineId": t_old.to_string()});
+        status::patch_status(ctx, &b, "re-parent child", fields, Guard::ResourceVersion).await?;
     }
     Ok(())
 }

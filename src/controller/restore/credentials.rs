@@ -4,18 +4,6 @@
 
 use super::*;
 
-pub(super) async fn secret(ctx: &Context, ns: &str, name: &str) -> Result<Option<Secret>, Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    with_deadline(ctx, "read secret", api.get_opt(name)).await
-}
-
-/// `(user, password)` of a credentials Secret.
-async fn creds(ctx: &Context, ns: &str, name: &str) -> Result<Option<(String, String)>, Error> {
-    Ok(secret(ctx, ns, name)
-        .await?
-        .and_then(|s| Some((secret_value(&s, "user")?, secret_value(&s, "password")?))))
-}
-
 /// The target's credential Secrets: `(secret name suffix, user, password)`.
 pub(super) async fn target_credentials(
     ctx: &Context,
@@ -24,7 +12,7 @@ pub(super) async fn target_credentials(
 ) -> Result<Vec<(String, String, String)>, Error> {
     let t = target.name_any();
     let mut out = vec![];
-    let Some(su) = secret_password(ctx, ns, &superuser_secret_name(&t)).await? else {
+    let Some(su) = secrets::password(ctx, ns, &superuser_secret_name(&t)).await? else {
         return Err(Error::stalled(
             "SecretNotFound",
             format!(
@@ -34,12 +22,14 @@ pub(super) async fn target_credentials(
         ));
     };
     out.push(("superuser".to_string(), "postgres".to_string(), su));
-    if let Some((u, p)) = creds(ctx, ns, &app_secret_name(&t)).await? {
+    if let Some((u, p)) = secrets::user_and_password(ctx, ns, &app_secret_name(&t)).await? {
         out.push(("app".to_string(), u, p));
     }
     for role in target.spec.roles.iter().skip(1) {
-        let suffix = crate::controller::branch::validate::secret_suffix(&role.name);
-        if let Some((u, p)) = creds(ctx, ns, &role_secret_name(&t, &suffix)).await? {
+        let suffix = secret_suffix(&role.name);
+        if let Some((u, p)) =
+            secrets::user_and_password(ctx, ns, &role_secret_name(&t, &suffix)).await?
+        {
             out.push((suffix, u, p));
         }
     }
@@ -58,13 +48,13 @@ pub(super) async fn set_target_passwords(
         // The restored branch has the target's compute spec: nothing runs.
         // The target's controller sets its passwords when its compute next
         // starts (the data's source branch's password is its fallback).
-        tracing::info!(restore = %run.name, "no compute runs: passwords are set when the target's compute starts");
+        tracing::info!("no compute runs: passwords are set when the target's compute starts");
         return Ok(());
     }
     let all = target_credentials(ctx, ns, target).await?;
     let su = all[0].2.clone();
     let mut fallback = vec![];
-    if let Some(p) = secret_password(ctx, ns, &superuser_secret_name(rname)).await? {
+    if let Some(p) = secrets::password(ctx, ns, &superuser_secret_name(rname)).await? {
         fallback.push(p);
     }
     let mut roles: Vec<(String, String)> = vec![];
@@ -96,6 +86,6 @@ pub(super) async fn set_target_passwords(
             })
         }
     }
-    tracing::info!(restore = %run.name, branch = %rname, "the restored data holds the target's passwords");
+    tracing::info!(branch = %rname, "the restored data holds the target's passwords");
     Ok(())
 }

@@ -94,16 +94,19 @@ async fn step_done(
     st.finalize_step = Some(step.as_str().into());
     st.progress = Some(format!("finalize step {} done", step.as_str()));
     run.save(st).await?;
-    tracing::info!(restore = %run.name, step = step.as_str(), "finalize step done");
+    tracing::info!(step = step.as_str(), "finalize step done");
     run.event(
         EventType::Normal,
         "FinalizeStep",
-        format!("finalize step {} done", step.as_str()),
+        &format!("finalize step {} done", step.as_str()),
     )
     .await;
     if let Some(fp) = &run.ctx.config.restore_fail_point {
         if fp.after_step == step {
-            tracing::warn!(restore = %run.name, step = step.as_str(), "fail point reached: stopping the operator");
+            tracing::warn!(
+                step = step.as_str(),
+                "fail point reached: stopping the operator"
+            );
             fp.crash.cancel();
             return Err(Error::Waiting(format!(
                 "fail point after {}",
@@ -172,9 +175,9 @@ async fn observe(run: &Run<'_>, st: &SnapshotRestoreStatus) -> Result<Finalize, 
             ),
         ));
     }
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
-    let live_svc =
-        with_deadline(ctx, "read service", services.get_opt(&service_name(&tname))).await?;
+    let live_svc = ctx
+        .get::<Service>(&run.ns, "read service", &service_name(&tname))
+        .await?;
     if last_step(st).is_none_or(|l| l < FinalizeStep::Target) {
         check_service_owned(live_svc.as_ref(), &target, &target_uid)?;
     }
@@ -240,13 +243,17 @@ fn wait_step(run: &Run<'_>, progress: String, message: String) -> Pending {
     ))
 }
 
+/// The restored branch, if it is still there.
+async fn restored_branch(run: &Run<'_>, f: &Finalize) -> Result<Option<Branch>, Error> {
+    run.ctx.get(&run.ns, "read restored branch", &f.rname).await
+}
+
 /// 1. The restored branch hands over to the target; its database takes the
 ///    target's passwords.
 async fn passwords(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let ctx = run.ctx;
     let branches = branch_api(ctx, &run.ns);
-    let Some(rb) = with_deadline(ctx, "read restored branch", branches.get_opt(&f.rname)).await?
-    else {
+    let Some(rb) = restored_branch(run, f).await? else {
         return Err(Error::stalled(
             "RestoredBranchFailed",
             format!("the restored branch {} is gone", f.rname),
@@ -292,43 +299,37 @@ async fn target(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
             },
         );
         history.truncate(HISTORY_LEN);
-        let patch = json!({
-            "metadata": {"resourceVersion": f.target.resource_version()},
-            "status": {"timelineId": f.t_new.to_string(), "history": history},
-        });
-        tracing::info!(restore = %run.name, target = %f.tname, from = %f.t_old, to = %f.t_new, "moving the target to the restored timeline");
-        with_deadline(
+        let fields = json!({"timelineId": f.t_new.to_string(), "history": history});
+        tracing::info!(target = %f.tname, from = %f.t_old, to = %f.t_new, "moving the target to the restored timeline");
+        status::patch_status(
             ctx,
+            &f.target,
             "move target",
-            branch_api(ctx, &run.ns).patch_status(
-                &f.tname,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Merge(&patch),
-            ),
+            fields,
+            Guard::ResourceVersion,
         )
         .await?;
     }
     // The selector of the Deployment that serves t_new, in one patch.
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &run.ns);
-    let list = with_deadline(
-        ctx,
-        "list computes",
-        deploys.list(&ListParams::default().labels(&format!(
-            // Read replicas follow a primary: never the compute.
-            "{LABEL_TIMELINE}={},{LABEL_ROLE}!=replica",
-            f.t_new
-        ))),
-    )
-    .await?;
+    let list = ctx
+        .list::<Deployment>(
+            &run.ns,
+            "list computes",
+            &format!(
+                // Read replicas follow a primary: never the compute.
+                "{LABEL_TIMELINE}={},{LABEL_ROLE}!=replica",
+                f.t_new
+            ),
+        )
+        .await?;
     let sel = list
-        .items
         .iter()
         .find(|d| d.metadata.deletion_timestamp.is_none())
         .and_then(|d| d.spec.as_ref())
         .and_then(|s| s.selector.match_labels.clone());
     if let (Some(sel), Some(svc)) = (sel, f.live_svc.as_ref()) {
         let want = selector_patch(&sel, svc.spec.as_ref().and_then(|s| s.selector.as_ref()));
-        let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
+        let services: Api<Service> = ctx.api(&run.ns);
         with_deadline(
             ctx,
             "retarget service",
@@ -349,14 +350,10 @@ async fn target(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
 /// 4. The target's controller adopts the compute and stops the old one.
 async fn compute(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let ctx = run.ctx;
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
-    let deploys: Api<Deployment> = Api::namespaced(ctx.client.clone(), &run.ns);
-    let svc = with_deadline(
-        ctx,
-        "read service",
-        services.get_opt(&service_name(&f.tname)),
-    )
-    .await?;
+    let deploys: Api<Deployment> = ctx.api(&run.ns);
+    let svc = ctx
+        .get::<Service>(&run.ns, "read service", &service_name(&f.tname))
+        .await?;
     // Read replicas follow a primary: never the compute.
     let primaries = |tl: &TimelineId| {
         ListParams::default().labels(&format!("{LABEL_TIMELINE}={tl},{LABEL_ROLE}!=replica"))
@@ -400,8 +397,7 @@ async fn children(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
 async fn cleanup(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let ctx = run.ctx;
     let branches = branch_api(ctx, &run.ns);
-    let Some(rb) = with_deadline(ctx, "read restored branch", branches.get_opt(&f.rname)).await?
-    else {
+    let Some(rb) = restored_branch(run, f).await? else {
         return Ok(None);
     };
     if rb.labels().get(LABEL_RESTORE) != Some(&run.name) {

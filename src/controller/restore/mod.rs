@@ -85,50 +85,44 @@ mod restoring;
 mod start;
 
 use backup::{create_backup, reparent_children};
-use credentials::{secret, set_target_passwords, target_credentials};
+use credentials::{set_target_passwords, target_credentials};
 use finalize::finalizing;
 use restoring::{check_service_owned, restoring, svc_selector_timeline};
 use start::start;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::apply::{holder, Holder};
-use super::branch::handover::ANNOTATION_HANDOVER_TO;
-use super::branch::sql;
-use super::branch::ANNOTATION_ADOPT_TIMELINE;
 use super::operations::snapshot_being_taken;
-use super::snapshot::secret_password;
-use super::status::{apply_outcome, is_ready, merge_diff, outcome_changed, Outcome};
-use super::{error_policy, with_deadline, Context, Error};
+use super::status::{self, is_ready, merge_diff, outcome_changed, Guard, Outcome};
+use super::{secrets, sql};
+use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
     Branch, BranchSpec, ParentRef, RestorePhase, Snapshot, SnapshotRestore, SnapshotRestoreStatus,
-    TimelineHistoryEntry, FIELD_MANAGER, LABEL_BRANCH, LABEL_RESTORE_BACKUP_OF, LABEL_ROLE,
-    LABEL_TIMELINE, STALLED,
+    TimelineHistoryEntry, ANNOTATION_ADOPT_TIMELINE, ANNOTATION_HANDOVER_TO, FIELD_MANAGER,
+    LABEL_BRANCH, LABEL_RESTORE, LABEL_RESTORE_BACKUP_OF, LABEL_ROLE, LABEL_TIMELINE, STALLED,
 };
 use crate::compute::{
-    app_secret_name, role_secret_name, secret_value, service_name, superuser_secret_name,
+    app_secret_name, role_secret_name, secret_suffix, service_name, superuser_secret_name,
 };
 use crate::storage::TimelineId;
 
 /// The finalizer: a restore is not deleted in the middle of finalizing.
 pub const FINALIZER: &str = "pgbranch.dev/restore-cleanup";
-/// Label on a restored branch: the SnapshotRestore that made it.
-pub const LABEL_RESTORE: &str = "pgbranch.dev/restore";
 const KIND: &str = "SnapshotRestore";
 /// How many earlier timelines a Branch's `status.history` keeps.
 const HISTORY_LEN: usize = 10;
@@ -181,73 +175,36 @@ pub struct FailPoint {
 }
 
 /// Runs the SnapshotRestore controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let client = ctx.client.clone();
-    let (restores, branches): (Api<SnapshotRestore>, Api<Branch>) = match &ctx.config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let mut controller = crate::controller::controller_for(restores, &ctx.config)
-        .owns(branches, watcher::Config::default().labels(LABEL_RESTORE))
-        .graceful_shutdown_on(shutdown.clone());
-    if let Some(every) = ctx.config.resync_interval {
-        let ticks = futures::stream::unfold((), move |()| async move {
-            tokio::time::sleep(every).await;
-            Some(((), ()))
-        });
-        controller = controller.reconcile_all_on(ticks);
-    }
-    let store = controller.store();
-    ctx.metrics.track(store.clone());
-    let running = controller
-        .run(reconcile, error_policy::<SnapshotRestore>, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
-            }
-        });
-    super::until_stopped(KIND, store, shutdown, running).await;
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
+    let controller = super::controller_for(ctx.watched::<SnapshotRestore>(), &ctx.config).owns(
+        ctx.watched::<Branch>(),
+        watcher::Config::default().labels(LABEL_RESTORE),
+    );
+    let how = Drive::of(KIND, "restore");
+    super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 async fn reconcile(r: Arc<SnapshotRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let ns = r.namespace().unwrap_or_default();
-    let api: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
-    let res = super::finalizer_result(
-        finalizer(&api, FINALIZER, r.clone(), |ev| async {
-            match ev {
-                FinalizerEvent::Apply(r) => reconcile_apply(&r, &ctx).await.map(|(a, _)| a),
-                FinalizerEvent::Cleanup(r) => {
-                    let phase = r.status.as_ref().and_then(|s| s.phase);
-                    if phase != Some(RestorePhase::Finalizing) {
-                        // Deleting a restore undoes nothing.
-                        return Ok(Action::await_change());
-                    }
-                    let (_, phase) = reconcile_apply(&r, &ctx).await?;
-                    match phase {
-                        RestorePhase::Finalizing => Err(Error::Waiting(
-                            "the restore is finalizing; it is deleted once done".into(),
-                        )),
-                        _ => Ok(Action::await_change()),
-                    }
+    super::with_finalizer(&ctx, FINALIZER, r, |ev| async {
+        match ev {
+            FinalizerEvent::Apply(r) => reconcile_apply(&r, &ctx).await.map(|(a, _)| a),
+            FinalizerEvent::Cleanup(r) => {
+                let phase = r.status.as_ref().and_then(|s| s.phase);
+                if phase != Some(RestorePhase::Finalizing) {
+                    // Deleting a restore undoes nothing.
+                    return Ok(Action::await_change());
+                }
+                let (_, phase) = reconcile_apply(&r, &ctx).await?;
+                match phase {
+                    RestorePhase::Finalizing => Err(Error::Waiting(
+                        "the restore is finalizing; it is deleted once done".into(),
+                    )),
+                    _ => Ok(Action::await_change()),
                 }
             }
-        })
-        .await,
-    );
-    ctx.metrics.reconciled(KIND, started.elapsed());
-    if res.is_ok() {
-        ctx.record_success(r.as_ref());
-    }
-    res
+        }
+    })
+    .await
 }
 
 /// One reconcile: the object, the last status written, helpers to write.
@@ -269,47 +226,23 @@ impl Run<'_> {
         let Some(diff) = merge_diff(&old, &new) else {
             return Ok(());
         };
-        let api: Api<SnapshotRestore> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-        with_deadline(
-            self.ctx,
-            "write restore status",
-            api.patch_status(
-                &self.name,
-                &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Merge(&json!({ "status": diff })),
-            ),
-        )
-        .await?;
-        self.ctx.metrics.status_write(KIND);
+        status::patch_status(self.ctx, self.r, "write restore status", diff, Guard::None).await?;
         if st.phase != self.saved.phase {
             if let Some(p) = st.phase {
                 let note = match (p, &st.progress) {
                     (_, Some(pr)) => format!("phase {p:?}: {pr}"),
                     _ => format!("phase {p:?}"),
                 };
-                self.event(EventType::Normal, &format!("{p:?}"), note).await;
+                self.event(EventType::Normal, &format!("{p:?}"), &note)
+                    .await;
             }
         }
         self.saved = st.clone();
         Ok(())
     }
 
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
-        let ev = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Restore".into(),
-            secondary: None,
-        };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&ev, &self.r.object_ref(&()))
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish event");
-        }
+    async fn event(&self, type_: EventType, reason: &str, note: &str) {
+        status::publish(self.ctx, self.r, type_, reason, "Restore", note).await;
     }
 }
 
@@ -342,7 +275,7 @@ async fn reconcile_apply(
     let (done, err) = match result {
         Ok(d) => (d, None),
         Err(Error::Stalled { reason, message }) => {
-            tracing::warn!(restore = %run.name, %reason, %message, "stalled");
+            tracing::warn!(%reason, %message, "stalled");
             if TERMINAL.contains(&reason.as_str()) {
                 st.phase = Some(RestorePhase::Failed);
             }
@@ -368,26 +301,13 @@ async fn reconcile_apply(
             Some(e),
         ),
     };
-    let generation = r.metadata.generation;
-    st.observed_generation = generation;
     if st.phase.is_none() {
         st.phase = Some(RestorePhase::Pending);
     }
-    apply_outcome(
-        &mut st.conditions,
-        &done.outcome,
-        generation,
-        jiff::Timestamp::now(),
-    );
+    status::stamp(&mut st, &done.outcome, r.metadata.generation);
     run.save(&st).await?;
     if outcome_changed(&old_conditions, &done.outcome) {
-        let (type_, reason, msg) = match &done.outcome {
-            Outcome::Stalled { reason, message } => (EventType::Warning, reason, message),
-            Outcome::Progressing { reason, message } | Outcome::Ready { reason, message } => {
-                (EventType::Normal, reason, message)
-            }
-        };
-        run.event(type_, reason, msg.clone()).await;
+        status::publish_outcome(ctx, r, &done.outcome, Some("Restore")).await;
     }
     let phase = st.phase.unwrap_or_default();
     match err {
@@ -457,7 +377,7 @@ pub fn default_backup_name(target: &str, at: jiff::Timestamp) -> String {
 }
 
 fn branch_api(ctx: &Context, ns: &str) -> Api<Branch> {
-    Api::namespaced(ctx.client.clone(), ns)
+    ctx.api(ns)
 }
 
 fn pg_major_of_branch(b: &Branch) -> Option<i64> {

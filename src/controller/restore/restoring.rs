@@ -19,7 +19,9 @@ pub(super) async fn restoring(
         .restored_branch
         .clone()
         .unwrap_or_else(|| run.name.clone());
-    let existing = with_deadline(ctx, "read restored branch", branches.get_opt(&rname)).await?;
+    let existing = ctx
+        .get::<Branch>(&ns, "read restored branch", &rname)
+        .await?;
     let rb = match existing {
         Some(b) => {
             let ours = b.labels().get(LABEL_RESTORE) == Some(&run.name)
@@ -36,7 +38,7 @@ pub(super) async fn restoring(
         }
         None => {
             let b = restored_branch_object(run, &rname).await?;
-            tracing::info!(restore = %run.name, branch = %rname, "creating the restored branch");
+            tracing::info!(branch = %rname, "creating the restored branch");
             with_deadline(
                 ctx,
                 "create restored branch",
@@ -125,8 +127,7 @@ pub(super) async fn restoring(
 async fn precheck(run: &Run<'_>, st: &SnapshotRestoreStatus) -> Result<(), Error> {
     let ctx = run.ctx;
     let tname = run.r.spec.target.clone().unwrap_or_default();
-    let branches = branch_api(ctx, &run.ns);
-    let target = with_deadline(ctx, "read target", branches.get_opt(&tname)).await?;
+    let target = ctx.get::<Branch>(&run.ns, "read target", &tname).await?;
     let Some(target) = target.filter(|t| t.uid() == st.target_uid) else {
         return Err(Error::stalled(
             "TargetChanged",
@@ -144,8 +145,9 @@ async fn precheck(run: &Run<'_>, st: &SnapshotRestoreStatus) -> Result<(), Error
             ),
         ));
     }
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &run.ns);
-    let svc = with_deadline(ctx, "read service", services.get_opt(&service_name(&tname))).await?;
+    let svc = ctx
+        .get::<Service>(&run.ns, "read service", &service_name(&tname))
+        .await?;
     check_service_owned(
         svc.as_ref(),
         &target,
@@ -157,12 +159,9 @@ async fn precheck(run: &Run<'_>, st: &SnapshotRestoreStatus) -> Result<(), Error
 async fn restored_branch_object(run: &Run<'_>, rname: &str) -> Result<Branch, Error> {
     let ctx = run.ctx;
     let r = run.r;
-    let branches = branch_api(ctx, &run.ns);
     // Compute, roles and databases: the target's, else the source branch's.
     let like = match (&r.spec.target, &r.spec.source.branch) {
-        (Some(t), _) | (None, Some(t)) => {
-            with_deadline(ctx, "read branch", branches.get_opt(t)).await?
-        }
+        (Some(t), _) | (None, Some(t)) => ctx.get::<Branch>(&run.ns, "read branch", t).await?,
         _ => None,
     };
     let mut spec = BranchSpec::default();

@@ -10,7 +10,6 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
     let ns = run.ns.clone();
     let r = run.r;
     let spec = &r.spec;
-    let branches = branch_api(ctx, &ns);
     let restore_name = run.name.clone();
     // The operation lock, once the restore knows the branch it changes.
     let mut guard = None;
@@ -19,8 +18,7 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
     // Source.
     let source_major = match (&spec.source.snapshot, &spec.source.branch) {
         (Some(s), None) => {
-            let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-            let Some(snap) = with_deadline(ctx, "read snapshot", api.get_opt(s)).await? else {
+            let Some(snap) = ctx.get::<Snapshot>(&ns, "read snapshot", s).await? else {
                 return Err(Error::stalled(
                     "SourceNotFound",
                     format!("snapshot {s:?} not found in namespace {ns}"),
@@ -35,7 +33,7 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
             sst.pg_major
         }
         (None, Some(b)) => {
-            let Some(src) = with_deadline(ctx, "read branch", branches.get_opt(b)).await? else {
+            let Some(src) = ctx.get::<Branch>(&ns, "read branch", b).await? else {
                 return Err(Error::stalled(
                     "SourceNotFound",
                     format!("branch {b:?} not found in namespace {ns}"),
@@ -71,7 +69,7 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
     }
     let now = jiff::Timestamp::now();
     if let Some(t) = &spec.target {
-        let Some(target) = with_deadline(ctx, "read target", branches.get_opt(t)).await? else {
+        let Some(target) = ctx.get::<Branch>(&ns, "read target", t).await? else {
             return Err(Error::stalled(
                 "TargetNotFound",
                 format!("target branch {t:?} not found in namespace {ns}"),
@@ -82,7 +80,7 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
             .preserve_under_name
             .clone()
             .unwrap_or_else(|| default_backup_name(t, now));
-        if let Some(b) = with_deadline(ctx, "read backup", branches.get_opt(&backup)).await? {
+        if let Some(b) = ctx.get::<Branch>(&ns, "read backup", &backup).await? {
             if b.labels().get(LABEL_RESTORE_BACKUP_OF) != Some(&restore_name) {
                 return Err(Error::stalled(
                     "BackupNameTaken",
@@ -102,9 +100,10 @@ pub(super) async fn start(run: &mut Run<'_>, st: &mut SnapshotRestoreStatus) -> 
                 "Snapshot {snap} of branch {b} is being taken; the restore starts when it is ready"
             )));
         }
-        let all: Api<SnapshotRestore> = Api::namespaced(ctx.client.clone(), &ns);
-        let others = with_deadline(ctx, "list restores", all.list(&ListParams::default())).await?;
-        if let Some(o) = others.items.iter().find(|o| {
+        let others = ctx
+            .list::<SnapshotRestore>(&ns, "list restores", "")
+            .await?;
+        if let Some(o) = others.iter().find(|o| {
             o.uid() != r.uid()
                 && o.spec.target.as_deref() == Some(t.as_str())
                 && o.status.as_ref().and_then(|s| s.phase) == Some(RestorePhase::Finalizing)

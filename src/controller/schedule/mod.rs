@@ -4,101 +4,60 @@
 //! `pgbranch.dev/schedule=<name>` and controlled by it) → release the ones
 //! a user labelled `pgbranch.dev/keep: "true"` (their owner reference is
 //! removed, so deleting the schedule does not delete them either) → when a
-//! run is due ([`plan::due`]: at most one, the latest missed slot), create
+//! run is due ([`super::scheduling::due`]: at most one, the latest missed slot), create
 //! its Snapshot, named from the slot so that a retry finds it instead of
-//! making a second one → prune by retention ([`plan::prune`]; also while
+//! making a second one → prune by retention ([`super::scheduling::prune`]; also while
 //! suspended or blocked) → status and a requeue at the next run.
 //!
 //! Times come from [`Context::clock`], so tests drive the schedule with a
 //! [`ManualClock`].
 
 pub mod clock;
-pub mod plan;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::scheduling::{self as plan, Cadence, OwnedSnapshot, PlanError, RetentionPolicy};
 pub use clock::{Clock, ManualClock, SystemClock};
-use plan::{Cadence, OwnedSnapshot, PlanError, RetentionPolicy};
 
 use super::apply::{holder, Holder};
-use super::status::{apply_outcome, write_status, Outcome};
-use super::{error_policy, with_deadline, Context, Error};
+use super::status::{conclude, Outcome};
+use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{
     parse_span, Branch, Snapshot, SnapshotSchedule, SnapshotScheduleStatus, SnapshotSpec,
-    FIELD_MANAGER, LABEL_KEEP, READY, STALLED,
+    ANNOTATION_SCHEDULED_AT, LABEL_KEEP, LABEL_SCHEDULE, READY, STALLED,
 };
 
-/// Label on every Snapshot a schedule made: the schedule's name.
-pub const LABEL_SCHEDULE: &str = "pgbranch.dev/schedule";
-/// Annotation on every object a scheduled run made: the run's slot (RFC 3339).
-pub const ANNOTATION_SCHEDULED_AT: &str = "pgbranch.dev/scheduled-at";
 /// The Snapshot `Stalled` reason of a run refused by the snapshot quota.
 pub const REASON_QUOTA: &str = "SnapshotQuotaExceeded";
 const KIND: &str = "SnapshotSchedule";
 
 /// Runs the SnapshotSchedule controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let client = ctx.client.clone();
-    let (schedules, snapshots): (Api<SnapshotSchedule>, Api<Snapshot>) = match &ctx.config.namespace
-    {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let mut controller = crate::controller::controller_for(schedules, &ctx.config)
-        .owns(snapshots, watcher::Config::default().labels(LABEL_SCHEDULE))
-        .graceful_shutdown_on(shutdown.clone());
-    if let Some(every) = ctx.config.resync_interval {
-        let ticks = futures::stream::unfold((), move |()| async move {
-            tokio::time::sleep(every).await;
-            Some(((), ()))
-        });
-        controller = controller.reconcile_all_on(ticks);
-    }
-    let store = controller.store();
-    ctx.metrics.track(store.clone());
-    let running = controller
-        .run(reconcile, error_policy::<SnapshotSchedule>, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
-            }
-        });
-    super::until_stopped(KIND, store, shutdown, running).await;
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
+    let controller = super::controller_for(ctx.watched::<SnapshotSchedule>(), &ctx.config).owns(
+        ctx.watched::<Snapshot>(),
+        watcher::Config::default().labels(LABEL_SCHEDULE),
+    );
+    let how = Drive::of(KIND, "schedule");
+    super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 async fn reconcile(sched: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let res = if sched.meta().deletion_timestamp.is_some() {
+    if sched.meta().deletion_timestamp.is_some() {
         // Owned Snapshots go with the schedule (owner references); the
         // ones a user kept were released from it.
-        Ok(Action::await_change())
-    } else {
-        reconcile_apply(&sched, &ctx).await
-    };
-    ctx.metrics.reconciled(KIND, started.elapsed());
-    if res.is_ok() {
-        ctx.record_success(sched.as_ref());
+        return Ok(Action::await_change());
     }
-    res
+    reconcile_apply(&sched, &ctx).await
 }
 
 fn is_kept(s: &Snapshot) -> bool {
@@ -158,16 +117,7 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Schedule".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &sched.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish event");
-    }
+    super::status::publish(ctx, sched, type_, reason, "Schedule", &note).await;
 }
 
 /// Lists the Snapshots this schedule controls.
@@ -177,16 +127,11 @@ async fn owned_snapshots(
     uid: &str,
 ) -> Result<Vec<Snapshot>, Error> {
     let ns = sched.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{LABEL_SCHEDULE}={}", plan::label_value(&sched.name_any()));
-    let list = with_deadline(
-        ctx,
-        "list snapshots",
-        api.list(&ListParams::default().labels(&selector)),
-    )
-    .await?;
+    let list = ctx
+        .list::<Snapshot>(&ns, "list snapshots", &selector)
+        .await?;
     Ok(list
-        .items
         .into_iter()
         .filter(|s| holder(s, uid) == Holder::Owner)
         .collect())
@@ -196,7 +141,7 @@ async fn owned_snapshots(
 /// so neither retention nor the schedule's deletion removes it.
 async fn release(ctx: &Context, snap: &Snapshot, uid: &str) -> Result<(), Error> {
     let ns = snap.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Snapshot> = ctx.api(&ns);
     let rest: Vec<_> = snap
         .meta()
         .owner_references
@@ -236,8 +181,8 @@ async fn create_run(
     let ns = sched.namespace().unwrap_or_default();
     let name = sched.name_any();
     let uid = sched.uid().unwrap_or_default();
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    if with_deadline(ctx, "read branch", branches.get_opt(&sched.spec.branch))
+    if ctx
+        .get::<Branch>(&ns, "read branch", &sched.spec.branch)
         .await?
         .is_none()
     {
@@ -294,18 +239,14 @@ async fn create_run(
         },
         status: None,
     };
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    match with_deadline(ctx, "create snapshot", api.create(&params, &snap)).await {
+    match ctx.create(&ns, "create snapshot", &snap).await {
         Ok(created) => {
-            tracing::info!(schedule = %name, snapshot = %snap_name, slot = %plan::rfc3339(slot), "scheduled run: snapshot created");
+            tracing::info!(snapshot = %snap_name, slot = %plan::rfc3339(slot), "scheduled run: snapshot created");
             Ok((created, true))
         }
         Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
-            let existing = with_deadline(ctx, "read snapshot", api.get_opt(&snap_name))
+            let existing = ctx
+                .get::<Snapshot>(&ns, "read snapshot", &snap_name)
                 .await?
                 .ok_or_else(|| Error::Waiting(format!("snapshot {snap_name} is being replaced")))?;
             if holder(&existing, &uid) == Holder::Owner {
@@ -326,7 +267,6 @@ async fn create_run(
 
 async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Action, Error> {
     let now = ctx.clock.now();
-    let name = sched.name_any();
     let ns = sched.namespace().unwrap_or_default();
     let uid = sched.uid().unwrap_or_default();
     let spec = &sched.spec;
@@ -364,7 +304,7 @@ async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Acti
             next = due.next;
             if let Some(slot) = due.run {
                 if due.skipped_missed {
-                    tracing::info!(schedule = %name, slot = %plan::rfc3339(slot), "runs were missed; catching up with the latest one only");
+                    tracing::info!(slot = %plan::rfc3339(slot), "runs were missed; catching up with the latest one only");
                 }
                 match create_run(ctx, sched, slot, now).await {
                     Ok((snap, fresh)) => {
@@ -402,9 +342,9 @@ async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Acti
             problem.get_or_insert(Outcome::stalled(e.reason(), e.to_string()));
         }
         Ok(policy) => {
-            let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+            let api: Api<Snapshot> = ctx.api(&ns);
             for doomed in plan::prune(&infos, &policy, now) {
-                tracing::info!(schedule = %name, snapshot = %doomed, "retention: deleting snapshot");
+                tracing::info!(snapshot = %doomed, "retention: deleting snapshot");
                 match with_deadline(
                     ctx,
                     "delete snapshot",
@@ -481,15 +421,7 @@ async fn reconcile_apply(sched: &SnapshotSchedule, ctx: &Context) -> Result<Acti
             ),
         },
     };
-    let generation = sched.metadata.generation;
-    status.observed_generation = generation;
-    apply_outcome(
-        &mut status.conditions,
-        &outcome,
-        generation,
-        jiff::Timestamp::now(),
-    );
-    write_status(ctx, sched, sched.status.as_ref(), &status, &outcome).await?;
+    conclude(ctx, sched, sched.status.as_ref(), &mut status, &outcome).await?;
 
     let mut wait = ctx.config.ready_requeue;
     if let Some(n) = next {

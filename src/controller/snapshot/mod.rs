@@ -26,115 +26,38 @@
 //! key when status was lost); `Retain` leaves it in storage.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
-use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::{Api, ResourceExt};
 
 use super::expiry::{self, Expiry};
 use super::operations::restore_holding;
-use super::status::{apply_outcome, is_ready, write_status, Outcome};
-use super::{error_policy, with_deadline, Context, Error};
+use super::status::{conclude, is_ready, Outcome};
+use super::{with_deadline, Context, Drive, Error, Shutdown};
 use crate::api::{Branch, DeletionPolicy, Snapshot, SnapshotStatus};
-use crate::compute::{secret_value, service_name, superuser_secret_name};
-use crate::storage::{
-    ConnInfo, CreateSnapshot, OpKey, Password, Point, SnapshotId, State, StorageError, TimelineId,
-};
+use crate::storage::{CreateSnapshot, OpKey, Point, SnapshotId, State, StorageError, TimelineId};
 
 /// The finalizer the Snapshot controller puts on every Snapshot.
 pub const FINALIZER: &str = "pgbranch.dev/snapshot-cleanup";
 const KIND: &str = "Snapshot";
 
 /// Runs the Snapshot controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let api: Api<Snapshot> = match &ctx.config.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    let mut controller =
-        crate::controller::controller_for(api, &ctx.config).graceful_shutdown_on(shutdown.clone());
-    if let Some(every) = ctx.config.resync_interval {
-        let ticks = futures::stream::unfold((), move |()| async move {
-            tokio::time::sleep(every).await;
-            Some(((), ()))
-        });
-        controller = controller.reconcile_all_on(ticks);
-    }
-    let store = controller.store();
-    ctx.metrics.track(store.clone());
-    let running = controller
-        .run(reconcile, error_policy::<Snapshot>, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
-            }
-        });
-    super::until_stopped(KIND, store, shutdown, running).await;
+pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
+    let controller = super::controller_for(ctx.watched::<Snapshot>(), &ctx.config);
+    let how = Drive::of(KIND, "snapshot");
+    super::drive(controller, ctx, shutdown, how, reconcile).await;
 }
 
 async fn reconcile(snap: Arc<Snapshot>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let ns = snap.namespace().unwrap_or_default();
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let res = super::finalizer_result(
-        finalizer(&api, FINALIZER, snap.clone(), |ev| async {
-            match ev {
-                FinalizerEvent::Apply(s) => reconcile_apply(s, &ctx).await,
-                FinalizerEvent::Cleanup(s) => reconcile_cleanup(s, &ctx).await,
-            }
-        })
-        .await,
-    );
-    ctx.metrics.reconciled(KIND, started.elapsed());
-    if res.is_ok() {
-        ctx.record_success(snap.as_ref());
-    }
-    res
-}
-
-/// How to reach the running compute of `branch` as its superuser (so the
-/// storage layer can `CHECKPOINT` it before a head copy). `None` when no
-/// compute runs or its Secret is not there.
-pub(crate) async fn branch_superuser_conn(
-    ctx: &Context,
-    branch: &Branch,
-) -> Result<Option<ConnInfo>, Error> {
-    if !branch.spec.compute.enabled || branch.spec.compute.suspended {
-        return Ok(None);
-    }
-    let ns = branch.namespace().unwrap_or_default();
-    let name = branch.name_any();
-    let Some(password) = secret_password(ctx, &ns, &superuser_secret_name(&name)).await? else {
-        return Ok(None);
-    };
-    let (host, port) = ctx.resolver.resolve(&ns, &service_name(&name)).await?;
-    Ok(Some(ConnInfo {
-        host,
-        port,
-        user: "postgres".into(),
-        password: Some(Password(password)),
-        dbname: "postgres".into(),
-    }))
-}
-
-/// The `password` key of a Secret, if the Secret exists.
-pub(crate) async fn secret_password(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-) -> Result<Option<String>, Error> {
-    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
-    Ok(with_deadline(ctx, "read secret", api.get_opt(name))
-        .await?
-        .and_then(|s| secret_value(&s, "password")))
+    super::with_finalizer(&ctx, FINALIZER, snap, |ev| async {
+        match ev {
+            FinalizerEvent::Apply(s) => reconcile_apply(s, &ctx).await,
+            FinalizerEvent::Cleanup(s) => reconcile_cleanup(s, &ctx).await,
+        }
+    })
+    .await
 }
 
 /// Storage errors that will not fix themselves, as Stalled reasons.
@@ -167,7 +90,7 @@ async fn reconcile_apply(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action, E
     let (done, err) = match result {
         Ok(d) => (d, None),
         Err(Error::Stalled { reason, message }) => {
-            tracing::warn!(snapshot = %snap.name_any(), %reason, %message, "stalled");
+            tracing::warn!(%reason, %message, "stalled");
             let requeue = Action::requeue(
                 if reason == "BranchNotFound" || reason == "SnapshotQuotaExceeded" {
                     Duration::from_secs(30)
@@ -199,19 +122,11 @@ async fn reconcile_apply(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action, E
             Some(e),
         ),
     };
-    let generation = snap.metadata.generation;
-    status.observed_generation = generation;
-    apply_outcome(
-        &mut status.conditions,
-        &done.outcome,
-        generation,
-        jiff::Timestamp::now(),
-    );
-    write_status(
+    conclude(
         ctx,
         snap.as_ref(),
         snap.status.as_ref(),
-        &status,
+        &mut status,
         &done.outcome,
     )
     .await?;
@@ -242,9 +157,7 @@ async fn apply_steps(
 ) -> Result<Done, Error> {
     let ns = snap.namespace().unwrap_or_default();
     let name = snap.name_any();
-    let uid = snap
-        .uid()
-        .ok_or_else(|| Error::stalled("InvalidObject", "the Snapshot has no UID"))?;
+    let uid = super::uid_of(snap)?;
     let now = jiff::Timestamp::now();
     let mut requeue = ctx.config.ready_requeue;
 
@@ -258,9 +171,9 @@ async fn apply_steps(
             Expiry::Later(until) => requeue = requeue.min(until + Duration::from_secs(1)),
             Expiry::Never => {}
             Expiry::Due => {
-                tracing::info!(snapshot = %name, expires = %exp, "snapshot expired, deleting it");
+                tracing::info!(expires = %exp, "snapshot expired, deleting it");
                 expiry::publish_expired(ctx, snap, exp).await;
-                let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+                let api: Api<Snapshot> = ctx.api(&ns);
                 with_deadline(
                     ctx,
                     "delete expired snapshot",
@@ -315,9 +228,9 @@ async fn apply_steps(
             requeue: Action::requeue(ctx.config.poll_interval),
         });
     }
-    let branches: Api<Branch> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(branch) =
-        with_deadline(ctx, "read branch", branches.get_opt(&snap.spec.branch)).await?
+    let Some(branch) = ctx
+        .get::<Branch>(&ns, "read branch", &snap.spec.branch)
+        .await?
     else {
         return Err(Error::stalled(
             "BranchNotFound",
@@ -343,13 +256,11 @@ async fn apply_steps(
     let key = OpKey::new(uid.clone())
         .map_err(|e| Error::stalled("InvalidUid", format!("UID not usable as a key: {e}")))?;
     let source_connection = match point {
-        Point::Head => branch_superuser_conn(ctx, &branch).await?,
+        Point::Head => super::secrets::superuser_conn(ctx, &branch).await?,
         _ => None,
     };
-    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let all = with_deadline(ctx, "list snapshots", api.list(&ListParams::default())).await?;
+    let all = ctx.list::<Snapshot>(&ns, "list snapshots", "").await?;
     let used = all
-        .items
         .iter()
         .filter(|s| s.uid().as_deref() != Some(uid.as_str()))
         .filter(|s| s.status.as_ref().is_some_and(|st| st.snapshot_id.is_some()))
@@ -363,7 +274,7 @@ async fn apply_steps(
             ),
         ));
     }
-    tracing::info!(snapshot = %name, branch = %snap.spec.branch, %point, "taking snapshot");
+    tracing::info!(branch = %snap.spec.branch, %point, "taking snapshot");
     let req = CreateSnapshot {
         key,
         timeline,
@@ -381,14 +292,7 @@ async fn apply_steps(
     // Recorded before the lock is released, so the next count sees it.
     let outcome = Outcome::progressing("TakingSnapshot", format!("taking snapshot {}", s.id));
     let mut st = status.clone();
-    apply_outcome(
-        &mut st.conditions,
-        &outcome,
-        snap.metadata.generation,
-        jiff::Timestamp::now(),
-    );
-    st.observed_generation = snap.metadata.generation;
-    write_status(ctx, snap, snap.status.as_ref(), &st, &outcome).await?;
+    conclude(ctx, snap, snap.status.as_ref(), &mut st, &outcome).await?;
     drop(_guard);
     *status = st;
     poll_done(ctx, status, &s, requeue)
@@ -444,9 +348,8 @@ fn poll_done(
 }
 
 async fn reconcile_cleanup(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action, Error> {
-    let name = snap.name_any();
     if snap.spec.deletion_policy == DeletionPolicy::Retain {
-        tracing::info!(snapshot = %name, id = ?snap.status.as_ref().and_then(|s| s.snapshot_id.clone()), "deletionPolicy Retain: keeping the stored snapshot");
+        tracing::info!(id = ?snap.status.as_ref().and_then(|s| s.snapshot_id.clone()), "deletionPolicy Retain: keeping the stored snapshot");
         return Ok(Action::await_change());
     }
     let mut ids = vec![];
@@ -467,7 +370,7 @@ async fn reconcile_cleanup(snap: Arc<Snapshot>, ctx: &Context) -> Result<Action,
         }
     }
     for id in ids {
-        tracing::info!(snapshot = %name, id = %id, "deleting stored snapshot");
+        tracing::info!(id = %id, "deleting stored snapshot");
         match with_deadline(ctx, "delete snapshot", ctx.storage.delete_snapshot(&id)).await {
             Ok(()) => {}
             Err(Error::Storage(StorageError::Busy { message })) => {

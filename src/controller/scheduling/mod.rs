@@ -1,6 +1,7 @@
-//! Pure schedule logic: when runs are due, what a run's object is called,
-//! and which of a schedule's snapshots retention deletes. No I/O; "now" is
-//! always passed in (see [`super::clock`]).
+//! Pure scheduling logic, shared by the SnapshotSchedule controller and the
+//! Branch refresh: when runs are due, what a run's object is called, and
+//! which of a schedule's snapshots retention deletes. No I/O; "now" is
+//! always passed in (the operator's [`crate::controller::schedule::Clock`]).
 //!
 //! Where things are:
 //! * `cadence`: reading a cron expression (in a time zone) or an interval,

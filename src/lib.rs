@@ -12,9 +12,12 @@
 //!   real `postgres` computes behind fixed ports);
 //! * [`point`]: the one parser of points (`lsn` / `timestamp`) and RFC 3339
 //!   times, shared by the controllers, local mode and the command line;
+//! * [`backup`]: object-storage destinations (S3 and compatible) and the
+//!   backup tool (barman-cloud) the storage engine archives with;
 //! * [`cli`]: the `pgbranch` command line.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod compute;
 pub mod controller;

@@ -229,22 +229,23 @@ impl Barman {
     /// Runs a command to its end; a failure is classified from its output.
     pub async fn run(&self, mut cmd: Command, what: &str) -> Result<String, BackupError> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let out =
-            match tokio::time::timeout(TOOL_TIMEOUT, cmd.output()).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => return Err(BackupError::new(
+        let out = match tokio::time::timeout(TOOL_TIMEOUT, cmd.output()).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                return Err(BackupError::new(
                     Failure::ToolFailed,
                     format!(
                         "{what}: could not run barman-cloud (is barman-cli-cloud installed?): {e}"
                     ),
-                )),
-                Err(_) => {
-                    return Err(BackupError::new(
-                        Failure::ToolFailed,
-                        format!("{what}: still running after {} s", TOOL_TIMEOUT.as_secs()),
-                    ))
-                }
-            };
+                ))
+            }
+            Err(_) => {
+                return Err(BackupError::new(
+                    Failure::ToolFailed,
+                    format!("{what}: still running after {} s", TOOL_TIMEOUT.as_secs()),
+                ))
+            }
+        };
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         if out.status.success() {
             return Ok(stdout);
@@ -285,6 +286,16 @@ impl Barman {
         self.run(cmd, "checking that the WAL archive is unused")
             .await
             .map(|_| ())
+            .map_err(|e| match e.failure {
+                Failure::ToolFailed => BackupError {
+                message: format!(
+                    "the WAL archive of barman server {server:?} already holds WAL (another timeline's, or another history's): a timeline never archives into an archive it does not own; {}",
+                    e.message
+                ),
+                ..e
+            },
+                _ => e,
+            })
     }
 
     /// Takes a base backup of the server at `socket_dir`:`port` (user

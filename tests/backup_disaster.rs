@@ -1,0 +1,282 @@
+//! Backups at the storage-engine tier, on a real object store (Garage on
+//! 127.0.0.1) with the real backup tool (barman-cloud) and PostgreSQL:
+//!
+//! * **Disaster**: a branch is backed up (continuous WAL archiving + a base
+//!   backup taken from the engine's copy, not the compute), rows are
+//!   committed one by one, then the engine's whole directory (timelines,
+//!   local WAL archive, metadata) is deleted. A fresh engine on a fresh
+//!   directory restores from the bucket alone at a timestamp, at an LSN and
+//!   at the latest archived point: exactly the rows committed by then.
+//! * **Never a shared archive**: a second timeline cannot archive into the
+//!   first one's barman server.
+
+#[path = "support/object_store.rs"]
+#[allow(dead_code)]
+mod object_store;
+
+use std::time::{Duration, Instant};
+
+use object_store::Garage;
+use pgbranch::backup::{Credentials, ObjectStore};
+use pgbranch::storage::engine::{
+    BackupTarget, Engine, EngineConfig, PgServer, RestoreFromBackup, StopMode,
+};
+use pgbranch::storage::wait::wait_timeline_ready;
+use pgbranch::storage::{
+    CreateTimeline, DriverKind, Lsn, OpKey, Password, Point, Source, Storage, TimelineId,
+};
+
+const WAIT: Duration = Duration::from_secs(180);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn store(g: &Garage) -> ObjectStore {
+    ObjectStore {
+        endpoint: g.endpoint.clone(),
+        bucket: g.bucket.clone(),
+        region: g.region.clone(),
+        prefix: "team/pgbranch".into(),
+        path_style: true,
+        ca_bundle: None,
+        credentials: Credentials {
+            access_key_id: g.access_key_id.clone(),
+            secret_access_key: g.secret_access_key.clone(),
+        },
+    }
+}
+
+async fn open(root: &std::path::Path) -> Engine {
+    Engine::open(EngineConfig {
+        root: root.to_path_buf(),
+        driver: Some(DriverKind::Copy),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn root_timeline(e: &Engine, k: &str) -> TimelineId {
+    let t = e
+        .create_timeline(CreateTimeline {
+            key: OpKey::new(k).unwrap(),
+            source: Source::Empty {
+                superuser_password: Some(Password("pw-not-in-the-bucket".into())),
+            },
+            source_connection: None,
+            label: None,
+        })
+        .await
+        .unwrap();
+    wait_timeline_ready(e, &t.id, WAIT).await.unwrap().id
+}
+
+async fn ids(srv: &PgServer) -> Vec<i32> {
+    let c = srv.connect("postgres").await.unwrap();
+    c.query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn tools_present(test: &str) -> Option<()> {
+    if object_store::barman_installed() {
+        Some(())
+    } else {
+        object_store::skip_notice(
+            test,
+            "barman-cloud (Debian barman-cli-cloud) is not installed",
+        )
+    }
+}
+
+/// Waits until everything archived locally is in the bucket.
+async fn wait_uploaded(e: &Engine, id: &TimelineId, through: &str) {
+    let started = Instant::now();
+    loop {
+        let st = e.archive_now(id).await.unwrap();
+        if st.pending == 0 && st.last_archived_wal.as_deref() >= Some(through) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "WAL up to {through} not uploaded: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaster_restore_from_the_bucket_at_a_time_an_lsn_and_the_latest_point() {
+    let test = "disaster_restore";
+    let started = Instant::now();
+    if tools_present(test).is_none() {
+        return;
+    }
+    let Some(g) = Garage::start(test, "backups") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let vol_a = dir.path().join("engine-a");
+    let server_name = "branch-4b0d5c1e-uid";
+
+    // A branch with rows, backed up.
+    let e = open(&vol_a).await;
+    let tl = root_timeline(&e, "main").await;
+    let p = e.start_postgres(&tl, free_port()).await.unwrap();
+    let c = p.connect("postgres").await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 100);",
+    )
+    .await
+    .unwrap();
+    e.enable_backup(
+        &tl,
+        BackupTarget {
+            store: store(&g),
+            server: server_name.into(),
+        },
+    )
+    .await
+    .unwrap();
+    let seg: String = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_uploaded(&e, &tl, &seg).await;
+    let t0 = Instant::now();
+    let base = e.base_backup(&tl).await.unwrap();
+    eprintln!("base backup {} took {:?}", base.backup_id, t0.elapsed());
+    assert!(base.end_lsn.is_some(), "{base:?}");
+
+    // Rows 101..=250, one transaction each; note a time after row 150's
+    // commit (before 151's) and the LSN after row 200's.
+    let mut at_time = None;
+    let mut at_lsn = None;
+    for i in 101..=250 {
+        c.execute("INSERT INTO t VALUES ($1)", &[&i]).await.unwrap();
+        if i == 150 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let now: String = c
+                .query_one(
+                    "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            at_time = Some(now.parse::<jiff::Timestamp>().unwrap());
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        if i == 200 {
+            let l: String = c
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            at_lsn = Some(l.parse::<Lsn>().unwrap());
+        }
+    }
+    let seg: String = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_uploaded(&e, &tl, &seg).await;
+    let st = e.backup_status(&tl).unwrap();
+    assert!(st.last_error.is_none(), "{st:?}");
+    assert_eq!(st.last_base_backup.as_ref(), Some(&base));
+
+    // The disaster: the engine and its whole directory are gone.
+    drop(c);
+    p.stop(StopMode::Immediate).await.unwrap();
+    e.disable_backup(&tl);
+    drop(e);
+    std::fs::remove_dir_all(&vol_a).unwrap();
+    assert!(!vol_a.exists());
+
+    // A fresh engine on a fresh directory, from the bucket alone.
+    let fresh = open(&dir.path().join("engine-b")).await;
+    let cases: [(&str, Point, Vec<i32>); 3] = [
+        (
+            "at-time",
+            Point::Timestamp(at_time.unwrap()),
+            (1..=150).collect(),
+        ),
+        ("at-lsn", Point::Lsn(at_lsn.unwrap()), (1..=200).collect()),
+        ("latest", Point::Head, (1..=250).collect()),
+    ];
+    for (name, point, want) in cases {
+        let t = Instant::now();
+        let r = fresh
+            .restore_from_backup(RestoreFromBackup {
+                store: store(&g),
+                server: server_name.into(),
+                point,
+                name: name.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("restore {name}: {e}"));
+        let took = t.elapsed();
+        assert_eq!(r.backup_id, base.backup_id);
+        let s = fresh.start_restored(&r, free_port()).await.unwrap();
+        let got = ids(&s).await;
+        s.stop(StopMode::Fast).await.unwrap();
+        assert_eq!(
+            (got.len(), got.first(), got.last()),
+            (want.len(), want.first(), want.last()),
+            "{name}: the restored rows"
+        );
+        assert_eq!(got, want, "{name}");
+        eprintln!("restore {name}: {} rows in {took:?}", got.len());
+    }
+    eprintln!("{test} took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_timeline_never_archives_into_anothers_archive() {
+    let test = "never_shared";
+    if tools_present(test).is_none() {
+        return;
+    }
+    let Some(g) = Garage::start(test, "backups") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let e = open(&dir.path().join("vol")).await;
+    let a = root_timeline(&e, "a").await;
+    let b = root_timeline(&e, "b").await;
+    let target = |server: &str| BackupTarget {
+        store: store(&g),
+        server: server.into(),
+    };
+    e.enable_backup(&a, target("branch-a")).await.unwrap();
+    // The root's initial WAL reaches the bucket.
+    let p = e.start_postgres(&a, free_port()).await.unwrap();
+    let c = p.connect("postgres").await.unwrap();
+    let seg: String = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_uploaded(&e, &a, &seg).await;
+    // b is refused a's server, whose archive holds a's WAL...
+    let err = e.enable_backup(&b, target("branch-a")).await.unwrap_err();
+    eprintln!("refused: {err}");
+    assert!(
+        err.to_string().contains("\"branch-a\" already holds WAL"),
+        "the refusal names the archive: {err}"
+    );
+    assert!(e.backup_status(&b).is_none());
+    // ... and gets its own.
+    e.enable_backup(&b, target("branch-b")).await.unwrap();
+    p.stop(StopMode::Fast).await.unwrap();
+}

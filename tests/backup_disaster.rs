@@ -7,6 +7,10 @@
 //!   local WAL archive, metadata) is deleted. A fresh engine on a fresh
 //!   directory restores from the bucket alone at a timestamp, at an LSN and
 //!   at the latest archived point: exactly the rows committed by then.
+//! * **Without pgbranch**: the README's tool-only recovery commands (the
+//!   block between `dba-restore` markers), run as written by the
+//!   PostgreSQL user with barman-cloud and PostgreSQL alone, give the same
+//!   rows.
 //! * **Never a shared archive**: a second timeline cannot archive into the
 //!   first one's barman server.
 
@@ -238,7 +242,132 @@ async fn disaster_restore_from_the_bucket_at_a_time_an_lsn_and_the_latest_point(
         assert_eq!(got, want, "{name}");
         eprintln!("restore {name}: {} rows in {took:?}", got.len());
     }
+
+    // The same from the README's commands, without pgbranch.
+    let t = Instant::now();
+    let target = format!(
+        "recovery_target_time = '{}'",
+        at_time.unwrap().strftime("%Y-%m-%d %H:%M:%S%.6f+00")
+    );
+    let got = dba_restore(&g, server_name, &target, &dir.path().join("dba")).await;
+    assert_eq!(
+        got,
+        (1..=150).collect::<Vec<i32>>(),
+        "the README's recovery"
+    );
+    eprintln!("README recovery: {} rows in {:?}", got.len(), t.elapsed());
     eprintln!("{test} took {:?}", started.elapsed());
+}
+
+/// The README's tool-only recovery block.
+fn readme_recovery_block() -> String {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let start = readme
+        .find("<!-- dba-restore:begin -->")
+        .expect("the README's recovery block");
+    let end = readme.find("<!-- dba-restore:end -->").unwrap();
+    readme[start..end]
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs the README's recovery commands into `work/pgdata` as the
+/// PostgreSQL user, then reads the rows of `t` and stops the server.
+async fn dba_restore(g: &Garage, server: &str, target: &str, work: &std::path::Path) -> Vec<i32> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(work).unwrap();
+    let user = nix::unistd::geteuid()
+        .is_root()
+        .then(|| nix::unistd::User::from_name("postgres").unwrap().unwrap());
+    if let Some(u) = &user {
+        nix::unistd::chown(work, Some(u.uid), Some(u.gid)).unwrap();
+    }
+    let config = work.join("aws-config");
+    std::fs::write(&config, "[default]\ns3 =\n    addressing_style = path\n").unwrap();
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("pg_ctl").exists())
+        .max()
+        .unwrap();
+    let pgdata = work.join("pgdata");
+    let port = free_port();
+    let s = store(g);
+    let env = |cmd: &mut std::process::Command| {
+        cmd.env("AWS_ACCESS_KEY_ID", &s.credentials.access_key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &s.credentials.secret_access_key)
+            .env("AWS_DEFAULT_REGION", &s.region)
+            .env("AWS_CONFIG_FILE", &config)
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("ENDPOINT", &s.endpoint)
+            .env("DEST", s.s3_url())
+            .env("SERVER", server)
+            .env("PGDATA", &pgdata)
+            .env("PORT", port.to_string())
+            .env("RECOVERY_TARGET", target)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bin.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env("HOME", "/tmp")
+            .current_dir(work);
+        if let Some(u) = &user {
+            cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+        }
+    };
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.args(["300", "bash", "-euo", "pipefail", "-c"])
+        .arg(readme_recovery_block());
+    env(&mut cmd);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the README's recovery failed: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(work.join("restore.log")).unwrap_or_default()
+    );
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host_path(&pgdata)
+        .port(port)
+        .user("postgres")
+        .dbname("postgres");
+    let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rows: Vec<i32> = c
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    drop(c);
+    let mut stop = std::process::Command::new(bin.join("pg_ctl"));
+    stop.args(["stop", "-m", "fast", "-D"]).arg(&pgdata);
+    env(&mut stop);
+    let st = tokio::task::spawn_blocking(move || stop.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    rows
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

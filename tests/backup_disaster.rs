@@ -409,3 +409,102 @@ async fn a_second_timeline_never_archives_into_anothers_archive() {
     e.enable_backup(&b, target("branch-b")).await.unwrap();
     p.stop(StopMode::Fast).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_destination_holds_wal_locally_and_archiving_catches_up() {
+    let test = "destination_down";
+    let started = Instant::now();
+    if tools_present(test).is_none() {
+        return;
+    }
+    let Some(mut g) = Garage::start(test, "backups") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let e = open(&dir.path().join("engine-a")).await;
+    let tl = root_timeline(&e, "main").await;
+    let p = e.start_postgres(&tl, free_port()).await.unwrap();
+    let c = p.connect("postgres").await.unwrap();
+    c.batch_execute("CREATE TABLE t (id int primary key)")
+        .await
+        .unwrap();
+    let server = "branch-down";
+    e.enable_backup(
+        &tl,
+        BackupTarget {
+            store: store(&g),
+            server: server.into(),
+        },
+    )
+    .await
+    .unwrap();
+    let seg: String = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_uploaded(&e, &tl, &seg).await;
+    e.base_backup(&tl).await.unwrap();
+
+    // The object store goes away; the database keeps serving and its WAL
+    // waits in the local archive.
+    g.stop();
+    let mut last_seg = String::new();
+    for batch in 0..4 {
+        let from = batch * 100 + 1;
+        c.execute(
+            "INSERT INTO t SELECT generate_series($1::int, $1::int + 99)",
+            &[&from],
+        )
+        .await
+        .expect("the database serves while the destination is down");
+        last_seg = c
+            .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+            .await
+            .unwrap()
+            .get(0);
+    }
+    let st = loop {
+        let st = e.backup_status(&tl).unwrap();
+        if st.last_error.is_some() && st.pending > 0 {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "no failure reported while the destination is down: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let err = st.last_error.as_ref().unwrap();
+    assert_eq!(err.failure.reason(), "EndpointUnreachable", "{err}");
+    assert!(
+        !err.message.contains(&g.secret_access_key) && !err.message.contains(&g.access_key_id),
+        "no credential in the error"
+    );
+    eprintln!("while down: {} WAL files wait locally; {err}", st.pending);
+
+    // It comes back: archiving catches up, and everything is recoverable.
+    g.restart();
+    let t = Instant::now();
+    wait_uploaded(&e, &tl, &last_seg).await;
+    eprintln!("caught up {:?} after the store came back", t.elapsed());
+    assert!(e.backup_status(&tl).unwrap().last_error.is_none());
+    drop(c);
+    p.stop(StopMode::Immediate).await.unwrap();
+    e.disable_backup(&tl);
+    drop(e);
+    let fresh = open(&dir.path().join("engine-b")).await;
+    let r = fresh
+        .restore_from_backup(RestoreFromBackup {
+            store: store(&g),
+            server: server.into(),
+            point: Point::Head,
+            name: "latest".into(),
+        })
+        .await
+        .unwrap();
+    let s = fresh.start_restored(&r, free_port()).await.unwrap();
+    assert_eq!(ids(&s).await, (1..=400).collect::<Vec<i32>>());
+    s.stop(StopMode::Fast).await.unwrap();
+    eprintln!("{test} took {:?}", started.elapsed());
+}

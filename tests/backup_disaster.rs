@@ -11,8 +11,11 @@
 //!   block between `dba-restore` markers), run as written by the
 //!   PostgreSQL user with barman-cloud and PostgreSQL alone, give the same
 //!   rows.
-//! * **Never a shared archive**: a second timeline cannot archive into the
-//!   first one's barman server.
+//! * **Destination down**: the database serves, the WAL waits locally, the
+//!   failure is reported; archiving catches up when the store is back.
+//! * **Retention** keeps the newest base backups and the WAL they need;
+//!   points before them are refused. **Never a shared archive**: a second
+//!   timeline cannot archive into the first one's barman server.
 
 #[path = "support/object_store.rs"]
 #[allow(dead_code)]
@@ -371,46 +374,6 @@ async fn dba_restore(g: &Garage, server: &str, target: &str, work: &std::path::P
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_timeline_never_archives_into_anothers_archive() {
-    let test = "never_shared";
-    if tools_present(test).is_none() {
-        return;
-    }
-    let Some(g) = Garage::start(test, "backups") else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let e = open(&dir.path().join("vol")).await;
-    let a = root_timeline(&e, "a").await;
-    let b = root_timeline(&e, "b").await;
-    let target = |server: &str| BackupTarget {
-        store: store(&g),
-        server: server.into(),
-    };
-    e.enable_backup(&a, target("branch-a")).await.unwrap();
-    // The root's initial WAL reaches the bucket.
-    let p = e.start_postgres(&a, free_port()).await.unwrap();
-    let c = p.connect("postgres").await.unwrap();
-    let seg: String = c
-        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
-        .await
-        .unwrap()
-        .get(0);
-    wait_uploaded(&e, &a, &seg).await;
-    // b is refused a's server, whose archive holds a's WAL...
-    let err = e.enable_backup(&b, target("branch-a")).await.unwrap_err();
-    eprintln!("refused: {err}");
-    assert!(
-        err.to_string().contains("\"branch-a\" already holds WAL"),
-        "the refusal names the archive: {err}"
-    );
-    assert!(e.backup_status(&b).is_none());
-    // ... and gets its own.
-    e.enable_backup(&b, target("branch-b")).await.unwrap();
-    p.stop(StopMode::Fast).await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_destination_holds_wal_locally_and_archiving_catches_up() {
     let test = "destination_down";
     let started = Instant::now();
@@ -506,5 +469,126 @@ async fn an_unreachable_destination_holds_wal_locally_and_archiving_catches_up()
     let s = fresh.start_restored(&r, free_port()).await.unwrap();
     assert_eq!(ids(&s).await, (1..=400).collect::<Vec<i32>>());
     s.stop(StopMode::Fast).await.unwrap();
+    eprintln!("{test} took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_base_backups_and_archives_are_never_shared() {
+    let test = "retention";
+    let started = Instant::now();
+    if tools_present(test).is_none() {
+        return;
+    }
+    let Some(g) = Garage::start(test, "backups") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let e = open(&dir.path().join("engine-a")).await;
+    let tl = root_timeline(&e, "main").await;
+    let p = e.start_postgres(&tl, free_port()).await.unwrap();
+    let c = p.connect("postgres").await.unwrap();
+    c.batch_execute("CREATE TABLE t (id int primary key)")
+        .await
+        .unwrap();
+    let server = "branch-retention";
+    e.enable_backup(
+        &tl,
+        BackupTarget {
+            store: store(&g),
+            server: server.into(),
+        },
+    )
+    .await
+    .unwrap();
+    // A second timeline (a sibling branch) is refused this one's archive
+    // once it holds WAL, and gets its own.
+    let sibling = root_timeline(&e, "sibling").await;
+    let target = |server: &str| BackupTarget {
+        store: store(&g),
+        server: server.into(),
+    };
+    // Three rounds of 100 rows, each followed by a base backup; then 100
+    // more. `after[n]`: the LSN after round n's rows (n = 0, 1, 2).
+    let mut after = Vec::new();
+    let mut backups = Vec::new();
+    for round in 0..4 {
+        let from = round * 100 + 1;
+        c.execute(
+            "INSERT INTO t SELECT generate_series($1::int, $1::int + 99)",
+            &[&from],
+        )
+        .await
+        .unwrap();
+        let lsn: String = c
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        after.push(lsn.parse::<Lsn>().unwrap());
+        let seg: String = c
+            .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+            .await
+            .unwrap()
+            .get(0);
+        wait_uploaded(&e, &tl, &seg).await;
+        if round == 0 {
+            let err = e.enable_backup(&sibling, target(server)).await.unwrap_err();
+            eprintln!("refused: {err}");
+            assert!(
+                err.to_string()
+                    .contains(&format!("\"{server}\" already holds WAL")),
+                "the refusal names the archive: {err}"
+            );
+            assert!(e.backup_status(&sibling).is_none());
+            e.enable_backup(&sibling, target("branch-sibling"))
+                .await
+                .unwrap();
+        }
+        if round < 3 {
+            // barman's backup ids are times to the second.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            backups.push(e.base_backup(&tl).await.unwrap().backup_id);
+        }
+    }
+    let kept = e.apply_retention(&tl, 2).await.unwrap();
+    assert_eq!(
+        kept.iter().map(|b| b.backup_id.clone()).collect::<Vec<_>>(),
+        backups[1..].to_vec(),
+        "the newest two are kept"
+    );
+    drop(c);
+    p.stop(StopMode::Immediate).await.unwrap();
+    e.disable_backup(&tl);
+    drop(e);
+
+    let fresh = open(&dir.path().join("engine-b")).await;
+    let restore = |name: &str, point: Point| RestoreFromBackup {
+        store: store(&g),
+        server: server.into(),
+        point,
+        name: name.into(),
+    };
+    // Before the oldest kept backup: no longer recoverable, and said so.
+    let err = fresh
+        .restore_from_backup(restore("before-window", Point::Lsn(after[1])))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, pgbranch::storage::StorageError::InvalidPoint { .. }),
+        "{err}"
+    );
+    // Inside the window: from the oldest kept backup and the WAL after it.
+    for (name, point, want) in [
+        ("in-window", Point::Lsn(after[2]), 300),
+        ("latest", Point::Head, 400),
+    ] {
+        let r = fresh
+            .restore_from_backup(restore(name, point))
+            .await
+            .unwrap();
+        let s = fresh.start_restored(&r, free_port()).await.unwrap();
+        assert_eq!(ids(&s).await, (1..=want).collect::<Vec<i32>>(), "{name}");
+        s.stop(StopMode::Fast).await.unwrap();
+    }
     eprintln!("{test} took {:?}", started.elapsed());
 }

@@ -339,6 +339,20 @@ impl Barman {
         Ok(v)
     }
 
+    /// Deletes the base backups of `server` beyond the newest `keep`, and
+    /// the WAL only they needed (barman's `REDUNDANCY` retention policy:
+    /// WAL that a kept backup needs is never deleted).
+    pub async fn delete_beyond(&self, server: &str, keep: u32) -> Result<(), BackupError> {
+        let mut cmd = self.command("barman-cloud-backup-delete");
+        cmd.arg("--retention-policy")
+            .arg(format!("REDUNDANCY {}", keep.max(1)))
+            .arg(self.store.s3_url())
+            .arg(server);
+        self.run(cmd, "deleting base backups beyond retention")
+            .await
+            .map(|_| ())
+    }
+
     /// Downloads base backup `backup_id` of `server` into `dest` (empty or
     /// missing).
     pub async fn restore(

@@ -26,6 +26,9 @@
 //!   `barman-cloud-backup` backs that standby up (a backup from a standby:
 //!   its end point is WAL that is already archived). The clone is then
 //!   dropped.
+//! * **Retention** ([`Engine::apply_retention`]): barman's `REDUNDANCY`
+//!   policy keeps the newest base backups and deletes older ones with the
+//!   WAL only they needed.
 //! * **Restore** ([`Engine::restore_from_backup`]): the newest complete
 //!   base backup at or before the point (by its end LSN or end time) is
 //!   downloaded with `barman-cloud-restore`, then a private server replays
@@ -429,6 +432,39 @@ impl Engine {
         Ok(())
     }
 
+    /// Keeps the newest `keep` (at least 1) base backups of timeline `id` in
+    /// its destination and deletes the older ones with the WAL only they
+    /// needed; returns the backups kept, oldest first. Points before the
+    /// oldest kept backup's end are no longer recoverable.
+    pub async fn apply_retention(
+        &self,
+        id: &TimelineId,
+        keep: u32,
+    ) -> Result<Vec<BaseBackup>, StorageError> {
+        let a = self
+            .archiving(id)
+            .ok_or_else(|| StorageError::invalid(format!("timeline {id} is not backed up")))?;
+        a.barman
+            .delete_beyond(&a.target.server, keep)
+            .await
+            .map_err(backup_err)?;
+        let list = a
+            .barman
+            .list_backups(&a.target.server)
+            .await
+            .map_err(backup_err)?;
+        Ok(list
+            .iter()
+            .filter(|b| b.done())
+            .map(|b| BaseBackup {
+                backup_id: b.backup_id.clone(),
+                end_lsn: b.end_lsn(),
+                ended_at: b.ended(),
+                duration: Duration::ZERO,
+            })
+            .collect())
+    }
+
     /// Takes a base backup of timeline `id` into its destination from a
     /// copy of its newest base (see the module docs), never touching the
     /// compute.
@@ -717,6 +753,57 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(id: &str, status: &str, end_lsn: &str, end_time: &str) -> BackupEntry {
+        BackupEntry {
+            backup_id: id.into(),
+            status: status.into(),
+            end_xlog: Some(end_lsn.into()),
+            end_time: Some(end_time.into()),
+            begin_xlog: None,
+            begin_time: None,
+            timeline: Some(1),
+            size: None,
+        }
+    }
+
+    #[test]
+    fn a_restore_starts_from_the_newest_complete_backup_before_the_point() {
+        let list = [
+            entry(
+                "20261207T100000",
+                "DONE",
+                "0/3000000",
+                "Mon Dec  7 10:00:05 2026",
+            ),
+            entry(
+                "20261207T110000",
+                "DONE",
+                "0/5000000",
+                "Mon Dec  7 11:00:05 2026",
+            ),
+            // Killed mid-upload: never taken as complete.
+            entry(
+                "20261207T120000",
+                "STARTED",
+                "0/7000000",
+                "Mon Dec  7 12:00:05 2026",
+            ),
+        ];
+        let id = |p: Point| choose_backup(&list, &p).map(|b| b.backup_id.clone());
+        assert_eq!(id(Point::Head).as_deref(), Some("20261207T110000"));
+        assert_eq!(
+            id(Point::Lsn("0/4000000".parse().unwrap())).as_deref(),
+            Some("20261207T100000")
+        );
+        assert_eq!(id(Point::Lsn("0/2000000".parse().unwrap())), None);
+        let t = |s: &str| Point::Timestamp(s.parse().unwrap());
+        assert_eq!(
+            id(t("2026-12-07T11:30:00Z")).as_deref(),
+            Some("20261207T110000")
+        );
+        assert_eq!(id(t("2026-12-07T10:00:04Z")), None);
+    }
 
     #[test]
     fn wal_files_are_recognised_and_recorded_in_order() {

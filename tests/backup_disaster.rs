@@ -559,6 +559,7 @@ async fn retention_keeps_the_newest_base_backups_and_archives_are_never_shared()
     drop(c);
     p.stop(StopMode::Immediate).await.unwrap();
     e.disable_backup(&tl);
+    e.disable_backup(&sibling);
     drop(e);
 
     let fresh = open(&dir.path().join("engine-b")).await;

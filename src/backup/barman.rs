@@ -161,6 +161,14 @@ impl Barman {
         &self.store
     }
 
+    /// Removes the private configuration directory (the tools cannot run
+    /// after this).
+    pub fn remove_config(&self) {
+        if let Err(e) = fs::remove_dir_all(&self.conf_dir) {
+            tracing::debug!(dir = %self.conf_dir.display(), error = %e, "removing barman's configuration directory");
+        }
+    }
+
     /// The environment every tool (and a PostgreSQL whose
     /// `restore_command` runs one) needs: credentials, region, config
     /// files, UTC.

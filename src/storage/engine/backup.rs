@@ -272,10 +272,10 @@ impl Engine {
         let barman = self.barman_for(&target.store)?;
         let recorded = self.read_recorded(id).filter(|r| r.server == target.server);
         if recorded.is_none() {
-            barman
-                .check_wal_archive(&target.server)
-                .await
-                .map_err(backup_err)?;
+            if let Err(e) = barman.check_wal_archive(&target.server).await {
+                barman.remove_config();
+                return Err(backup_err(e));
+            }
             let rec = Recorded {
                 server: target.server.clone(),
                 ..Default::default()
@@ -302,6 +302,7 @@ impl Engine {
             .insert(id.clone(), a.clone());
         if let Some(old) = old {
             old.stop.cancel();
+            old.barman.remove_config();
         }
         let me = self.clone();
         let id = id.clone();
@@ -334,6 +335,7 @@ impl Engine {
         if let Ok(mut running) = self.inner.backups.running.lock() {
             if let Some(a) = running.remove(id) {
                 a.stop.cancel();
+                a.barman.remove_config();
             }
         }
     }
@@ -606,9 +608,19 @@ impl Engine {
         &self,
         req: RestoreFromBackup,
     ) -> Result<Restored, StorageError> {
+        let barman = self.barman_for(&req.store)?;
+        let r = self.restore_with(&barman, req).await;
+        barman.remove_config();
+        r
+    }
+
+    async fn restore_with(
+        &self,
+        barman: &Barman,
+        req: RestoreFromBackup,
+    ) -> Result<Restored, StorageError> {
         let name = crate::storage::OpKey::new(&req.name)
             .map_err(|e| StorageError::invalid(format!("restore name: {e}")))?;
-        let barman = self.barman_for(&req.store)?;
         let list = barman.list_backups(&req.server).await.map_err(backup_err)?;
         let backup =
             choose_backup(&list, &req.point).ok_or_else(|| StorageError::InvalidPoint {

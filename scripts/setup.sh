@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in postgresql btrfs-progs xfsprogs lua5.1 python3-venv etcd-server openssl xz-utils; do
+for pkg in postgresql btrfs-progs xfsprogs lua5.1 python3-venv etcd-server openssl xz-utils barman-cli-cloud; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -27,6 +27,25 @@ fi
 if [ -x ../shared/envtest/install.sh ]; then
   bash ../shared/envtest/install.sh .envtest >/dev/null
 fi
+
+# The backup tests' object store: Garage (crates.io, an S3-compatible
+# object store), pinned, built once per machine into a cache outside the
+# checkout (a fresh clone reuses it) and linked as .tools/bin/garage. Only
+# what a single test node needs (SQLite metadata, no LMDB, metrics or K2V)
+# at opt-level 1: ~10 min of CPU on 2 cores; nothing on later runs.
+# barman-cli-cloud (above) is the backup tool itself.
+GARAGE_VERSION=2.5.0
+garage_dir="${PGBRANCH_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgbranch-tools}/garage-$GARAGE_VERSION"
+if [ ! -x "$garage_dir/bin/garage" ]; then
+  echo "setup: building garage $GARAGE_VERSION into $garage_dir (once per machine)"
+  CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_DEBUG=0 \
+    cargo install garage --version "$GARAGE_VERSION" --locked --quiet \
+      --no-default-features --features bundled-libs,sqlite \
+      --root "$garage_dir" --target-dir "$garage_dir/target"
+  rm -rf "$garage_dir/target"
+fi
+mkdir -p .tools/bin
+ln -sfn "$garage_dir/bin/garage" .tools/bin/garage
 
 # Python tools for offline manifest validation, pinned, in a project-local venv.
 if [ -f scripts/requirements-ci.txt ]; then

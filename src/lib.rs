@@ -15,10 +15,13 @@
 //!   real `postgres` computes behind fixed ports);
 //! * [`point`]: the one parser of points (`lsn` / `timestamp`) and RFC 3339
 //!   times, shared by the controllers, local mode and the command line;
+//! * [`backup`]: object-storage destinations (S3 and compatible) and the
+//!   backup tool (barman-cloud) the storage engine archives with;
 //! * [`storage`]: the `Storage` trait, the copy-on-write engine and its HTTP
 //!   service and client.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod compute;
 pub mod controller;

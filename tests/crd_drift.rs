@@ -24,7 +24,7 @@ fn checked_in_crds_match_the_types() {
 }
 
 #[test]
-fn checked_in_files_are_the_four_crds() {
+fn checked_in_files_are_the_generated_crds() {
     let mut kinds = Vec::new();
     for entry in std::fs::read_dir(crds_dir()).unwrap() {
         let path = entry.unwrap().path();
@@ -45,7 +45,13 @@ fn checked_in_files_are_the_four_crds() {
     kinds.sort();
     assert_eq!(
         kinds,
-        ["Branch", "Snapshot", "SnapshotRestore", "SnapshotSchedule"]
+        [
+            "BackupDestination",
+            "Branch",
+            "Snapshot",
+            "SnapshotRestore",
+            "SnapshotSchedule"
+        ]
     );
 }
 
@@ -114,7 +120,7 @@ fn cli_check_and_out_dir() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 5);
     std::fs::write(
         dir.path().join("snapshotschedules.pgbranch.dev.yaml"),
         "stale\n",

@@ -257,7 +257,7 @@ fn conditions_and_k8s_types_render() {
 
 #[test]
 fn names_subresources_and_columns() {
-    let expect: [(&str, &str, &[&str], &[&str]); 4] = [
+    let expect: [(&str, &str, &[&str], &[&str]); 5] = [
         (
             "Branch",
             "branches",
@@ -283,6 +283,12 @@ fn names_subresources_and_columns() {
             "snapshotschedules",
             &["pgsched"],
             &["Branch", "Schedule", "Last", "Next", "Active", "Age"],
+        ),
+        (
+            "BackupDestination",
+            "backupdestinations",
+            &["pgdest"],
+            &["Provider", "Bucket", "Ready", "Reason", "Age"],
         ),
     ];
     for (kind, plural, short, columns) in expect {

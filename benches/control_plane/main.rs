@@ -189,6 +189,7 @@ async fn run(cp: &'static ControlPlane, args: Args) {
         Snapshot::crd(),
         SnapshotRestore::crd(),
         SnapshotSchedule::crd(),
+        pgbranch::api::BackupDestination::crd(),
     ])
     .await;
     let admin = cp.client("default");

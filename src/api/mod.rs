@@ -9,6 +9,8 @@
 pub mod branch;
 pub mod common;
 pub mod conditions;
+#[allow(clippy::duplicated_attributes)]
+pub mod destination;
 pub mod labels;
 pub mod names;
 #[allow(clippy::duplicated_attributes)]
@@ -22,6 +24,9 @@ pub mod snapshot;
 pub use branch::*;
 pub use common::*;
 pub use conditions::*;
+pub use destination::{
+    BackupDestination, BackupDestinationSpec, BackupDestinationStatus, CredentialsRef, Provider,
+};
 pub use labels::*;
 pub use names::*;
 pub use restore::*;

@@ -5,7 +5,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use super::{Branch, Snapshot, SnapshotRestore, SnapshotSchedule};
+use super::{BackupDestination, Branch, Snapshot, SnapshotRestore, SnapshotSchedule};
 
 /// Every CRD of the operator, in a fixed order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
@@ -14,6 +14,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         Snapshot::crd(),
         SnapshotRestore::crd(),
         SnapshotSchedule::crd(),
+        BackupDestination::crd(),
     ]
 }
 
@@ -34,7 +35,13 @@ mod tests {
 
     #[test]
     fn every_kind_has_a_schema() {
-        for kind in ["Branch", "Snapshot", "SnapshotRestore", "SnapshotSchedule"] {
+        for kind in [
+            "Branch",
+            "Snapshot",
+            "SnapshotRestore",
+            "SnapshotSchedule",
+            "BackupDestination",
+        ] {
             let schema = crd_schema(kind).unwrap();
             assert_eq!(schema["type"], "object", "{kind}");
         }

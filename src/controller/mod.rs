@@ -16,6 +16,7 @@
 
 pub mod apply;
 pub mod branch;
+pub mod destination;
 pub mod expiry;
 pub mod metrics;
 pub mod operations;
@@ -441,6 +442,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
         snapshot::run(ctx.clone(), shutdown.clone()),
         restore::run(ctx.clone(), shutdown.clone()),
         schedule::run(ctx.clone(), shutdown.clone()),
+        destination::run(ctx.clone(), shutdown.clone()),
         branch::refresh::run(ctx, shutdown),
     );
 }

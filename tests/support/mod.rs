@@ -7,7 +7,8 @@
 //!   the helpers every scenario uses;
 //! * [`binary`]: the real `pgbranch operator` binary in a world;
 //! * [`branch_scenario`]: the Branch lifecycle scenario;
-//! * [`times`]: calendar helpers of the schedule tests.
+//! * [`times`]: calendar helpers of the schedule tests;
+//! * [`object_store`]: a real S3-compatible object store (Garage).
 //!
 //! Each test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
@@ -16,6 +17,7 @@ pub mod binary;
 pub mod branch_scenario;
 pub mod cluster;
 pub mod kubelet;
+pub mod object_store;
 pub mod times;
 pub mod traffic;
 pub mod world;

@@ -179,6 +179,7 @@ impl World {
             Snapshot::crd(),
             SnapshotRestore::crd(),
             SnapshotSchedule::crd(),
+            pgbranch::api::BackupDestination::crd(),
         ])
         .await;
         let ns = cp.namespace(&b.name).await;

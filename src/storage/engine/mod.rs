@@ -140,7 +140,8 @@
 //! restore windows), `pitr.rs` (resolving points, replay), `timeline.rs`,
 //! `snapshot.rs`, `lifecycle.rs` (what those two share), `replica.rs`,
 //! `bases.rs` (rolling bases), `recover.rs` (opening a volume, recovery at
-//! open). `meta/` is the metadata store, `pg/` runs PostgreSQL's programs,
+//! open), `backup.rs` (archiving to an object store, base backups and
+//! restores from it). `meta/` is the metadata store, `pg/` runs PostgreSQL's programs,
 //! `driver.rs` copies data directories. This file keeps the types, the
 //! blocking helper (every file-system walk, process wait and SQLite call
 //! goes through it, never a runtime thread) and the [`Storage`]
@@ -148,6 +149,7 @@
 
 mod archive;
 mod archiver;
+mod backup;
 mod bases;
 mod conf;
 mod copy;
@@ -175,6 +177,7 @@ use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
+pub use backup::{BackupStatus, BackupTarget, BaseBackup, RestoreFromBackup, Restored};
 pub use pg::{PgServer, StopMode};
 
 use crate::storage::{
@@ -246,6 +249,8 @@ struct Inner {
     roll: Option<bases::RollPolicy>,
     /// How long a copy waits for the source's archiver.
     archive_wait: Duration,
+    /// Timelines backed up to an object store ([`backup`]).
+    backups: backup::Backups,
     /// Exclusive lock on `<root>/engine.lock`: one engine per volume.
     _volume_lock: nix::fcntl::Flock<fs::File>,
 }

@@ -109,6 +109,7 @@ impl Engine {
                 archive_wait: cfg
                     .archive_wait
                     .unwrap_or(super::archiver::DEFAULT_ARCHIVE_WAIT),
+                backups: Default::default(),
             }),
         };
         tracing::info!(root = %engine.inner.root.display(), driver = %kind, pg_major = engine.inner.pg.major, "storage engine open");

@@ -150,6 +150,7 @@
 mod archive;
 mod archiver;
 mod backup;
+mod backup_restore;
 mod bases;
 mod conf;
 mod copy;
@@ -177,7 +178,8 @@ use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-pub use backup::{BackupStatus, BackupTarget, BaseBackup, RestoreFromBackup, Restored};
+pub use backup::{BackupStatus, BackupTarget, BaseBackup};
+pub use backup_restore::{RestoreFromBackup, Restored};
 pub use pg::{PgServer, StopMode};
 
 use crate::storage::{

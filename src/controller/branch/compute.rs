@@ -293,9 +293,20 @@ async fn endpoints_wait(
                 "the Service's EndpointSlices did not switch to the new compute; stopping the old one anyway");
         }
         endpoints::Switch::Done => {
-            tracing::info!(timeline = %tl, settle_ms = endpoints::KUBE_PROXY_SETTLE.as_millis() as u64,
-                "Service endpoints list the new compute alone; stopping the old one after kube-proxy's sync");
-            tokio::time::sleep(endpoints::KUBE_PROXY_SETTLE).await;
+            // kube-proxy applies the slices within its sync period: look
+            // again once that passed, instead of holding the reconcile.
+            let settled = ctx.switch_waits.settled(uid);
+            if settled < endpoints::KUBE_PROXY_SETTLE {
+                if settled.is_zero() {
+                    tracing::info!(timeline = %tl, settle_ms = endpoints::KUBE_PROXY_SETTLE.as_millis() as u64,
+                        "Service endpoints list the new compute alone; stopping the old one after kube-proxy's sync");
+                }
+                return Ok(Some(progressing(
+                    "SwitchingEndpoints",
+                    "the Service's endpoints list the new compute alone; waiting for kube-proxy to apply them",
+                    endpoints::KUBE_PROXY_SETTLE - settled,
+                )));
+            }
         }
         endpoints::Switch::NotRouted => {}
     }

@@ -40,23 +40,38 @@ pub const KUBE_PROXY_SETTLE: Duration = Duration::from_millis(1500);
 pub const SWITCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Since when each branch (by UID) waits for its Service's endpoints to
-/// switch (in memory: a restarted operator waits afresh).
+/// switch, and since when they have switched (kube-proxy's settle time is
+/// counted from then). In memory: a restarted operator waits afresh.
 #[derive(Debug, Default)]
-pub struct SwitchWaits(Mutex<HashMap<String, Instant>>);
+pub struct SwitchWaits {
+    waiting: Mutex<HashMap<String, Instant>>,
+    switched: Mutex<HashMap<String, Instant>>,
+}
+
+fn since(m: &Mutex<HashMap<String, Instant>>, uid: &str) -> Duration {
+    let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+    m.entry(uid.to_string())
+        .or_insert_with(Instant::now)
+        .elapsed()
+}
 
 impl SwitchWaits {
     /// How long `uid` has been waiting (0 the first time it asks).
     pub fn waited(&self, uid: &str) -> Duration {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(uid.to_string())
-            .or_insert_with(Instant::now)
-            .elapsed()
+        since(&self.waiting, uid)
+    }
+
+    /// How long ago `uid`'s endpoints were first seen switched (0 the
+    /// first time).
+    pub fn settled(&self, uid: &str) -> Duration {
+        since(&self.switched, uid)
     }
 
     /// `uid` is not waiting (any more).
     pub fn done(&self, uid: &str) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(uid);
+        for m in [&self.waiting, &self.switched] {
+            m.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+        }
     }
 }
 
@@ -270,6 +285,13 @@ mod tests {
             w.waited("a") < Duration::from_millis(20),
             "afresh after done"
         );
+        // The settle time after the switch is counted the same way, and
+        // done() forgets it too.
+        assert!(w.settled("a").is_zero() || w.settled("a") < Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(w.settled("a") >= Duration::from_millis(20));
+        w.done("a");
+        assert!(w.settled("a") < Duration::from_millis(20));
     }
 
     #[test]

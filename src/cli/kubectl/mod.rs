@@ -269,7 +269,7 @@ pub async fn run(args: KubectlArgs) -> Result<(), CliError> {
             create,
         }) => {
             let obj = objects::branch(name, parent.as_deref(), at.as_deref()).map_err(usage)?;
-            create_and_wait(&branches, obj, create, wait_branch).await
+            create_and_wait(&branches, obj, create, wait_ready::<Branch>).await
         }
         KubectlCommand::Branch(BranchCommand::Reset { name, create }) => {
             let target = branches
@@ -291,7 +291,7 @@ pub async fn run(args: KubectlArgs) -> Result<(), CliError> {
             create,
         }) => {
             let obj = objects::snapshot(name, branch, at.as_deref()).map_err(usage)?;
-            create_and_wait(&snapshots, obj, create, wait_snapshot).await
+            create_and_wait(&snapshots, obj, create, wait_ready::<Snapshot>).await
         }
         KubectlCommand::Restore { create, .. } => {
             let obj = restore_object(&args.command)?;
@@ -566,33 +566,37 @@ where
     }
 }
 
-fn wait_branch<'a>(
-    api: &'a Api<Branch>,
-    name: &'a str,
-    timeout: Duration,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CliError>> + 'a>> {
-    Box::pin(follow(api, name, timeout, |b: &Branch| {
-        let conds = b
-            .status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default();
-        conditions_standing(conds, b.metadata.generation)
-    }))
+/// The kinds `--wait` follows by their Ready/Stalled conditions.
+trait Conditioned: Resource + Clone + DeserializeOwned + std::fmt::Debug {
+    fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition];
 }
 
-fn wait_snapshot<'a>(
-    api: &'a Api<Snapshot>,
+impl Conditioned for Branch {
+    fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
+        self.status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default()
+    }
+}
+
+impl Conditioned for Snapshot {
+    fn conditions(&self) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
+        self.status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default()
+    }
+}
+
+/// Waits until a Branch or Snapshot is Ready for its current generation.
+fn wait_ready<'a, K: Conditioned>(
+    api: &'a Api<K>,
     name: &'a str,
     timeout: Duration,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CliError>> + 'a>> {
-    Box::pin(follow(api, name, timeout, |s: &Snapshot| {
-        let conds = s
-            .status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default();
-        conditions_standing(conds, s.metadata.generation)
+    Box::pin(follow(api, name, timeout, |o: &K| {
+        conditions_standing(o.conditions(), o.meta().generation)
     }))
 }
 

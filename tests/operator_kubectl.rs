@@ -60,6 +60,18 @@ impl Plugin {
     }
 }
 
+/// The ids in `items` of `branch`, read through its Service with its Secret.
+async fn ids(h: &World, branch: &str) -> Vec<i32> {
+    h.connect_app(branch)
+        .await
+        .query("SELECT id FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_plugin_creates_waits_restores_finalizes_and_draws_the_tree() {
     let Some(mut h) = World::new(module_path!()).await else {
@@ -102,15 +114,7 @@ async fn the_plugin_creates_waits_restores_finalizes_and_draws_the_tree() {
     );
     create_branch(&h.client, &printed).await;
     wait_ready(&h.client, "dev").await;
-    let rows: Vec<i32> = h
-        .connect_app("dev")
-        .await
-        .query("SELECT id FROM items ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows = ids(&h, "dev").await;
     assert_eq!(rows, [1, 2]);
 
     // A server dry run is validated by the apiserver (CEL rules included)
@@ -226,15 +230,7 @@ async fn the_plugin_creates_waits_restores_finalizes_and_draws_the_tree() {
     let r = restores(&h.client).get("undo").await.unwrap();
     assert_eq!(r.status.unwrap().phase, Some(RestorePhase::Completed));
     wait_ready(&h.client, "dev").await;
-    let rows: Vec<i32> = h
-        .connect_app("dev")
-        .await
-        .query("SELECT id FROM items ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows = ids(&h, "dev").await;
     assert_eq!(rows, [1, 2], "dev is back at the snapshot");
     assert_eq!(k.ok(&["connection-string", "dev"]).await, uri_before);
 
@@ -274,15 +270,7 @@ async fn the_plugin_creates_waits_restores_finalizes_and_draws_the_tree() {
     let out = k.ok(&["branch", "reset", "dev", "--wait"]).await;
     assert!(out.contains("Completed"), "{out}");
     wait_ready(&h.client, "dev").await;
-    let rows: Vec<i32> = h
-        .connect_app("dev")
-        .await
-        .query("SELECT id FROM items ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows = ids(&h, "dev").await;
     assert_eq!(rows, [1, 2, 10]);
     let out = k.run(&["branch", "reset", "prod"]).await;
     assert!(!out.status.success());

@@ -20,38 +20,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
 use pgbranch::api::{
-    Branch, BranchSpec, ParentRef, RestorePhase, RestoreSource, Snapshot, SnapshotRestore,
-    SnapshotRestoreSpec, SnapshotSpec, LABEL_BRANCH,
+    Branch, RestorePhase, RestoreSource, Snapshot, SnapshotRestore, SnapshotRestoreSpec,
+    LABEL_BRANCH,
 };
 use serde_json::json;
-
-fn root(name: &str) -> Branch {
-    Branch::new(name, BranchSpec::default())
-}
-
-fn child(name: &str, parent: &str, timestamp: Option<String>) -> Branch {
-    Branch::new(
-        name,
-        BranchSpec {
-            parent: Some(ParentRef {
-                branch: parent.into(),
-                timestamp,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-}
-
-fn snapshot(name: &str, branch: &str) -> Snapshot {
-    Snapshot::new(
-        name,
-        SnapshotSpec {
-            branch: branch.into(),
-            ..Default::default()
-        },
-    )
-}
 
 /// A one-step restore of `snap` onto `target`, the old data kept as `backup`.
 fn restore_from(name: &str, snap: &str, target: &str, backup: &str) -> SnapshotRestore {
@@ -74,31 +46,6 @@ fn timeline_of(b: &Branch) -> String {
         .as_ref()
         .and_then(|s| s.timeline_id.clone())
         .expect("a Ready branch has status.timelineId")
-}
-
-async fn wait_phase(
-    env: &Env,
-    api: &Api<SnapshotRestore>,
-    name: &str,
-    phase: RestorePhase,
-) -> SnapshotRestore {
-    wait_for(env, api, name, &format!("phase {phase:?}"), |r| {
-        observed_generation(r) == r.metadata.generation
-            && r.status.as_ref().and_then(|s| s.phase) == Some(phase)
-    })
-    .await
-}
-
-/// Waits until `name` is Ready on a timeline other than `old`.
-async fn wait_moved(env: &Env, api: &Api<Branch>, name: &str, old: &str) -> Branch {
-    wait_for(env, api, name, &format!("Ready off timeline {old}"), |b| {
-        health(b).is_ok()
-            && b.status
-                .as_ref()
-                .and_then(|s| s.timeline_id.as_deref())
-                .is_some_and(|t| t != old)
-    })
-    .await
 }
 
 /// Creates `items` on `branch` with rows 1..=n noted `note`.

@@ -16,39 +16,10 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use pgbranch::api::{
-    Branch, BranchSpec, ParentRef, RestorePhase, RestoreSource, Retention, Snapshot,
-    SnapshotRestore, SnapshotRestoreSpec, SnapshotSchedule, SnapshotScheduleSpec, SnapshotSpec,
-    LABEL_RESTORE_BACKUP_OF,
+    Branch, RestorePhase, RestoreSource, Retention, Snapshot, SnapshotRestore, SnapshotRestoreSpec,
+    SnapshotSchedule, SnapshotScheduleSpec, LABEL_RESTORE_BACKUP_OF,
 };
 use serde_json::json;
-
-fn root(name: &str) -> Branch {
-    Branch::new(name, BranchSpec::default())
-}
-
-fn child(name: &str, parent: &str, timestamp: Option<String>) -> Branch {
-    Branch::new(
-        name,
-        BranchSpec {
-            parent: Some(ParentRef {
-                branch: parent.into(),
-                timestamp,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-}
-
-fn snapshot(name: &str, branch: &str) -> Snapshot {
-    Snapshot::new(
-        name,
-        SnapshotSpec {
-            branch: branch.into(),
-            ..Default::default()
-        },
-    )
-}
 
 fn restore(name: &str, source: RestoreSource, target: &str, finalize: bool) -> SnapshotRestore {
     SnapshotRestore::new(
@@ -71,39 +42,6 @@ fn from_snapshot(s: &str) -> RestoreSource {
 
 fn status_of(b: &Branch) -> pgbranch::api::BranchStatus {
     b.status.clone().expect("Ready branch has a status")
-}
-
-/// Waits until a branch is Ready on a timeline other than `old` (a
-/// finalized restore moved it).
-async fn wait_moved(env: &Env, api: &Api<Branch>, name: &str, old: &str) -> Branch {
-    wait_for(
-        env,
-        api,
-        name,
-        &format!("Ready on a timeline other than {old}"),
-        |b| {
-            health(b).is_ok()
-                && b.status
-                    .as_ref()
-                    .and_then(|s| s.timeline_id.as_deref())
-                    .is_some_and(|t| t != old)
-        },
-    )
-    .await
-}
-
-/// Waits for a restore to reach `phase` for its current generation.
-async fn wait_phase(
-    env: &Env,
-    api: &Api<SnapshotRestore>,
-    name: &str,
-    phase: RestorePhase,
-) -> SnapshotRestore {
-    wait_for(env, api, name, &format!("phase {phase:?}"), |r| {
-        observed_generation(r) == r.metadata.generation
-            && r.status.as_ref().and_then(|s| s.phase) == Some(phase)
-    })
-    .await
 }
 
 /// A root branch, its Service and Secret; a child at head and one at a

@@ -23,7 +23,10 @@ use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostPar
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::Status;
 use kube::{Api, Client, Resource, ResourceExt};
-use pgbranch::api::{Branch, Snapshot, SnapshotRestore, SnapshotSchedule};
+use pgbranch::api::{
+    Branch, BranchSpec, ParentRef, RestorePhase, Snapshot, SnapshotRestore, SnapshotSchedule,
+    SnapshotSpec,
+};
 use pgbranch::storage::http::client::HttpStorage;
 use pgbranch::storage::Storage;
 use serde::de::DeserializeOwned;
@@ -1274,4 +1277,68 @@ impl Prober {
             .await;
         probe_report(&log)
     }
+}
+
+/// A root branch with defaults.
+pub fn root(name: &str) -> Branch {
+    Branch::new(name, BranchSpec::default())
+}
+
+/// A child of `parent`, at its head or at `timestamp`.
+pub fn child(name: &str, parent: &str, timestamp: Option<String>) -> Branch {
+    Branch::new(
+        name,
+        BranchSpec {
+            parent: Some(ParentRef {
+                branch: parent.into(),
+                timestamp,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+}
+
+/// A snapshot of `branch` at its head.
+pub fn snapshot(name: &str, branch: &str) -> Snapshot {
+    Snapshot::new(
+        name,
+        SnapshotSpec {
+            branch: branch.into(),
+            ..Default::default()
+        },
+    )
+}
+
+/// Waits until a branch is Ready on a timeline other than `old` (a
+/// finalized restore moved it).
+pub async fn wait_moved(env: &Env, api: &Api<Branch>, name: &str, old: &str) -> Branch {
+    wait_for(
+        env,
+        api,
+        name,
+        &format!("Ready on a timeline other than {old}"),
+        |b| {
+            health(b).is_ok()
+                && b.status
+                    .as_ref()
+                    .and_then(|s| s.timeline_id.as_deref())
+                    .is_some_and(|t| t != old)
+        },
+    )
+    .await
+}
+
+/// Waits for a restore to reach `phase` for its current generation.
+pub async fn wait_phase(
+    env: &Env,
+    api: &Api<SnapshotRestore>,
+    name: &str,
+    phase: RestorePhase,
+) -> SnapshotRestore {
+    wait_for(env, api, name, &format!("phase {phase:?}"), |r| {
+        observed_generation(r) == r.metadata.generation
+            && r.status.as_ref().and_then(|s| s.phase) == Some(phase)
+    })
+    .await
 }

@@ -345,7 +345,9 @@ where
     K: Object,
 {
     let api: Api<K> = ctx.api(ns);
-    let Some(existing) = ctx.get::<K>(ns, "read child object", name).await? else {
+    // A cached "not there" is enough: if the object does appear, its watch
+    // event wakes the owner, which deletes it then.
+    let Some(existing) = ctx.get_cached::<K>(ns, "read child object", name).await? else {
         return Ok(true);
     };
     if holder(&existing, owner_uid) != Holder::Owner {

@@ -16,6 +16,7 @@
 
 pub mod apply;
 pub mod branch;
+pub mod cache;
 pub mod destination;
 pub mod expiry;
 pub mod metrics;
@@ -179,6 +180,8 @@ pub struct Context {
     pub(crate) switch_waits: branch::endpoints::SwitchWaits,
     /// One data-changing operation per branch ([`operations`]).
     pub operations: operations::OperationLock,
+    /// The watch caches of the objects branches own ([`cache`]).
+    pub cache: cache::Cache,
 }
 
 impl Context {
@@ -208,6 +211,7 @@ impl Context {
         resolver: Arc<dyn ComputeResolver>,
         clock: Arc<dyn schedule::Clock>,
     ) -> Arc<Self> {
+        let config_namespace = config.namespace.clone();
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -227,6 +231,7 @@ impl Context {
             stats: Mutex::new(HashMap::new()),
             switch_waits: Default::default(),
             operations: operations::OperationLock::default(),
+            cache: cache::Cache::new(config_namespace),
         })
     }
 
@@ -251,20 +256,29 @@ impl Context {
     }
 
     /// The `K` objects of namespace `ns` whose labels match `selector`
-    /// (every one when it is empty), listed within the step deadline
-    /// (`step` names it in a timeout).
-    pub async fn list<K>(
+    /// (every one when it is empty): from the watch cache when it can
+    /// answer ([`cache`]), else listed within the step deadline (`step`
+    /// names it in a timeout).
+    pub async fn list<K: Object>(
         &self,
         ns: &str,
         step: &'static str,
         selector: &str,
-    ) -> Result<Vec<K>, Error>
-    where
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
+    ) -> Result<Vec<K>, Error> {
+        if let Some(cached) = self.cache.list::<K>(ns, selector) {
+            return Ok(cached);
+        }
+        self.list_live(ns, step, selector).await
+    }
+
+    /// [`Context::list`] from the API server, never the cache: for objects
+    /// the cache does not hold (those without a branch label).
+    pub async fn list_live<K: Object>(
+        &self,
+        ns: &str,
+        step: &'static str,
+        selector: &str,
+    ) -> Result<Vec<K>, Error> {
         let mut params = ListParams::default();
         if !selector.is_empty() {
             params = params.labels(selector);
@@ -273,15 +287,33 @@ impl Context {
         Ok(with_deadline(self, step, api.list(&params)).await?.items)
     }
 
-    /// The `K` named `name` in namespace `ns`, if it exists, read within
-    /// the step deadline.
+    /// The `K` named `name` in namespace `ns`, if it exists: from the watch
+    /// cache when it holds it, else read within the step deadline (a cache
+    /// miss is always confirmed: callers act on absence).
     pub async fn get<K: Object>(
         &self,
         ns: &str,
         step: &'static str,
         name: &str,
     ) -> Result<Option<K>, Error> {
+        if let Some(Some(hit)) = self.cache.get::<K>(ns, name) {
+            return Ok(Some(hit));
+        }
         with_deadline(self, step, self.api::<K>(ns).get_opt(name)).await
+    }
+
+    /// [`Context::get`] that trusts the cache's "not there" too: only for
+    /// callers to whom a wrong "absent" is harmless (see [`cache`]).
+    pub async fn get_cached<K: Object>(
+        &self,
+        ns: &str,
+        step: &'static str,
+        name: &str,
+    ) -> Result<Option<K>, Error> {
+        match self.cache.get::<K>(ns, name) {
+            Some(known) => Ok(known),
+            None => with_deadline(self, step, self.api::<K>(ns).get_opt(name)).await,
+        }
     }
 
     /// Creates `obj` in namespace `ns` with the operator's field manager,

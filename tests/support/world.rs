@@ -132,6 +132,13 @@ impl WorldBuilder {
 
     /// The world, or `None` (after the skip notice) without a control plane.
     pub async fn build(self) -> Option<World> {
+        // `TEST_LOG=pgbranch=debug` shows the operator's and engine's logs.
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let cp = control_plane()?;
         Some(World::build(cp, self).await)
     }

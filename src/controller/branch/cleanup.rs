@@ -27,12 +27,20 @@ pub(super) async fn reconcile_cleanup(branch: Arc<Branch>, ctx: &Context) -> Res
         // (the object is about to disappear).
         return Ok(Action::await_change());
     }
-    let action = finish(ctx, &branch, status, result).await?;
-    // The finalizer must stay while deletion is refused or under way.
+    let under_way = match &result {
+        Ok(done) => Some(crate::controller::status::message_of(&done.outcome).to_string()),
+        Err(_) => None,
+    };
+    finish(ctx, &branch, status, result).await?;
+    // The finalizer must stay while deletion is refused or under way: the
+    // finalizer helper removes it on any `Ok`, so work left (a compute
+    // still stopping) is an error that polls again, never an `Ok`.
     if stalled || waiting {
         return Err(stalled_err.unwrap_or_else(|| Error::Waiting("deleting".into())));
     }
-    Ok(action)
+    Err(Error::Waiting(
+        under_way.unwrap_or_else(|| "deleting".into()),
+    ))
 }
 
 /// Deletion. `Ok(None)`: everything is gone, the finalizer may go.

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as FinalizerEvent;
@@ -73,30 +73,44 @@ const KIND: &str = "Branch";
 /// Runs the Branch controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     let branches: Api<Branch> = ctx.watched();
-    let owned = watcher::Config::default().labels(LABEL_BRANCH);
     let controller = super::controller_for(branches.clone(), &ctx.config);
     let store = controller.store();
-    let controller = controller
-        .owns(ctx.watched::<Deployment>(), owned.clone())
-        .owns(ctx.watched::<Service>(), owned.clone())
-        .owns(ctx.watched::<Secret>(), owned.clone())
-        // The EndpointSlices of a branch's Services (they carry the
-        // Service's labels): a switch waits for them (see [`endpoints`]).
-        .watches(ctx.watched::<EndpointSlice>(), owned, |s: EndpointSlice| {
-            let ns = s.namespace();
-            s.labels()
-                .get(LABEL_BRANCH)
-                .zip(ns)
-                .map(|(b, ns)| ObjectRef::new(b).within(&ns))
-        })
-        // A branch's changes wake its parent (which may wait for its
-        // children to go) and its children (which may wait for it to be
-        // Ready, or for it to exist).
-        .watches(branches, watcher::Config::default(), move |b: Branch| {
-            related_branches(&b, &store.state())
-        });
+    // The owned kinds are watched once, into the operator's caches
+    // ([`super::cache`]), which then serve the reads of every controller.
+    let mut controller = controller;
+    if let Some(s) = ctx.cache.watch(ctx.watched::<Deployment>()) {
+        controller = controller.owns_stream(s);
+    }
+    if let Some(s) = ctx.cache.watch(ctx.watched::<Service>()) {
+        controller = controller.owns_stream(s);
+    }
+    if let Some(s) = ctx.cache.watch(ctx.watched::<Secret>()) {
+        controller = controller.owns_stream(s);
+    }
+    // Compute Pods (a Pod that cannot start makes the Branch Stalled) and
+    // the EndpointSlices of a branch's Services (a switch waits for them,
+    // see [`endpoints`]) carry the branch's label.
+    if let Some(s) = ctx.cache.watch(ctx.watched::<Pod>()) {
+        controller = controller.watches_stream(s, |p: Pod| branch_of(&p));
+    }
+    if let Some(s) = ctx.cache.watch(ctx.watched::<EndpointSlice>()) {
+        controller = controller.watches_stream(s, |e: EndpointSlice| branch_of(&e));
+    }
+    // A branch's changes wake its parent (which may wait for its children
+    // to go) and its children (which may wait for it to be Ready, or for it
+    // to exist).
+    let controller = controller.watches(branches, watcher::Config::default(), move |b: Branch| {
+        related_branches(&b, &store.state())
+    });
     let how = Drive::of(KIND, "branch");
     super::drive(controller, ctx, shutdown, how, reconcile).await;
+}
+
+/// The Branch an object is labelled with.
+fn branch_of<K: kube::Resource>(o: &K) -> Option<ObjectRef<Branch>> {
+    let ns = o.meta().namespace.clone()?;
+    let b = o.meta().labels.as_ref()?.get(LABEL_BRANCH)?;
+    Some(ObjectRef::new(b).within(&ns))
 }
 
 /// The Branch holding the data `b` was copied from: `status.parentBranch`

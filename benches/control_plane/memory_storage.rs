@@ -82,6 +82,9 @@ impl Storage for MemoryStorage {
             root: ROOT.into(),
             compute_root: None,
             data_uid: None,
+            volume_total_bytes: None,
+            volume_used_bytes: None,
+            wal_archive_bytes: None,
         })
     }
 

@@ -285,6 +285,9 @@ async fn open_storage(
             root: dir.to_string(),
             compute_root: cfg.compute_root.as_ref().map(|p| p.display().to_string()),
             data_uid: Some(cfg.postgres_uid()?),
+            volume_total_bytes: None,
+            volume_used_bytes: None,
+            wal_archive_bytes: None,
         };
         storage_agrees(&planned, &config.compute).map_err(CliError::Usage)?;
         let engine = Engine::open(cfg).await?;
@@ -655,6 +658,9 @@ mod tests {
             root: "/srv/x".into(),
             compute_root: Some(compute_root.into()),
             data_uid: Some(uid),
+            volume_total_bytes: None,
+            volume_used_bytes: None,
+            wal_archive_bytes: None,
         }
     }
 

@@ -423,6 +423,18 @@ pub struct StorageInfo {
     /// not report it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_uid: Option<u32>,
+    /// Size of the filesystem holding the volume root (`statvfs`), in
+    /// bytes. `None` from an engine that does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_total_bytes: Option<u64>,
+    /// Bytes in use on that filesystem (whoever wrote them). `None` from
+    /// an engine that does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_used_bytes: Option<u64>,
+    /// Bytes of every timeline's WAL archive together (measured at most
+    /// every few seconds). `None` from an engine that does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_archive_bytes: Option<u64>,
 }
 
 #[cfg(test)]
@@ -435,6 +447,23 @@ mod tests {
         assert_eq!(l.0, (0x16 << 32) | 0xB3733C50);
         assert_eq!(l.to_string(), "16/B3733C50");
         assert_eq!("0/0".parse::<Lsn>().unwrap(), Lsn(0));
+    }
+
+    #[test]
+    fn storage_info_of_an_older_engine_still_parses() {
+        let old = r#"{"driver":"copy","pgMajor":15,"root":"/srv"}"#;
+        let i: StorageInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(i.volume_total_bytes, None);
+        assert_eq!(i.wal_archive_bytes, None);
+        let new = StorageInfo {
+            volume_total_bytes: Some(10),
+            volume_used_bytes: Some(4),
+            wal_archive_bytes: Some(3),
+            ..i
+        };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains(r#""volumeUsedBytes":4"#), "{json}");
+        assert_eq!(serde_json::from_str::<StorageInfo>(&json).unwrap(), new);
     }
 
     #[test]

@@ -327,6 +327,18 @@ impl Engine {
 #[async_trait]
 impl Storage for Engine {
     async fn info(&self) -> Result<StorageInfo, StorageError> {
+        // Usage figures are best effort: `info` also says what the engine
+        // is, which callers need even when a figure cannot be read.
+        let volume = self
+            .volume_usage()
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "reading the volume's usage"))
+            .ok();
+        let wal_archive_bytes = self
+            .wal_archive_bytes()
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "measuring the WAL archive"))
+            .ok();
         Ok(StorageInfo {
             driver: self.inner.driver.kind(),
             pg_major: self.inner.pg.major,
@@ -339,6 +351,9 @@ impl Storage for Engine {
                     .as_ref()
                     .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid),
             ),
+            volume_total_bytes: volume.map(|(total, _)| total),
+            volume_used_bytes: volume.map(|(_, used)| used),
+            wal_archive_bytes,
         })
     }
 

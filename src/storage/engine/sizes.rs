@@ -1,6 +1,8 @@
 //! The size cache: logical and exclusive bytes of timelines and snapshots,
 //! measured at most every [`SIZE_TTL`] because callers poll, the slow
-//! measurements (btrfs extents) in the background.
+//! measurements (btrfs extents) in the background; the WAL archive's total
+//! (at most every [`WAL_TTL`]) and the volume's usage (`statvfs`) for
+//! `info`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +15,22 @@ pub(super) type Sizes = (u64, Option<u64>);
 
 /// How long measured sizes are reused.
 const SIZE_TTL: Duration = Duration::from_secs(10);
+
+/// How long the WAL archive's total size is reused (the operator polls
+/// `info` every minute or so; anyone else may poll more often).
+const WAL_TTL: Duration = Duration::from_secs(30);
+
+/// The size cache's key of the WAL archive's total.
+const WAL_KEY: &str = "wal";
+
+/// Total and used bytes of a filesystem from its `statvfs` figures: blocks,
+/// free blocks (the root-reserved ones included, as `df` counts "used") and
+/// the fragment size they are counted in.
+pub(super) fn volume_bytes(blocks: u64, free: u64, fragment: u64) -> (u64, u64) {
+    let total = blocks.saturating_mul(fragment);
+    let used = blocks.saturating_sub(free).saturating_mul(fragment);
+    (total, used)
+}
 
 /// The sizes last measured of one timeline or snapshot.
 #[derive(Debug, Default)]
@@ -111,9 +129,63 @@ impl Engine {
         Ok((l, ex.unwrap_or(last_excl)))
     }
 
+    /// Total and used bytes of the filesystem holding the volume root.
+    pub(super) async fn volume_usage(&self) -> Result<(u64, u64), StorageError> {
+        self.blocking("reading the volume's usage", |i| {
+            let s = nix::sys::statvfs::statvfs(&i.root).map_err(std::io::Error::from)?;
+            Ok(volume_bytes(
+                s.blocks() as u64,
+                s.blocks_free() as u64,
+                s.fragment_size() as u64,
+            ))
+        })
+        .await
+    }
+
+    /// Bytes of every timeline's WAL archive together (`wal/` under the
+    /// root), from the size cache when measured less than [`WAL_TTL`] ago:
+    /// a walk of `stat` calls, off the runtime's threads.
+    pub(super) async fn wal_archive_bytes(&self) -> Result<u64, StorageError> {
+        let cached = self
+            .inner
+            .sizes
+            .lock()
+            .map_err(|_| StorageError::internal("the size cache is poisoned"))?
+            .get(WAL_KEY)
+            .and_then(|e| e.logical)
+            .filter(|(at, _)| at.elapsed() < WAL_TTL)
+            .map(|(_, v)| v);
+        if let Some(v) = cached {
+            return Ok(v);
+        }
+        let v = self
+            .blocking("measuring the WAL archive", |i| {
+                Ok(driver::tree_size(&i.root.join("wal")))
+            })
+            .await?;
+        if let Ok(mut c) = self.inner.sizes.lock() {
+            c.entry(WAL_KEY.to_string()).or_default().logical =
+                Some((std::time::Instant::now(), v));
+        }
+        Ok(v)
+    }
+
     pub(super) fn forget_sizes(&self, key: &str) {
         if let Ok(mut c) = self.inner.sizes.lock() {
             c.remove(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_bytes_count_in_fragments() {
+        assert_eq!(volume_bytes(100, 25, 4096), (409_600, 307_200));
+        // Figures a filesystem should never give do not wrap.
+        assert_eq!(volume_bytes(10, 20, 4096), (40_960, 0));
+        assert_eq!(volume_bytes(u64::MAX, 0, 4096), (u64::MAX, u64::MAX));
     }
 }

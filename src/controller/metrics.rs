@@ -3,13 +3,17 @@
 //! the controllers' caches hold it (objects by kind and phase, each object
 //! that is Stalled with its reason), read at scrape time, so the numbers
 //! are those of the objects that exist; and how long operations took
-//! (creation to first Ready, a restore from start to completion).
+//! (creation to first Ready, a restore from start to completion); and the
+//! storage layer as the storage poller (`controller/storage_poll.rs`) last
+//! read it: reachable or not, the volume's usage, the WAL archive's size,
+//! and each branch's exclusive bytes (its timeline's, joined to the Branch
+//! cache at scrape time).
 //!
 //! The chart's Grafana dashboard and alert rules
 //! (`charts/pgbranch/files/observability/`) use only these names;
 //! `tests/observability.rs` checks them against a scrape.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +39,42 @@ pub struct ObjectState {
     pub name: String,
     pub phase: Option<String>,
     pub stalled: Option<String>,
+    /// `status.timelineId` (Branches).
+    pub timeline: Option<String>,
+}
+
+/// What the storage poller last read of the storage layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StorageReading {
+    /// The storage layer answered `info`.
+    pub up: bool,
+    pub volume_total_bytes: Option<u64>,
+    pub volume_used_bytes: Option<u64>,
+    pub wal_archive_bytes: Option<u64>,
+    /// Exclusive bytes of each timeline whose driver tells them, by id.
+    pub exclusive_by_timeline: HashMap<String, u64>,
+}
+
+/// The exclusive bytes of each object that points at a timeline storage
+/// measured: (namespace, name, bytes), sorted.
+pub fn branch_exclusive_bytes(
+    states: &[ObjectState],
+    by_timeline: &HashMap<String, u64>,
+) -> Vec<(String, String, u64)> {
+    let mut out: Vec<_> = states
+        .iter()
+        .filter_map(|o| {
+            let bytes = by_timeline.get(o.timeline.as_deref()?)?;
+            Some((o.namespace.clone(), o.name.clone(), *bytes))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A byte count as a gauge's value (saturating: no volume is 8 EiB).
+fn gauge_bytes(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl ObjectState {
@@ -76,12 +116,17 @@ impl ObjectState {
                     .to_string(),
                 )
             });
+        let timeline = status
+            .get("timelineId")
+            .and_then(|t| t.as_str())
+            .map(String::from);
         ObjectState {
             kind: K::kind(&()).to_string(),
             namespace: obj.namespace().unwrap_or_default(),
             name: obj.name_any(),
             phase,
             stalled,
+            timeline,
         }
     }
 }
@@ -100,6 +145,13 @@ pub struct Metrics {
     objects: Family<Labels, Gauge>,
     stalled: Family<Labels, Gauge>,
     operations: Family<Labels, Histogram>,
+    storage_up: Family<Labels, Gauge>,
+    volume_bytes: Family<Labels, Gauge>,
+    wal_archive_bytes: Family<Labels, Gauge>,
+    branch_exclusive: Family<Labels, Gauge>,
+    /// What the storage poller last read; `None` before its first poll
+    /// (and in a replica that does not lead): no storage series at all.
+    storage: Arc<Mutex<Option<StorageReading>>>,
     /// The controllers' caches, read at scrape time.
     sources: Arc<Mutex<Vec<Source>>>,
     /// UIDs seen Ready by this process (an operation ends once).
@@ -176,6 +228,32 @@ impl Metrics {
             "How long operations took: branch and snapshot from creation to first Ready, restore from start to Completed",
             operations.clone(),
         );
+        // The storage series have no sample until the poller's first
+        // reading: a standby replica does not say the storage is down.
+        let storage_up = Family::<Labels, Gauge>::default();
+        registry.register(
+            "storage_up",
+            "1 when the storage layer answered the operator's last poll, 0 when it did not",
+            storage_up.clone(),
+        );
+        let volume_bytes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "storage_volume_bytes",
+            "The storage volume's filesystem, in bytes: kind=\"total\" its size, kind=\"used\" what is in use",
+            volume_bytes.clone(),
+        );
+        let wal_archive_bytes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "wal_archive_bytes",
+            "Bytes of every timeline's WAL archive on the storage volume together",
+            wal_archive_bytes.clone(),
+        );
+        let branch_exclusive = Family::<Labels, Gauge>::default();
+        registry.register(
+            "branch_exclusive_bytes",
+            "Bytes only a branch's current timeline holds (what deleting it would free), where the storage driver can tell, by namespace and branch",
+            branch_exclusive.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             reconciles,
@@ -186,6 +264,11 @@ impl Metrics {
             objects,
             stalled,
             operations,
+            storage_up,
+            volume_bytes,
+            wal_archive_bytes,
+            branch_exclusive,
+            storage: Arc::default(),
             sources: Arc::default(),
             seen_ready: Arc::default(),
             scrape: Arc::default(),
@@ -239,6 +322,13 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Records what the storage poller read.
+    pub fn set_storage(&self, reading: StorageReading) {
+        if let Ok(mut s) = self.storage.lock() {
+            *s = Some(reading);
+        }
+    }
+
     /// Records `uid` as Ready; true the first time this process sees it
     /// (so an operation's end is counted once).
     pub fn first_ready(&self, uid: &str) -> bool {
@@ -253,6 +343,7 @@ impl Metrics {
             Ok(s) => s.iter().flat_map(|f| f()).collect(),
             Err(_) => return,
         };
+        self.refresh_storage(&states);
         let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
         self.stalled.clear();
         for o in &states {
@@ -274,6 +365,53 @@ impl Metrics {
             self.objects
                 .get_or_create(&vec![("kind".into(), kind), ("phase".into(), phase)])
                 .set(n);
+        }
+    }
+
+    /// The storage series from the last reading; a figure the storage did
+    /// not give (unreachable, an older engine) has no sample.
+    fn refresh_storage(&self, states: &[ObjectState]) {
+        let reading = match self.storage.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => return,
+        };
+        self.storage_up.clear();
+        self.volume_bytes.clear();
+        self.wal_archive_bytes.clear();
+        self.branch_exclusive.clear();
+        let Some(r) = reading else {
+            return;
+        };
+        self.storage_up.get_or_create(&vec![]).set(i64::from(r.up));
+        for (kind, v) in [
+            ("total", r.volume_total_bytes),
+            ("used", r.volume_used_bytes),
+        ] {
+            if let Some(v) = v {
+                self.volume_bytes
+                    .get_or_create(&vec![("kind".into(), kind.into())])
+                    .set(gauge_bytes(v));
+            }
+        }
+        if let Some(v) = r.wal_archive_bytes {
+            self.wal_archive_bytes
+                .get_or_create(&vec![])
+                .set(gauge_bytes(v));
+        }
+        let branches: Vec<ObjectState> = states
+            .iter()
+            .filter(|o| o.kind == "Branch")
+            .cloned()
+            .collect();
+        for (namespace, branch, bytes) in
+            branch_exclusive_bytes(&branches, &r.exclusive_by_timeline)
+        {
+            self.branch_exclusive
+                .get_or_create(&vec![
+                    ("namespace".into(), namespace),
+                    ("branch".into(), branch),
+                ])
+                .set(gauge_bytes(bytes));
         }
     }
 
@@ -361,5 +499,69 @@ mod tests {
         let st = ObjectState::of(&s);
         assert_eq!(st.phase.as_deref(), Some("Ready"));
         assert_eq!(st.stalled, None);
+        assert_eq!(st.timeline, None);
+    }
+
+    #[test]
+    fn branches_get_their_timelines_exclusive_bytes() {
+        use crate::api::{Branch, BranchStatus};
+        let branch = |name: &str, tl: Option<&str>| {
+            let mut b = Branch::new(name, Default::default());
+            b.metadata.namespace = Some("team".into());
+            b.status = Some(BranchStatus {
+                timeline_id: tl.map(String::from),
+                ..Default::default()
+            });
+            ObjectState::of(&b)
+        };
+        let states = vec![
+            branch("prod", Some("t1")),
+            branch("dev", Some("t2")),
+            // No timeline yet, or one the driver cannot measure: no series.
+            branch("new", None),
+            branch("reflinked", Some("t3")),
+        ];
+        assert_eq!(states[0].timeline.as_deref(), Some("t1"));
+        let by_tl = HashMap::from([("t1".to_string(), 100), ("t2".to_string(), 7)]);
+        assert_eq!(
+            branch_exclusive_bytes(&states, &by_tl),
+            vec![
+                ("team".to_string(), "dev".to_string(), 7),
+                ("team".to_string(), "prod".to_string(), 100),
+            ]
+        );
+    }
+
+    #[test]
+    fn storage_series_follow_the_last_reading() {
+        let m = Metrics::new();
+        // Before the first poll (a standby replica): no sample at all.
+        let text = m.encode();
+        assert!(!text.contains("pgbranch_storage_up"), "{text}");
+        m.set_storage(StorageReading {
+            up: true,
+            volume_total_bytes: Some(1000),
+            volume_used_bytes: Some(250),
+            wal_archive_bytes: Some(64),
+            exclusive_by_timeline: HashMap::new(),
+        });
+        let text = m.encode();
+        assert!(text.contains("pgbranch_storage_up{} 1"), "{text}");
+        assert!(
+            text.contains("pgbranch_storage_volume_bytes{kind=\"total\"} 1000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgbranch_storage_volume_bytes{kind=\"used\"} 250"),
+            "{text}"
+        );
+        assert!(text.contains("pgbranch_wal_archive_bytes{} 64"), "{text}");
+        // Unreachable: down, and no stale figures.
+        m.set_storage(StorageReading::default());
+        let text = m.encode();
+        assert!(text.contains("pgbranch_storage_up{} 0"), "{text}");
+        assert!(!text.contains("pgbranch_storage_volume_bytes{"), "{text}");
+        assert!(!text.contains("pgbranch_wal_archive_bytes{"), "{text}");
+        assert_eq!(gauge_bytes(u64::MAX), i64::MAX);
     }
 }

@@ -29,6 +29,7 @@ pub mod secrets;
 pub mod snapshot;
 pub mod sql;
 pub mod status;
+pub mod storage_poll;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -465,8 +466,8 @@ where
     }
 }
 
-/// Starts every controller and runs until `shutdown` resolves (then lets
-/// reconciles in flight finish).
+/// Starts every controller, and the storage poller of the metrics, and runs
+/// until `shutdown` resolves (then lets reconciles in flight finish).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::join!(
@@ -475,7 +476,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
         restore::run(ctx.clone(), shutdown.clone()),
         schedule::run(ctx.clone(), shutdown.clone()),
         destination::run(ctx.clone(), shutdown.clone()),
-        branch::refresh::run(ctx, shutdown),
+        branch::refresh::run(ctx.clone(), shutdown.clone()),
+        storage_poll::run(ctx, shutdown),
     );
 }
 

@@ -2,7 +2,9 @@
 //! (`charts/pgbranch/files/observability/`): every expression parses as
 //! PromQL (the promql-parser crate), and every metric it names is in what
 //! the operator's `/metrics` serves after a real scenario on the real
-//! control plane (a Ready branch, a Stalled one, a finalized restore).
+//! control plane (a Ready branch, a Stalled one, a finalized restore),
+//! with the storage figures (volume, WAL archive, per-branch exclusive
+//! bytes) the storage poller reads.
 
 mod support;
 
@@ -102,7 +104,10 @@ async fn every_metric_the_dashboard_and_alerts_read_is_exported() {
     // An apiserver error on the way, so the error counter has a series.
     h.traffic
         .inject(Fault::new("patch", "deployments").code(500).times(1));
-    h.start_operator(h.config());
+    // The storage poller every second, so the scrape has fresh figures.
+    let mut config = h.config();
+    config.stats_interval = std::time::Duration::from_secs(1);
+    h.start_operator(config);
     let client = h.client.clone();
     create_branch(&client, &shop_branch("prod")).await;
     wait_branch_ready(&client, "prod").await;
@@ -135,7 +140,23 @@ async fn every_metric_the_dashboard_and_alerts_read_is_exported() {
 
     wait_branch_ready(&client, "dev-before").await;
 
-    let text = h.metrics().encode();
+    // The storage poller's next reading knows the branches' timelines.
+    let prod_exclusive = format!(
+        "pgbranch_branch_exclusive_bytes{{namespace=\"{}\",branch=\"prod\"}} ",
+        h.ns
+    );
+    let start = std::time::Instant::now();
+    let text = loop {
+        let text = h.metrics().encode();
+        if text.contains(&prod_exclusive) {
+            break text;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "no exclusive bytes of prod:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
     // The series names a scrape gives: those with samples, and those a
     // family declares (a counter of no reason yet has no sample).
     let mut exported: BTreeSet<String> = text
@@ -187,5 +208,22 @@ async fn every_metric_the_dashboard_and_alerts_read_is_exported() {
         text.contains("pgbranch_operation_duration_seconds_count{operation=\"branch\"}"),
         "{text}"
     );
+    // The storage figures are plausible.
+    assert!(text.contains("pgbranch_storage_up{} 1"), "{text}");
+    let total = sample(&text, "pgbranch_storage_volume_bytes{kind=\"total\"}");
+    let used = sample(&text, "pgbranch_storage_volume_bytes{kind=\"used\"}");
+    assert!(total > 0.0 && used > 0.0 && used <= total, "{text}");
+    let wal = sample(&text, "pgbranch_wal_archive_bytes{}");
+    assert!(wal >= 0.0 && wal <= used, "{text}");
+    let prod = sample(&text, prod_exclusive.trim_end());
+    assert!(prod > 0.0 && prod <= used, "{text}");
     h.shutdown().await;
+}
+
+/// The value of the one sample `series` (name and labels as exposed).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample of {series}:\n{text}"))
 }

@@ -120,6 +120,23 @@ async fn requests_without_the_right_token_are_refused() {
     let good = HttpStorage::new(&f.srv.url(), Some(TOKEN.into())).unwrap();
     let info = good.info().await.unwrap();
     assert_eq!(info.driver, DriverKind::Copy);
+    // The volume's usage and the WAL archive's size come through as the
+    // engine reports them.
+    let (total, used) = (
+        info.volume_total_bytes.unwrap(),
+        info.volume_used_bytes.unwrap(),
+    );
+    assert!(total > 0 && used > 0 && used <= total, "{info:?}");
+    assert!(info.wal_archive_bytes.is_some(), "{info:?}");
+    let raw: serde_json::Value = f
+        .get("/v1/info")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(raw["volumeTotalBytes"].as_u64(), Some(total), "{raw}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,7 +28,9 @@
 //! By concern: [`names`] (names, labels, selectors, metadata),
 //! [`deployment`] (primary and replica Deployments), [`service`],
 //! [`credentials`] (Secrets and their connection keys), [`hash`] (skip
-//! unchanged applies), [`health`] (why a compute Pod does not come up).
+//! unchanged applies), [`health`] (why a compute Pod does not come up),
+//! [`tls`] (the namespace CA, the branch's server certificate
+//! `<branch>-tls`, the `pg_hba.conf` that requires TLS).
 
 use std::collections::BTreeMap;
 
@@ -41,12 +43,14 @@ pub mod hash;
 pub mod health;
 pub mod names;
 pub mod service;
+pub mod tls;
 
 pub use credentials::*;
 pub use deployment::*;
 pub use hash::*;
 pub use names::*;
 pub use service::*;
+pub use tls::{tls_secret_name, TlsConfig, CA_SECRET};
 
 /// The port every compute listens on and every Service exposes.
 pub const PG_PORT: i32 = 5432;
@@ -83,6 +87,8 @@ pub struct ComputeConfig {
     /// labels and namespace. `None`: schedule anywhere (a volume every
     /// node can mount, or a single-node cluster).
     pub colocate_with: Option<Colocation>,
+    /// TLS on the computes ([`tls`]).
+    pub tls: TlsConfig,
 }
 
 /// The pod computes must share a node with (the storage service's).
@@ -152,6 +158,7 @@ impl Default for ComputeConfig {
             cluster_domain: "cluster.local".into(),
             default_resources: None,
             colocate_with: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -161,6 +168,8 @@ impl Default for ComputeConfig {
 pub enum ComputeError {
     #[error("the Branch has no {0} yet (not stored by the API server)")]
     MissingMeta(&'static str),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@
 //! The kit every controller shares, so none imports a sibling's internals:
 //! [`runner`] (set-up, the reconcile span, finalizers, the error policy),
 //! [`Context::api`], [`status`] (the status writer and Event publisher),
-//! [`apply`], [`secrets`] (the Secret reader), [`sql`], [`operations`],
+//! [`apply`], [`secrets`] (the Secret reader), [`sql`], [`tls`] (the
+//! namespace CA, branch certificates, TLS to computes), [`operations`],
 //! [`expiry`], [`scheduling`] and [`metrics`].
 
 pub mod apply;
@@ -28,6 +29,7 @@ pub mod secrets;
 pub mod snapshot;
 pub mod sql;
 pub mod status;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -179,6 +181,8 @@ pub struct Context {
     pub(crate) switch_waits: branch::endpoints::SwitchWaits,
     /// One data-changing operation per branch ([`operations`]).
     pub operations: operations::OperationLock,
+    /// Certificates confirmed served by a branch's compute ([`tls`]).
+    pub(crate) tls_served: tls::ServedCache,
 }
 
 impl Context {
@@ -227,6 +231,7 @@ impl Context {
             stats: Mutex::new(HashMap::new()),
             switch_waits: Default::default(),
             operations: operations::OperationLock::default(),
+            tls_served: Default::default(),
         })
     }
 

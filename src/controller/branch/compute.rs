@@ -115,6 +115,18 @@ pub(super) fn deployment_ready(d: &Deployment) -> bool {
     })
 }
 
+/// Whether the pods of `d` mount the Secret `secret`.
+pub(super) fn mounts_secret(d: &Deployment, secret: &str) -> bool {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.volumes.as_ref())
+        .is_some_and(|v| {
+            v.iter()
+                .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret))
+        })
+}
+
 /// What the compute stage left running.
 pub(super) struct Serving {
     /// The Deployment serving the branch's timeline (its own or one handed

@@ -331,6 +331,77 @@ async fn certificates_renew_under_a_client_loop_without_a_restart() {
     h.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_finalize_the_same_verify_full_uri_reaches_the_restored_data() {
+    use pgbranch::api::{RestoreSource, SnapshotRestoreSpec, SnapshotSpec};
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
+    create_branch(&h.client, &shop_branch("prod")).await;
+    wait_branch_ready(&h.client, "prod").await;
+    let secrets: Api<Secret> = h.api();
+    let app = secrets.get("prod-app").await.unwrap();
+    let uri = secret_str(&app, "uri");
+    let ca_file = write_pem(h.dir(), "ca.crt", &secret_str(&app, "ca.crt"));
+    let via_uri = |port: u16, sql: &str| {
+        psql(
+            &format!("{uri}&hostaddr=127.0.0.1&port={port}&sslrootcert={ca_file}"),
+            "",
+            sql,
+        )
+    };
+    let port = h.port("prod").await.unwrap();
+    via_uri(port, "CREATE TABLE t (v int); INSERT INTO t VALUES (1)").unwrap();
+    create_snapshot(
+        &h.client,
+        "s1",
+        SnapshotSpec {
+            branch: "prod".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    h.wait_snapshot_ready("s1").await;
+    via_uri(port, "INSERT INTO t VALUES (2)").unwrap();
+
+    create_restore(
+        &h.client,
+        "back",
+        SnapshotRestoreSpec {
+            source: RestoreSource {
+                snapshot: Some("s1".into()),
+                ..Default::default()
+            },
+            target: Some("prod".into()),
+            finalize: true,
+            preserve_under_name: None,
+        },
+    )
+    .await;
+    wait_restore(&h.client, "back", "Completed", |r| {
+        r.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(|p| p == pgbranch::api::RestorePhase::Completed)
+    })
+    .await;
+    wait_branch_ready(&h.client, "prod").await;
+
+    // The same URI, verify-full under prod's name, reaches the restored rows.
+    let rows = wait_until(|| async {
+        let port = h.port("prod").await?;
+        via_uri(port, "SELECT string_agg(v::text, ',' ORDER BY v) FROM t").ok()
+    })
+    .await;
+    assert_eq!(rows, "1");
+    assert_eq!(
+        secret_str(&secrets.get("prod-app").await.unwrap(), "uri"),
+        uri
+    );
+    h.shutdown().await;
+}
+
 /// A DER certificate as PEM.
 fn pem_of(der: &[u8]) -> String {
     use base64::Engine as _;

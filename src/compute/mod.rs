@@ -12,7 +12,10 @@
 //! * the `Secret` `<branch>-app` with the connection keys CloudNativePG and
 //!   Crunchy users expect plus the Service Binding `type`/`provider` keys;
 //! * the `Secret` `<branch>-superuser` with the `postgres` role's password;
-//! * a `Secret` `<branch>-<role>` for every further declared role.
+//! * a `Secret` `<branch>-<role>` for every further declared role;
+//! * with compute TLS, the `Secret` `<branch>-tls` (its server certificate,
+//!   the namespace CA's `ca.crt`, the `pg_hba.conf` its computes run with),
+//!   mounted by every compute of the branch ([`tls`]).
 //!
 //! * for `spec.compute.readReplicas: N`, N replica Deployments
 //!   `<branch>-<timeline prefix>-r<n>` (n = 0..N-1), each running postgres as

@@ -1,10 +1,12 @@
 //! The Branch controller.
 //!
-//! Apply: validate → parent → credentials Secrets (before any data exists,
+//! Apply: validate → parent → the server certificate (compute TLS,
+//! [`super::tls`]) → credentials Secrets (before any data exists,
 //! so a password is never lost) → timeline (idempotent by the Branch UID,
 //! polled until Ready, never waited on) → compute Deployment and Service →
 //! once the compute is ready, credentials and declarative roles/databases
-//! over SQL → read replicas and the `-ro` Service ([`replicas`]) → Ready
+//! over SQL → a renewed certificate served (reloaded, no restart) → read
+//! replicas and the `-ro` Service ([`replicas`]) → Ready
 //! (its message counts the ready replicas, e.g. `2/2 read replicas ready`).
 //!
 //! The branch's current timeline is `status.timelineId`. When it changes (a

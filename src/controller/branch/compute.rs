@@ -374,6 +374,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_compute_mounts_its_own_certificate_unless_adopted() {
+        use crate::compute::fixtures::{branch, cfg, target};
+        let d = build_deployment(&branch("prod"), &target(), &cfg()).unwrap();
+        assert!(mounts_secret(&d, "prod-tls"));
+        // A restored branch's compute, handed over to prod.
+        let r = build_deployment(&branch("prod-restore"), &target(), &cfg()).unwrap();
+        assert!(!mounts_secret(&r, "prod-tls"));
+    }
+
+    #[test]
     fn the_service_moves_to_a_new_timeline_once_its_compute_is_ready() {
         // A swap: the old timeline stays served while the new compute starts.
         assert_eq!(service_timeline(Some("old"), "new", true, false), "old");

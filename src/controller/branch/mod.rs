@@ -368,12 +368,16 @@ async fn apply_steps(
     if !replicas.settled() {
         requeue = requeue.min(ctx.config.poll_interval);
     } else if let Some(t) = tls.as_ref().filter(|_| compute.read_replicas > 0) {
-        // The replicas behind `-ro` (one per pass, as the Service picks).
+        // The replicas behind `-ro` (one per pass, as the Service picks);
+        // a replica not reachable yet does not make the branch unready.
         let ro = ro_service_name(&name);
-        if let Some(again) =
-            super::tls::ensure_served(ctx, branch, &ro, &uid, t, &creds.superuser).await?
-        {
-            requeue = requeue.min(again);
+        match super::tls::ensure_served(ctx, branch, &ro, &uid, t, &creds.superuser).await {
+            Ok(None) => {}
+            Ok(Some(again)) => requeue = requeue.min(again),
+            Err(e) => {
+                tracing::debug!(error = %e, "the read replicas' certificate is checked again shortly");
+                requeue = requeue.min(ctx.config.poll_interval);
+            }
         }
     }
     Ok(Done {
@@ -487,6 +491,14 @@ async fn replaced_timelines(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewal_is_looked_at_when_due_and_never_in_a_busy_loop() {
+        let now: jiff::Timestamp = "2026-12-07T12:00:00Z".parse().unwrap();
+        let later = now + jiff::SignedDuration::from_secs(20);
+        assert_eq!(until(now, later), Duration::from_secs(20));
+        assert_eq!(until(later, now), Duration::from_secs(1));
+    }
 
     #[test]
     fn related_branches_are_parent_and_children() {

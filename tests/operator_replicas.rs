@@ -16,7 +16,6 @@ use pgbranch::api::{Branch, BranchSpec, ComputeSpec, LABEL_BRANCH, LABEL_ROLE};
 use pgbranch::storage::{Storage, TimelineId};
 use serde_json::json;
 use support::world::*;
-use tokio_postgres::NoTls;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -72,7 +71,7 @@ async fn connect_port(h: &World, name: &str, port: u16) -> tokio_postgres::Clien
         .user(&user)
         .password(&pw)
         .dbname(&db)
-        .connect(NoTls)
+        .connect(any_tls())
         .await
         .unwrap_or_else(|e| panic!("connect to port {port}: {e}"));
     tokio::spawn(async move {
@@ -544,7 +543,7 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
             .user(&user)
             .password(&pw)
             .dbname(&db)
-            .connect(NoTls)
+            .connect(any_tls())
             .await
             .ok()
             .map(|(c, conn)| {

@@ -98,7 +98,7 @@ impl ClientLoop {
                             .password(&creds.1)
                             .dbname(&creds.2)
                             .connect_timeout(Duration::from_secs(2))
-                            .connect(tokio_postgres::NoTls)
+                            .connect(support::world::any_tls())
                             .await;
                         if let Ok((c, cn)) = r {
                             tokio::spawn(async move {

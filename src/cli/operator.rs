@@ -26,7 +26,7 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 
 use super::CliError;
-use crate::compute::{Colocation, ComputeConfig, VolumeSource, DEFAULT_IMAGE};
+use crate::compute::{Colocation, ComputeConfig, TlsConfig, VolumeSource, DEFAULT_IMAGE};
 use crate::controller::{self, ClusterDns, Config, Context, Metrics};
 use crate::storage::engine::{Engine, EngineConfig};
 use crate::storage::http::connect_storage;
@@ -127,6 +127,15 @@ pub struct ComputeFlags {
     /// Namespace of the pod named by --compute-colocate-with.
     #[arg(long, env = "PGBRANCH_COMPUTE_COLOCATE_NAMESPACE", value_name = "NS")]
     pub compute_colocate_namespace: Option<String>,
+    /// TLS on every compute: a CA per namespace (Secret `pgbranch-ca`), a
+    /// server certificate per branch (`<branch>-tls`), `hostssl` only and
+    /// `sslmode=verify-full` connection strings. `false`: plaintext.
+    #[arg(long, env = "PGBRANCH_COMPUTE_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub compute_tls: bool,
+    /// Lifetime of a branch's server certificate in seconds; it is renewed
+    /// (no restart, same connection strings) when a third is left.
+    #[arg(long, env = "PGBRANCH_COMPUTE_CERT_LIFETIME_SECONDS", default_value_t = 90 * 24 * 3600)]
+    pub compute_cert_lifetime_seconds: u64,
 }
 
 impl OperatorArgs {
@@ -175,6 +184,13 @@ impl OperatorArgs {
                 cluster_domain: self.compute.cluster_domain.clone(),
                 default_resources: None,
                 colocate_with,
+                tls: TlsConfig {
+                    enabled: self.compute.compute_tls,
+                    cert_lifetime: Duration::from_secs(
+                        self.compute.compute_cert_lifetime_seconds.max(60),
+                    ),
+                    ..TlsConfig::default()
+                },
             },
             resync_interval: (self.resync_seconds > 0)
                 .then(|| Duration::from_secs(self.resync_seconds)),

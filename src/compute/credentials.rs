@@ -53,19 +53,26 @@ fn pgpass_escape(s: &str) -> String {
 }
 
 /// The connection keys of a credentials Secret for `host` (the Service's DNS
-/// name) and its fully qualified form.
+/// name) and its fully qualified form. With `tls` (the computes serve TLS),
+/// every URI asks for `sslmode=verify-full` and `sslmode` is a key of its
+/// own (the CA is the Secret's `ca.crt`).
 pub fn connection_data(
     creds: &RoleCredentials,
     host: &str,
     fqdn_host: &str,
+    tls: bool,
 ) -> BTreeMap<String, String> {
     let port = PG_PORT.to_string();
     let user = uri_escape(&creds.user);
     let pass = uri_escape(&creds.password);
     let db = uri_escape(&creds.database);
-    let uri = |h: &str| format!("postgresql://{user}:{pass}@{h}:{port}/{db}");
-    let jdbc = |h: &str| format!("jdbc:postgresql://{h}:{port}/{db}?password={pass}&user={user}");
-    BTreeMap::from([
+    let ssl = if tls { "?sslmode=verify-full" } else { "" };
+    let uri = |h: &str| format!("postgresql://{user}:{pass}@{h}:{port}/{db}{ssl}");
+    let jdbc_ssl = if tls { "&sslmode=verify-full" } else { "" };
+    let jdbc = |h: &str| {
+        format!("jdbc:postgresql://{h}:{port}/{db}?password={pass}&user={user}{jdbc_ssl}")
+    };
+    let mut data = BTreeMap::from([
         ("host".into(), host.to_string()),
         ("port".into(), port.clone()),
         ("dbname".into(), creds.database.clone()),
@@ -90,17 +97,24 @@ pub fn connection_data(
         // Service Binding for Kubernetes (servicebinding.io) well-known keys.
         ("type".into(), "postgresql".into()),
         ("provider".into(), "pgbranch".into()),
-    ])
+    ]);
+    if tls {
+        data.insert("sslmode".into(), "verify-full".into());
+    }
+    data
 }
 
 /// A credentials Secret of a branch: `name` holds `creds` with every
 /// connection key. `annotations` are extra (e.g. the SQL-applied marker).
+/// `ca_pem`: the namespace CA when the computes serve TLS, written as
+/// `ca.crt` (the URIs then ask for `sslmode=verify-full`).
 pub fn build_credentials_secret(
     branch: &Branch,
     name: String,
     creds: &RoleCredentials,
     cfg: &ComputeConfig,
     annotations: BTreeMap<String, String>,
+    ca_pem: Option<&str>,
 ) -> Result<Secret, ComputeError> {
     let branch_name = branch.name_any();
     let namespace = branch
@@ -116,10 +130,14 @@ pub fn build_credentials_secret(
     if !annotations.is_empty() {
         metadata.annotations = Some(annotations);
     }
-    let mut data = connection_data(creds, &host, &fqdn);
+    let tls = ca_pem.is_some();
+    let mut data = connection_data(creds, &host, &fqdn, tls);
+    if let Some(ca) = ca_pem {
+        data.insert("ca.crt".into(), ca.to_string());
+    }
     if desired_replicas(branch).0 > 0 {
         let ro_host = format!("{}.{namespace}.svc", ro_service_name(&branch_name));
-        let ro = connection_data(creds, &ro_host, &ro_host);
+        let ro = connection_data(creds, &ro_host, &ro_host, tls);
         data.insert("ro-host".into(), ro_host.clone());
         if let Some(uri) = ro.get("uri") {
             data.insert("ro-uri".into(), uri.clone());
@@ -171,6 +189,7 @@ mod tests {
             &creds,
             &cfg(),
             BTreeMap::new(),
+            None,
         )
         .unwrap();
         assert_eq!(sec.metadata.name.as_deref(), Some("dev-app"));
@@ -208,8 +227,15 @@ mod tests {
             database: "shop".into(),
         };
         let mk = |b: &Branch| {
-            build_credentials_secret(b, app_secret_name("dev"), &creds, &cfg(), BTreeMap::new())
-                .unwrap()
+            build_credentials_secret(
+                b,
+                app_secret_name("dev"),
+                &creds,
+                &cfg(),
+                BTreeMap::new(),
+                None,
+            )
+            .unwrap()
         };
         let sec = mk(&with_replicas("dev", 1));
         assert_eq!(secret_value(&sec, "ro-host").unwrap(), "dev-ro.team-a.svc");
@@ -219,5 +245,37 @@ mod tests {
         );
         let sec = mk(&branch("dev"));
         assert!(secret_value(&sec, "ro-host").is_none());
+    }
+
+    #[test]
+    fn with_tls_every_uri_verifies_the_server_and_the_ca_is_there() {
+        let creds = RoleCredentials {
+            user: "app".into(),
+            password: "pw".into(),
+            database: "shop".into(),
+        };
+        let sec = build_credentials_secret(
+            &with_replicas("dev", 1),
+            app_secret_name("dev"),
+            &creds,
+            &cfg(),
+            BTreeMap::new(),
+            Some("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"),
+        )
+        .unwrap();
+        let get = |k: &str| secret_value(&sec, k).unwrap_or_else(|| panic!("missing {k}"));
+        assert_eq!(
+            get("uri"),
+            "postgresql://app:pw@dev.team-a.svc:5432/shop?sslmode=verify-full"
+        );
+        assert!(get("fqdn-uri").ends_with("svc.cluster.local:5432/shop?sslmode=verify-full"));
+        assert_eq!(
+            get("jdbc-uri"),
+            "jdbc:postgresql://dev.team-a.svc:5432/shop?password=pw&user=app&sslmode=verify-full"
+        );
+        assert!(get("fqdn-jdbc-uri").ends_with("&sslmode=verify-full"));
+        assert!(get("ro-uri").ends_with("?sslmode=verify-full"));
+        assert_eq!(get("sslmode"), "verify-full");
+        assert!(get("ca.crt").starts_with("-----BEGIN CERTIFICATE-----"));
     }
 }

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HostPathVolumeSource,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, TCPSocketAction,
-    Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HostPathVolumeSource, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -17,6 +17,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use super::names::meta;
+use super::tls::{
+    copy_command, postgres_tls_settings, tls_secret_name, TLS_LIVE_DIR, TLS_SECRET_MOUNT,
+};
 use super::{
     deployment_name, primary_selector, replica_deployment_name, replica_selector, service_host,
     superuser_secret_name, Colocation, ComputeConfig, ComputeError, VolumeSource, PG_PORT,
@@ -80,10 +83,17 @@ pub fn build_replica_deployment(
         .namespace()
         .ok_or(ComputeError::MissingMeta("namespace"))?;
     let deployment = replica_deployment_name(&name, target.timeline_id, target.ordinal);
-    let conninfo = format!(
+    let mut conninfo = format!(
         "primary_conninfo=host={} port={PG_PORT} user=postgres application_name={deployment}",
         service_host(&name, &namespace)
     );
+    if cfg.tls.enabled {
+        // Replication over TLS, the primary checked against the namespace CA
+        // under the Service's name.
+        conninfo.push_str(&format!(
+            " sslmode=verify-full sslrootcert={TLS_LIVE_DIR}/ca.crt"
+        ));
+    }
     compute_deployment(
         branch,
         PodPlan {
@@ -149,6 +159,12 @@ fn compute_deployment(
         args.push("-c".into());
         args.push(format!("{k}={v}"));
     }
+    if cfg.tls.enabled {
+        for (k, v) in postgres_tls_settings() {
+            args.push("-c".into());
+            args.push(format!("{k}={v}"));
+        }
+    }
     args.extend(plan.extra_args);
     let mut env = vec![EnvVar {
         name: "PGDATA".into(),
@@ -209,6 +225,89 @@ fn compute_deployment(
         failure_threshold: Some(failures),
         ..Default::default()
     };
+    let security_context = SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(cfg.run_as_uid),
+        run_as_group: Some(cfg.run_as_uid),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut mounts = vec![VolumeMount {
+        name: "storage".into(),
+        mount_path: mount.to_string(),
+        ..Default::default()
+    }];
+    let mut volumes = vec![volume];
+    let mut init_containers = vec![];
+    if cfg.tls.enabled {
+        let tls_mounts = vec![
+            VolumeMount {
+                name: "tls-secret".into(),
+                mount_path: TLS_SECRET_MOUNT.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "tls".into(),
+                mount_path: TLS_LIVE_DIR.into(),
+                ..Default::default()
+            },
+        ];
+        mounts.extend(tls_mounts.clone());
+        volumes.push(Volume {
+            name: "tls-secret".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls_secret_name(&branch.name_any())),
+                // Root's files: readable, so the copy below can take them.
+                default_mode: Some(0o444),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "tls".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("1Mi".into())),
+            }),
+            ..Default::default()
+        });
+        // PostgreSQL wants its key file to be its own and private: copied
+        // as the postgres user, mode 0600 (tls.rs, module docs).
+        init_containers.push(Container {
+            name: "tls".into(),
+            image: Some(image.clone()),
+            command: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                copy_command(TLS_SECRET_MOUNT, TLS_LIVE_DIR),
+            ]),
+            resources: Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([
+                    ("cpu".to_string(), Quantity("10m".into())),
+                    ("memory".to_string(), Quantity("16Mi".into())),
+                ])),
+                limits: Some(BTreeMap::from([(
+                    "memory".to_string(),
+                    Quantity("64Mi".into()),
+                )])),
+                ..Default::default()
+            }),
+            security_context: Some(security_context.clone()),
+            volume_mounts: Some(tls_mounts),
+            ..Default::default()
+        });
+    }
     let container = Container {
         name: "postgres".into(),
         image: Some(image),
@@ -236,27 +335,8 @@ fn compute_deployment(
             ..Default::default()
         }),
         resources,
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(cfg.run_as_uid),
-            run_as_group: Some(cfg.run_as_uid),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "storage".into(),
-            mount_path: mount.to_string(),
-            ..Default::default()
-        }]),
+        security_context: Some(security_context),
+        volume_mounts: Some(mounts),
         ..Default::default()
     };
     Ok(Deployment {
@@ -277,8 +357,9 @@ fn compute_deployment(
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
+                    init_containers: (!init_containers.is_empty()).then_some(init_containers),
                     containers: vec![container],
-                    volumes: Some(vec![volume]),
+                    volumes: Some(volumes),
                     affinity: cfg.colocate_with.as_ref().map(Colocation::affinity),
                     // Fast shutdown: postgres' smart shutdown could wait for
                     // clients forever.
@@ -528,7 +609,7 @@ mod tests {
         );
         assert!(
             args.contains(
-                &"primary_conninfo=host=dev.team-a.svc port=5432 user=postgres application_name=dev-a1b2c3d4-r1"
+                &"primary_conninfo=host=dev.team-a.svc port=5432 user=postgres application_name=dev-a1b2c3d4-r1 sslmode=verify-full sslrootcert=/run/pgbranch/tls/ca.crt"
                     .to_string()
             ),
             "{args:?}"
@@ -543,6 +624,69 @@ mod tests {
         assert_eq!(c.image, pc.image);
         assert_eq!(pod.volumes, ppod.volumes);
         assert_eq!(pod.security_context, ppod.security_context);
+    }
+
+    #[test]
+    fn with_tls_postgres_serves_the_branch_certificate_and_requires_tls() {
+        let d = build_deployment(&branch("dev"), &target(), &cfg()).unwrap();
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let args = pod.containers[0].args.clone().unwrap();
+        for want in [
+            "ssl=on",
+            "ssl_min_protocol_version=TLSv1.2",
+            "ssl_cert_file=/run/pgbranch/tls/tls.crt",
+            "ssl_key_file=/run/pgbranch/tls/tls.key",
+            "hba_file=/etc/pgbranch/tls-secret/pg_hba.conf",
+        ] {
+            assert!(args.contains(&want.to_string()), "{want} in {args:?}");
+        }
+        let vols = pod.volumes.unwrap();
+        let secret = vols.iter().find(|v| v.name == "tls-secret").unwrap();
+        assert_eq!(
+            secret.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("dev-tls")
+        );
+        let live = vols.iter().find(|v| v.name == "tls").unwrap();
+        assert_eq!(
+            live.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
+        // The key is copied as the postgres user, with the same restricted
+        // security context, before postgres starts.
+        let init = &pod.init_containers.unwrap()[0];
+        assert_eq!(init.security_context, pod.containers[0].security_context);
+        let cmd = init.command.as_ref().unwrap();
+        assert!(cmd[2].contains("umask 077"), "{cmd:?}");
+        assert!(
+            cmd[2].contains("/etc/pgbranch/tls-secret/tls.key"),
+            "{cmd:?}"
+        );
+
+        // User parameters cannot turn TLS off: ours come after theirs.
+        let mut b = branch("dev");
+        b.spec.compute.postgres_parameters =
+            BTreeMap::from([("ssl".to_string(), "off".to_string())]);
+        let d = build_deployment(&b, &target(), &cfg()).unwrap();
+        let args = d.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        let off = args.iter().position(|a| a == "ssl=off").unwrap();
+        let on = args.iter().position(|a| a == "ssl=on").unwrap();
+        assert!(on > off);
+
+        // TLS off: plaintext as before.
+        let mut c = cfg();
+        c.tls.enabled = false;
+        let d = build_deployment(&branch("dev"), &target(), &c).unwrap();
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert!(pod.init_containers.is_none());
+        assert_eq!(pod.volumes.unwrap().len(), 1);
+        assert!(!pod.containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .contains(&"ssl=on".to_string()));
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //! * the `Secret` `<branch>-app` with the connection keys CloudNativePG and
 //!   Crunchy users expect plus the Service Binding `type`/`provider` keys;
 //! * the `Secret` `<branch>-superuser` with the `postgres` role's password;
-//! * a `Secret` `<branch>-<role>` for every further declared role.
+//! * a `Secret` `<branch>-<role>` for every further declared role;
+//! * with compute TLS, the `Secret` `<branch>-tls` (its server certificate,
+//!   the namespace CA's `ca.crt`, the `pg_hba.conf` its computes run with),
+//!   mounted by every compute of the branch ([`tls`]).
 //!
 //! * for `spec.compute.readReplicas: N`, N replica Deployments
 //!   `<branch>-<timeline prefix>-r<n>` (n = 0..N-1), each running postgres as
@@ -28,7 +31,9 @@
 //! By concern: [`names`] (names, labels, selectors, metadata),
 //! [`deployment`] (primary and replica Deployments), [`service`],
 //! [`credentials`] (Secrets and their connection keys), [`hash`] (skip
-//! unchanged applies), [`health`] (why a compute Pod does not come up).
+//! unchanged applies), [`health`] (why a compute Pod does not come up),
+//! [`tls`] (the namespace CA, the branch's server certificate
+//! `<branch>-tls`, the `pg_hba.conf` that requires TLS).
 
 use std::collections::BTreeMap;
 
@@ -41,12 +46,14 @@ pub mod hash;
 pub mod health;
 pub mod names;
 pub mod service;
+pub mod tls;
 
 pub use credentials::*;
 pub use deployment::*;
 pub use hash::*;
 pub use names::*;
 pub use service::*;
+pub use tls::{tls_secret_name, TlsConfig, CA_SECRET};
 
 /// The port every compute listens on and every Service exposes.
 pub const PG_PORT: i32 = 5432;
@@ -83,6 +90,8 @@ pub struct ComputeConfig {
     /// labels and namespace. `None`: schedule anywhere (a volume every
     /// node can mount, or a single-node cluster).
     pub colocate_with: Option<Colocation>,
+    /// TLS on the computes ([`tls`]).
+    pub tls: TlsConfig,
 }
 
 /// The pod computes must share a node with (the storage service's).
@@ -152,6 +161,7 @@ impl Default for ComputeConfig {
             cluster_domain: "cluster.local".into(),
             default_resources: None,
             colocate_with: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -161,6 +171,8 @@ impl Default for ComputeConfig {
 pub enum ComputeError {
     #[error("the Branch has no {0} yet (not stored by the API server)")]
     MissingMeta(&'static str),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 #[cfg(test)]

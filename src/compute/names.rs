@@ -172,9 +172,15 @@ mod tests {
             password: "pw".into(),
             database: "app".into(),
         };
-        let sec =
-            build_credentials_secret(&b, app_secret_name("dev"), &creds, &cfg(), BTreeMap::new())
-                .unwrap();
+        let sec = build_credentials_secret(
+            &b,
+            app_secret_name("dev"),
+            &creds,
+            &cfg(),
+            BTreeMap::new(),
+            None,
+        )
+        .unwrap();
         for m in [&d.metadata, &s.metadata, &sec.metadata] {
             let labels = m.labels.as_ref().unwrap();
             assert!(!labels.contains_key("app.kubernetes.io/instance"));

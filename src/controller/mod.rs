@@ -11,7 +11,8 @@
 //! The kit every controller shares, so none imports a sibling's internals:
 //! [`runner`] (set-up, the reconcile span, finalizers, the error policy),
 //! [`Context::api`], [`status`] (the status writer and Event publisher),
-//! [`apply`], [`secrets`] (the Secret reader), [`sql`], [`operations`],
+//! [`apply`], [`secrets`] (the Secret reader), [`sql`], [`tls`] (the
+//! namespace CA, branch certificates, TLS to computes), [`operations`],
 //! [`expiry`], [`scheduling`] and [`metrics`].
 
 pub mod apply;
@@ -30,6 +31,7 @@ pub mod snapshot;
 pub mod sql;
 pub mod status;
 pub mod storage_poll;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -183,6 +185,8 @@ pub struct Context {
     pub operations: operations::OperationLock,
     /// The watch caches of the objects branches own ([`cache`]).
     pub cache: cache::Cache,
+    /// Certificates confirmed served by a branch's compute ([`tls`]).
+    pub(crate) tls_served: tls::ServedCache,
 }
 
 impl Context {
@@ -233,6 +237,7 @@ impl Context {
             switch_waits: Default::default(),
             operations: operations::OperationLock::default(),
             cache: cache::Cache::new(config_namespace),
+            tls_served: Default::default(),
         })
     }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
+use crate::controller::tls::{connector, ClientTls, Served};
 use crate::controller::Error;
 
 /// Everything the SQL step needs. Passwords are already stored in Secrets.
@@ -40,6 +41,8 @@ pub struct SqlPlan {
     /// tagged as its own that `roles` no longer lists are dropped (`None`:
     /// neither).
     pub manage_roles_of: Option<String>,
+    /// TLS to the compute (`None`: compute TLS is off).
+    pub tls: Option<ClientTls>,
 }
 
 /// The comment that marks a role as managed for the branch `uid`.
@@ -102,27 +105,85 @@ fn is_auth_failure(e: &tokio_postgres::Error) -> bool {
     )
 }
 
+/// Connects as `postgres`. With `tls`, over TLS only (`sslmode=require`
+/// and the certificate verified against `tls.ca_pem` under
+/// `tls.server_name`, whatever address `host` is); the certificate the
+/// server presented is in the returned [`Served`].
 async fn connect(
     host: &str,
     port: u16,
     password: &str,
+    tls: Option<&ClientTls>,
     timeout: Duration,
-) -> Result<Client, tokio_postgres::Error> {
+) -> Result<(Client, Served), ConnectError> {
     let mut cfg = tokio_postgres::Config::new();
-    cfg.host(host)
-        .port(port)
+    cfg.port(port)
         .user("postgres")
         .password(password)
         .dbname("postgres")
         .application_name("pgbranch-operator")
         .connect_timeout(timeout);
-    let (client, conn) = cfg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "postgres connection closed");
+    fn spawn<F>(conn: F)
+    where
+        F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+    {
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+    }
+    match tls {
+        None => {
+            cfg.host(host);
+            let (client, conn) = cfg.connect(NoTls).await?;
+            spawn(conn);
+            Ok((client, Served::default()))
         }
-    });
-    Ok(client)
+        Some(tls) => {
+            // The certificate names the Service: an address the resolver
+            // found is connected to under that name (libpq's `hostaddr`);
+            // a DNS name (the Service's, in a cluster) is the name itself.
+            match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => cfg.host(&tls.server_name).hostaddr(ip),
+                Err(_) => cfg.host(host),
+            };
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (make, served) = connector(&tls.ca_pem).map_err(ConnectError::Setup)?;
+            let (client, conn) = cfg.connect(make).await?;
+            spawn(conn);
+            Ok((client, served))
+        }
+    }
+}
+
+/// Why a connection failed: its set-up, or postgres.
+#[derive(Debug)]
+enum ConnectError {
+    Setup(Error),
+    Pg(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for ConnectError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ConnectError::Pg(e)
+    }
+}
+
+/// A superuser session to a compute (see [`connect`]) and the certificate
+/// it served.
+pub async fn connect_superuser(
+    host: &str,
+    port: u16,
+    password: &str,
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+) -> Result<(Client, Served), Error> {
+    match connect(host, port, password, tls, timeout).await {
+        Ok(c) => Ok(c),
+        Err(ConnectError::Setup(e)) => Err(e),
+        Err(ConnectError::Pg(e)) => Err(sql_err(e)),
+    }
 }
 
 /// Logs in as `postgres` with the branch's password, else a fallback one,
@@ -132,8 +193,8 @@ async fn superuser_session(plan: &SqlPlan, timeout: Duration) -> Result<(Client,
     let candidates =
         std::iter::once(&plan.superuser_password).chain(plan.fallback_passwords.iter());
     for (i, pw) in candidates.enumerate() {
-        match connect(&plan.host, plan.port, pw, timeout).await {
-            Ok(c) => {
+        match connect(&plan.host, plan.port, pw, plan.tls.as_ref(), timeout).await {
+            Ok((c, _)) => {
                 c.batch_execute("SET log_statement = 'none'")
                     .await
                     .map_err(sql_err)?;
@@ -149,8 +210,9 @@ async fn superuser_session(plan: &SqlPlan, timeout: Duration) -> Result<(Client,
                 }
                 return Ok((c, rotated));
             }
-            Err(e) if is_auth_failure(&e) => last = Some(e),
-            Err(e) => return Err(sql_err(e)),
+            Err(ConnectError::Pg(e)) if is_auth_failure(&e) => last = Some(e),
+            Err(ConnectError::Pg(e)) => return Err(sql_err(e)),
+            Err(ConnectError::Setup(e)) => return Err(e),
         }
     }
     Err(Error::stalled(
@@ -343,6 +405,7 @@ mod tests {
             databases: vec![],
             reset_other_logins: true,
             manage_roles_of: None,
+            tls: None,
         };
         let s = format!("{p:?}");
         assert!(!s.contains("secret"), "{s}");

@@ -868,7 +868,9 @@ pub fn escape_args(s: &str) -> String {
 /// The `psql` Pod of [`run_sql_pod`]: restricted security context, the
 /// Secret's `uri` in an environment variable that Kubernetes expands into
 /// psql's `-d` (the URI never appears in the Pod spec), each statement its
-/// own `-c`.
+/// own `-c`. The Secret's `ca.crt` (compute TLS: the URI asks for
+/// `sslmode=verify-full`) is mounted as libpq's root certificate, as an
+/// application would.
 pub fn psql_pod(name: &str, image: &str, secret: &str, statements: &[&str]) -> Pod {
     let mut args: Vec<String> = [
         "-X",
@@ -909,6 +911,11 @@ pub fn psql_pod(name: &str, image: &str, secret: &str, statements: &[&str]) -> P
                 "runAsGroup": 999,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
+            "volumes": [{"name": "ca", "secret": {
+                "secretName": secret,
+                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                "optional": true,
+            }}],
             "containers": [{
                 "name": "psql",
                 "image": image,
@@ -919,7 +926,9 @@ pub fn psql_pod(name: &str, image: &str, secret: &str, statements: &[&str]) -> P
                     {"name": "PGBRANCH_URI", "valueFrom": {"secretKeyRef": {"name": secret, "key": "uri"}}},
                     {"name": "PGCONNECT_TIMEOUT", "value": "10"},
                     {"name": "PGAPPNAME", "value": "pgbranch-e2e"},
+                    {"name": "PGSSLROOTCERT", "value": "/etc/pgbranch-ca/ca.crt"},
                 ],
+                "volumeMounts": [{"name": "ca", "mountPath": "/etc/pgbranch-ca", "readOnly": true}],
                 "securityContext": {
                     "allowPrivilegeEscalation": false,
                     "capabilities": {"drop": ["ALL"]},

@@ -12,6 +12,10 @@
 //!   names) on a free local port, and gives the Pod an address of its own
 //!   (10.250.x.y: only a key to find the server, no traffic goes there;
 //!   Endpoints refuse loopback addresses);
+//! * mounts the Pod's Secret and emptyDir volumes, keeps the Secrets'
+//!   files in sync, runs its init containers, and gives postgres the
+//!   container's TLS settings with those files ([`super::pod_volumes`]), so
+//!   a compute with TLS on serves its certificate and `pg_hba.conf`;
 //! * reports the Pod through its status subresource as a kubelet would:
 //!   `Running`, the `Ready`/`ContainersReady` conditions, the pod IP, the
 //!   container's state — or, when postgres does not start, the container
@@ -33,8 +37,9 @@
 //! "through the Service".
 //!
 //! Where it differs from a real node: postgres runs as the engine's run-as
-//! user on 127.0.0.1 (not in a container, not with the Pod's image, args,
-//! probes or resources); the Pod's address is only a key to find the port.
+//! user on 127.0.0.1 (not in a container, not with the Pod's image, probes
+//! or resources, and of its args only the TLS settings); the Pod's address
+//! is only a key to find the port.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -59,6 +64,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::cluster::NODE;
+use super::pod_volumes::PodFiles;
 
 /// The images this node has (nothing can be pulled).
 pub const IMAGES: &[&str] = &[
@@ -91,6 +97,8 @@ struct Running {
     address: String,
     /// The Deployment that owns the Pod's ReplicaSet.
     deployment: String,
+    /// Its mounted volumes (dropped after the server).
+    _files: PodFiles,
 }
 
 struct Inner {
@@ -106,6 +114,8 @@ struct Inner {
     conflicts: Mutex<Vec<String>>,
     /// One worker per Pod, fed the Pod's latest state (`None`: gone).
     workers: Mutex<HashMap<String, mpsc::UnboundedSender<Option<Pod>>>>,
+    /// Where Pods' volumes are mounted.
+    volumes: tempfile::TempDir,
 }
 
 /// The test kubelet of one namespace; dropping it kills every server it
@@ -130,6 +140,16 @@ impl Kubelet {
             stopping: Mutex::new(Vec::new()),
             conflicts: Mutex::new(Vec::new()),
             workers: Mutex::new(HashMap::new()),
+            volumes: {
+                let d = tempfile::Builder::new()
+                    .prefix("pgbranch-kubelet-")
+                    .tempdir()
+                    .expect("kubelet volumes dir");
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod kubelet volumes dir");
+                d
+            },
         });
         let api: Api<Pod> = Api::namespaced(client, namespace);
         let cfg = watcher::Config::default().labels(LABEL_TIMELINE);
@@ -448,11 +468,37 @@ impl Inner {
             self.conflicts.lock().unwrap().push(what.clone());
             return Err(format!("the data directory is in use: {what}"));
         }
+        // The Pod runs as the owner of its data directory.
+        let owner = {
+            use std::os::unix::fs::MetadataExt;
+            let dir = match pod.labels().get(LABEL_REPLICA_ORDINAL).filter(|_| replica) {
+                Some(n) => self
+                    .engine
+                    .replica_data_dir(&id, n.parse().map_err(|_| "bad replica ordinal")?),
+                None => self.engine.data_dir(&id),
+            };
+            let m = std::fs::metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            (m.uid(), m.gid())
+        };
+        let files = PodFiles::prepare(
+            &self.client,
+            &self.namespace,
+            pod,
+            owner,
+            self.volumes.path(),
+        )
+        .await?;
+        let container = pod
+            .spec
+            .as_ref()
+            .and_then(|p| p.containers.first())
+            .ok_or("no container")?;
+        let settings = files.tls_settings(container);
         let server = if replica {
-            self.start_replica(pod, &id).await?
+            self.start_replica(pod, &id, &files, &settings).await?
         } else {
             self.engine
-                .start_postgres(&id, free_port())
+                .start_postgres_with(&id, free_port(), &settings)
                 .await
                 .map_err(|e| e.to_string())?
         };
@@ -465,6 +511,7 @@ impl Inner {
                 data,
                 address: address.clone(),
                 deployment: deployment_of(pod),
+                _files: files,
             },
         );
         let now = jiff::Timestamp::now().to_string();
@@ -603,7 +650,13 @@ impl Inner {
     }
 
     /// A hot standby for a replica Pod (see the module docs).
-    async fn start_replica(&self, pod: &Pod, id: &TimelineId) -> Result<PgServer, String> {
+    async fn start_replica(
+        &self,
+        pod: &Pod,
+        id: &TimelineId,
+        files: &PodFiles,
+        settings: &[(String, String)],
+    ) -> Result<PgServer, String> {
         let ordinal: u32 = pod
             .labels()
             .get(LABEL_REPLICA_ORDINAL)
@@ -628,11 +681,14 @@ impl Inner {
                     let port = self.resolve(svc).await.ok_or_else(|| {
                         format!("no ready primary behind Service {}/{svc}", self.namespace)
                     })?;
-                    local.push("host=127.0.0.1".to_string());
+                    // The Service's name stays the host (TLS checks it);
+                    // the address is the primary's.
+                    local.push(format!("host={h}"));
+                    local.push("hostaddr=127.0.0.1".to_string());
                     local.push(format!("port={port}"));
                 }
                 Some(("port", _)) => {}
-                _ => local.push(kv.to_string()),
+                _ => local.push(files.rewrite(kv)),
             }
         }
         let secret_ref = container
@@ -651,12 +707,13 @@ impl Inner {
         let password = secret_value(&secret, &secret_ref.key)
             .ok_or_else(|| format!("Secret {} has no {}", secret_ref.name, secret_ref.key))?;
         self.engine
-            .start_replica_postgres(
+            .start_replica_postgres_with(
                 id,
                 ordinal,
                 free_port(),
                 &local.join(" "),
                 Some(&Password(password)),
+                settings,
             )
             .await
             .map_err(|e| e.to_string())

@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cluster::{control_plane, ControlPlane};
 use super::kubelet::Kubelet;
+pub use super::tls::any_tls;
 use super::traffic::Traffic;
 
 /// How long a wait may take before the test fails.
@@ -585,7 +586,7 @@ async fn operator_token(client: &Client, ns: &str) -> String {
     tr.status.expect("a token").token
 }
 
-/// Connects to a local postgres.
+/// Connects to a local postgres (over TLS when it offers it).
 pub async fn pg_connect(
     port: u16,
     user: &str,
@@ -599,7 +600,7 @@ pub async fn pg_connect(
         .password(password)
         .dbname(db)
         .connect_timeout(Duration::from_secs(5))
-        .connect(tokio_postgres::NoTls)
+        .connect(any_tls())
         .await?;
     tokio::spawn(async move {
         let _ = conn.await;

@@ -141,6 +141,7 @@ pub(super) async fn cleanup_steps(
     for s in owned {
         delete_owned::<Secret>(ctx, &ns, &s.name_any(), &uid).await?;
     }
+    ctx.tls_served.forget(&uid);
     tracing::info!("branch deleted");
     Ok(None)
 }

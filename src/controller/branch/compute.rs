@@ -61,8 +61,11 @@ pub(super) async fn blocking_pod(
     selector: &str,
     own: &str,
 ) -> Result<Option<String>, Error> {
+    // Live, not from the watch cache: this guards one postgres per data
+    // directory, and a cache may lag (or be stale while its watch
+    // reconnects).
     let list = ctx
-        .list::<k8s_openapi::api::core::v1::Pod>(ns, "list compute pods", selector)
+        .list_live::<k8s_openapi::api::core::v1::Pod>(ns, "list compute pods", selector)
         .await?;
     let prefix = format!("{own}-");
     Ok(list.iter().find_map(|p| {
@@ -113,6 +116,18 @@ pub(super) fn deployment_ready(d: &Deployment) -> bool {
     d.status.as_ref().is_some_and(|s| {
         s.ready_replicas.unwrap_or(0) >= 1 && s.observed_generation.unwrap_or(0) >= gen
     })
+}
+
+/// Whether the pods of `d` mount the Secret `secret`.
+pub(super) fn mounts_secret(d: &Deployment, secret: &str) -> bool {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.volumes.as_ref())
+        .is_some_and(|v| {
+            v.iter()
+                .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret))
+        })
 }
 
 /// What the compute stage left running.
@@ -360,6 +375,16 @@ pub(super) async fn not_serving(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_compute_mounts_its_own_certificate_unless_adopted() {
+        use crate::compute::fixtures::{branch, cfg, target};
+        let d = build_deployment(&branch("prod"), &target(), &cfg()).unwrap();
+        assert!(mounts_secret(&d, "prod-tls"));
+        // A restored branch's compute, handed over to prod.
+        let r = build_deployment(&branch("prod-restore"), &target(), &cfg()).unwrap();
+        assert!(!mounts_secret(&r, "prod-tls"));
+    }
 
     #[test]
     fn the_service_moves_to_a_new_timeline_once_its_compute_is_ready() {

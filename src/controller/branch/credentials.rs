@@ -12,6 +12,8 @@ pub(super) struct Credentials {
     pub extra_roles: Vec<RoleCredentials>,
     /// The SQL-applied marker currently on the app Secret.
     pub sql_marker: Option<String>,
+    /// The namespace CA the Secrets carry as `ca.crt` (compute TLS on).
+    pub ca_pem: Option<String>,
 }
 
 /// A role's password: the branch's Secret's (when it is for that user),
@@ -46,6 +48,7 @@ pub(super) async fn ensure_credentials(
     branch: &Branch,
     parent: Option<&Branch>,
     uid: &str,
+    ca_pem: Option<&str>,
 ) -> Result<Credentials, Error> {
     let ns = branch.namespace().unwrap_or_default();
     let name = branch.name_any();
@@ -77,7 +80,7 @@ pub(super) async fn ensure_credentials(
     };
     apply_owned(
         ctx,
-        build_credentials_secret(branch, su_name, &su_creds, cfg, Default::default())?,
+        build_credentials_secret(branch, su_name, &su_creds, cfg, Default::default(), ca_pem)?,
         uid,
     )
     .await?;
@@ -117,7 +120,14 @@ pub(super) async fn ensure_credentials(
     }
     apply_owned(
         ctx,
-        build_credentials_secret(branch, app_secret_name(&name), &app, cfg, annotations)?,
+        build_credentials_secret(
+            branch,
+            app_secret_name(&name),
+            &app,
+            cfg,
+            annotations,
+            ca_pem,
+        )?,
         uid,
     )
     .await?;
@@ -137,7 +147,7 @@ pub(super) async fn ensure_credentials(
         };
         apply_owned(
             ctx,
-            build_credentials_secret(branch, secret, &creds, cfg, Default::default())?,
+            build_credentials_secret(branch, secret, &creds, cfg, Default::default(), ca_pem)?,
             uid,
         )
         .await?;
@@ -149,6 +159,7 @@ pub(super) async fn ensure_credentials(
         app,
         extra_roles,
         sql_marker,
+        ca_pem: ca_pem.map(str::to_string),
     })
 }
 

@@ -123,6 +123,13 @@ pub(super) async fn apply_database(
                 && branch.spec.credentials != Some(CredentialsPolicy::Inherit)
                 && tl.key.as_str() == uid,
             manage_roles_of: Some(uid.to_string()),
+            tls: creds
+                .ca_pem
+                .as_ref()
+                .map(|ca| crate::controller::tls::ClientTls {
+                    ca_pem: ca.clone(),
+                    server_name: crate::compute::service_host(&service_name(&name), &ns),
+                }),
         };
         let timeout = ctx.config.step_timeout;
         let report = match tokio::time::timeout(timeout, sql::apply(&plan, timeout)).await {
@@ -154,6 +161,7 @@ pub(super) async fn apply_database(
                 &creds.app,
                 &ctx.config.compute,
                 annotations,
+                creds.ca_pem.as_deref(),
             )?,
             uid,
         )

@@ -162,7 +162,11 @@ pub async fn switched(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods = match ctx.list::<Pod>(ns, "list compute pods", &selector).await {
+    // Live reads: a switch stops the old compute on what they say.
+    let pods = match ctx
+        .list_live::<Pod>(ns, "list compute pods", &selector)
+        .await
+    {
         Ok(l) => l,
         // An API server without pods (a test double): nothing routes.
         Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => return Ok(Switch::NotRouted),
@@ -177,7 +181,7 @@ pub async fn switched(
         return Ok(Switch::NotRouted);
     }
     let slices = match ctx
-        .list::<EndpointSlice>(
+        .list_live::<EndpointSlice>(
             ns,
             "list endpointslices",
             &format!("{LABEL_SERVICE_NAME}={service}"),

@@ -1,10 +1,12 @@
 //! The Branch controller.
 //!
-//! Apply: validate → parent → credentials Secrets (before any data exists,
+//! Apply: validate → parent → the server certificate (compute TLS,
+//! [`super::tls`]) → credentials Secrets (before any data exists,
 //! so a password is never lost) → timeline (idempotent by the Branch UID,
 //! polled until Ready, never waited on) → compute Deployment and Service →
 //! once the compute is ready, credentials and declarative roles/databases
-//! over SQL → read replicas and the `-ro` Service ([`replicas`]) → Ready
+//! over SQL → a renewed certificate served (reloaded, no restart) → read
+//! replicas and the `-ro` Service ([`replicas`]) → Ready
 //! (its message counts the ready replicas, e.g. `2/2 read replicas ready`).
 //!
 //! The branch's current timeline is `status.timelineId`. When it changes (a
@@ -59,7 +61,7 @@ use crate::api::{
 use crate::compute::{
     app_secret_name, build_credentials_secret, build_deployment, build_service, content_hash,
     ro_service_name, role_secret_name, secret_suffix, secret_value, service_host, service_name,
-    superuser_secret_name, ComputeTarget, RoleCredentials, PG_PORT,
+    superuser_secret_name, tls_secret_name, ComputeTarget, RoleCredentials, PG_PORT,
 };
 use crate::storage::{
     CreateTimeline, OpKey, Password, Source, State, StorageError, Timeline, TimelineId,
@@ -281,8 +283,21 @@ async fn apply_steps(
     };
     let parent = read_parent(ctx, branch).await?;
 
+    // The server certificate (compute TLS): before the Secrets that carry
+    // the CA and before any compute that mounts it.
+    let tls = super::tls::ensure_branch_cert(ctx, branch, &uid, now).await?;
+    if let Some(t) = &tls {
+        requeue = requeue.min(until(now, t.renew_at));
+    }
     // Credentials first: nothing that holds a password exists before its Secret.
-    let creds = credentials::ensure_credentials(ctx, branch, parent.as_ref(), &uid).await?;
+    let creds = credentials::ensure_credentials(
+        ctx,
+        branch,
+        parent.as_ref(),
+        &uid,
+        tls.as_ref().map(|t| t.ca.cert_pem.as_str()),
+    )
+    .await?;
 
     let tl = match timeline::ensure_timeline(ctx, branch, parent.as_ref(), &creds, &uid, status)
         .await?
@@ -347,10 +362,37 @@ async fn apply_steps(
     }
 
     database::apply_database(ctx, branch, parent.as_ref(), &creds, &tl, &uid, status, now).await?;
+    // A compute handed over by a restore mounts the restored branch's
+    // certificate (which covers this branch's names too): it serves that
+    // one until this branch's compute spec changes.
+    let mounts_own = serving
+        .current
+        .as_ref()
+        .is_some_and(|d| compute::mounts_secret(d, &tls_secret_name(&name)));
+    if let Some(t) = tls.as_ref().filter(|_| mounts_own) {
+        let svc = service_name(&name);
+        if let Some(again) =
+            super::tls::ensure_served(ctx, branch, &svc, &uid, t, &creds.superuser).await?
+        {
+            requeue = requeue.min(again);
+        }
+    }
 
     let replicas = replicas::reconcile(ctx, branch, &tl.id, &replaced, &uid, true).await?;
     if !replicas.settled() {
         requeue = requeue.min(ctx.config.poll_interval);
+    } else if let Some(t) = tls.as_ref().filter(|_| compute.read_replicas > 0) {
+        // The replicas behind `-ro` (one per pass, as the Service picks);
+        // a replica not reachable yet does not make the branch unready.
+        let ro = ro_service_name(&name);
+        match super::tls::ensure_served(ctx, branch, &ro, &uid, t, &creds.superuser).await {
+            Ok(None) => {}
+            Ok(Some(again)) => requeue = requeue.min(again),
+            Err(e) => {
+                tracing::debug!(error = %e, "the read replicas' certificate is checked again shortly");
+                requeue = requeue.min(ctx.config.poll_interval);
+            }
+        }
     }
     Ok(Done {
         outcome: Outcome::ready(
@@ -365,6 +407,13 @@ async fn apply_steps(
         phase: BranchPhase::Ready,
         requeue: Action::requeue(requeue),
     })
+}
+
+/// How long from `now` until `at` (at least a second, so a due renewal is
+/// looked at again at once but not in a busy loop).
+fn until(now: jiff::Timestamp, at: jiff::Timestamp) -> Duration {
+    let ms = at.as_millisecond() - now.as_millisecond();
+    Duration::from_millis(ms.max(1000) as u64)
 }
 
 /// `spec.expiresAt`: refused when already past at creation, the branch
@@ -456,6 +505,14 @@ async fn replaced_timelines(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewal_is_looked_at_when_due_and_never_in_a_busy_loop() {
+        let now: jiff::Timestamp = "2026-12-07T12:00:00Z".parse().unwrap();
+        let later = now + jiff::SignedDuration::from_secs(20);
+        assert_eq!(until(now, later), Duration::from_secs(20));
+        assert_eq!(until(later, now), Duration::from_secs(1));
+    }
 
     #[test]
     fn related_branches_are_parent_and_children() {

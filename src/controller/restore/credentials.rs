@@ -73,6 +73,7 @@ pub(super) async fn set_target_passwords(
         databases: vec![],
         reset_other_logins: false,
         manage_roles_of: None,
+        tls: crate::controller::tls::client_tls(ctx, ns, &service_name(rname)).await?,
     };
     let timeout = ctx.config.step_timeout;
     match tokio::time::timeout(timeout, sql::apply(&plan, timeout)).await {

@@ -186,6 +186,14 @@ async fn restored_branch_object(run: &Run<'_>, rname: &str) -> Result<Branch, Er
         LABEL_RESTORE.to_string(),
         run.name.clone(),
     )]));
+    if let Some(t) = &r.spec.target {
+        // Its compute may be handed to the target at finalize: its
+        // certificate covers the target's names too (compute/tls.rs).
+        b.metadata.annotations = Some(BTreeMap::from([(
+            crate::compute::tls::ANNOTATION_TLS_ALSO_FOR.to_string(),
+            t.clone(),
+        )]));
+    }
     let oref = r
         .controller_owner_ref(&())
         .ok_or_else(|| Error::stalled("InvalidObject", "the SnapshotRestore has no UID"))?;

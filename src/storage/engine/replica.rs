@@ -314,6 +314,21 @@ impl Engine {
         primary_conninfo: &str,
         password: Option<&Password>,
     ) -> Result<pg::PgServer, StorageError> {
+        self.start_replica_postgres_with(tl, ordinal, port, primary_conninfo, password, &[])
+            .await
+    }
+
+    /// [`Engine::start_replica_postgres`] with further `-c` settings (a
+    /// compute's own, such as its TLS files).
+    pub async fn start_replica_postgres_with(
+        &self,
+        tl: &TimelineId,
+        ordinal: u32,
+        port: u16,
+        primary_conninfo: &str,
+        password: Option<&Password>,
+        extra: &[(String, String)],
+    ) -> Result<pg::PgServer, StorageError> {
         validate_replica_ordinal(ordinal)?;
         let row = self
             .inner
@@ -345,7 +360,10 @@ impl Engine {
                 Self::restore_command(&self.inner.root, tl),
             ),
             ("primary_conninfo".to_string(), primary_conninfo.to_string()),
-        ];
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>();
         let env: Vec<(String, String)> = password
             .map(|p| vec![("PGPASSWORD".to_string(), p.0.clone())])
             .unwrap_or_default();

@@ -41,6 +41,17 @@ impl Engine {
         id: &TimelineId,
         port: u16,
     ) -> Result<PgServer, StorageError> {
+        self.start_postgres_with(id, port, &[]).await
+    }
+
+    /// [`Engine::start_postgres`] with further `-c` settings (a compute's
+    /// own, such as its TLS files; the operator tests' kubelet passes them).
+    pub async fn start_postgres_with(
+        &self,
+        id: &TimelineId,
+        port: u16,
+        extra: &[(String, String)],
+    ) -> Result<PgServer, StorageError> {
         self.ready(id).await?;
         let data = self.data_dir(id);
         if pid_alive(&data) {
@@ -56,7 +67,7 @@ impl Engine {
                 pg::StartOpts {
                     port,
                     listen: "127.0.0.1",
-                    settings: &self.local_settings(Some(id)),
+                    settings: &[self.local_settings(Some(id)), extra.to_vec()].concat(),
                     log: &log,
                     timeout: Duration::from_secs(600),
                     tied: false,

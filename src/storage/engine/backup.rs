@@ -133,6 +133,24 @@ fn as_backup_error(e: &StorageError) -> BackupError {
     BackupError::new(failure, text)
 }
 
+/// The bytes of the regular files under `dir` (symlinks not followed).
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => {
+                    total += e.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
 /// Whether a local archive file is one to upload.
 fn is_wal_file(name: &str) -> bool {
     let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
@@ -547,11 +565,20 @@ impl Engine {
         self.clone_dir(&self.inner.root.join(&base.path), &work, false)
             .await?;
         let r = self.back_up_copy(id, &a, &work, target).await;
+        // What was backed up (barman's list does not say): the copy's bytes.
+        let size = self
+            .blocking("measuring a base backup", {
+                let work = work.clone();
+                move |_| Ok(tree_size(&work))
+            })
+            .await
+            .ok();
         if let Err(e) = self.delete_dir(&work).await {
             tracing::warn!(timeline = %id, error = %e, "removing a base backup's work copy failed");
         }
         let mut b = r?;
         b.duration = started.elapsed();
+        b.size_bytes = b.size_bytes.or(size);
         if let Ok(mut st) = a.status.lock() {
             st.last_base_backup = Some(b.clone());
         }

@@ -351,3 +351,147 @@ async fn a_backed_up_branch_archives_in_seconds_survives_an_outage_and_restores_
     }
     eprintln!("{test} took {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_restore_the_branch_archives_its_new_timeline() {
+    use pgbranch::api::{RestorePhase, RestoreSource, SnapshotRestoreSpec};
+    use pgbranch::storage::TimelineId;
+    let test = "operator_backup_restore";
+    let started = Instant::now();
+    if tools_present(test).is_none() {
+        return;
+    }
+    let Some(g) = Garage::start(test, "backups") else {
+        return;
+    };
+    let Some(w) = World::builder(module_path!()).build().await else {
+        return;
+    };
+    let _op = w.start();
+    garage_destination(&w, &g).await;
+    let mut prod = shop_branch("prod");
+    prod.spec.backup = Some(BackupSpec {
+        destination: "garage".into(),
+        ..Default::default()
+    });
+    create_branch(&w.client, &prod).await;
+    wait_branch_ready(&w.client, "prod").await;
+    let (_, _, before) = wait_backup(&w, "prod", "True", 180, |_| true).await;
+    let old_tl = before.timeline_id.clone().unwrap();
+
+    // Rows 1..=10 at an LSN, then 11..=20 the restore takes away.
+    let su_pw = secret_field(&w.client, "prod-superuser", "password").await;
+    let c = w.connect("prod", "postgres", &su_pw, "shop").await.unwrap();
+    c.batch_execute("CREATE TABLE items (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    insert(&c, 1..=10).await;
+    let lsn: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    insert(&c, 11..=20).await;
+    drop(c);
+    create_restore(
+        &w.client,
+        "rewind",
+        SnapshotRestoreSpec {
+            source: RestoreSource {
+                branch: Some("prod".into()),
+                lsn: Some(lsn.clone()),
+                ..Default::default()
+            },
+            target: Some("prod".into()),
+            finalize: true,
+            preserve_under_name: Some("prod-before-rewind".into()),
+        },
+    )
+    .await;
+    let r = wait_restore(&w.client, "rewind", "Completed or Failed", |r| {
+        matches!(
+            r.status.as_ref().and_then(|s| s.phase),
+            Some(RestorePhase::Completed) | Some(RestorePhase::Failed)
+        )
+    })
+    .await;
+    assert_eq!(
+        r.status.as_ref().and_then(|s| s.phase),
+        Some(RestorePhase::Completed),
+        "{:#?}",
+        r.status
+    );
+
+    // The new timeline is archived, with a base backup of its own; the
+    // replaced one (now the backup branch's) no longer is.
+    let t = Instant::now();
+    let new_tl = eventually(60, "prod on a new timeline", || async {
+        let b = w.api::<Branch>().get("prod").await.ok()?;
+        b.status?.timeline_id.filter(|t| *t != old_tl)
+    })
+    .await;
+    let (reason, _, st) = wait_backup(&w, "prod", "True", 180, |s| {
+        s.timeline_id.as_deref() == Some(new_tl.as_str()) && s.base_backups >= 1
+    })
+    .await;
+    eprintln!(
+        "new timeline {new_tl} archived ({reason}) after {:?}: {:?}",
+        t.elapsed(),
+        st.location
+    );
+    assert!(
+        w.engine
+            .backup_status(&TimelineId::new(old_tl.clone()).unwrap())
+            .is_none(),
+        "the replaced timeline no longer archives"
+    );
+    let c = w.connect("prod", "postgres", &su_pw, "shop").await.unwrap();
+    assert_eq!(ids(&c).await, (1..=10).collect::<Vec<i32>>());
+    insert(&c, 100..=105).await;
+    let seg = switch_wal(&c).await;
+    wait_backup(&w, "prod", "True", 60, |s| {
+        s.last_archived_wal.as_deref() >= Some(seg.as_str()) && s.pending_wal_files == 0
+    })
+    .await;
+    drop(c);
+
+    // From the bucket alone: the new timeline's history.
+    let uid = w
+        .api::<Branch>()
+        .get("prod")
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let fresh_dir = tempfile::Builder::new()
+        .prefix("pgbranch-backup-fresh-")
+        .tempdir()
+        .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(fresh_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let fresh = Engine::open(EngineConfig {
+        root: fresh_dir.path().join("volume"),
+        driver: Some(DriverKind::Copy),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = fresh
+        .restore_from_backup(RestoreFromBackup {
+            store: store(&g, &uid),
+            server: new_tl.clone(),
+            point: Point::Head,
+            name: "latest".into(),
+        })
+        .await
+        .unwrap();
+    let s = fresh.start_restored(&r, free_port()).await.unwrap();
+    let got = ids(&s.connect("shop").await.unwrap()).await;
+    s.stop(StopMode::Fast).await.unwrap();
+    let want: Vec<i32> = (1..=10).chain(100..=105).collect();
+    assert_eq!(got, want, "the new timeline's rows, from the bucket");
+    eprintln!("{test} took {:?}", started.elapsed());
+}

@@ -255,11 +255,22 @@ impl Engine {
             };
             self.write_recorded(id, &rec).await?;
         }
+        // A retarget of the same server (new credentials, say) keeps what
+        // is known: the base backups and the last key, so none is repeated.
+        let carried = self
+            .archiving(id)
+            .filter(|o| o.target.server == target.server)
+            .and_then(|o| o.status.lock().ok().map(|s| s.clone()))
+            .map(|s| BackupStatus {
+                last_error: None,
+                base_backup_running: false,
+                ..s
+            });
         let a = Arc::new(Archiving {
-            status: Mutex::new(BackupStatus {
+            status: Mutex::new(carried.unwrap_or_else(|| BackupStatus {
                 server: target.server.clone(),
                 ..Default::default()
-            }),
+            })),
             target,
             barman,
             wake: tokio::sync::Notify::new(),

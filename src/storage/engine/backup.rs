@@ -587,11 +587,14 @@ impl Engine {
         if let Err(e) = self.delete_dir(&work).await {
             tracing::warn!(timeline = %id, error = %e, "removing a base backup's work copy failed");
         }
-        let mut b = r?;
+        let (mut b, done) = r?;
         b.duration = started.elapsed();
         b.size_bytes = b.size_bytes.or(size);
         if let Ok(mut st) = a.status.lock() {
+            // Together: a reader never sees the new backup listed without
+            // its size and duration.
             st.last_base_backup = Some(b.clone());
+            st.base_backups = done;
         }
         // Ship the WAL the backup ends in without waiting for the next pass.
         a.wake.notify_one();
@@ -604,7 +607,7 @@ impl Engine {
         a: &Archiving,
         work: &Path,
         target: Option<Lsn>,
-    ) -> Result<BaseBackup, StorageError> {
+    ) -> Result<(BaseBackup, Vec<BaseBackup>), StorageError> {
         for f in [
             "postmaster.pid",
             "recovery.signal",
@@ -687,10 +690,7 @@ impl Engine {
             .max_by(|x, y| x.backup_id.cmp(&y.backup_id))
             .ok_or_else(|| StorageError::internal("barman-cloud-backup reported no backup"))?;
         let done: Vec<BaseBackup> = list.iter().filter(|b| b.done()).map(listed).collect();
-        if let Ok(mut st) = a.status.lock() {
-            st.base_backups = done;
-        }
-        Ok(listed(newest))
+        Ok((listed(newest), done))
     }
 }
 

@@ -41,6 +41,7 @@ use super::common::*;
     printcolumn(name = "Timeline", type_ = "string", json_path = ".status.timelineId"),
     printcolumn(name = "Size", type_ = "integer", description = "Logical size in bytes", json_path = ".status.logicalSizeBytes"),
     printcolumn(name = "Protected", type_ = "boolean", priority = 1, json_path = ".spec.protected"),
+    printcolumn(name = "Backup", type_ = "string", priority = 1, description = "The reason of the BackupHealthy condition (spec.backup): Archiving when healthy", json_path = ".status.conditions[?(@.type==\"BackupHealthy\")].reason"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

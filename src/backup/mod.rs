@@ -151,6 +151,25 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every failure, in the order [`Failure::named_in`] tries them.
+    pub const ALL: [Failure; 7] = [
+        Failure::BucketNotFound,
+        Failure::AccessDenied,
+        Failure::EndpointUnreachable,
+        Failure::TlsError,
+        Failure::ObjectStoreError,
+        Failure::InvalidDestination,
+        Failure::ToolFailed,
+    ];
+
+    /// The failure a message names as `<Reason>: ...` (a [`BackupError`]
+    /// that went through another error type on its way), if any.
+    pub fn named_in(text: &str) -> Option<Failure> {
+        Self::ALL
+            .into_iter()
+            .find(|f| text.contains(&format!("{}: ", f.reason())))
+    }
+
     /// The CamelCase reason of a condition.
     pub fn reason(self) -> &'static str {
         match self {
@@ -224,5 +243,10 @@ mod tests {
         assert_eq!(normalize_prefix("/a//b/"), "a/b");
         assert_eq!(normalize_prefix(""), "");
         assert_eq!(Failure::TlsError.reason(), "TLSError");
+        assert_eq!(
+            Failure::named_in("unavailable: EndpointUnreachable: refused"),
+            Some(Failure::EndpointUnreachable)
+        );
+        assert_eq!(Failure::named_in("something else"), None);
     }
 }

@@ -72,20 +72,9 @@ impl Health {
 /// failure when its message names one (`EndpointUnreachable: ...`), else
 /// the storage error's own.
 fn storage_reason(e: &StorageError) -> String {
-    let text = e.to_string();
-    [
-        Failure::BucketNotFound,
-        Failure::AccessDenied,
-        Failure::EndpointUnreachable,
-        Failure::TlsError,
-        Failure::ObjectStoreError,
-        Failure::InvalidDestination,
-        Failure::ToolFailed,
-    ]
-    .into_iter()
-    .find(|f| text.contains(&format!("{}: ", f.reason())))
-    .map(|f| f.reason().to_string())
-    .unwrap_or_else(|| format!("Storage{}", e.reason()))
+    Failure::named_in(&e.to_string())
+        .map(|f| f.reason().to_string())
+        .unwrap_or_else(|| format!("Storage{}", e.reason()))
 }
 
 /// `BackupHealthy` from what was observed: a problem found before the

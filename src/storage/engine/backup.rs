@@ -116,20 +116,9 @@ fn listed(b: &BackupEntry) -> BaseBackup {
 /// A storage error of a backup step as a backup failure: its reason when
 /// the message starts with one, else `BackupToolFailed`.
 fn as_backup_error(e: &StorageError) -> BackupError {
-    use crate::backup::Failure;
     let text = e.to_string();
-    let failure = [
-        Failure::BucketNotFound,
-        Failure::AccessDenied,
-        Failure::EndpointUnreachable,
-        Failure::TlsError,
-        Failure::ObjectStoreError,
-        Failure::InvalidDestination,
-        Failure::ToolFailed,
-    ]
-    .into_iter()
-    .find(|f| text.contains(&format!("{}: ", f.reason())))
-    .unwrap_or(Failure::ToolFailed);
+    let failure =
+        crate::backup::Failure::named_in(&text).unwrap_or(crate::backup::Failure::ToolFailed);
     BackupError::new(failure, text)
 }
 

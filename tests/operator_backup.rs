@@ -204,8 +204,11 @@ async fn a_backed_up_branch_archives_in_seconds_survives_an_outage_and_restores_
         "WAL {seg} in the bucket after {uploaded:?}, in status.backup after {:?}",
         t.elapsed()
     );
-    // The engine uploads every second; the status follows within a poll.
-    assert!(uploaded < Duration::from_secs(10), "{uploaded:?}");
+    // The engine looks every second; one barman-cloud-wal-archive run
+    // (Python start, gzip of 16 MB, the PUT) took 4-6 s alone and up to
+    // ~11 s with other tests on this 2-core machine. The status follows
+    // within a poll (10 s).
+    assert!(uploaded < Duration::from_secs(30), "{uploaded:?}");
     assert!(st.last_archived_time.is_some() && st.last_recoverable_time.is_some());
     let work = tempfile::Builder::new()
         .prefix("pgbranch-backup-test-")

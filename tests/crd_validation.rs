@@ -229,6 +229,38 @@ fn refresh_rules() {
 }
 
 #[test]
+fn backup_rules() {
+    assert_ok(
+        branch(
+            json!({"backup": {"destination": "s3", "schedule": "0 3 * * *",
+            "retention": {"count": 7, "maxAge": "30d"}}}),
+        )
+        .validate_cel(),
+    );
+    assert_ok(branch(json!({"backup": {"destination": "offsite.eu-1"}})).validate_cel());
+    for (spec, needle) in [
+        (
+            json!({"destination": "S3_Bucket"}),
+            "name of a BackupDestination",
+        ),
+        (
+            json!({"destination": "s3", "schedule": "daily"}),
+            "cron expression",
+        ),
+        (
+            json!({"destination": "s3", "retention": {"count": 0}}),
+            "between 1 and 1000",
+        ),
+        (
+            json!({"destination": "s3", "retention": {"maxAge": "30 days"}}),
+            "unit",
+        ),
+    ] {
+        assert_rejected(branch(json!({"backup": spec})).validate_cel(), needle);
+    }
+}
+
+#[test]
 fn branch_names_leave_room_for_suffixes() {
     let max = "a".repeat(MAX_BRANCH_NAME_LEN);
     let over = "a".repeat(MAX_BRANCH_NAME_LEN + 1);

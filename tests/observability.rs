@@ -139,6 +139,21 @@ async fn every_metric_the_dashboard_and_alerts_read_is_exported() {
     .await;
 
     wait_branch_ready(&client, "dev-before").await;
+    // A storage-only branch backed up to a destination that does not
+    // exist: Ready, with BackupHealthy False (the backup metrics' series).
+    let mut archived = Branch::new("archived", Default::default());
+    archived.spec.compute.enabled = false;
+    archived.spec.backup = Some(pgbranch::api::BackupSpec {
+        destination: "nowhere".into(),
+        ..Default::default()
+    });
+    create_branch(&client, &archived).await;
+    wait_branch_ready(&client, "archived").await;
+    eventually(60, "archived BackupHealthy=False", || async {
+        let b = branches(&client).get("archived").await.ok()?;
+        (condition(&b, "BackupHealthy")?.1 == "DestinationNotFound").then_some(())
+    })
+    .await;
 
     // The storage poller's next reading knows the branches' timelines.
     let prod_exclusive = format!(
@@ -186,9 +201,9 @@ async fn every_metric_the_dashboard_and_alerts_read_is_exported() {
             );
         }
     }
-    // The fleet as it is: two Ready branches and the backup, one Failed.
+    // The fleet as it is: three Ready branches and the backup, one Failed.
     assert!(
-        text.contains("pgbranch_objects{kind=\"Branch\",phase=\"Ready\"} 3"),
+        text.contains("pgbranch_objects{kind=\"Branch\",phase=\"Ready\"} 4"),
         "{text}"
     );
     assert!(
@@ -200,6 +215,11 @@ async fn every_metric_the_dashboard_and_alerts_read_is_exported() {
         h.ns
     );
     assert!(text.contains(&stalled), "{text}");
+    let unhealthy = format!(
+        "pgbranch_backup_unhealthy{{namespace=\"{}\",name=\"archived\",reason=\"DestinationNotFound\"}} 1",
+        h.ns
+    );
+    assert!(text.contains(&unhealthy), "{text}");
     assert!(
         text.contains("pgbranch_operation_duration_seconds_count{operation=\"restore\"} 1"),
         "{text}"

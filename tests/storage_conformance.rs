@@ -3,6 +3,9 @@
 //! engine: both must behave alike. Every driver available here runs (copy
 //! always; btrfs and reflink with PGBRANCH_TEST_BTRFS / PGBRANCH_TEST_XFS).
 
+#[allow(dead_code)]
+#[path = "support/object_store.rs"]
+mod object_store;
 #[path = "storage_http_support/mod.rs"]
 mod support;
 
@@ -42,7 +45,8 @@ conformance!(
     branches_and_snapshots,
     idempotency_keys,
     refusals,
-    read_replicas
+    read_replicas,
+    backups
 );
 
 fn assert_not_found<T: std::fmt::Debug>(r: Result<T, StorageError>, what: &str) {
@@ -587,4 +591,105 @@ async fn read_replicas(b: &Backend) {
         Err(StorageError::NotFound { .. }) => {}
         other => panic!("replica of a deleted timeline: {other:?}"),
     }
+}
+
+/// Continuous archiving and base backups through the trait, on a real
+/// object store (Garage) with barman-cloud: archiving is turned on (twice:
+/// idempotent), a switched WAL segment is uploaded, a base backup runs in
+/// the background once per key with its size, and archiving turns off.
+/// Refusals: a missing timeline, a base backup of a timeline not archiving.
+async fn backups(b: &Backend) {
+    if !object_store::barman_installed() {
+        object_store::skip_notice("backups", "barman-cloud is not installed");
+        return;
+    }
+    let Some(g) = object_store::Garage::start("conformance-backups", "backups") else {
+        return;
+    };
+    let s = &*b.storage;
+    let target = BackupTarget {
+        store: pgbranch::backup::ObjectStore {
+            endpoint: g.endpoint.clone(),
+            bucket: g.bucket.clone(),
+            region: g.region.clone(),
+            prefix: "conformance/branch-uid".into(),
+            path_style: true,
+            ca_bundle: None,
+            credentials: pgbranch::backup::Credentials {
+                access_key_id: g.access_key_id.clone(),
+                secret_access_key: g.secret_access_key.clone(),
+            },
+        },
+        server: "tl".into(),
+    };
+    let ghost = TimelineId::new("no-such-timeline").unwrap();
+    assert_not_found(
+        s.set_backup(&ghost, Some(target.clone())).await,
+        "archiving a missing timeline",
+    );
+    assert_eq!(s.get_backup(&ghost).await.unwrap(), None);
+
+    let root = create_ready_timeline(s, "backed-up", empty_source())
+        .await
+        .unwrap();
+    match s
+        .start_base_backup(&root.id, BaseBackupRequest::default())
+        .await
+    {
+        Err(StorageError::InvalidArgument { .. }) => {}
+        other => panic!("a base backup of a timeline not archiving: {other:?}"),
+    }
+    let st = s
+        .set_backup(&root.id, Some(target.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.server, "tl");
+    s.set_backup(&root.id, Some(target.clone())).await.unwrap();
+
+    let port = free_port();
+    let pg = b.engine.start_postgres(&root.id, port).await.unwrap();
+    let c = connect(port).await;
+    c.batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let seg: String = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eventually("the switched segment is uploaded", || async {
+        let st = s.get_backup(&root.id).await.unwrap().unwrap();
+        st.last_archived_wal.as_deref() >= Some(seg.as_str()) && st.last_error.is_none()
+    })
+    .await;
+
+    let req = BaseBackupRequest {
+        key: "slot-1".into(),
+        keep_count: Some(2),
+        max_age: None,
+    };
+    let st = s.start_base_backup(&root.id, req.clone()).await.unwrap();
+    assert_eq!(st.base_backup_key.as_deref(), Some("slot-1"));
+    eventually("the base backup is taken", || async {
+        let st = s.get_backup(&root.id).await.unwrap().unwrap();
+        !st.base_backup_running && st.base_backups.len() == 1
+    })
+    .await;
+    let st = s.get_backup(&root.id).await.unwrap().unwrap();
+    assert_eq!(st.base_backup_error, None);
+    let last = st.last_base_backup.clone().unwrap();
+    assert!(
+        last.size_bytes.unwrap_or(0) > 0 && last.end_lsn.is_some(),
+        "{last:?}"
+    );
+    // The same key again: nothing new.
+    let again = s.start_base_backup(&root.id, req).await.unwrap();
+    assert!(!again.base_backup_running, "{again:?}");
+    assert_eq!(again.base_backups.len(), 1);
+
+    assert_eq!(s.set_backup(&root.id, None).await.unwrap(), None);
+    assert_eq!(s.get_backup(&root.id).await.unwrap(), None);
+    drop(c);
+    pg.stop(StopMode::Fast).await.unwrap();
 }

@@ -260,4 +260,31 @@ impl Storage for MemoryStorage {
         }
         Ok(LSN)
     }
+
+    async fn set_backup(
+        &self,
+        _timeline: &TimelineId,
+        _target: Option<pgbranch::storage::BackupTarget>,
+    ) -> Result<Option<pgbranch::storage::BackupStatus>, StorageError> {
+        Err(StorageError::invalid(
+            "the in-memory benchmark storage does not back up",
+        ))
+    }
+
+    async fn get_backup(
+        &self,
+        _timeline: &TimelineId,
+    ) -> Result<Option<pgbranch::storage::BackupStatus>, StorageError> {
+        Ok(None)
+    }
+
+    async fn start_base_backup(
+        &self,
+        _timeline: &TimelineId,
+        _req: pgbranch::storage::BaseBackupRequest,
+    ) -> Result<pgbranch::storage::BackupStatus, StorageError> {
+        Err(StorageError::invalid(
+            "the in-memory benchmark storage does not back up",
+        ))
+    }
 }

@@ -41,6 +41,7 @@ use super::common::*;
     printcolumn(name = "Timeline", type_ = "string", json_path = ".status.timelineId"),
     printcolumn(name = "Size", type_ = "integer", description = "Logical size in bytes", json_path = ".status.logicalSizeBytes"),
     printcolumn(name = "Protected", type_ = "boolean", priority = 1, json_path = ".spec.protected"),
+    printcolumn(name = "Backup", type_ = "string", priority = 1, description = "The reason of the BackupHealthy condition (spec.backup): Archiving when healthy", json_path = ".status.conditions[?(@.type==\"BackupHealthy\")].reason"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -106,6 +107,57 @@ pub struct BranchSpec {
     /// parent). The connection string and credentials do not change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<RefreshSpec>,
+    /// Continuous backup of this branch to a BackupDestination: every WAL
+    /// segment of its current timeline is uploaded within seconds
+    /// (`archive_timeout` 5 s on the compute), base backups are taken from
+    /// the storage engine's copy-on-write copies (never from the compute)
+    /// at once and then on `schedule`, each branch under its own prefix
+    /// `<pathPrefix>/<branch UID>/<timeline>/` in barman-cloud's format.
+    /// The `BackupHealthy` condition and `status.backup` say how it goes.
+    /// Removing it stops archiving; what is in the bucket stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+}
+
+/// Continuous archiving and base backups of a branch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// Name of a BackupDestination in the same namespace.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("destination must be the name of a BackupDestination (lowercase letters, digits, '-' and '.')"))]
+    pub destination: String,
+    /// Cron expression (5 fields, UTC, such as `0 3 * * *`) of the base
+    /// backups after the first one (taken when archiving starts). Absent:
+    /// only that first base backup; the WAL archive keeps the branch
+    /// recoverable, with replays that grow longer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    #[x_kube(validation = Rule::new(RULE_CRON).message(MSG_CRON))]
+    pub schedule: Option<String>,
+    /// Which base backups (and the WAL only they need) are kept in the
+    /// destination. Absent: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<BackupRetention>,
+}
+
+/// Retention of a branch's base backups in its destination: applied after
+/// each base backup; the newest one is always kept, and WAL a kept backup
+/// needs is never deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRetention {
+    /// Keep at most this many base backups (1 to 1000); the oldest go
+    /// first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("retention.count must be between 1 and 1000"))]
+    pub count: Option<i32>,
+    /// Delete base backups older than this: a number and one unit s, m, h,
+    /// d or w (such as `30d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = SPAN_MAX_LEN))]
+    #[x_kube(validation = Rule::new(RULE_SPAN).message(MSG_SPAN))]
+    pub max_age: Option<String>,
 }
 
 /// The parent of a branch and the point of its history to copy.
@@ -372,6 +424,84 @@ pub struct BranchStatus {
     /// Next scheduled refresh (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_refresh_time: Option<String>,
+    /// Where the backup of this branch (`spec.backup`) stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BranchBackupStatus>,
+}
+
+/// Where a branch's backup stands, as the storage engine reports it (times
+/// RFC 3339).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BranchBackupStatus {
+    /// The BackupDestination.
+    pub destination: String,
+    /// The timeline being archived (the branch's current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline_id: Option<String>,
+    /// Where in the bucket (`s3://<bucket>/<prefix>/<branch UID>`), with
+    /// the barman server name (the timeline) below it: what barman-cloud's
+    /// tools take to recover without pgbranch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// The oldest point recoverable from the destination: the end of its
+    /// oldest base backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_recoverable_time: Option<String>,
+    /// The LSN of the oldest recoverable point (`firstRecoverableTime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_recoverable_lsn: Option<String>,
+    /// The newest point recoverable from the destination: when PostgreSQL
+    /// finished the newest uploaded WAL segment (every transaction
+    /// committed before it is in the bucket). Needs a base backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recoverable_time: Option<String>,
+    /// The newest WAL file in the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_archived_wal: Option<String>,
+    /// When `lastArchivedWal` was uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_archived_time: Option<String>,
+    /// How long the oldest WAL file not yet in the destination has waited
+    /// on the storage volume (0: nothing waits).
+    #[serde(default)]
+    pub archive_lag_seconds: i64,
+    /// WAL files waiting on the storage volume for upload.
+    #[serde(default)]
+    pub pending_wal_files: i64,
+    /// The newest base backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_base_backup: Option<BaseBackupStatus>,
+    /// Complete base backups in the destination.
+    #[serde(default)]
+    pub base_backups: i64,
+    /// The schedule slot of the last base backup requested (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled_time: Option<String>,
+    /// The next slot of `spec.backup.schedule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_scheduled_time: Option<String>,
+}
+
+/// One base backup in the destination.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseBackupStatus {
+    /// barman's backup id.
+    pub id: String,
+    /// When it ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// The LSN it is consistent at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    /// Its size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// How long it took (seconds; absent when this operator did not see it
+    /// being taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
 }
 
 /// How to connect to a branch (the password is in the Secret).

@@ -23,8 +23,13 @@ pub mod probe;
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// An object store as the backup tools and the probe reach it.
-#[derive(Clone, PartialEq, Eq)]
+/// Serialized only as the body of the storage API's backup call (the
+/// engine does the uploads); `Debug` never shows the credentials.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ObjectStore {
     /// Base URL of the S3 API (`https://s3.eu-west-1.amazonaws.com`,
     /// `http://127.0.0.1:3900`).
@@ -60,7 +65,8 @@ impl fmt::Debug for ObjectStore {
 }
 
 /// S3 credentials. `Debug` shows neither key.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Credentials {
     pub access_key_id: String,
     pub secret_access_key: String,
@@ -122,7 +128,7 @@ pub fn normalize_prefix(p: &str) -> String {
 }
 
 /// Why talking to an object store failed, as a condition reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Failure {
     /// The bucket does not exist (or the endpoint serves no such bucket).
     BucketNotFound,
@@ -145,6 +151,25 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every failure, in the order [`Failure::named_in`] tries them.
+    pub const ALL: [Failure; 7] = [
+        Failure::BucketNotFound,
+        Failure::AccessDenied,
+        Failure::EndpointUnreachable,
+        Failure::TlsError,
+        Failure::ObjectStoreError,
+        Failure::InvalidDestination,
+        Failure::ToolFailed,
+    ];
+
+    /// The failure a message names as `<Reason>: ...` (a [`BackupError`]
+    /// that went through another error type on its way), if any.
+    pub fn named_in(text: &str) -> Option<Failure> {
+        Self::ALL
+            .into_iter()
+            .find(|f| text.contains(&format!("{}: ", f.reason())))
+    }
+
     /// The CamelCase reason of a condition.
     pub fn reason(self) -> &'static str {
         match self {
@@ -161,7 +186,7 @@ impl Failure {
 
 /// A failure to reach or use an object store. The message never carries
 /// a credential.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{}: {message}", failure.reason())]
 pub struct BackupError {
     pub failure: Failure,
@@ -218,5 +243,10 @@ mod tests {
         assert_eq!(normalize_prefix("/a//b/"), "a/b");
         assert_eq!(normalize_prefix(""), "");
         assert_eq!(Failure::TlsError.reason(), "TLSError");
+        assert_eq!(
+            Failure::named_in("unavailable: EndpointUnreachable: refused"),
+            Some(Failure::EndpointUnreachable)
+        );
+        assert_eq!(Failure::named_in("something else"), None);
     }
 }

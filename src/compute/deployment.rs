@@ -130,6 +130,24 @@ struct PodPlan<'a> {
     extra_env: Vec<EnvVar>,
 }
 
+/// `archive_timeout` of a backed-up branch's compute (RPO target of
+/// `spec.backup`): a WAL segment is closed, archived and uploaded at
+/// most this long after a write.
+pub const BACKUP_ARCHIVE_TIMEOUT: &str = "5s";
+
+/// The `archive_timeout` the compute runs with: [`BACKUP_ARCHIVE_TIMEOUT`]
+/// while `spec.backup` is set, unless the user's `postgresParameters`
+/// chose one; else PostgreSQL's default (none).
+fn archive_timeout(branch: &Branch) -> Option<&'static str> {
+    let own = branch
+        .spec
+        .compute
+        .postgres_parameters
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case("archive_timeout"));
+    (branch.spec.backup.is_some() && !own).then_some(BACKUP_ARCHIVE_TIMEOUT)
+}
+
 /// A compute Deployment: stock postgres on a data directory of the storage
 /// volume; one replica (0 when suspended or disabled); `Recreate`, so two
 /// servers never share a data directory.
@@ -164,6 +182,10 @@ fn compute_deployment(
             args.push("-c".into());
             args.push(format!("{k}={v}"));
         }
+    }
+    if let Some(t) = archive_timeout(branch) {
+        args.push("-c".into());
+        args.push(format!("archive_timeout={t}"));
     }
     args.extend(plan.extra_args);
     let mut env = vec![EnvVar {
@@ -548,6 +570,30 @@ mod tests {
         };
         let d = build_deployment(&b, &target(), &cfg()).unwrap();
         assert_eq!(d.spec.unwrap().replicas, Some(0));
+    }
+
+    #[test]
+    fn a_backed_up_branch_closes_wal_segments_every_five_seconds() {
+        let args = |b: &Branch| {
+            let d = build_deployment(b, &target(), &cfg()).unwrap();
+            d.spec.unwrap().template.spec.unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        let mut b = branch("dev");
+        assert!(!args(&b).iter().any(|a| a.starts_with("archive_timeout")));
+        b.spec.backup = Some(crate::api::BackupSpec {
+            destination: "s3".into(),
+            ..Default::default()
+        });
+        assert!(args(&b).contains(&"archive_timeout=5s".to_string()));
+        // The user's own setting wins.
+        b.spec.compute.postgres_parameters =
+            BTreeMap::from([("archive_timeout".to_string(), "30s".to_string())]);
+        let a = args(&b);
+        assert!(a.contains(&"archive_timeout=30s".to_string()), "{a:?}");
+        assert!(!a.contains(&"archive_timeout=5s".to_string()), "{a:?}");
     }
 
     #[test]

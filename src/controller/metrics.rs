@@ -7,7 +7,8 @@
 //! storage layer as the storage poller (`controller/storage_poll.rs`) last
 //! read it: reachable or not, the volume's usage, the WAL archive's size,
 //! and each branch's exclusive bytes (its timeline's, joined to the Branch
-//! cache at scrape time).
+//! cache at scrape time); and backups of Branches (`BackupHealthy` False,
+//! archive lag), also from the caches.
 //!
 //! The chart's Grafana dashboard and alert rules
 //! (`charts/pgbranch/files/observability/`) use only these names;
@@ -41,6 +42,11 @@ pub struct ObjectState {
     pub stalled: Option<String>,
     /// `status.timelineId` (Branches).
     pub timeline: Option<String>,
+    /// The reason of a `BackupHealthy` condition that is False (Branches
+    /// with `spec.backup`).
+    pub backup_unhealthy: Option<String>,
+    /// `status.backup.archiveLagSeconds`, when backed up.
+    pub archive_lag_seconds: Option<i64>,
 }
 
 /// What the storage poller last read of the storage layer.
@@ -120,6 +126,14 @@ impl ObjectState {
             .get("timelineId")
             .and_then(|t| t.as_str())
             .map(String::from);
+        let backup_unhealthy = find("BackupHealthy")
+            .filter(|c| c.get("status").and_then(|x| x.as_str()) == Some("False"))
+            .and_then(|c| c.get("reason").and_then(|x| x.as_str()))
+            .map(String::from);
+        let archive_lag_seconds = status
+            .get("backup")
+            .and_then(|b| b.get("archiveLagSeconds"))
+            .and_then(|l| l.as_i64());
         ObjectState {
             kind: K::kind(&()).to_string(),
             namespace: obj.namespace().unwrap_or_default(),
@@ -127,6 +141,8 @@ impl ObjectState {
             phase,
             stalled,
             timeline,
+            backup_unhealthy,
+            archive_lag_seconds,
         }
     }
 }
@@ -144,6 +160,8 @@ pub struct Metrics {
     leader: Gauge,
     objects: Family<Labels, Gauge>,
     stalled: Family<Labels, Gauge>,
+    backup_unhealthy: Family<Labels, Gauge>,
+    archive_lag: Family<Labels, Gauge>,
     operations: Family<Labels, Histogram>,
     storage_up: Family<Labels, Gauge>,
     volume_bytes: Family<Labels, Gauge>,
@@ -219,6 +237,18 @@ impl Metrics {
             "1 for each object whose Stalled condition is True, by kind, namespace, name and reason",
             stalled.clone(),
         );
+        let backup_unhealthy = Family::<Labels, Gauge>::default();
+        registry.register(
+            "backup_unhealthy",
+            "1 for each backed-up Branch whose BackupHealthy condition is False, by namespace, name and reason (the database keeps serving; WAL waits on the storage volume)",
+            backup_unhealthy.clone(),
+        );
+        let archive_lag = Family::<Labels, Gauge>::default();
+        registry.register(
+            "backup_archive_lag_seconds",
+            "How long the oldest WAL file of a backed-up Branch has waited for upload to its BackupDestination (0: none waits), by namespace and name",
+            archive_lag.clone(),
+        );
         // 0.25 s .. ~70 min.
         let operations = Family::<Labels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.25, 2.0, 15))
@@ -263,6 +293,8 @@ impl Metrics {
             leader,
             objects,
             stalled,
+            backup_unhealthy,
+            archive_lag,
             operations,
             storage_up,
             volume_bytes,
@@ -346,7 +378,23 @@ impl Metrics {
         self.refresh_storage(&states);
         let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
         self.stalled.clear();
+        self.backup_unhealthy.clear();
+        self.archive_lag.clear();
         for o in &states {
+            let at = || {
+                vec![
+                    ("namespace".into(), o.namespace.clone()),
+                    ("name".into(), o.name.clone()),
+                ]
+            };
+            if let Some(reason) = &o.backup_unhealthy {
+                let mut l = at();
+                l.push(("reason".into(), reason.clone()));
+                self.backup_unhealthy.get_or_create(&l).set(1);
+            }
+            if let Some(lag) = o.archive_lag_seconds {
+                self.archive_lag.get_or_create(&at()).set(lag);
+            }
             let phase = o.phase.clone().unwrap_or_else(|| "Pending".into());
             *counts.entry((o.kind.clone(), phase)).or_default() += 1;
             if let Some(reason) = &o.stalled {
@@ -481,9 +529,43 @@ mod tests {
             ..Default::default()
         });
         let st = ObjectState::of(&b);
+        assert_eq!(st.backup_unhealthy, None);
         assert_eq!(st.kind, "Branch");
         assert_eq!(st.phase.as_deref(), Some("Failed"));
         assert_eq!(st.stalled.as_deref(), Some("PointOutsideRestoreWindow"));
+        let mut bb = Branch::new("prod", Default::default());
+        bb.metadata.namespace = Some("team".into());
+        bb.status = Some(BranchStatus {
+            conditions: vec![condition(
+                "BackupHealthy",
+                "False",
+                "EndpointUnreachable",
+                "",
+                None,
+                jiff::Timestamp::UNIX_EPOCH,
+            )],
+            backup: Some(crate::api::BranchBackupStatus {
+                archive_lag_seconds: 42,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let st = ObjectState::of(&bb);
+        assert_eq!(st.backup_unhealthy.as_deref(), Some("EndpointUnreachable"));
+        assert_eq!(st.archive_lag_seconds, Some(42));
+        let m = Metrics::new();
+        let one = std::sync::Arc::new(bb);
+        if let Ok(mut s) = m.sources.lock() {
+            s.push(Box::new(move || vec![ObjectState::of(one.as_ref())]));
+        }
+        let text = m.encode();
+        assert!(text.contains("pgbranch_backup_unhealthy{namespace=\"team\",name=\"prod\",reason=\"EndpointUnreachable\"} 1"), "{text}");
+        assert!(
+            text.contains(
+                "pgbranch_backup_archive_lag_seconds{namespace=\"team\",name=\"prod\"} 42"
+            ),
+            "{text}"
+        );
         let mut s = Snapshot::new("s", Default::default());
         s.status = Some(SnapshotStatus {
             conditions: vec![condition(

@@ -19,6 +19,7 @@ pub mod apply;
 pub mod branch;
 pub mod cache;
 pub mod destination;
+pub mod destinations;
 pub mod expiry;
 pub mod metrics;
 pub mod operations;

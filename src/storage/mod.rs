@@ -5,13 +5,18 @@
 //! * [`engine`]: the embedded copy-on-write engine (in-process);
 //! * [`http`]: the same trait served over HTTP (`pgbranch storage serve`) and
 //!   a client that implements it, so the operator can reach a remote engine.
+//!
+//! [`backups`] holds the types of the backup calls (continuous archiving of
+//! a timeline to an object store, base backups).
 
+pub mod backups;
 pub mod engine;
 pub mod error;
 pub mod http;
 pub mod types;
 pub mod wait;
 
+pub use backups::{BackupStatus, BackupTarget, BaseBackup, BaseBackupRequest};
 pub use error::StorageError;
 
 /// How an error of a copy whose source cannot archive its WAL begins (the
@@ -75,4 +80,31 @@ pub trait Storage: Send + Sync + 'static {
         timeline: &TimelineId,
         timestamp: jiff::Timestamp,
     ) -> Result<Lsn, StorageError>;
+
+    /// Continuous archiving of a timeline to an object store (issue #16).
+    /// `Some(target)`: every WAL file of the timeline's archive is uploaded
+    /// to `target` from now on (idempotent: the same target again changes
+    /// nothing; a restarted storage layer resumes where it was, so callers
+    /// pass the target again on every pass); its status is returned. The
+    /// first use of a server name refuses an archive that already holds
+    /// WAL (never shared). `None`: archiving stops (what is uploaded
+    /// stays), `Ok(None)`. A destination that fails later does not fail
+    /// this call: the WAL waits locally and the status says why.
+    async fn set_backup(
+        &self,
+        timeline: &TimelineId,
+        target: Option<BackupTarget>,
+    ) -> Result<Option<BackupStatus>, StorageError>;
+    /// Where a timeline's backup stands (`None`: not archiving).
+    async fn get_backup(&self, timeline: &TimelineId)
+        -> Result<Option<BackupStatus>, StorageError>;
+    /// Starts a base backup of an archiving timeline in the background,
+    /// from the storage layer's copies (never the compute), then applies
+    /// the request's retention. Idempotent by `req.key`; returns at once
+    /// with the status (`baseBackupRunning`); poll [`Storage::get_backup`].
+    async fn start_base_backup(
+        &self,
+        timeline: &TimelineId,
+        req: BaseBackupRequest,
+    ) -> Result<BackupStatus, StorageError>;
 }

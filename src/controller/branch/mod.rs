@@ -6,7 +6,10 @@
 //! polled until Ready, never waited on) → compute Deployment and Service →
 //! once the compute is ready, credentials and declarative roles/databases
 //! over SQL → a renewed certificate served (reloaded, no restart) → read
-//! replicas and the `-ro` Service ([`replicas`]) → Ready
+//! replicas and the `-ro` Service ([`replicas`]) → Ready.
+//! Once the timeline is Ready, `spec.backup` archives it to its
+//! destination ([`backup`]: `BackupHealthy`, `status.backup`) whatever the
+//! compute does
 //! (its message counts the ready replicas, e.g. `2/2 read replicas ready`).
 //!
 //! The branch's current timeline is `status.timelineId`. When it changes (a
@@ -21,6 +24,7 @@
 //! HasChildren); otherwise the compute is removed, then the timeline, then
 //! the Service and Secrets, then the finalizer.
 
+mod backup;
 mod cleanup;
 mod compute;
 mod credentials;
@@ -318,6 +322,10 @@ async fn apply_steps(
     }
     if let Some(step) = timeline::not_ready(&tl, ctx.config.poll_interval)? {
         return Ok(step);
+    }
+    // Archiving does not wait for the compute, and never stops the branch.
+    if let Some(again) = backup::reconcile_backup(ctx, branch, &tl.id, &uid, status, now).await? {
+        requeue = requeue.min(again);
     }
 
     let serving = match compute::reconcile_compute(ctx, branch, &tl, &uid).await? {

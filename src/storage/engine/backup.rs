@@ -55,49 +55,11 @@ use serde::{Deserialize, Serialize};
 use super::locks::base_keys;
 use super::pg::{StartOpts, StopMode};
 use super::{io_err, Engine};
-use crate::backup::barman::{self, Barman};
+use crate::backup::barman::{self, BackupEntry, Barman};
 use crate::backup::{BackupError, ObjectStore};
+use crate::storage::backups::retention_keep;
+pub use crate::storage::backups::{BackupStatus, BackupTarget, BaseBackup, BaseBackupRequest};
 use crate::storage::{Lsn, StorageError, TimelineId};
-
-/// Where and under which barman server name a timeline is backed up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackupTarget {
-    /// The destination, with credentials.
-    pub store: ObjectStore,
-    /// The barman server name: one per backed-up timeline (the branch's
-    /// UID), never shared.
-    pub server: String,
-}
-
-/// Where a timeline's backup stands.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BackupStatus {
-    /// The barman server name.
-    pub server: String,
-    /// The newest WAL file uploaded, and when.
-    pub last_archived_wal: Option<String>,
-    pub last_archived_at: Option<jiff::Timestamp>,
-    /// WAL files of the local archive not uploaded yet.
-    pub pending: usize,
-    /// The last failure (reason and message, without credentials); cleared
-    /// by the next success.
-    pub last_error: Option<BackupError>,
-    /// The last base backup this engine took.
-    pub last_base_backup: Option<BaseBackup>,
-}
-
-/// One base backup in the destination.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseBackup {
-    /// barman's backup id.
-    pub backup_id: String,
-    /// The LSN the backup is consistent at.
-    pub end_lsn: Option<Lsn>,
-    /// When it ended.
-    pub ended_at: Option<jiff::Timestamp>,
-    /// How long it took.
-    pub duration: Duration,
-}
 
 /// What is uploaded, as recorded on the volume.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -138,6 +100,44 @@ pub(super) fn backup_err(e: BackupError) -> StorageError {
     } else {
         StorageError::invalid(e.to_string())
     }
+}
+
+/// A complete backup as barman lists it.
+fn listed(b: &BackupEntry) -> BaseBackup {
+    BaseBackup {
+        backup_id: b.backup_id.clone(),
+        end_lsn: b.end_lsn(),
+        ended_at: b.ended(),
+        duration: Duration::ZERO,
+        size_bytes: b.size,
+    }
+}
+
+/// A storage error of a backup step as a backup failure: its reason when
+/// the message starts with one, else `BackupToolFailed`.
+fn as_backup_error(e: &StorageError) -> BackupError {
+    let text = e.to_string();
+    let failure =
+        crate::backup::Failure::named_in(&text).unwrap_or(crate::backup::Failure::ToolFailed);
+    BackupError::new(failure, text)
+}
+
+/// The bytes of the regular files under `dir` (symlinks not followed).
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => {
+                    total += e.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 /// Whether a local archive file is one to upload.
@@ -244,11 +244,22 @@ impl Engine {
             };
             self.write_recorded(id, &rec).await?;
         }
+        // A retarget of the same server (new credentials, say) keeps what
+        // is known: the base backups and the last key, so none is repeated.
+        let carried = self
+            .archiving(id)
+            .filter(|o| o.target.server == target.server)
+            .and_then(|o| o.status.lock().ok().map(|s| s.clone()))
+            .map(|s| BackupStatus {
+                last_error: None,
+                base_backup_running: false,
+                ..s
+            });
         let a = Arc::new(Archiving {
-            status: Mutex::new(BackupStatus {
+            status: Mutex::new(carried.unwrap_or_else(|| BackupStatus {
                 server: target.server.clone(),
                 ..Default::default()
-            }),
+            })),
             target,
             barman,
             wake: tokio::sync::Notify::new(),
@@ -266,6 +277,23 @@ impl Engine {
             old.stop.cancel();
             old.barman.remove_config();
         }
+        // What the destination already holds (a restarted engine, a
+        // retarget): the recoverable window starts at its oldest backup.
+        tokio::spawn({
+            let a = a.clone();
+            async move {
+                if let Ok(list) = a.barman.list_backups(&a.target.server).await {
+                    let done: Vec<BaseBackup> =
+                        list.iter().filter(|b| b.done()).map(listed).collect();
+                    if let Ok(mut st) = a.status.lock() {
+                        if st.last_base_backup.is_none() {
+                            st.last_base_backup = done.last().cloned();
+                        }
+                        st.base_backups = done;
+                    }
+                }
+            }
+        });
         let me = self.clone();
         let id = id.clone();
         tokio::spawn(async move {
@@ -341,29 +369,39 @@ impl Engine {
             server: a.target.server.clone(),
             ..Default::default()
         });
-        let mut names = self
+        let mut files: Vec<(String, Option<jiff::Timestamp>)> = self
             .blocking("listing the WAL archive", {
                 let dir = dir.clone();
                 move |_| {
                     Ok(fs::read_dir(&dir)
                         .map(|rd| {
                             rd.flatten()
-                                .map(|e| e.file_name().to_string_lossy().to_string())
-                                .filter(|n| is_wal_file(n))
+                                .map(|e| {
+                                    let name = e.file_name().to_string_lossy().to_string();
+                                    let mtime = e
+                                        .metadata()
+                                        .and_then(|m| m.modified())
+                                        .ok()
+                                        .and_then(|t| jiff::Timestamp::try_from(t).ok());
+                                    (name, mtime)
+                                })
+                                .filter(|(n, _)| is_wal_file(n))
                                 .collect::<Vec<_>>()
                         })
                         .unwrap_or_default())
                 }
             })
             .await?;
-        names.sort();
-        names.retain(|n| !rec.uploaded(n));
-        let set_pending = |n: usize| {
+        files.sort();
+        files.retain(|(n, _)| !rec.uploaded(n));
+        let names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+        let set_pending = |i: usize| {
             if let Ok(mut st) = a.status.lock() {
-                st.pending = n;
+                st.pending = files.len() - i;
+                st.oldest_pending_since = files.get(i).and_then(|(_, t)| *t);
             }
         };
-        set_pending(names.len());
+        set_pending(0);
         for (i, name) in names.iter().enumerate() {
             if a.stop.is_cancelled() {
                 break;
@@ -384,14 +422,91 @@ impl Engine {
             if let Ok(mut st) = a.status.lock() {
                 st.last_archived_wal = Some(name.clone());
                 st.last_archived_at = Some(jiff::Timestamp::now());
+                if is_segment(name) {
+                    st.last_segment_closed_at = files[i].1;
+                }
                 st.last_error = None;
-                st.pending = names.len() - i - 1;
             }
+            set_pending(i + 1);
         }
         if let Ok(mut st) = a.status.lock() {
             if names.is_empty() {
                 st.last_error = None;
             }
+        }
+        Ok(())
+    }
+
+    /// Starts a base backup of timeline `id` in the background, then the
+    /// request's retention; idempotent by `req.key` (a request with the key
+    /// of the running or last base backup, or while one runs, only returns
+    /// the status). The outcome is in the status (`base_backup_running`,
+    /// `last_base_backup`, `base_backup_error`).
+    pub fn request_base_backup(
+        &self,
+        id: &TimelineId,
+        req: BaseBackupRequest,
+    ) -> Result<BackupStatus, StorageError> {
+        let a = self
+            .archiving(id)
+            .ok_or_else(|| StorageError::invalid(format!("timeline {id} is not backed up")))?;
+        let status = {
+            let mut st = a
+                .status
+                .lock()
+                .map_err(|_| StorageError::internal("a backup status lock is poisoned"))?;
+            if st.base_backup_running || st.base_backup_key.as_deref() == Some(req.key.as_str()) {
+                return Ok(st.clone());
+            }
+            st.base_backup_running = true;
+            st.base_backup_key = Some(req.key.clone());
+            st.clone()
+        };
+        tracing::info!(timeline = %id, key = %req.key, "base backup requested");
+        let me = self.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let r = match me.base_backup(&id).await {
+                Ok(b) => {
+                    tracing::info!(timeline = %id, backup = %b.backup_id, took_ms = b.duration.as_millis() as u64, "base backup taken");
+                    me.retention_by(&id, &req).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &r {
+                tracing::warn!(timeline = %id, error = %e, "base backup failed");
+            }
+            if let Ok(mut st) = a.status.lock() {
+                st.base_backup_running = false;
+                st.base_backup_error = r.err().map(|e| as_backup_error(&e));
+            }
+        });
+        Ok(status)
+    }
+
+    /// The retention of a base backup request (count and age).
+    async fn retention_by(
+        &self,
+        id: &TimelineId,
+        req: &BaseBackupRequest,
+    ) -> Result<(), StorageError> {
+        let a = self
+            .archiving(id)
+            .ok_or_else(|| StorageError::invalid(format!("timeline {id} is not backed up")))?;
+        let list = a
+            .barman
+            .list_backups(&a.target.server)
+            .await
+            .map_err(backup_err)?;
+        let ended: Vec<_> = list
+            .iter()
+            .filter(|b| b.done())
+            .map(|b| b.ended())
+            .collect();
+        let keep = retention_keep(&ended, req.keep_count, req.max_age, jiff::Timestamp::now());
+        if let Some(keep) = keep.filter(|k| usize::try_from(*k).unwrap_or(usize::MAX) < ended.len())
+        {
+            self.apply_retention(id, keep).await?;
         }
         Ok(())
     }
@@ -417,16 +532,11 @@ impl Engine {
             .list_backups(&a.target.server)
             .await
             .map_err(backup_err)?;
-        Ok(list
-            .iter()
-            .filter(|b| b.done())
-            .map(|b| BaseBackup {
-                backup_id: b.backup_id.clone(),
-                end_lsn: b.end_lsn(),
-                ended_at: b.ended(),
-                duration: Duration::ZERO,
-            })
-            .collect())
+        let kept: Vec<BaseBackup> = list.iter().filter(|b| b.done()).map(listed).collect();
+        if let Ok(mut st) = a.status.lock() {
+            st.base_backups = kept.clone();
+        }
+        Ok(kept)
     }
 
     /// Takes a base backup of timeline `id` into its destination from a
@@ -455,13 +565,25 @@ impl Engine {
         self.clone_dir(&self.inner.root.join(&base.path), &work, false)
             .await?;
         let r = self.back_up_copy(id, &a, &work, target).await;
+        // What was backed up (barman's list does not say): the copy's bytes.
+        let size = self
+            .blocking("measuring a base backup", {
+                let work = work.clone();
+                move |_| Ok(tree_size(&work))
+            })
+            .await
+            .ok();
         if let Err(e) = self.delete_dir(&work).await {
             tracing::warn!(timeline = %id, error = %e, "removing a base backup's work copy failed");
         }
-        let mut b = r?;
+        let (mut b, done) = r?;
         b.duration = started.elapsed();
+        b.size_bytes = b.size_bytes.or(size);
         if let Ok(mut st) = a.status.lock() {
+            // Together: a reader never sees the new backup listed without
+            // its size and duration.
             st.last_base_backup = Some(b.clone());
+            st.base_backups = done;
         }
         // Ship the WAL the backup ends in without waiting for the next pass.
         a.wake.notify_one();
@@ -474,7 +596,7 @@ impl Engine {
         a: &Archiving,
         work: &Path,
         target: Option<Lsn>,
-    ) -> Result<BaseBackup, StorageError> {
+    ) -> Result<(BaseBackup, Vec<BaseBackup>), StorageError> {
         for f in [
             "postmaster.pid",
             "recovery.signal",
@@ -556,12 +678,8 @@ impl Engine {
             .filter(|b| b.done())
             .max_by(|x, y| x.backup_id.cmp(&y.backup_id))
             .ok_or_else(|| StorageError::internal("barman-cloud-backup reported no backup"))?;
-        Ok(BaseBackup {
-            backup_id: newest.backup_id.clone(),
-            end_lsn: newest.end_lsn(),
-            ended_at: newest.ended(),
-            duration: Duration::ZERO,
-        })
+        let done: Vec<BaseBackup> = list.iter().filter(|b| b.done()).map(listed).collect();
+        Ok((listed(newest), done))
     }
 }
 

@@ -178,7 +178,7 @@ use async_trait::async_trait;
 use futures::{stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-pub use backup::{BackupStatus, BackupTarget, BaseBackup};
+pub use backup::{BackupStatus, BackupTarget, BaseBackup, BaseBackupRequest};
 pub use backup_restore::{RestoreFromBackup, Restored};
 pub use pg::{PgServer, StopMode};
 
@@ -421,6 +421,38 @@ impl Storage for Engine {
             .resolve_target(&row, &Point::Timestamp(timestamp), None)
             .await?;
         Ok(lsn)
+    }
+
+    async fn set_backup(
+        &self,
+        timeline: &TimelineId,
+        target: Option<BackupTarget>,
+    ) -> Result<Option<BackupStatus>, StorageError> {
+        match target {
+            Some(t) => {
+                self.enable_backup(timeline, t).await?;
+                Ok(self.backup_status(timeline))
+            }
+            None => {
+                self.disable_backup(timeline);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn get_backup(
+        &self,
+        timeline: &TimelineId,
+    ) -> Result<Option<BackupStatus>, StorageError> {
+        Ok(self.backup_status(timeline))
+    }
+
+    async fn start_base_backup(
+        &self,
+        timeline: &TimelineId,
+        req: BaseBackupRequest,
+    ) -> Result<BackupStatus, StorageError> {
+        self.request_base_backup(timeline, req)
     }
 
     async fn create_replica(&self, req: CreateReplica) -> Result<Replica, StorageError> {

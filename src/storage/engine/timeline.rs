@@ -513,6 +513,8 @@ impl Engine {
         self.mark_deleting(id, &format!("t:{id}"), (row.state, row.error.as_deref()))
             .await?;
         tracing::info!(timeline = %id, "deleting a timeline");
+        // Nothing is left to archive (what is uploaded stays).
+        self.disable_backup(id);
         self.forget_sizes(&format!("t:{id}"));
         self.remove_replicas(id).await?;
         self.remove_timeline_dirs(id).await;

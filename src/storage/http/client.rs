@@ -11,8 +11,8 @@ use serde::Serialize;
 use super::server::ResolveResponse;
 use super::ErrorBody;
 use crate::storage::{
-    CreateReplica, CreateSnapshot, CreateTimeline, Lsn, Replica, Snapshot, SnapshotId, Storage,
-    StorageError, StorageInfo, Timeline, TimelineId,
+    BackupStatus, BackupTarget, BaseBackupRequest, CreateReplica, CreateSnapshot, CreateTimeline,
+    Lsn, Replica, Snapshot, SnapshotId, Storage, StorageError, StorageInfo, Timeline, TimelineId,
 };
 
 /// Time allowed for one request, connection included, by default. Every
@@ -282,6 +282,43 @@ impl Storage for HttpStorage {
     ) -> Result<(), StorageError> {
         self.delete(&format!("v1/timelines/{timeline}/replicas/{ordinal}"))
             .await
+    }
+
+    async fn set_backup(
+        &self,
+        timeline: &TimelineId,
+        target: Option<BackupTarget>,
+    ) -> Result<Option<BackupStatus>, StorageError> {
+        let path = format!("v1/timelines/{timeline}/backup");
+        match target {
+            Some(t) => self.call(Method::PUT, &path, Some(&t)).await,
+            None => self.delete(&path).await.map(|()| None),
+        }
+    }
+
+    async fn get_backup(
+        &self,
+        timeline: &TimelineId,
+    ) -> Result<Option<BackupStatus>, StorageError> {
+        self.call(
+            Method::GET,
+            &format!("v1/timelines/{timeline}/backup"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    async fn start_base_backup(
+        &self,
+        timeline: &TimelineId,
+        req: BaseBackupRequest,
+    ) -> Result<BackupStatus, StorageError> {
+        self.call(
+            Method::POST,
+            &format!("v1/timelines/{timeline}/base-backups"),
+            Some(&req),
+        )
+        .await
     }
 
     async fn resolve_point(

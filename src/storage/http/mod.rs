@@ -11,6 +11,10 @@
 //! | `GET /v1/timelines/{id}` | `get_timeline` |
 //! | `DELETE /v1/timelines/{id}` (204) | `delete_timeline` |
 //! | `GET /v1/timelines/{id}/resolve?timestamp=RFC3339` | `resolve_point` |
+//! | `PUT /v1/timelines/{id}/backup` (body `BackupTarget`, credentials included: never logged) | `set_backup(id, Some)` |
+//! | `GET /v1/timelines/{id}/backup` (`null`: not archiving) | `get_backup` |
+//! | `DELETE /v1/timelines/{id}/backup` (204) | `set_backup(id, None)` |
+//! | `POST /v1/timelines/{id}/base-backups` (body `BaseBackupRequest`) | `start_base_backup` |
 //! | `PUT /v1/timelines/{id}/replicas/{ordinal}` (body `{sourceConnection}`) | `create_replica` |
 //! | `GET /v1/timelines/{id}/replicas` | `list_replicas` |
 //! | `DELETE /v1/timelines/{id}/replicas/{ordinal}` (204) | `delete_replica` |

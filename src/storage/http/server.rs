@@ -12,7 +12,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -20,7 +20,8 @@ use tracing::Instrument;
 
 use super::{status_of, ErrorBody};
 use crate::storage::{
-    CreateSnapshot, CreateTimeline, SnapshotId, Storage, StorageError, TimelineId,
+    BackupTarget, BaseBackupRequest, CreateSnapshot, CreateTimeline, SnapshotId, Storage,
+    StorageError, TimelineId,
 };
 
 /// Largest request body accepted (requests are small JSON documents).
@@ -148,6 +149,11 @@ pub fn router_with_limit(storage: Arc<dyn Storage>, auth: Auth, body_limit: usiz
             get(get_timeline).delete(delete_timeline),
         )
         .route("/v1/timelines/{id}/resolve", get(resolve_point))
+        .route(
+            "/v1/timelines/{id}/backup",
+            get(get_backup).put(put_backup).delete(delete_backup),
+        )
+        .route("/v1/timelines/{id}/base-backups", post(start_base_backup))
         .route("/v1/timelines/{id}/replicas", get(list_replicas))
         .route(
             "/v1/timelines/{id}/replicas/{ordinal}",
@@ -337,6 +343,47 @@ async fn resolve_point(
 #[derive(Debug, serde::Serialize, Deserialize)]
 pub struct ResolveResponse {
     pub lsn: crate::storage::Lsn,
+}
+
+/// Turns archiving on; the body holds credentials, so nothing of it is
+/// logged but the server name.
+async fn put_backup(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    body: Result<Json<BackupTarget>, JsonRejection>,
+) -> ApiResult<Response> {
+    let id = timeline_id(p)?;
+    let Json(target) = body?;
+    tracing::info!(timeline = %id, server = %target.server, "enable backup");
+    Ok(Json(st.storage.set_backup(&id, Some(target)).await?).into_response())
+}
+
+async fn get_backup(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = timeline_id(p)?;
+    Ok(Json(st.storage.get_backup(&id).await?).into_response())
+}
+
+async fn delete_backup(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = timeline_id(p)?;
+    tracing::info!(timeline = %id, "disable backup");
+    st.storage.set_backup(&id, None).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn start_base_backup(
+    State(st): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    body: Result<Json<BaseBackupRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let id = timeline_id(p)?;
+    let Json(req) = body?;
+    Ok(Json(st.storage.start_base_backup(&id, req).await?).into_response())
 }
 
 /// Timeline id and replica ordinal of a replica route.

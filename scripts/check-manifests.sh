@@ -117,6 +117,14 @@ for kv in $KUBE_VERSIONS; do
 done
 check "config/default pods meet PodSecurity restricted" \
   offline "$PY" scripts/manifest_checks.py pod-security "$OUT/kustomize-default.yaml"
+check "kustomize config/networkpolicy renders" \
+  bash -c "${OFFLINE[*]} $KUBECTL kustomize config/networkpolicy > $OUT/kustomize-networkpolicy.yaml"
+for kv in $KUBE_VERSIONS; do
+  check "config/networkpolicy validates against Kubernetes $kv schemas (strict)" \
+    offline .venv/bin/kubernetes-validate --strict --quiet -k "$kv" "$OUT/kustomize-networkpolicy.yaml"
+done
+check "config/networkpolicy: only the operator reaches the storage API" \
+  offline "$PY" scripts/manifest_checks.py storage-netpol "$OUT/kustomize-default.yaml" "$OUT/kustomize-networkpolicy.yaml"
 
 # --- Helm chart -----------------------------------------------------------------
 for values in tests/chart-values/*.yaml; do
@@ -131,6 +139,11 @@ for values in tests/chart-values/*.yaml; do
   done
   check "chart ($v) pods meet PodSecurity restricted" \
     offline "$PY" scripts/manifest_checks.py pod-security "$rendered"
+  if sed -n '/^networkPolicy:/,/^[a-z]/p' "$values" | grep -q '^  enabled: true' &&
+    ! sed -n '/^storage:/,/^[a-z]/p' "$values" | grep -q '^  enabled: false'; then
+    check "chart ($v) NetworkPolicy: only the operator reaches the storage API" \
+      offline "$PY" scripts/manifest_checks.py storage-netpol "$rendered"
+  fi
   if grep -q '^  create: false' "$values"; then
     check "chart ($v) renders no CRDs" offline "$PY" scripts/manifest_checks.py no-crds "$rendered"
   elif [ -n "$(ls crds/*.yaml 2>/dev/null)" ]; then
@@ -180,6 +193,9 @@ fixtures_refused() {
   fi
   if offline "$PY" scripts/manifest_checks.py pod-security "$f/insecure-deployment.yaml" >/dev/null 2>&1; then
     echo "pod-security accepted $f/insecure-deployment.yaml"; rc=1
+  fi
+  if offline "$PY" scripts/manifest_checks.py storage-netpol "$f/open-storage-netpol.yaml" >/dev/null 2>&1; then
+    echo "storage-netpol accepted $f/open-storage-netpol.yaml"; rc=1
   fi
   if offline .venv/bin/kubernetes-validate --strict --quiet -k 1.36.0 "$f/insecure-deployment.yaml" >/dev/null 2>&1; then
     echo "kubernetes-validate --strict accepted $f/insecure-deployment.yaml"; rc=1

@@ -137,6 +137,70 @@ def pod_security(paths):
     return errors
 
 
+def _template_labels(docs, component):
+    """Pod template labels of the workloads of one app.kubernetes.io/component."""
+    out = []
+    for d in docs:
+        if d.get("kind") not in POD_KINDS:
+            continue
+        labels = ((d["spec"].get("template") or {}).get("metadata") or {}).get("labels") or {}
+        if labels.get("app.kubernetes.io/component") == component:
+            out.append(labels)
+    return out
+
+
+def _selects(selector, labels):
+    """Whether a LabelSelector with matchLabels only selects pods with `labels`."""
+    if not selector or selector.get("matchExpressions"):
+        return False
+    ml = selector.get("matchLabels") or {}
+    return bool(ml) and all(labels.get(k) == v for k, v in ml.items())
+
+
+def storage_netpol(paths):
+    """The storage API may be called only by the operator: some NetworkPolicy
+    selects the storage pods for Ingress, and every ingress rule of every
+    policy selecting them admits only the operator's pods (same namespace,
+    no ipBlock, no namespaceSelector) on the API port."""
+    docs = [d for p in paths for d in load(p)]
+    storage = _template_labels(docs, "storage")
+    operator = _template_labels(docs, "operator")
+    if not storage:
+        return ["no storage workload in %s" % ", ".join(paths)]
+    if not operator:
+        return ["no operator workload in %s" % ", ".join(paths)]
+    errors = []
+    guarding = []
+    for d in docs:
+        if d.get("kind") != "NetworkPolicy":
+            continue
+        spec = d.get("spec") or {}
+        sel = spec.get("podSelector")
+        if not any(_selects(sel, l) for l in storage) and sel not in ({}, None):
+            continue
+        if "Ingress" not in (spec.get("policyTypes") or ["Ingress"]):
+            continue
+        name = "NetworkPolicy %s" % d["metadata"]["name"]
+        if any(_selects(sel, l) for l in storage):
+            guarding.append(name)
+        for rule in spec.get("ingress") or []:
+            peers = rule.get("from")
+            if not peers:
+                errors.append("%s admits every peer (an ingress rule without `from`)" % name)
+                continue
+            for peer in peers:
+                if "ipBlock" in peer or "namespaceSelector" in peer:
+                    errors.append("%s admits peers outside the operator: %s" % (name, peer))
+                elif not any(_selects(peer.get("podSelector"), l) for l in operator):
+                    errors.append("%s admits pods that are not the operator: %s" % (name, peer))
+            ports = rule.get("ports")
+            if not ports or any(p.get("port") not in ("http", 7432) for p in ports):
+                errors.append("%s opens ports other than the storage API's: %s" % (name, ports))
+    if not guarding:
+        errors.append("no NetworkPolicy selects the storage pods for Ingress")
+    return errors
+
+
 SKIP = 77
 
 
@@ -195,6 +259,7 @@ def main():
         "no-crds": lambda: no_crds(*args),
         "rbac-match": lambda: rbac_match(*args),
         "pod-security": lambda: pod_security(args),
+        "storage-netpol": lambda: storage_netpol(args),
     }[cmd]()
     for e in errors:
         print("  " + e)

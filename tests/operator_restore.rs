@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 
 use kube::{Api, ResourceExt};
@@ -1042,6 +1043,124 @@ async fn finalize_onto_a_suspended_target() {
         .unwrap();
     assert_eq!(ids(&c).await, (201..=204).collect::<Vec<_>>());
     assert_one_compute_per_timeline(&h).await;
+    h.shutdown().await;
+}
+
+/// A branch without compute (`enabled: false`) has no Service — nothing
+/// to select, and one per storage-only branch costs the control plane a
+/// ClusterIP, Endpoints and an EndpointSlice — yet a restore finalizes onto
+/// it, and enabling its compute later gives it its Service and the
+/// restored rows under the same connection string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_branch_without_compute_has_no_service_and_still_takes_a_restore() {
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    h.start_operator(h.config());
+    let client = h.client.clone();
+    let services: Api<Service> = Api::default_namespaced(client.clone());
+    create_branch(&client, &shop_branch("dev")).await;
+    let mut archive = shop_branch("archive");
+    archive.spec.compute.enabled = false;
+    create_branch(&client, &archive).await;
+    wait_branch_ready(&client, "dev").await;
+    let before = wait_branch_ready(&client, "archive").await;
+    let st = before.status.clone().unwrap();
+    assert_eq!(
+        st.service, None,
+        "status.service of a branch without compute"
+    );
+    assert_eq!(
+        st.connection.as_ref().map(|c| c.host.as_str()),
+        Some(format!("archive.{}.svc", h.ns).as_str()),
+        "the connection string still names the Service it will have"
+    );
+    assert!(services.get_opt("archive").await.unwrap().is_none());
+    let uri_before = app_credentials(&client, "archive").await;
+
+    exec(
+        &h,
+        "dev",
+        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(301, 303);",
+    )
+    .await;
+    create_snapshot(
+        &client,
+        "dev-snap",
+        SnapshotSpec {
+            branch: "dev".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_snapshot_ready(&client, "dev-snap").await;
+    create_restore(
+        &client,
+        "onto-archive",
+        from_snapshot("dev-snap", "archive", true),
+    )
+    .await;
+    let r = wait_completed(&client, "onto-archive").await;
+    let restored = r.status.unwrap().restored_timeline_id;
+    wait_branch(&client, "archive", "on the restored timeline", |b| {
+        b.status
+            .as_ref()
+            .is_some_and(|s| s.timeline_id == restored && s.service.is_none())
+    })
+    .await;
+    assert!(
+        services.get_opt("archive").await.unwrap().is_none(),
+        "a restore gives a branch without compute no Service"
+    );
+
+    // Compute on: the Service appears, the connection string is the same,
+    // and it serves the restored rows.
+    branches(&client)
+        .patch(
+            "archive",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"compute": {"enabled": true}}})),
+        )
+        .await
+        .unwrap();
+    let on = wait_branch(&client, "archive", "Ready with its Service", |b| {
+        b.status.as_ref().is_some_and(|s| {
+            s.service.as_deref() == Some("archive")
+                && s.phase == Some(pgbranch::api::BranchPhase::Ready)
+        })
+    })
+    .await;
+    assert!(services.get_opt("archive").await.unwrap().is_some());
+    assert_eq!(app_credentials(&client, "archive").await, uri_before);
+    assert_eq!(on.status.unwrap().timeline_id, restored);
+    let c = h
+        .connect("archive", &uri_before.0, &uri_before.1, &uri_before.2)
+        .await
+        .unwrap();
+    assert_eq!(ids(&c).await, (301..=303).collect::<Vec<_>>());
+    drop(c);
+
+    // Compute off again: the Service goes with it.
+    branches(&client)
+        .patch(
+            "archive",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"compute": {"enabled": false}}})),
+        )
+        .await
+        .unwrap();
+    wait_branch(&client, "archive", "without its Service", |b| {
+        b.status.as_ref().is_some_and(|s| s.service.is_none())
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while services.get_opt("archive").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the Service outlived the compute"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     h.shutdown().await;
 }
 

@@ -224,9 +224,17 @@ pub(super) async fn reconcile_compute(
     let compute_ready = current.as_ref().is_some_and(deployment_ready);
 
     // The Service moves to a new timeline only once its compute is ready.
-    let live_svc = ctx
-        .get::<Service>(&ns, "read service", &service_name(&name))
-        .await?;
+    // A branch without compute (`enabled: false`) has none: its connection
+    // string names the Service, which is made when compute is enabled, and
+    // a Service per storage-only branch would cost the control plane a
+    // ClusterIP, Endpoints and an EndpointSlice for nothing.
+    let live_svc = if compute.enabled {
+        ctx.get::<Service>(&ns, "read service", &service_name(&name))
+            .await?
+    } else {
+        delete_owned::<Service>(ctx, &ns, &service_name(&name), &uid).await?;
+        None
+    };
     let selected = live_svc
         .as_ref()
         .filter(|s| holder(*s, &uid) == Holder::Owner)
@@ -236,16 +244,18 @@ pub(super) async fn reconcile_compute(
         .cloned();
     let svc_timeline =
         service_timeline(selected.as_deref(), tl.id.as_str(), running, compute_ready);
-    apply_owned(
-        ctx,
-        handover::service_for(
-            build_service(branch, &svc_timeline)?,
-            adopted.as_ref(),
-            &svc_timeline,
-        ),
-        &uid,
-    )
-    .await?;
+    if compute.enabled {
+        apply_owned(
+            ctx,
+            handover::service_for(
+                build_service(branch, &svc_timeline)?,
+                adopted.as_ref(),
+                &svc_timeline,
+            ),
+            &uid,
+        )
+        .await?;
+    }
 
     // Computes of other timelines (after a swap) go once the Service moved
     // and its clients followed: its EndpointSlices list the current

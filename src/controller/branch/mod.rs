@@ -332,7 +332,7 @@ async fn apply_steps(
         Step::Next(s) => s,
         Step::Stop(done) => return Ok(done),
     };
-    status.service = Some(service_name(&name));
+    status.service = branch.spec.compute.enabled.then(|| service_name(&name));
     status.secret_name = Some(app_secret_name(&name));
     status.connection = Some(ConnectionStatus {
         host: service_host(&name, &ns),

@@ -361,8 +361,14 @@ async fn compute(run: &Run<'_>, f: &Finalize) -> Result<Pending, Error> {
     let old = with_deadline(ctx, "list computes", deploys.list(&primaries(&f.t_old))).await?;
     let new = with_deadline(ctx, "list computes", deploys.list(&primaries(&f.t_new))).await?;
     let runs = f.target.spec.compute.enabled && !f.target.spec.compute.suspended;
+    // A target without compute has no Service: it selects nothing to move.
+    let svc_timeline = match svc.as_ref() {
+        Some(s) => svc_selector_timeline(s),
+        None if !f.target.spec.compute.enabled => Some(f.t_new.to_string()),
+        None => None,
+    };
     if compute_handed_over(
-        svc.as_ref().and_then(svc_selector_timeline).as_deref(),
+        svc_timeline.as_deref(),
         f.t_new.as_str(),
         old.items
             .iter()

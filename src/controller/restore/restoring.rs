@@ -217,6 +217,10 @@ pub(super) fn check_service_owned(
 ) -> Result<(), Error> {
     let name = target.name_any();
     let Some(svc) = svc else {
+        if !target.spec.compute.enabled {
+            // A branch without compute has no Service: nothing to retarget.
+            return Ok(());
+        }
         return Err(Error::stalled(
             "ServiceNotOwned",
             format!("branch {name} has no Service {name} to retarget"),

@@ -40,6 +40,64 @@ where
     Controller::for_stream(trigger, reader).with_config(controller_config(config))
 }
 
+/// One watch and one cache of `K` for several controllers: the store every
+/// one of them reads, and a trigger for each (`ReflectHandle`s of one
+/// shared reflector). [`Shared::feed`] drives the watch; it must run for
+/// any of them to see a change.
+pub struct Shared<K: Object> {
+    pub store: reflector::Store<K>,
+    writer: reflector::store::Writer<K>,
+}
+
+/// How many changes the shared watch holds for a trigger that lags.
+const SHARED_BUFFER: usize = 1024;
+
+impl<K: Object> Shared<K> {
+    pub fn new() -> Self {
+        let (store, writer) = reflector::store_shared(SHARED_BUFFER);
+        Self { store, writer }
+    }
+
+    /// A trigger: every object the watch applies, from now on.
+    pub fn subscribe(&self) -> impl futures::Stream<Item = Arc<K>> + Send + 'static {
+        // `None` only for a store made without `store_shared`: not this one.
+        self.writer
+            .subscribe()
+            .map(StreamExt::boxed)
+            .unwrap_or_else(|| futures::stream::empty().boxed())
+    }
+
+    /// Runs the watch of `api` (objects kept without `managedFields`) until
+    /// `shutdown` resolves.
+    pub async fn feed(self, api: kube::Api<K>, shutdown: impl Future<Output = ()>) {
+        let watch = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+            .reflect_shared(self.writer)
+            .for_each(|ev| async move {
+                if let Err(e) = ev {
+                    tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+                }
+            });
+        tokio::select! {
+            () = watch => {}
+            () = shutdown => {}
+        }
+    }
+}
+
+impl<K: Object> Default for Shared<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A controller of `K` on a [`Shared`] watch, run with [`controller_config`].
+pub fn controller_for_shared<K: Object>(shared: &Shared<K>, config: &Config) -> Controller<K> {
+    Controller::for_shared_stream(shared.subscribe(), shared.store.clone())
+        .with_config(controller_config(config))
+}
+
 /// What a controller runs until: a future that resolves at shutdown.
 pub trait Shutdown: Future<Output = ()> + Send + Sync + 'static {}
 impl<F: Future<Output = ()> + Send + Sync + 'static> Shutdown for F {}

@@ -51,7 +51,6 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as FinalizerEvent;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
 use super::apply::{apply_owned, delete_owned, holder, Holder};
@@ -76,11 +75,15 @@ use validate::{app_identity, generate_password, parse_point};
 pub const FINALIZER: &str = "pgbranch.dev/branch-cleanup";
 const KIND: &str = "Branch";
 
-/// Runs the Branch controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
-    let branches: Api<Branch> = ctx.watched();
-    let controller = super::controller_for(branches.clone(), &ctx.config);
-    let store = controller.store();
+/// The Branch controller on the operator's shared watch of Branches
+/// (`branches`), as a future that runs it until `shutdown` resolves.
+pub fn run(
+    ctx: Arc<Context>,
+    shutdown: impl Shutdown,
+    branches: &super::Shared<Branch>,
+) -> impl std::future::Future<Output = ()> {
+    let controller = super::controller_for_shared(branches, &ctx.config);
+    let store = branches.store.clone();
     // The owned kinds are watched once, into the operator's caches
     // ([`super::cache`]), which then serve the reads of every controller.
     let mut controller = controller;
@@ -105,11 +108,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
     // A branch's changes wake its parent (which may wait for its children
     // to go) and its children (which may wait for it to be Ready, or for it
     // to exist).
-    let controller = controller.watches(branches, watcher::Config::default(), move |b: Branch| {
+    let controller = controller.watches_shared_stream(branches.subscribe(), move |b| {
         related_branches(&b, &store.state())
     });
     let how = Drive::of(KIND, "branch");
-    super::drive(controller, ctx, shutdown, how, reconcile).await;
+    super::drive(controller, ctx, shutdown, how, reconcile)
 }
 
 /// The Branch an object is labelled with.

@@ -65,9 +65,14 @@ pub fn refresh_name(branch: &str, slot: jiff::Timestamp) -> String {
     plan::run_name_max(branch, "-refresh", slot, MAX_BRANCH_NAME_LEN)
 }
 
-/// Runs the refresh controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
-    let controller = crate::controller::controller_for(ctx.watched::<Branch>(), &ctx.config).owns(
+/// The refresh controller on the operator's shared watch of Branches
+/// (`branches`), as a future that runs it until `shutdown` resolves.
+pub fn run(
+    ctx: Arc<Context>,
+    shutdown: impl Shutdown,
+    branches: &crate::controller::Shared<Branch>,
+) -> impl std::future::Future<Output = ()> {
+    let controller = crate::controller::controller_for_shared(branches, &ctx.config).owns(
         ctx.watched::<SnapshotRestore>(),
         watcher::Config::default().labels(LABEL_REFRESH_OF),
     );
@@ -76,7 +81,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Shutdown) {
         controller: "refresh",
         primary: false,
     };
-    crate::controller::drive(controller, ctx, shutdown, how, reconcile).await;
+    crate::controller::drive(controller, ctx, shutdown, how, reconcile)
 }
 
 fn phase_done(r: &SnapshotRestore) -> bool {

@@ -217,9 +217,38 @@ async fn snapshot_of(client: &Client, name: &str, branch: &str) {
     wait_snapshot_ready(client, name).await;
 }
 
+/// Where `secret` (any of its [`needles`]) appears among `places`, each
+/// with the line it is on, the secret masked.
+fn leaks_of(secret: &Found, places: &[(String, String)]) -> Vec<String> {
+    let mut leaks = Vec::new();
+    for n in needles(&secret.value) {
+        for (place, text) in places {
+            if let Some(at) = text.find(&n) {
+                // The line it is on, with the needle masked, to find the
+                // culprit without printing the secret.
+                let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+                let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+                let line = text[start..end].replace(&n, "<SECRET>");
+                let line: String = line.chars().take(600).collect();
+                leaks.push(format!(
+                    "{} ({}) appears in {place}: {line}",
+                    secret.origin,
+                    hint(&n)
+                ));
+            }
+        }
+    }
+    leaks
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_password_token_or_private_key_in_logs_status_events_or_metrics() {
     let logs = capture_logs();
+    let canary = Found {
+        origin: "the canary".into(),
+        value: format!("canary-{}", uuid::Uuid::new_v4().simple()),
+    };
+    tracing::debug!(target: "pgbranch::leak_canary", "a deliberate leak: {}", canary.value);
     let t0 = jiff::Timestamp::now();
     let Some(mut h) = World::builder(module_path!()).clock(t0).build().await else {
         return;
@@ -350,7 +379,16 @@ async fn no_password_token_or_private_key_in_logs_status_events_or_metrics() {
         lines > 500,
         "only {lines} log lines captured: is the subscriber installed?"
     );
-    for marker in ["\"prod\"", "feature", "promote", "nightly", "feature-snap"] {
+    for marker in [
+        "\"prod\"",
+        "feature",
+        "promote",
+        "nightly",
+        "feature-snap",
+        // Both the operator and the engine are in the capture.
+        "\"target\":\"pgbranch::controller",
+        "\"target\":\"pgbranch::storage",
+    ] {
         assert!(
             log_text.contains(marker),
             "the captured logs never name {marker}: the capture misses the operator"
@@ -368,26 +406,18 @@ async fn no_password_token_or_private_key_in_logs_status_events_or_metrics() {
     places.extend(evs);
     places.push(("/metrics".into(), metrics));
 
-    let mut leaks = Vec::new();
-    for f in secrets.values() {
-        for n in needles(&f.value) {
-            for (place, text) in &places {
-                if let Some(at) = text.find(&n) {
-                    // The line it is on, with the needle masked, to find
-                    // the culprit without printing the secret.
-                    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-                    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
-                    let line = text[start..end].replace(&n, "<SECRET>");
-                    let line: String = line.chars().take(600).collect();
-                    leaks.push(format!(
-                        "{} ({}) appears in {place}: {line}",
-                        f.origin,
-                        hint(&n)
-                    ));
-                }
-            }
-        }
-    }
+    // The search finds a secret that did leak: a canary logged under the
+    // operator's target at the start is reported, and only there.
+    let canary_leaks = leaks_of(&canary, &places);
+    assert!(
+        canary_leaks.len() == 1 && canary_leaks[0].contains("the operator's logs"),
+        "the canary logged at the start is not found exactly once: {canary_leaks:?}"
+    );
+
+    let leaks: Vec<String> = secrets
+        .values()
+        .flat_map(|f| leaks_of(f, &places))
+        .collect();
     assert!(
         leaks.is_empty(),
         "{} secret leak(s):\n{}",

@@ -255,6 +255,26 @@ async fn no_password_token_or_private_key_in_logs_status_events_or_metrics() {
     };
     h.start_operator(h.config());
     let client = h.client.clone();
+    // Secrets that live only for a while (the restored branch's before a
+    // finalize hands it over) are collected by a watcher listing them all
+    // along, besides the collections at each stage's end.
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let watcher = {
+        let (client, seen) = (client.clone(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut now = BTreeMap::new();
+                collect_secrets(&client, &mut now).await;
+                {
+                    let mut all = seen.lock().unwrap();
+                    for (k, v) in now {
+                        all.entry(k).or_insert(v);
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        })
+    };
     let mut secrets = BTreeMap::new();
 
     // A root with declared roles (the second has a Secret of its own) and
@@ -345,6 +365,10 @@ async fn no_password_token_or_private_key_in_logs_status_events_or_metrics() {
         wait_branch_ready(&client, b).await;
     }
     collect_secrets(&client, &mut secrets).await;
+    watcher.abort();
+    for (k, v) in std::mem::take(&mut *seen.lock().unwrap()) {
+        secrets.entry(k).or_insert(v);
+    }
 
     // What the scenario created: enough secrets that the search means
     // something, among them every kind the issue names.

@@ -147,7 +147,14 @@ async fn branch_at_head_and_at_timestamp() {
         head_secret["port"],
         pct(&head_secret["dbname"]),
     );
-    uri_secret(&env, n, "parent-password-on-head", &parents_pw_on_head).await;
+    uri_secret(
+        &env,
+        n,
+        "parent-password-on-head",
+        &parents_pw_on_head,
+        head_secret.get("ca.crt"),
+    )
+    .await;
     let mut run = run_sql_pod(&env, n, "parent-password-on-head", &["SELECT 1"]).await;
     for _ in 0..3 {
         // Retry what is not an answer from PostgreSQL (DNS, endpoints).
@@ -805,7 +812,14 @@ async fn read_replica_serves_reads() {
     write_two_batches(&env, n, "main").await;
     let secret = secret_data(&env, n, "main-app").await;
     assert_eq!(secret["ro-host"], format!("main-ro.{n}.svc"));
-    uri_secret(&env, n, "main-ro-uri", &secret["ro-uri"]).await;
+    uri_secret(
+        &env,
+        n,
+        "main-ro-uri",
+        &secret["ro-uri"],
+        secret.get("ca.crt"),
+    )
+    .await;
     let all = [rows(1..=10, "first"), rows(11..=20, "second")].concat();
     let start = std::time::Instant::now();
     loop {

@@ -51,8 +51,8 @@ use crate::storage::{Storage, StorageError};
 
 pub use metrics::Metrics;
 pub use runner::{
-    backoff, controller_config, controller_for, controller_for_shared, drive, error_policy, finalizer_result, uid_of,
-    until_stopped, with_finalizer, Drive, Shared, Shutdown,
+    backoff, controller_config, controller_for, controller_for_shared, drive, error_policy,
+    finalizer_result, uid_of, until_stopped, with_finalizer, Drive, Shared, Shutdown,
 };
 
 /// A namespaced kind the controllers read and write, ours or a built-in

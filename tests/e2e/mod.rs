@@ -1103,14 +1103,21 @@ pub fn pct(s: &str) -> String {
         .collect()
 }
 
-/// Creates a Secret holding only a `uri`, to try other credentials through
+/// Creates a Secret holding only a `uri` (and the CA its `verify-full` needs),
+/// to try other credentials through
 /// [`run_sql_pod`].
-pub async fn uri_secret(env: &Env, ns: &str, name: &str, uri: &str) {
+pub async fn uri_secret(env: &Env, ns: &str, name: &str, uri: &str, ca: Option<&String>) {
+    // `ca.crt` (compute TLS) too: [`run_sql_pod`] points PGSSLROOTCERT at
+    // it, and a `verify-full` URI cannot connect without it.
+    let mut data = json!({"uri": uri});
+    if let Some(ca) = ca {
+        data["ca.crt"] = json!(ca);
+    }
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": name},
-        "stringData": {"uri": uri},
+        "stringData": data,
     }))
     .expect("secret object");
     create(env, ns, secret).await;

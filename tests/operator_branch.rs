@@ -537,3 +537,53 @@ async fn roles_removed_from_the_spec_are_dropped_or_disabled() {
     assert_eq!(role(su, "writer").await, None, "writer dropped at last");
     w.shutdown().await;
 }
+
+/// A parent and its child deleted together (a namespace deletion, `kubectl
+/// delete branches --all`): the parent's deletion waits for the child, and
+/// the child's going wakes the parent at once — not at its next periodic
+/// look (no resync here, Ready objects looked at every 5 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parent_deleted_with_its_child_goes_as_soon_as_the_child_is_gone() {
+    use kube::api::DeleteParams;
+    use pgbranch::api::ParentRef;
+    use std::time::{Duration, Instant};
+    use support::world::*;
+
+    let Some(mut w) = World::new("parent-and-child").await else {
+        return;
+    };
+    let mut config = w.config();
+    config.resync_interval = None;
+    config.ready_requeue = Duration::from_secs(300);
+    w.start_operator(config);
+    let client = w.client.clone();
+    let mut main = shop_branch("main");
+    main.spec.compute.enabled = false;
+    create_branch(&client, &main).await;
+    wait_branch_ready(&client, "main").await;
+    let mut dev = shop_branch("dev");
+    dev.spec.compute.enabled = false;
+    dev.spec.parent = Some(ParentRef {
+        branch: "main".into(),
+        ..Default::default()
+    });
+    create_branch(&client, &dev).await;
+    wait_branch_ready(&client, "dev").await;
+
+    let api = branches(&client);
+    api.delete("main", &DeleteParams::default()).await.unwrap();
+    api.delete("dev", &DeleteParams::default()).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let left = api.list(&Default::default()).await.unwrap().items.len();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{left} branches still there after 60 s: the parent was not woken when its child went"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    w.shutdown().await;
+}

@@ -107,10 +107,13 @@ pub fn run(
     }
     // A branch's changes wake its parent (which may wait for its children
     // to go) and its children (which may wait for it to be Ready, or for it
-    // to exist).
-    let controller = controller.watches_shared_stream(branches.subscribe(), move |b| {
-        related_branches(&b, &store.state())
-    });
+    // to exist). A watch of its own: the shared one does not pass deletions
+    // on, and a parent being deleted waits for exactly those.
+    let controller = controller.watches(
+        ctx.watched::<Branch>(),
+        kube::runtime::watcher::Config::default(),
+        move |b: Branch| related_branches(&b, &store.state()),
+    );
     let how = Drive::of(KIND, "branch");
     super::drive(controller, ctx, shutdown, how, reconcile)
 }

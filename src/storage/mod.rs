@@ -13,6 +13,7 @@ pub mod backups;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod tls;
 pub mod types;
 pub mod wait;
 

@@ -220,6 +220,37 @@ async fn bad_input_gets_a_json_error_naming_the_problem() {
     let r = f.post("/v1/timelines", &big).send().await.unwrap();
     error_body(r, StatusCode::PAYLOAD_TOO_LARGE, "InvalidArgument").await;
 
+    // A backup target barman-cloud could misread (its server name goes
+    // into command lines and restore_command): refused before anything
+    // runs, the secret not echoed.
+    let target = pgbranch::storage::backups::BackupTarget {
+        store: pgbranch::backup::ObjectStore {
+            endpoint: "http://127.0.0.1:9".into(),
+            bucket: "backups".into(),
+            region: "r".into(),
+            prefix: String::new(),
+            path_style: true,
+            ca_bundle: None,
+            credentials: pgbranch::backup::Credentials {
+                access_key_id: "GKid".into(),
+                secret_access_key: "never-echoed-secret".into(),
+            },
+        },
+        server: "x'; touch /tmp/pwned; '".into(),
+    };
+    let r = f
+        .http
+        .put(f.url("/v1/timelines/abc/backup"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(serde_json::to_string(&target).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let b = error_body(r, StatusCode::BAD_REQUEST, "InvalidArgument").await;
+    assert!(b.message.contains("server name"), "{b:?}");
+    assert!(!b.message.contains("never-echoed-secret"), "{b:?}");
+
     // Replica ordinals: numbers within range only.
     for (ordinal, says) in [
         ("abc", "not a number"),

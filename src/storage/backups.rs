@@ -23,6 +23,61 @@ pub struct BackupTarget {
     pub server: String,
 }
 
+impl BackupTarget {
+    /// Refuses a target the engine would hand to barman-cloud as anything
+    /// but a server name and an S3 location: the server name goes into
+    /// command lines and the `restore_command` of restored data
+    /// directories, the bucket and prefix into `s3://` URLs. The operator
+    /// only sends what the CRD accepted; this is the storage API's own
+    /// check of the body it is given (a 400 with the reason).
+    pub fn validate(&self) -> Result<(), super::StorageError> {
+        let bad = |m: String| Err(super::StorageError::invalid(m));
+        let s = &self.server;
+        if s.is_empty()
+            || s.len() > 64
+            || !s
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            || s.starts_with('-')
+        {
+            return bad(format!(
+                "backup server name {s:?}: 1 to 64 letters, digits, '-' or '_', not starting with '-'"
+            ));
+        }
+        let b = &self.store.bucket;
+        let bucket_char =
+            |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-';
+        if b.len() < 2
+            || b.len() > 63
+            || !b.bytes().all(bucket_char)
+            || !b.starts_with(|c: char| c.is_ascii_alphanumeric())
+            || !b.ends_with(|c: char| c.is_ascii_alphanumeric())
+        {
+            return bad(format!(
+                "bucket {b:?}: an S3 bucket name (2 to 63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit)"
+            ));
+        }
+        let p = &self.store.prefix;
+        if p.starts_with('/')
+            || p.ends_with('/')
+            || p.contains("//")
+            || p.split('/').any(|part| part == "..")
+            || p.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return bad(format!(
+                "prefix {p:?}: no leading or trailing '/', no '//', no '..' and no spaces"
+            ));
+        }
+        let e = &self.store.endpoint;
+        if !(e.starts_with("https://") || e.starts_with("http://"))
+            || e.contains(char::is_whitespace)
+        {
+            return bad(format!("endpoint {e:?}: an http:// or https:// URL"));
+        }
+        Ok(())
+    }
+}
+
 /// Where a timeline's backup stands.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -180,12 +235,11 @@ mod tests {
         assert_eq!(st.lag(now), Duration::ZERO);
     }
 
-    #[test]
-    fn targets_round_trip_as_json_and_debug_hides_the_secret() {
-        let t = BackupTarget {
+    fn target() -> BackupTarget {
+        BackupTarget {
             store: ObjectStore {
                 endpoint: "http://127.0.0.1:3900".into(),
-                bucket: "b".into(),
+                bucket: "backups".into(),
                 region: "garage".into(),
                 prefix: "p/uid".into(),
                 path_style: true,
@@ -195,10 +249,47 @@ mod tests {
                     secret_access_key: "s3cr3t-value".into(),
                 },
             },
-            server: "tl".into(),
-        };
+            server: "0123456789abcdef".into(),
+        }
+    }
+
+    #[test]
+    fn targets_round_trip_as_json_and_debug_hides_the_secret() {
+        let t = target();
         let back: BackupTarget = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
         assert_eq!(back, t);
         assert!(!format!("{t:?}").contains("s3cr3t-value"));
+    }
+
+    #[test]
+    fn a_target_barman_could_misread_is_refused_with_the_reason() {
+        assert!(target().validate().is_ok());
+        let mut empty_prefix = target();
+        empty_prefix.store.prefix.clear();
+        assert!(empty_prefix.validate().is_ok(), "the bucket's root is fine");
+        type Spoil = fn(&mut BackupTarget);
+        let cases: Vec<(&str, Spoil)> = vec![
+            ("server name", |t| t.server = "../other".into()),
+            ("server name", |t| t.server = "--help".into()),
+            ("server name", |t| t.server = "a'; rm".into()),
+            ("server name", |t| t.server = String::new()),
+            ("bucket", |t| t.store.bucket = "Backups".into()),
+            ("bucket", |t| t.store.bucket = "b/x".into()),
+            ("prefix", |t| t.store.prefix = "/p".into()),
+            ("prefix", |t| t.store.prefix = "p/../q".into()),
+            ("prefix", |t| t.store.prefix = "p q".into()),
+            ("endpoint", |t| t.store.endpoint = "ftp://x".into()),
+        ];
+        for (what, spoil) in cases {
+            let mut t = target();
+            spoil(&mut t);
+            let e = t.validate().expect_err(what);
+            assert!(
+                matches!(e, crate::storage::StorageError::InvalidArgument { .. }),
+                "{what}: {e:?}"
+            );
+            assert!(e.to_string().contains(what), "{what}: {e}");
+            assert!(!e.to_string().contains("s3cr3t"), "{e}");
+        }
     }
 }

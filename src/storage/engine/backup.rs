@@ -221,6 +221,7 @@ impl Engine {
         id: &TimelineId,
         target: BackupTarget,
     ) -> Result<(), StorageError> {
+        target.validate()?;
         self.ready(id).await?;
         {
             let running =

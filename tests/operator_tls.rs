@@ -416,3 +416,45 @@ fn pem_of(der: &[u8]) -> String {
         lines.join("\n")
     )
 }
+
+/// A namespace CA that cannot be read (a user's Secret `pgbranch-ca`
+/// without a key) stops a new branch as Stalled `InvalidCA` naming the
+/// Secret, before anything holding a password exists; the operator never
+/// overwrites the user's Secret. Once the user removes it, the operator
+/// makes its own CA and the branch becomes Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_namespace_ca_stalls_the_branch_and_is_never_overwritten() {
+    let Some(mut h) = World::new(module_path!()).await else {
+        return;
+    };
+    let secrets: Api<Secret> = Api::default_namespaced(h.client.clone());
+    let bad: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": CA_SECRET},
+        "stringData": {"ca.crt": "not a certificate"},
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &bad).await.unwrap();
+    h.start_operator(h.config());
+    let client = h.client.clone();
+    create_branch(&client, &shop_branch("prod")).await;
+    let b = wait_stalled(&client, "prod", "InvalidCA").await;
+    let (_, _, message) = condition(&b, "Stalled").unwrap();
+    assert!(message.contains(CA_SECRET), "{message}");
+    assert!(
+        secrets.get_opt("prod-app").await.unwrap().is_none(),
+        "no credentials before the CA is usable"
+    );
+    let kept = secrets.get(CA_SECRET).await.unwrap();
+    assert_eq!(secret_str(&kept, "ca.crt"), "not a certificate");
+
+    secrets
+        .delete(CA_SECRET, &Default::default())
+        .await
+        .unwrap();
+    wait_branch_ready(&client, "prod").await;
+    let ca = secrets.get(CA_SECRET).await.unwrap();
+    assert!(first_cert_der(&secret_str(&ca, "ca.crt")).is_some());
+    h.shutdown().await;
+}

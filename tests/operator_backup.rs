@@ -122,6 +122,25 @@ async fn insert(c: &tokio_postgres::Client, ids: std::ops::RangeInclusive<i32>) 
     }
 }
 
+/// An engine on a new, empty volume (the copy driver): a machine that has
+/// only the bucket.
+async fn fresh_engine() -> (tempfile::TempDir, Engine) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("pgbranch-backup-fresh-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let engine = Engine::open(EngineConfig {
+        root: dir.path().join("volume"),
+        driver: Some(DriverKind::Copy),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (dir, engine)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backed_up_branch_archives_in_seconds_survives_an_outage_and_restores_from_the_bucket() {
     let test = "operator_backup";
@@ -324,21 +343,7 @@ async fn a_backed_up_branch_archives_in_seconds_survives_an_outage_and_restores_
     drop(c);
 
     // From the bucket alone, in a fresh engine.
-    let fresh_dir = tempfile::Builder::new()
-        .prefix("pgbranch-backup-fresh-")
-        .tempdir()
-        .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(fresh_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let fresh = Engine::open(EngineConfig {
-        root: fresh_dir.path().join("volume"),
-        driver: Some(DriverKind::Copy),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (_fresh_dir, fresh) = fresh_engine().await;
     for (name, point, want) in [
         (
             "at-time",
@@ -367,7 +372,7 @@ async fn a_backed_up_branch_archives_in_seconds_survives_an_outage_and_restores_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_a_restore_the_branch_archives_its_new_timeline() {
-    use pgbranch::api::{RestorePhase, RestoreSource, SnapshotRestoreSpec};
+    use pgbranch::api::{RestoreSource, SnapshotRestoreSpec};
     use pgbranch::storage::TimelineId;
     let test = "operator_backup_restore";
     let started = Instant::now();
@@ -421,19 +426,7 @@ async fn after_a_restore_the_branch_archives_its_new_timeline() {
         },
     )
     .await;
-    let r = wait_restore(&w.client, "rewind", "Completed or Failed", |r| {
-        matches!(
-            r.status.as_ref().and_then(|s| s.phase),
-            Some(RestorePhase::Completed) | Some(RestorePhase::Failed)
-        )
-    })
-    .await;
-    assert_eq!(
-        r.status.as_ref().and_then(|s| s.phase),
-        Some(RestorePhase::Completed),
-        "{:#?}",
-        r.status
-    );
+    wait_completed(&w.client, "rewind").await;
 
     // The new timeline is archived, with a base backup of its own; the
     // replaced one (now the backup branch's) no longer is.
@@ -477,21 +470,7 @@ async fn after_a_restore_the_branch_archives_its_new_timeline() {
         .metadata
         .uid
         .unwrap();
-    let fresh_dir = tempfile::Builder::new()
-        .prefix("pgbranch-backup-fresh-")
-        .tempdir()
-        .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(fresh_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let fresh = Engine::open(EngineConfig {
-        root: fresh_dir.path().join("volume"),
-        driver: Some(DriverKind::Copy),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (_fresh_dir, fresh) = fresh_engine().await;
     let r = fresh
         .restore_from_backup(RestoreFromBackup {
             store: store(&g, &uid),

@@ -22,8 +22,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use pgbranch::api::{
-    Branch, BranchSpec, ParentRef, RestorePhase, RestoreSource, RoleSpec, Snapshot,
-    SnapshotRestore, SnapshotRestoreSpec, SnapshotSchedule, SnapshotSpec,
+    Branch, BranchSpec, ParentRef, RestoreSource, RoleSpec, Snapshot, SnapshotRestore,
+    SnapshotRestoreSpec, SnapshotSchedule, SnapshotSpec,
 };
 use serde_json::json;
 use support::times::{next_utc, plus};
@@ -321,19 +321,7 @@ async fn no_password_token_or_private_key_in_logs_status_events_or_metrics() {
         },
     )
     .await;
-    let r = wait_restore(&client, "promote", "Completed or Failed", |r| {
-        matches!(
-            r.status.as_ref().and_then(|s| s.phase),
-            Some(RestorePhase::Completed) | Some(RestorePhase::Failed)
-        )
-    })
-    .await;
-    assert_eq!(
-        r.status.as_ref().and_then(|s| s.phase),
-        Some(RestorePhase::Completed),
-        "{:#?}",
-        r.status
-    );
+    wait_completed(&client, "promote").await;
     wait_branch_ready(&client, "prod").await;
     let c = h.connect_app("prod").await;
     assert_eq!(ids(&c).await, vec![1, 2], "prod serves the restored data");

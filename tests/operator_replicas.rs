@@ -489,19 +489,7 @@ async fn a_restore_gives_the_target_replicas_of_the_restored_data() {
         },
     )
     .await;
-    let r = wait_restore(&client, "promote", "Completed or Failed", |r| {
-        matches!(
-            r.status.as_ref().and_then(|s| s.phase),
-            Some(pgbranch::api::RestorePhase::Completed | pgbranch::api::RestorePhase::Failed)
-        )
-    })
-    .await;
-    assert_eq!(
-        r.status.as_ref().and_then(|s| s.phase),
-        Some(pgbranch::api::RestorePhase::Completed),
-        "{:#?}",
-        r.status
-    );
+    wait_completed(&client, "promote").await;
     let after = wait_branch(
         &client,
         "prod",

@@ -41,21 +41,6 @@ fn phase(r: &SnapshotRestore) -> Option<RestorePhase> {
     r.status.as_ref().and_then(|s| s.phase)
 }
 
-pub async fn wait_completed(client: &kube::Client, name: &str) -> SnapshotRestore {
-    let r = wait_restore(client, name, "Completed or Failed", |r| {
-        matches!(
-            phase(r),
-            Some(RestorePhase::Completed) | Some(RestorePhase::Failed)
-        )
-    })
-    .await;
-    assert_eq!(phase(&r), Some(RestorePhase::Completed), "{:#?}", r.status);
-    let st = r.status.clone().unwrap();
-    assert_eq!(cond(&st.conditions, "Ready").unwrap().0, "True");
-    assert!(st.completed_at.is_some());
-    r
-}
-
 /// Connects through a Service with a fixed set of credentials in a loop and
 /// records the longest stretch during which it could not run `SELECT 1`.
 struct ClientLoop {

@@ -815,6 +815,28 @@ pub async fn wait_restore(
     wait_object(&restores(client), name, what, pred).await
 }
 
+/// Waits until the restore `name` ends and asserts it Completed (Ready
+/// True, `completedAt` set); a Failed one fails the test with its status.
+pub async fn wait_completed(client: &Client, name: &str) -> SnapshotRestore {
+    use pgbranch::api::RestorePhase;
+    let phase = |r: &SnapshotRestore| r.status.as_ref().and_then(|s| s.phase);
+    let r = wait_restore(client, name, "Completed or Failed", |r| {
+        matches!(
+            phase(r),
+            Some(RestorePhase::Completed) | Some(RestorePhase::Failed)
+        )
+    })
+    .await;
+    assert_eq!(phase(&r), Some(RestorePhase::Completed), "{:#?}", r.status);
+    let st = r.status.clone().unwrap_or_default();
+    assert_eq!(
+        cond(&st.conditions, "Ready").map(|c| c.0).as_deref(),
+        Some("True")
+    );
+    assert!(st.completed_at.is_some());
+    r
+}
+
 /// Waits until the object is gone.
 pub async fn wait_gone<K>(api: &Api<K>, name: &str)
 where

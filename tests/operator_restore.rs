@@ -132,6 +132,31 @@ impl ClientLoop {
     }
 }
 
+/// Rows `ids` in a new table `items` of branch `dev`, then the Snapshot
+/// `dev-snap` of it, Ready.
+async fn dev_snapshot_with_items(h: &World, ids: std::ops::RangeInclusive<i32>) {
+    exec(
+        h,
+        "dev",
+        &format!(
+            "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series({}, {});",
+            ids.start(),
+            ids.end()
+        ),
+    )
+    .await;
+    create_snapshot(
+        &h.client,
+        "dev-snap",
+        SnapshotSpec {
+            branch: "dev".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_snapshot_ready(&h.client, "dev-snap").await;
+}
+
 async fn exec(h: &World, branch: &str, sql: &str) {
     h.connect_app(branch)
         .await
@@ -430,22 +455,7 @@ async fn multi_step_preview_then_finalize_and_what_is_refused() {
         "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(1, 3);",
     )
     .await;
-    exec(
-        &h,
-        "dev",
-        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(101, 105);",
-    )
-    .await;
-    create_snapshot(
-        &client,
-        "dev-snap",
-        SnapshotSpec {
-            branch: "dev".into(),
-            ..Default::default()
-        },
-    )
-    .await;
-    wait_snapshot_ready(&client, "dev-snap").await;
+    dev_snapshot_with_items(&h, 101..=105).await;
     let prod_app = app_credentials(&client, "prod").await;
 
     // Preview: the restored data under its own name, Service and Secret.
@@ -947,22 +957,7 @@ async fn finalize_onto_a_suspended_target() {
         b.status.as_ref().and_then(|s| s.phase) == Some(pgbranch::api::BranchPhase::Suspended)
     })
     .await;
-    exec(
-        &h,
-        "dev",
-        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(201, 204);",
-    )
-    .await;
-    create_snapshot(
-        &client,
-        "dev-snap",
-        SnapshotSpec {
-            branch: "dev".into(),
-            ..Default::default()
-        },
-    )
-    .await;
-    wait_snapshot_ready(&client, "dev-snap").await;
+    dev_snapshot_with_items(&h, 201..=204).await;
 
     create_restore(
         &client,
@@ -1063,22 +1058,7 @@ async fn a_branch_without_compute_has_no_service_and_still_takes_a_restore() {
     assert!(services.get_opt("archive").await.unwrap().is_none());
     let uri_before = app_credentials(&client, "archive").await;
 
-    exec(
-        &h,
-        "dev",
-        "CREATE TABLE items (id int); INSERT INTO items SELECT generate_series(301, 303);",
-    )
-    .await;
-    create_snapshot(
-        &client,
-        "dev-snap",
-        SnapshotSpec {
-            branch: "dev".into(),
-            ..Default::default()
-        },
-    )
-    .await;
-    wait_snapshot_ready(&client, "dev-snap").await;
+    dev_snapshot_with_items(&h, 301..=303).await;
     create_restore(
         &client,
         "onto-archive",

@@ -26,7 +26,7 @@ use jiff::Timestamp;
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
 
-use super::super::destinations::object_store;
+use super::super::object_store::for_destination;
 use super::super::scheduling::{self, Cadence};
 use super::super::status::publish;
 use super::{with_deadline, Context, Error};
@@ -299,7 +299,7 @@ pub(super) async fn reconcile_backup(
                 get_condition(&s.conditions, READY)
                     .map(|c| (c.status == TRUE, c.reason.clone(), c.message.clone()))
             });
-            match object_store(ctx, &d).await? {
+            match for_destination(ctx, &d).await? {
                 Err(p) => problem = Some(p),
                 Ok(mut store) => {
                     store.prefix = if store.prefix.is_empty() {

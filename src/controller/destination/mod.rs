@@ -71,7 +71,7 @@ async fn reconcile_apply(dest: &BackupDestination, ctx: &Context) -> Result<Acti
     let mut status = old.clone().unwrap_or_default();
     status.observed_generation = dest.meta().generation;
     status.last_probe_time = Some(crate::controller::scheduling::rfc3339(now));
-    let (outcome, next) = match super::destinations::object_store(ctx, dest).await? {
+    let (outcome, next) = match super::object_store::for_destination(ctx, dest).await? {
         Err((reason, message)) => {
             status.endpoint = dest.spec.effective_endpoint();
             (Outcome::stalled(reason, message), RETRY_STALLED)

@@ -16,7 +16,7 @@ use crate::backup::{normalize_prefix, Credentials, Failure, ObjectStore};
 
 /// The destination as the probe and the backup tools reach it, or why it
 /// cannot be built (a Stalled reason and message).
-pub async fn object_store(
+pub async fn for_destination(
     ctx: &Context,
     dest: &BackupDestination,
 ) -> Result<Result<ObjectStore, (String, String)>, Error> {

@@ -1,8 +1,8 @@
 //! Reads of the objects a branch owns, served from the operator's watch
 //! caches instead of the API server.
 //!
-//! The Branch controller watches the Deployments, Services, Secrets,
-//! compute Pods and EndpointSlices that carry [`LABEL_BRANCH`]; those
+//! The Branch controller watches the Deployments, Services, Secrets and
+//! compute Pods that carry [`LABEL_BRANCH`]; those
 //! watches feed one `kube_runtime` reflector store per kind, kept here, and
 //! [`Context::get`] and [`Context::list`] answer from them once the store
 //! holds its first full list. Without this, every reconcile read each of
@@ -38,7 +38,6 @@ use std::sync::{Arc, Mutex};
 use futures::{FutureExt, Stream, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
@@ -79,9 +78,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Empty caches for Deployments, Services, Secrets, Pods and
-    /// EndpointSlices of the namespace `namespace` (every one when
-    /// `None`); nothing is served until [`Cache::watch`] fills them.
+    /// Empty caches for Deployments, Services, Secrets and Pods of the
+    /// namespace `namespace` (every one when `None`); nothing is served
+    /// until [`Cache::watch`] fills them. (EndpointSlices are watched but
+    /// not cached: the switch that reads them reads live.)
     pub fn new(namespace: Option<String>) -> Self {
         let mut kinds: HashMap<TypeId, Box<dyn Any + Send + Sync>> = HashMap::new();
         fn add<K: Object>(m: &mut HashMap<TypeId, Box<dyn Any + Send + Sync>>) {
@@ -91,7 +91,6 @@ impl Cache {
         add::<Service>(&mut kinds);
         add::<Secret>(&mut kinds);
         add::<Pod>(&mut kinds);
-        add::<EndpointSlice>(&mut kinds);
         Self { kinds, namespace }
     }
 

@@ -102,9 +102,11 @@ pub fn run(
     if let Some(s) = ctx.cache.watch(ctx.watched::<Pod>()) {
         controller = controller.watches_stream(s, |p: Pod| branch_of(&p));
     }
-    if let Some(s) = ctx.cache.watch(ctx.watched::<EndpointSlice>()) {
-        controller = controller.watches_stream(s, |e: EndpointSlice| branch_of(&e));
-    }
+    let controller = controller.watches(
+        ctx.watched::<EndpointSlice>(),
+        kube::runtime::watcher::Config::default().labels(LABEL_BRANCH),
+        |e: EndpointSlice| branch_of(&e),
+    );
     // A branch's changes wake its parent (which may wait for its children
     // to go) and its children (which may wait for it to be Ready, or for it
     // to exist). A watch of its own: the shared one does not pass deletions
